@@ -1,0 +1,637 @@
+"""Anomaly-detection dataset readers and image loading (numpy + OpenCV only).
+
+This module is shared by the trainer and the torch-free deployment runtime, so it must never
+import torch. Readers only *list* files at construction (fast, and every layout problem surfaces
+before a long training run starts); pixels are decoded later by `load_image` / `load_mask`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ADDataset",
+    "BTAD",
+    "DataError",
+    "MVTec3DRGB",
+    "MVTecAD",
+    "Sample",
+    "UnionDataset",
+    "VisA",
+    "load_image",
+    "load_mask",
+    "open_dataset",
+    "open_roots",
+    "resize_image",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "test")
+
+_LAYOUTS = (
+    "MVTec AD: <root>/<class>/train/good/*, <class>/test/<type>/*, "
+    "optional <class>/ground_truth/<type>/<stem>_mask.png; "
+    "VisA: <root>/split_csv/1cls.csv; "
+    "BTAD: <root>/<class>/train/ok/*, test/ok/*, test/ko/*; "
+    "MVTec 3D-AD: <root>/<class>/train/good/rgb/*.png, test/<type>/rgb/*.png"
+)
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names the path and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset split, with everything needed to score it."""
+
+    path: Path
+    class_name: str
+    class_id: int
+    label: int
+    defect: str
+    mask_path: Optional[Path]
+
+
+# --------------------------------------------------------------------------------------------
+# image loading
+
+
+def load_image(path: Path | str) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 RGB, refusing truncated or unreadable files.
+
+    Truncation is checked on the raw bytes because OpenCV silently decodes half a JPEG (grey
+    bottom rows), which would poison training or scoring without any visible error.
+    EXIF orientation is ignored so that pixels match what the deployment camera delivers.
+    """
+    path = Path(path)
+    data = _read_bytes(path, "image")
+    _check_complete(path, data)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        msg = f"cannot decode image {path}: not a readable {'/'.join(IMAGE_EXTENSIONS)} file; replace or delete it"
+        raise DataError(msg)
+    return _to_rgb8(img, path)
+
+
+def load_mask(path: Path | str, shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Load a defect mask as HxW bool (any nonzero pixel is defect), so 0/1 and 0/255 masks agree.
+
+    With `shape` (H, W) the mask is resized nearest-neighbour, keeping it binary.
+    """
+    path = Path(path)
+    data = _read_bytes(path, "mask")
+    _check_complete(path, data)
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        msg = f"cannot decode mask {path}: not a readable image file; replace or delete it"
+        raise DataError(msg)
+    if mask.ndim == 3:
+        mask = mask[..., :3].max(axis=2) if mask.shape[2] >= 3 else mask[..., 0]
+    binary = mask != 0
+    if shape is not None:
+        height, width = int(shape[0]), int(shape[1])
+        if binary.shape != (height, width):
+            resized = cv2.resize(binary.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+            binary = resized != 0
+    return binary
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to (H, W): INTER_AREA when shrinking (no aliasing), INTER_LINEAR otherwise.
+
+    The deployment runtime calls this exact function so that training and inference see
+    identical pixels; keep it free of randomness and of size-dependent special cases.
+    """
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        msg = f"resize_image expects an HxWx3 (or HxW) uint8 image, got shape {img.shape} dtype {img.dtype}"
+        raise ValueError(msg)
+    height, width = int(size[0]), int(size[1])
+    if height <= 0 or width <= 0:
+        msg = f"resize_image target size must be positive (H, W), got {size}"
+        raise ValueError(msg)
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    src_h, src_w = img.shape[:2]
+    if (src_h, src_w) == (height, width):
+        return np.ascontiguousarray(img).copy()
+    shrinking = height <= src_h and width <= src_w
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    out = cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=interpolation)
+    return out.reshape(height, width, 3)
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    """Read a whole file, turning OS errors into a DataError that names the file."""
+    if not path.exists():
+        msg = f"{what} file {path} does not exist; check the dataset path or restore the file"
+        raise DataError(msg)
+    if not path.is_file():
+        msg = f"{what} path {path} is not a file; expected an image file"
+        raise DataError(msg)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        msg = f"cannot read {what} file {path}: {err.strerror or err}; check its permissions"
+        raise DataError(msg) from err
+    if not data:
+        msg = f"{what} file {path} is empty (0 bytes); re-copy or delete it"
+        raise DataError(msg)
+    return data
+
+
+def _check_complete(path: Path, data: bytes) -> None:
+    """Raise if a PNG/JPEG/BMP ends early; OpenCV would otherwise decode it partially."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        complete = _png_has_iend(data)
+    elif data.startswith(b"\xff\xd8"):
+        eoi = data.rfind(b"\xff\xd9")
+        complete = eoi >= 0 and eoi > data.rfind(b"\xff\xda")  # EOI must follow the last scan
+    elif data.startswith(b"BM") and len(data) >= 6:
+        complete = len(data) >= int.from_bytes(data[2:6], "little")
+    else:
+        return
+    if not complete:
+        msg = f"image file {path} is truncated (incomplete download or copy); re-copy or delete it"
+        raise DataError(msg)
+
+
+def _png_has_iend(data: bytes) -> bool:
+    """Walk the PNG chunk list; a file is complete only if IEND is reached inside the data."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            return False
+        if kind == b"IEND":
+            return True
+        pos = end
+    return False
+
+
+def _to_rgb8(img: np.ndarray, path: Path) -> np.ndarray:
+    """Normalise OpenCV's decoded array (gray / BGR / BGRA, 8/16-bit/float) to uint8 RGB."""
+    img = _to_uint8(img, path)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    channels = img.shape[2]
+    if channels == 2:  # gray + alpha
+        return cv2.cvtColor(np.ascontiguousarray(img[..., 0]), cv2.COLOR_GRAY2RGB)
+    if channels == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if channels == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    msg = f"image file {path} has {channels} channels; expected gray, RGB or RGBA"
+    raise DataError(msg)
+
+
+def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
+    """Scale 16-bit (round(x / 257), so 65535 -> 255) and float images to 8 bits."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return ((img.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)
+    if img.dtype in (np.float32, np.float64):
+        finite = np.nan_to_num(img.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
+        return np.clip(np.rint(finite * scale), 0, 255).astype(np.uint8)
+    msg = f"image file {path} has unsupported pixel type {img.dtype}; convert it to 8- or 16-bit"
+    raise DataError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# folder helpers
+
+
+def _visible(path: Path) -> bool:
+    """Hidden files (.DS_Store, ._x AppleDouble) and __MACOSX are archive debris, not data."""
+    return not path.name.startswith((".", "__"))
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if _visible(p))
+    except OSError as err:
+        msg = f"cannot list folder {folder}: {err.strerror or err}; check that it exists and is readable"
+        raise DataError(msg) from err
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return [p for p in _entries(folder) if p.is_dir()]
+
+
+def _images(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted; other files (Thumbs.db, .txt, ...) are ignored."""
+    if not folder.is_dir():
+        return []
+    return [p for p in _entries(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+
+
+def _require_root(root: Path | str) -> Path:
+    root = Path(root)
+    if not root.exists():
+        msg = f"dataset root {root} does not exist; pass the folder that holds one subfolder per class"
+        raise DataError(msg)
+    if not root.is_dir():
+        msg = f"dataset root {root} is not a folder; pass the folder that holds one subfolder per class"
+        raise DataError(msg)
+    return root
+
+
+def _class_dirs(root: Path, expected: str) -> list[Path]:
+    dirs = _subdirs(root)
+    if not dirs:
+        msg = f"dataset root {root} has no class folders; expected {expected}"
+        raise DataError(msg)
+    return dirs
+
+
+def _mask_stem(mask: Path) -> str:
+    """Image stem a mask belongs to: '<stem>_mask.png' and '<stem>.png' are both accepted."""
+    return mask.stem[: -len("_mask")] if mask.stem.endswith("_mask") else mask.stem
+
+
+def _mask_index(folder: Optional[Path]) -> dict[str, Path]:
+    """Image stem -> mask file; '_mask' names win over plain ones, then .png over other types."""
+    index: dict[str, Path] = {}
+    if folder is None:
+        return index
+    ranked = sorted(_images(folder), key=lambda p: (not p.stem.endswith("_mask"), p.suffix.lower() != ".png", p.name))
+    for mask in ranked:
+        index.setdefault(_mask_stem(mask), mask)
+    return index
+
+
+def _check_orphan_masks(mask_dir: Path, image_dir: Path) -> None:
+    """A mask without its image means a broken copy: fail now rather than silently drop data."""
+    stems = {p.stem for p in _images(image_dir)}
+    for mask in _images(mask_dir):
+        stem = _mask_stem(mask)
+        if stem not in stems:
+            msg = (
+                f"mask {mask} has no matching test image {image_dir / stem}.<ext>; "
+                "restore the image or delete the mask"
+            )
+            raise DataError(msg)
+
+
+@dataclass(frozen=True)
+class _TestGroup:
+    """One folder of test images of one class, with where its masks live."""
+
+    defect: str
+    label: int
+    image_dir: Path
+    mask_dir: Optional[Path]
+
+
+def _require_images(folder: Path, expected: str) -> list[Path]:
+    images = _images(folder)
+    if not images:
+        state = "is empty" if folder.is_dir() else "is missing"
+        msg = f"{folder} {state}; expected {expected} with images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise DataError(msg)
+    return images
+
+
+def _folder_class(
+    class_name: str,
+    train_images: list[Path],
+    groups: list[_TestGroup],
+    masked: bool,
+    mask_name: str,
+    test_dir: Path,
+) -> tuple[list[Sample], list[Sample]]:
+    """Build one class's samples from listed folders; `mask_name` formats the expected mask."""
+    train = [Sample(p, class_name, -1, 0, "good", None) for p in train_images]
+    test: list[Sample] = []
+    for group in groups:
+        masks = _mask_index(group.mask_dir) if masked and group.label else {}
+        for image in _images(group.image_dir):
+            mask = masks.get(image.stem) if group.label else None
+            if masked and group.label and mask is None:
+                expected = (group.mask_dir or test_dir) / mask_name.format(stem=image.stem)
+                msg = (
+                    f"anomalous image {image} has no mask; expected {expected} "
+                    "(this class has masks for other images: add the missing mask, "
+                    "or remove the class's mask folder to use image-level labels only)"
+                )
+                raise DataError(msg)
+            test.append(Sample(image, class_name, -1, group.label, group.defect, mask))
+    if not test:
+        msg = f"{test_dir} has no test images; expected {test_dir}/<type>/ with images (a class must have test images)"
+        raise DataError(msg)
+    return train, test
+
+
+# --------------------------------------------------------------------------------------------
+# datasets
+
+
+class ADDataset:
+    """Listed samples of one or more classes; subclasses only differ in how they find files."""
+
+    root: Path
+    roots: list[Path]
+    classes: list[str]
+
+    def __init__(self, root: Path | str, train: Iterable[Sample], test: Iterable[Sample]) -> None:
+        self.root = Path(root)
+        self.roots = [self.root]
+        self._assign(list(train), list(test))
+
+    def _assign(self, train: list[Sample], test: list[Sample]) -> None:
+        """Give samples the global class index of the sorted class list, and sort them."""
+        self.classes = sorted({s.class_name for s in train} | {s.class_name for s in test})
+        index = {name: i for i, name in enumerate(self.classes)}
+
+        def finish(samples: list[Sample]) -> list[Sample]:
+            ided = [replace(s, class_id=index[s.class_name]) for s in samples]
+            return sorted(ided, key=lambda s: (s.class_id, s.path.parts))
+
+        self._splits = {"train": finish(train), "test": finish(test)}
+        self._masked = {name: False for name in self.classes}
+        for s in self._splits["test"]:
+            if s.mask_path is not None:
+                self._masked[s.class_name] = True
+
+    def samples(self, split: str) -> list[Sample]:
+        """Samples of "train" (normal only) or "test", sorted by class then path."""
+        if split not in self._splits:
+            msg = f"unknown split {split!r} for dataset {self.root}; use one of {list(SPLITS)}"
+            raise DataError(msg)
+        return list(self._splits[split])
+
+    def has_masks(self, class_name: str) -> bool:
+        """Whether pixel metrics are possible: the class has masks for its anomalous test images."""
+        self._require_class(class_name)
+        return self._masked[class_name]
+
+    def select(self, classes: Sequence[str]) -> "ADDataset":
+        """Copy keeping only `classes`, with class ids re-indexed 0..n-1 in sorted order."""
+        wanted = set(classes)
+        if not wanted:
+            msg = f"no classes selected from {self.root}; available classes: {', '.join(self.classes)}"
+            raise DataError(msg)
+        for name in sorted(wanted):
+            self._require_class(name)
+        subset = copy.copy(self)
+        train, test = ([s for s in self._splits[split] if s.class_name in wanted] for split in SPLITS)
+        subset._assign(train, test)
+        return subset
+
+    def _require_class(self, class_name: str) -> None:
+        if class_name not in self.classes:
+            where = ", ".join(str(r) for r in self.roots)
+            msg = f"unknown class {class_name!r} in {where}; available classes: {', '.join(self.classes)}"
+            raise DataError(msg)
+
+    def __repr__(self) -> str:
+        sizes = {split: len(samples) for split, samples in self._splits.items()}
+        return f"{type(self).__name__}(root={str(self.root)!r}, classes={self.classes}, sizes={sizes})"
+
+
+class _FolderDataset(ADDataset):
+    """Datasets with one folder per class; subclasses say how one class folder is laid out."""
+
+    EXPECTED = "<root>/<class>/..."
+
+    def __init__(self, root: Path | str) -> None:
+        root = _require_root(root)
+        train: list[Sample] = []
+        test: list[Sample] = []
+        for class_dir in _class_dirs(root, self.EXPECTED):
+            class_train, class_test = self._scan_class(class_dir)
+            train += class_train
+            test += class_test
+        super().__init__(root, train, test)
+
+    @staticmethod
+    def _scan_class(class_dir: Path) -> tuple[list[Sample], list[Sample]]:
+        raise NotImplementedError
+
+
+def _scan_flat_class(class_dir: Path, normal: str, mask_name: str) -> tuple[list[Sample], list[Sample]]:
+    """MVTec-style class: train/<normal>, test/<type>/, optional ground_truth/<type>/ masks."""
+    train_images = _require_images(class_dir / "train" / normal, f"{class_dir}/train/{normal}")
+    test_dir = class_dir / "test"
+    if not test_dir.is_dir():
+        msg = f"{test_dir} is missing; expected {test_dir}/<type>/ with images (a class must have test images)"
+        raise DataError(msg)
+    gt_dir = class_dir / "ground_truth"
+    masked = gt_dir.is_dir()
+    if masked:
+        for mask_dir in _subdirs(gt_dir):
+            _check_orphan_masks(mask_dir, test_dir / mask_dir.name)
+    groups = [
+        _TestGroup("good" if d.name == normal else d.name, int(d.name != normal), d, gt_dir / d.name)
+        for d in _subdirs(test_dir)
+    ]
+    return _folder_class(class_dir.name, train_images, groups, masked, mask_name, test_dir)
+
+
+class MVTecAD(_FolderDataset):
+    """MVTec AD layout; a class without ground_truth/ is image-level only."""
+
+    EXPECTED = "<root>/<class>/train/good with images"
+
+    @staticmethod
+    def _scan_class(class_dir: Path) -> tuple[list[Sample], list[Sample]]:
+        return _scan_flat_class(class_dir, "good", "{stem}_mask.png")
+
+
+class BTAD(_FolderDataset):
+    """BTAD layout (train/ok, test/ok, test/ko, ground_truth/ko); masks '<stem>.png' or '_mask.png'."""
+
+    EXPECTED = "<root>/<class>/train/ok with images"
+
+    @staticmethod
+    def _scan_class(class_dir: Path) -> tuple[list[Sample], list[Sample]]:
+        return _scan_flat_class(class_dir, "ok", "{stem}.png")
+
+
+class MVTec3DRGB(_FolderDataset):
+    """MVTec 3D-AD, RGB only; train/good and validation/good both count as normal training data."""
+
+    EXPECTED = "<root>/<class>/train/good/rgb with images"
+
+    @staticmethod
+    def _scan_class(class_dir: Path) -> tuple[list[Sample], list[Sample]]:
+        train_images = _require_images(class_dir / "train" / "good" / "rgb", f"{class_dir}/train/good/rgb")
+        train_images += _images(class_dir / "validation" / "good" / "rgb")
+        test_dir = class_dir / "test"
+        if not test_dir.is_dir():
+            msg = f"{test_dir} is missing; expected {test_dir}/<type>/rgb/ with images (a class must have test images)"
+            raise DataError(msg)
+        groups = [
+            _TestGroup("good" if d.name == "good" else d.name, int(d.name != "good"), d / "rgb", d / "gt")
+            for d in _subdirs(test_dir)
+        ]
+        anomalous = [g for g in groups if g.label]
+        masked = any(g.mask_dir is not None and g.mask_dir.is_dir() for g in anomalous)
+        if masked:
+            for group in anomalous:
+                if group.mask_dir is not None and group.mask_dir.is_dir():
+                    _check_orphan_masks(group.mask_dir, group.image_dir)
+        return _folder_class(class_dir.name, train_images, groups, masked, "{stem}.png", test_dir)
+
+
+class VisA(ADDataset):
+    """Official VisA layout driven by split_csv/1cls.csv (object,split,label,image,mask)."""
+
+    COLUMNS = ("object", "split", "label", "image", "mask")
+
+    def __init__(self, root: Path | str) -> None:
+        root = _require_root(root)
+        csv_path = root / "split_csv" / "1cls.csv"
+        if not csv_path.is_file():
+            msg = f"{csv_path} is missing; expected the official VisA split file <root>/split_csv/1cls.csv"
+            raise DataError(msg)
+        train: list[Sample] = []
+        test: list[Sample] = []
+        for line, row in self._rows(csv_path):
+            sample = self._sample(root, csv_path, line, row)
+            (train if row["split"].strip().lower() == "train" else test).append(sample)
+        self._check_classes(csv_path, train, test)
+        super().__init__(root, train, test)
+
+    @classmethod
+    def _rows(cls, csv_path: Path) -> Iterable[tuple[int, dict[str, str]]]:
+        try:
+            with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+                reader = csv.DictReader(handle)
+                missing = [c for c in cls.COLUMNS if c not in (reader.fieldnames or [])]
+                if missing:
+                    msg = f"{csv_path} lacks columns {missing}; expected header {','.join(cls.COLUMNS)}"
+                    raise DataError(msg)
+                rows = [(i + 2, row) for i, row in enumerate(reader) if any((v or "").strip() for v in row.values())]
+        except (OSError, UnicodeDecodeError) as err:
+            msg = f"cannot read {csv_path}: {err}; restore the VisA split file"
+            raise DataError(msg) from err
+        return rows
+
+    @staticmethod
+    def _sample(root: Path, csv_path: Path, line: int, row: dict[str, str]) -> Sample:
+        where = f"{csv_path} line {line}"
+        name = (row["object"] or "").strip()
+        split = (row["split"] or "").strip().lower()
+        label_text = (row["label"] or "").strip().lower()
+        if not name:
+            msg = f"{where}: empty object name; every row needs its class in the 'object' column"
+            raise DataError(msg)
+        if split not in SPLITS:
+            msg = f"{where}: split {row['split']!r} is not 'train' or 'test'; fix the row"
+            raise DataError(msg)
+        if label_text not in ("normal", "anomaly"):
+            msg = f"{where}: label {row['label']!r} is not 'normal' or 'anomaly'; fix the row"
+            raise DataError(msg)
+        label = int(label_text == "anomaly")
+        if split == "train" and label:
+            msg = f"{where}: anomalous image in the train split; training data must be normal only (use 1cls.csv)"
+            raise DataError(msg)
+        image = root / (row["image"] or "").strip()
+        if not (row["image"] or "").strip() or not image.is_file():
+            msg = f"{where}: image {image} does not exist; restore it or fix the 'image' column"
+            raise DataError(msg)
+        mask_text = (row["mask"] or "").strip()
+        mask = root / mask_text if mask_text and label else None
+        if mask is not None and not mask.is_file():
+            msg = f"{where}: mask {mask} of image {image} does not exist; restore it or clear the 'mask' column"
+            raise DataError(msg)
+        return Sample(image, name, -1, label, "anomaly" if label else "good", mask)
+
+    @staticmethod
+    def _check_classes(csv_path: Path, train: list[Sample], test: list[Sample]) -> None:
+        """Every class needs train and test images, and masks for all or none of its anomalies."""
+        names = sorted({s.class_name for s in train + test})
+        if not names:
+            msg = f"{csv_path} lists no images; expected rows object,split,label,image,mask"
+            raise DataError(msg)
+        for name in names:
+            for split, samples in (("train", train), ("test", test)):
+                if not any(s.class_name == name for s in samples):
+                    msg = f"{csv_path}: class {name!r} has no {split} rows; a class needs train and test images"
+                    raise DataError(msg)
+            anomalies = [s for s in test if s.class_name == name and s.label]
+            unmasked = [s for s in anomalies if s.mask_path is None]
+            if unmasked and len(unmasked) < len(anomalies):
+                msg = (
+                    f"{csv_path}: anomalous image {unmasked[0].path} of class {name!r} has no mask while "
+                    "others do; fill its 'mask' column"
+                )
+                raise DataError(msg)
+
+
+class UnionDataset(ADDataset):
+    """Several datasets trained as one model: a single global class index over all members."""
+
+    def __init__(self, datasets: Sequence[ADDataset]) -> None:
+        if not datasets:
+            msg = "UnionDataset needs at least one dataset; pass one or more dataset roots"
+            raise DataError(msg)
+        owner: dict[str, Path] = {}
+        for dataset in datasets:
+            for name in dataset.classes:
+                if name in owner:
+                    msg = (
+                        f"class {name!r} exists in both {owner[name]} and {dataset.root}; class names must be "
+                        "unique across roots: rename one class folder or drop one root"
+                    )
+                    raise DataError(msg)
+                owner[name] = dataset.root
+        train = [s for d in datasets for s in d.samples("train")]
+        test = [s for d in datasets for s in d.samples("test")]
+        super().__init__(datasets[0].root, train, test)
+        self.roots = [r for d in datasets for r in d.roots]
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def open_dataset(root: Path | str) -> ADDataset:
+    """Detect the layout of `root` (VisA, MVTec 3D-AD, BTAD, MVTec AD) and open it."""
+    root = _require_root(root)
+    if (root / "split_csv" / "1cls.csv").is_file():
+        return VisA(root)
+    dirs = _subdirs(root)
+    if any((d / "train" / "good" / "rgb").is_dir() for d in dirs):
+        return MVTec3DRGB(root)
+    if any((d / "train" / "ok").is_dir() for d in dirs):
+        return BTAD(root)
+    if any((d / "train" / "good").is_dir() for d in dirs):
+        return MVTecAD(root)
+    what = "has no class folders" if not dirs else "matches no known dataset layout"
+    hint = ""
+    if (root / "train").is_dir():
+        hint = f" ({root} looks like a single class folder: pass {root.parent} and classes=['{root.name}'])"
+    msg = f"dataset root {root} {what}{hint}; expected one of: {_LAYOUTS}"
+    raise DataError(msg)
+
+
+def open_roots(roots: Sequence[Path | str] | Path | str, classes: Optional[Sequence[str]] = None) -> ADDataset:
+    """Open one root, or several as a UnionDataset, optionally keeping only `classes`."""
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    if not roots:
+        msg = "no dataset roots given; pass at least one dataset folder"
+        raise DataError(msg)
+    datasets = [open_dataset(r) for r in roots]
+    dataset = datasets[0] if len(datasets) == 1 else UnionDataset(datasets)
+    if classes is None:
+        return dataset
+    if isinstance(classes, str):
+        classes = [classes]
+    return dataset.select(classes)
