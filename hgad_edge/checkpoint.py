@@ -1,0 +1,88 @@
+"""A run folder: what a trained model is on disk, and the one way to load it.
+
+runs/x/
+  config.yaml          full HGADConfig the model was built and trained with
+  meta.json            classes, calibration constants, training summary, package version
+  model.safetensors    every tensor of the fused scorer (backbone included: self-contained)
+  train_state.pt       optimizer/scheduler/epoch for --resume (plain tensors, weights_only load)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import HGADConfig, load_config, save_config
+
+CONFIG_FILE, META_FILE, WEIGHTS_FILE, STATE_FILE = "config.yaml", "meta.json", "model.safetensors", "train_state.pt"
+
+
+class RunError(FileNotFoundError):
+    """A run folder is missing or incomplete; the message says what is missing and how to fix it."""
+
+
+def save_run(run_dir: Path, scorer, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(scorer.model.cfg, run_dir / CONFIG_FILE)
+    state = {k: v.detach().contiguous().cpu() for k, v in scorer.state_dict().items()}
+    tmp = run_dir / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(run_dir / WEIGHTS_FILE)  # never leave a half-written model behind
+    meta = {**meta, "classes": scorer.model.class_names, "package_version": __version__}
+    (run_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / META_FILE
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a trained run ({META_FILE} missing): run `hgad-edge train --out {run_dir}` first")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir: Path | str):
+    """-> (AnomalyScorer in eval mode, config, meta). Weights load through safetensors (no pickle)."""
+    from safetensors.torch import load_file
+
+    from .model import HGADModel
+    from .scoring import AnomalyScorer
+
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (run_dir / name).is_file():
+            raise RunError(f"{run_dir / name} is missing: the run is incomplete; train it again or --resume")
+    cfg: HGADConfig = load_config(run_dir / CONFIG_FILE)
+    model = HGADModel(cfg, meta["classes"], load_backbone_weights=False)
+    scorer = AnomalyScorer(model, cfg.score)
+    missing, unexpected = scorer.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)), strict=False)
+    if missing or unexpected:
+        raise RunError(f"{run_dir / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if not bool(scorer.calibrated):
+        raise RunError(f"{run_dir} was never calibrated (training stopped early): finish it with --resume")
+    return scorer.eval(), cfg, meta
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_train_state(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(run_dir / STATE_FILE)
+
+
+def load_train_state(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / STATE_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None

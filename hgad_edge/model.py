@@ -1,0 +1,96 @@
+"""HGAD model: frozen backbone -> per-level conditional flow -> per-level mixture head.
+
+The body (backbone and flows) runs in `body_dtype` (FP32, or FP16 for the mixed-precision export);
+latents and log|det J| are cast to FP32 before the head, where squared distances reach 1e6-1e9,
+far past FP16's range (deployment notes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import Backbone
+from .config import HGADConfig
+from .flows import build_flow, flatten_map, positional_encoding_2d
+from .head import MixtureHead
+
+
+class HGADModel(nn.Module):
+    def __init__(self, cfg: HGADConfig, class_names: list[str], load_backbone_weights: bool = True):
+        super().__init__()
+        cfg.validate()
+        if not class_names:
+            raise ValueError("a model needs at least one class")
+        self.cfg, self.class_names = cfg, list(class_names)
+        self.backbone = Backbone(cfg.backbone, load_backbone_weights)
+        self.levels = self.backbone.levels
+        self.map_shapes = self.backbone.feature_shapes(cfg.input_size)
+        self.flows = nn.ModuleList(build_flow(lv.channels, cfg.flow) for lv in self.levels)
+        self.heads = nn.ModuleList(MixtureHead(lv.channels, len(class_names), cfg.head) for lv in self.levels)
+        for k, (h, w) in enumerate(self.map_shapes):
+            pe = positional_encoding_2d(cfg.flow.pos_dim, h, w)
+            self.register_buffer(f"pos_{k}", pe.permute(1, 2, 0).reshape(h * w, -1), persistent=False)
+        mean = torch.tensor(self.backbone.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.backbone.std).view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean * 255.0, persistent=False)
+        self.register_buffer("pixel_std", std * 255.0, persistent=False)
+        self.body_dtype = torch.float32
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def pos(self, k: int) -> torch.Tensor:
+        """(h*w, pos_dim) positional condition of level k, row-major over the map."""
+        return getattr(self, f"pos_{k}")
+
+    def set_body_dtype(self, dtype: torch.dtype) -> HGADModel:
+        """Run backbone and flows in dtype (mixed precision); the heads always stay FP32."""
+        self.body_dtype = dtype
+        self.backbone.to(dtype)
+        self.flows.to(dtype)
+        return self
+
+    # ---- stages -------------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) RGB at input_size -> normalised float (B, 3, H, W).
+
+        In the model (and so in the exported graph) so every backend sees identical inputs.
+        """
+        x = images.permute(0, 3, 1, 2).to(torch.float32)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone(x.to(self.body_dtype))
+
+    def flow_vectors(self, k: int, x: torch.Tensor, pos_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level-k flow on vectors x (N, C) at map positions pos_index (N,) -> FP32 z, log|det J|."""
+        cond = self.pos(k)[pos_index].to(self.body_dtype)
+        z, log_jac = self.flows[k](x.to(self.body_dtype), c=[cond])
+        return z.float(), log_jac.float()
+
+    def flow_map(self, k: int, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level-k flow on a whole map (B, C, h, w) -> z (B*h*w, C), log|det J| (B*h*w,) in FP32."""
+        b = feat.shape[0]
+        cond = self.pos(k).to(self.body_dtype).repeat(b, 1)
+        z, log_jac = self.flows[k](flatten_map(feat).to(self.body_dtype), c=[cond])
+        return z.float(), log_jac.float()
+
+    def level_terms(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Normalised images -> per level (loglik (B, Y, h, w), neg_entropy (B, h, w), log_post (B, Y, h, w))."""
+        out = []
+        for k, feat in enumerate(self.features(x)):
+            b, _, h, w = feat.shape
+            z, log_jac = self.flow_map(k, feat)
+            loglik, nh, log_post = self.heads[k].score_terms(z, log_jac)
+            y = loglik.shape[1]
+            out.append(
+                (
+                    loglik.reshape(b, h, w, y).permute(0, 3, 1, 2),
+                    nh.reshape(b, h, w),
+                    log_post.reshape(b, h, w, y).permute(0, 3, 1, 2),
+                )
+            )
+        return out

@@ -1,0 +1,188 @@
+"""Streaming anomaly scoring (paper sec. 3.4), fused with the model into one module.
+
+The paper (and the official code) turn log-likelihoods into likelihoods normalised by the maximum
+over the whole test set of a class, which a camera stream does not have; and exp() of per-dimension
+log-likelihoods saturates (float32 1 - exp(-20) == 1), flattening every map of a briefly trained
+model. Here each level's per-dimension log-likelihood and inter-class negative entropy are
+standardised in the log domain with constants from held-out NORMAL training images (`calibrate`):
+z = (mean_normal - value) / std_normal, per class and level, then upsampled and averaged over
+levels. Criteria (paper Tab. 3c): "loglik" S_l, "entropy" S_e, "product" softplus(S_l) * 2 sigmoid(S_e):
+the paper's S_l * S_e with the entropy factor squashed, so a confident class posterior (entropy at
+its normal level, factor 1) keeps the likelihood evidence instead of zeroing it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ScoreConfig
+from .model import HGADModel
+
+
+# Floor of a calibration std: a constant map (e.g. zero entropy everywhere) must not divide by 0.
+TAU_MIN = 1e-3
+
+
+# ---- pure functions -----------------------------------------------------------------------------
+def standardize(value: torch.Tensor, ref: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """(ref - value) / tau: how many normal-image standard deviations value lies below normal."""
+    return (ref - value) / tau
+
+
+def combine(s_l: torch.Tensor, s_e: torch.Tensor, criterion: str) -> torch.Tensor:
+    if criterion == "loglik":
+        return s_l
+    if criterion == "entropy":
+        return s_e
+    return F.softplus(s_l) * 2.0 * torch.sigmoid(s_e)
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable blur of (B, H, W) with reflect padding (export-friendly: Pad + 2 Conv)."""
+    r = kernel.numel() // 2
+    x = F.pad(maps[:, None], (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def image_score(amap: torch.Tensor, topk: float) -> torch.Tensor:
+    """Max of the map, or the mean of its top fraction `topk` (robust to single hot pixels)."""
+    flat = amap.flatten(1)
+    if topk <= 0:
+        return flat.amax(1)
+    k = max(1, int(round(topk * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+def gather_class(maps: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """(B, Y, h, w) per-class maps -> (B, h, w) of each image's class cls (B,)."""
+    b, _, h, w = maps.shape
+    return maps.gather(1, cls.view(b, 1, 1, 1).expand(b, 1, h, w))[:, 0]
+
+
+# ---- the fused module ---------------------------------------------------------------------------
+class AnomalyScorer(nn.Module):
+    """uint8 frames (B, H, W, 3) RGB at the model input size + class_id (B,) int64 (-1 = auto) ->
+    anomaly_map (B, H, W), score (B,), score_normalized (B,) (0.5 at the calibrated threshold),
+    class_pred (B,) int64."""
+
+    OUTPUTS = ("anomaly_map", "score", "score_normalized", "class_pred")
+
+    def __init__(self, model: HGADModel, cfg: ScoreConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        y, k = model.num_classes, len(model.levels)
+        for name in ("loglik", "neg_entropy"):
+            self.register_buffer(f"ref_{name}", torch.zeros(y, k))
+            self.register_buffer(f"tau_{name}", torch.ones(y, k))
+        self.register_buffer("threshold", torch.zeros(y))
+        self.register_buffer("scale", torch.ones(y))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("kernel", gaussian_kernel1d(cfg.smooth_sigma), persistent=False)
+
+    def select_class(self, terms, class_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Auto class = argmax of the image-averaged inter-class posterior over all levels."""
+        post = torch.stack([lp.exp().mean((2, 3)) for _, _, lp in terms]).mean(0)  # (B, Y)
+        auto = post.argmax(1)
+        return torch.where(class_id >= 0, class_id, auto), post
+
+    def level_maps(self, terms, cls: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per level: class log-likelihood maps (B, h, w) and negative entropy maps (B, h, w)."""
+        return [gather_class(ll, cls) for ll, _, _ in terms], [nh for _, nh, _ in terms]
+
+    def anomaly_map(self, lls, nhs, cls: torch.Tensor) -> torch.Tensor:
+        size = self.model.cfg.input_size
+
+        def level_mean(maps, ref, tau):
+            ups = [
+                F.interpolate(
+                    standardize(m, ref[cls, k].view(-1, 1, 1), tau[cls, k].view(-1, 1, 1))[:, None],
+                    size=size, mode="bilinear", align_corners=False,
+                )[:, 0]
+                for k, m in enumerate(maps)
+            ]
+            return torch.stack(ups).mean(0)
+
+        s_l = level_mean(lls, self.ref_loglik, self.tau_loglik)
+        s_e = level_mean(nhs, self.ref_neg_entropy, self.tau_neg_entropy)
+        crit = self.cfg.criterion if self.model.cfg.head.per_class else "loglik"
+        return gaussian_blur(combine(s_l, s_e, crit), self.kernel)
+
+    def normalize(self, score: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((score - self.threshold[cls]) / self.scale[cls])
+
+    def forward(self, images: torch.Tensor, class_id: torch.Tensor):
+        terms = self.model.level_terms(self.model.preprocess(images))
+        cls, _ = self.select_class(terms, class_id)
+        lls, nhs = self.level_maps(terms, cls)
+        amap = self.anomaly_map(lls, nhs, cls)
+        score = image_score(amap, self.cfg.topk)
+        return amap, score, self.normalize(score, cls), cls
+
+    @torch.no_grad()
+    def evaluate_batch(self, images: torch.Tensor, class_id: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Evaluation in one pass: scores with the given class, the class 'auto' would pick, and
+        each image's lowest per-dimension log-likelihood per level (for histograms)."""
+        terms = self.model.level_terms(self.model.preprocess(images))
+        auto, _ = self.select_class(terms, torch.full_like(class_id, -1))
+        lls, nhs = self.level_maps(terms, class_id)
+        amap = self.anomaly_map(lls, nhs, class_id)
+        score = image_score(amap, self.cfg.topk)
+        min_loglik = torch.stack([ll.flatten(1).amin(1) for ll in lls], 1)
+        return {"anomaly_map": amap, "score": score, "score_normalized": self.normalize(score, class_id),
+                "auto_class": auto, "min_loglik": min_loglik}
+
+
+# ---- calibration --------------------------------------------------------------------------------
+@torch.no_grad()
+def calibrate(scorer: AnomalyScorer, batches_by_class: dict[int, Iterable[torch.Tensor]]) -> dict:
+    """Fit the scoring constants on normal images: batches_by_class[y] yields uint8 (B, H, W, 3).
+
+    Per class and level: mean and std of normal pixels' log-likelihood and negative entropy; threshold = the configured quantile of normal image
+    scores; scale = their spread, so score_normalized = sigmoid((s - thr) / scale) is 0.5 at thr.
+    """
+    model, k_levels = scorer.model, len(scorer.model.levels)
+    for y, batches in batches_by_class.items():
+        cached = []
+        lls_all: list[list[torch.Tensor]] = [[] for _ in range(k_levels)]
+        nhs_all: list[list[torch.Tensor]] = [[] for _ in range(k_levels)]
+        for images in batches:
+            cls = torch.full((images.shape[0],), y, dtype=torch.long)
+            terms = model.level_terms(model.preprocess(images))
+            lls, nhs = scorer.level_maps(terms, cls)
+            cached.append((lls, nhs, cls))
+            for k in range(k_levels):
+                lls_all[k].append(lls[k].flatten())
+                nhs_all[k].append(nhs[k].flatten())
+        if not cached:
+            raise ValueError(f"no calibration images for class {model.class_names[y]}")
+        for k in range(k_levels):
+            for name, values in (("loglik", lls_all[k]), ("neg_entropy", nhs_all[k])):
+                v = torch.cat(values).double()
+                getattr(scorer, f"ref_{name}")[y, k] = v.mean()
+                getattr(scorer, f"tau_{name}")[y, k] = v.std().clamp_min(TAU_MIN) if v.numel() > 1 else TAU_MIN
+        scores = torch.cat([image_score(scorer.anomaly_map(lls, nhs, cls), scorer.cfg.topk) for lls, nhs, cls in cached])
+        s = scores.numpy().astype(np.float64)
+        scorer.threshold[y] = float(np.quantile(s, scorer.cfg.threshold_quantile))
+        spread = float(s.std()) if s.size > 1 else 0.0
+        scorer.scale[y] = max(spread, 1e-3 * max(abs(float(s.mean())), 1e-6), 1e-6)
+    scorer.calibrated.fill_(True)
+    return {
+        "threshold": scorer.threshold.tolist(),
+        "scale": scorer.scale.tolist(),
+        **{f"{p}_{n}": getattr(scorer, f"{p}_{n}").tolist() for p in ("ref", "tau") for n in ("loglik", "neg_entropy")},
+    }

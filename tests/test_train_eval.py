@@ -1,0 +1,134 @@
+"""End to end on a tiny generated dataset: train, reload, evaluate, CLI, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hgad_edge.checkpoint import RunError, load_run
+from hgad_edge.cli import main
+from hgad_edge.config import ConfigError, HGADConfig, load_config, save_config
+from hgad_edge.data import open_roots
+from hgad_edge.evaluate import evaluate
+from hgad_edge.train import TrainingError, lr_factor, split_calibration
+
+from .conftest import TINY_CONFIG
+
+
+def test_train_then_eval_detects_visible_defects(tiny_run, tiny_data, tmp_path):
+    scorer, cfg, meta = load_run(tiny_run)
+    assert meta["calibrated"] and meta["classes"] == ["dots", "stripes"]
+    result = evaluate(scorer, open_roots([tiny_data]), tmp_path / "eval", pictures=True)
+    for name, m in result["classes"].items():
+        assert m["image_auroc"] >= 0.9, (name, m)
+        assert m["pixel_auroc"] >= 0.85, (name, m)
+        assert 0.0 <= m["aupro"] <= 1.0 and 0.0 <= m["f1_max"] <= 1.0
+    on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(on_disk) == {"classes", "mean"} and on_disk["mean"]["image_auroc"] >= 0.9
+    assert (tmp_path / "eval" / "metrics.md").read_text().count("|") > 20
+    pics = sorted(p.name for p in (tmp_path / "eval" / "pictures").iterdir())
+    assert "stripes_overlays.png" in pics and "dots_loglik_hist.png" in pics and "dots_score_hist.png" in pics
+
+
+def test_auto_class_and_threshold(tiny_run, tiny_data):
+    scorer, cfg, _ = load_run(tiny_run)
+    from hgad_edge.train import load_batch
+
+    ds = open_roots([tiny_data])
+    good = [s for s in ds.samples("test") if s.label == 0]
+    images = load_batch(good, cfg.input_size)
+    truth = torch.tensor([s.class_id for s in good])
+    with torch.no_grad():
+        amap, score, norm, cls = scorer(images, torch.full_like(truth, -1))
+    assert (cls == truth).float().mean() == 1.0  # two very different textures
+    assert amap.shape == (len(good), *cfg.input_size) and torch.isfinite(amap).all()
+    assert (norm < 0.5).float().mean() >= 0.5  # most normal images pass the calibrated threshold
+
+
+def test_run_reload_is_exact(tiny_run, tiny_data):
+    from hgad_edge.train import load_batch
+
+    a, cfg, _ = load_run(tiny_run)
+    b, _, _ = load_run(tiny_run)
+    images = load_batch(open_roots([tiny_data]).samples("test")[:3], cfg.input_size)
+    cls = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        for x, y in zip(a(images, cls), b(images, cls)):
+            assert torch.equal(x, y)
+
+
+def test_cli_train_eval_and_resume(tiny_data, tmp_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    save_config(HGADConfig.from_dict({**TINY_CONFIG, "train": {**TINY_CONFIG["train"], "epochs": 2}}), cfg_path)
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(main, ["train", "--data", str(tiny_data), "--out", str(out), "--config", str(cfg_path), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert load_config(out / "config.yaml").train.epochs == 1  # the full config is saved with the model
+    again = runner.invoke(main, ["train", "--data", str(tiny_data), "--out", str(out), "--config", str(cfg_path)])
+    assert again.exit_code != 0 and "--resume" in again.output  # never overwrites a run
+    res = runner.invoke(main, ["train", "--data", str(tiny_data), "--out", str(out), "--config", str(cfg_path), "--epochs", "2", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "meta.json").read_text())["epochs_done"] == 2
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # epoch 1 not redone
+    res = runner.invoke(main, ["eval", str(out), "--data", str(tiny_data)])
+    assert res.exit_code == 0, res.output
+    assert "image AUROC" in res.output and (out / "eval" / "metrics.json").is_file()
+
+
+def test_cli_errors_are_clear(tiny_data, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["eval", str(tmp_path), "--data", str(tiny_data)])
+    assert res.exit_code == 1 and "not a trained run" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["train", "--data", str(tiny_data), "--classes", "nope", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "nope" in res.output
+    res = runner.invoke(main, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2  # click's boundary validation
+
+
+def test_config_rejects_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="head.mode"):
+        HGADConfig.from_dict({"head": {"mode": "nonsense"}})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        HGADConfig.from_dict({"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        HGADConfig.from_dict({"input_size": [100, 100]})
+    path = tmp_path / "c.yaml"
+    save_config(HGADConfig(), path)
+    assert load_config(path) == HGADConfig()
+
+
+def test_calibration_split_and_schedule(tiny_data):
+    cfg = HGADConfig().train
+    fit, calib = split_calibration(open_roots([tiny_data]).samples("train"), cfg)
+    assert not set(fit) & set(calib) and len(calib) == 2 * cfg.calib_min
+    one = open_roots([tiny_data]).samples("train")[:1]
+    with pytest.raises(TrainingError, match="at least 2"):
+        split_calibration(one, cfg)
+    values = [lr_factor(s, 100, 10) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and max(values) == pytest.approx(1.0) and values[-1] < 0.05
+
+
+def test_load_run_rejects_incomplete(tiny_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(RunError, match="missing"):
+        load_run(broken)
+
+
+def test_scores_rank_defects_above_normals(tiny_run, tiny_data):
+    scorer, cfg, _ = load_run(tiny_run)
+    from hgad_edge.evaluate import predict_class
+
+    ds = open_roots([tiny_data])
+    for cid, name in enumerate(ds.classes):
+        samples = [s for s in ds.samples("test") if s.class_name == name]
+        pred = predict_class(scorer, samples, cid, True)
+        assert np.median(pred.scores[pred.labels == 1]) > np.median(pred.scores[pred.labels == 0])
