@@ -1,0 +1,39 @@
+"""Torch-free edge runtime of hgad-edge: TensorRT or ONNX Runtime behind one small API.
+
+Installed as `hgad_edge.runtime`. Nothing here imports torch, timm or FrEIA; TensorRT and
+cuda-python are imported only when the TensorRT backend is asked for.
+
+C-style: `create`, `infer`, `destroy`, `last_error` (return `Status` codes).
+Pythonic: `Detector` (raises `HgadRuntimeError` subclasses carrying the Status).
+"""
+
+from .api import Result, create, destroy, infer, info, last_error
+from .detector import Detector
+from .errors import (
+    BackendUnavailableError,
+    BundleError,
+    EngineError,
+    HgadRuntimeError,
+    InferenceError,
+    InvalidArgumentError,
+    InvalidHandleError,
+    Status,
+)
+
+__all__ = [
+    "BackendUnavailableError",
+    "BundleError",
+    "Detector",
+    "EngineError",
+    "HgadRuntimeError",
+    "InferenceError",
+    "InvalidArgumentError",
+    "InvalidHandleError",
+    "Result",
+    "Status",
+    "create",
+    "destroy",
+    "infer",
+    "info",
+    "last_error",
+]

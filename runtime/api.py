@@ -1,0 +1,202 @@
+"""C-style API of the edge runtime: integer handles, `Status` return codes, no exceptions.
+
+It mirrors the C ABI a C++ host would get (create / infer / destroy / last_error), so Python and
+C++ integrations share one contract and one set of error codes. Typical use::
+
+    status, handle = create("bundle/")
+    status, result = infer(handle, frame_rgb, "auto")
+    if status != Status.OK:
+        print(last_error(handle))
+    destroy(handle)
+
+All buffers (input frames, class ids, outputs) are planned in `create` for `max_batch` and reused,
+so the arrays of a `Result` are views into them: valid until the next `infer` / `destroy` on the
+same handle. Keep them with `result.copy()`. One handle serves one call at a time (calls on the
+same handle from several threads are serialised).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+import numpy as np
+
+from .backends import create_runner
+from .backends.base import Runner
+from .bundle import Bundle, load_bundle
+from .errors import HgadRuntimeError, InvalidArgumentError, Status
+from .preprocess import BatchPacker
+
+__all__ = ["Result", "Status", "create", "destroy", "infer", "info", "last_error"]
+
+log = logging.getLogger("hgad_edge.runtime")
+
+
+@dataclass
+class Result:
+    """Outputs of one batch; arrays are (B, ...) views into the handle's buffers (see module doc)."""
+
+    anomaly_map: np.ndarray  # (B, H, W) float32, in the model's input resolution
+    score: np.ndarray  # (B,) float32 image score (max of the map)
+    score_normalized: np.ndarray  # (B,) float32, 0.5 at the class's calibrated threshold
+    anomalous: np.ndarray  # (B,) bool: score_normalized >= the bundle's normalized_threshold
+    class_pred: np.ndarray  # (B,) int64 class used for scoring (given or predicted)
+    class_names: list[str]
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+    def copy(self) -> "Result":
+        """A Result that owns its arrays (survives the next `infer` on the handle)."""
+        arrays = {k: getattr(self, k).copy() for k in ("anomaly_map", "score", "score_normalized", "anomalous", "class_pred")}
+        return replace(self, **arrays, class_names=list(self.class_names), latency_ms=dict(self.latency_ms))
+
+
+@dataclass
+class _Handle:
+    bundle: Bundle
+    runner: Runner
+    packer: BatchPacker
+    anomalous: np.ndarray
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_error: str = ""
+
+
+_handles: dict[int, _Handle] = {}
+_handles_lock = threading.Lock()
+_next_id = itertools.count(1)
+_thread_state = threading.local()
+
+
+def _fail(status: Status, message: str, handle: Optional[_Handle] = None) -> Status:
+    """Remember `message` as the last error of this thread (and of the handle, if any)."""
+    _thread_state.last_error = message
+    if handle is not None:
+        handle.last_error = message
+    log.debug("%s: %s", status.name, message)
+    return status
+
+
+def _unexpected(err: Exception) -> str:
+    return f"unexpected {type(err).__name__}: {err} (a bug in hgad-edge; please report it with this message)"
+
+
+def _check_create_args(device: Any, max_batch: Any) -> None:
+    for name, value, low in (("device", device, 0), ("max_batch", max_batch, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def create(
+    bundle: Any,
+    backend: str = "auto",
+    device: int = 0,
+    precision: str = "auto",
+    max_batch: int = 8,
+) -> tuple[Status, Optional[int]]:
+    """Load a bundle on a backend ("auto", "tensorrt", "onnxruntime"); returns (status, handle)."""
+    try:
+        _check_create_args(device, max_batch)
+        loaded = load_bundle(bundle)
+        runner = create_runner(loaded, backend, int(device), precision, int(max_batch))
+    except HgadRuntimeError as err:
+        return _fail(err.status, str(err)), None
+    except Exception as err:
+        return _fail(Status.INTERNAL_ERROR, _unexpected(err)), None
+    specs = runner.input_specs
+    packer = BatchPacker(runner.inputs[specs[0].name], runner.inputs[specs[1].name], loaded.classes)
+    state = _Handle(loaded, runner, packer, np.zeros(runner.max_batch, dtype=bool))
+    with _handles_lock:
+        handle = next(_next_id)
+        _handles[handle] = state
+    log.info("hgad-edge runtime: backend %s (%s), %s, max_batch %d, bundle %s", runner.name, runner.description, runner.precision, runner.max_batch, loaded.path)
+    return Status.OK, handle
+
+
+def _lookup(handle: Any) -> Optional[_Handle]:
+    with _handles_lock:
+        return _handles.get(handle) if isinstance(handle, int) else None
+
+
+def _invalid_handle(handle: Any) -> Status:
+    return _fail(Status.INVALID_HANDLE, f"handle {handle!r} is not valid (destroyed or never created); get one from create()")
+
+
+def infer(handle: int, frames: Any, class_id: Any = "auto") -> tuple[Status, Optional[Result]]:
+    """Score one HxWx3 uint8 RGB frame (any size) or a batch; class_id: int, name, "auto" or a list."""
+    state = _lookup(handle)
+    if state is None:
+        return _invalid_handle(handle), None
+    with state.lock:
+        if _lookup(handle) is None:  # destroyed while we waited
+            return _invalid_handle(handle), None
+        try:
+            return Status.OK, _infer_locked(state, frames, class_id)
+        except HgadRuntimeError as err:
+            return _fail(err.status, str(err), state), None
+        except Exception as err:
+            return _fail(Status.INFERENCE_FAILED, _unexpected(err), state), None
+
+
+def _infer_locked(state: _Handle, frames: Any, class_id: Any) -> Result:
+    start = time.perf_counter()
+    batch = state.packer.pack(frames, class_id)
+    packed = time.perf_counter()
+    out = state.runner.infer(batch)
+    ran = time.perf_counter()
+    anomalous = state.anomalous[:batch]
+    np.greater_equal(out["score_normalized"], state.bundle.normalized_threshold, out=anomalous)
+    classes = state.bundle.classes
+    names = [classes[c] if 0 <= c < len(classes) else "unknown" for c in out["class_pred"].tolist()]
+    done = time.perf_counter()
+    latency = {"preprocess": (packed - start) * 1e3, "model": (ran - packed) * 1e3, "total": (done - start) * 1e3}
+    return Result(out["anomaly_map"], out["score"], out["score_normalized"], anomalous, out["class_pred"], names, latency)
+
+
+def destroy(handle: int) -> Status:
+    """Release the handle's backend and buffers; the handle is invalid afterwards."""
+    with _handles_lock:
+        state = _handles.pop(handle, None) if isinstance(handle, int) else None
+    if state is None:
+        return _invalid_handle(handle)
+    with state.lock:
+        try:
+            state.runner.deactivate()
+        except Exception as err:
+            return _fail(Status.INTERNAL_ERROR, f"releasing handle {handle} failed: {err}")
+    return Status.OK
+
+
+def last_error(handle: Optional[int] = None) -> str:
+    """Message of the last failed call on `handle`, or on this thread when handle is None."""
+    if handle is not None:
+        state = _lookup(handle)
+        if state is not None:
+            return state.last_error
+    return getattr(_thread_state, "last_error", "")
+
+
+def info(handle: int) -> tuple[Status, Optional[dict[str, Any]]]:
+    """What a handle runs: backend, precision, classes, input size, thresholds, bundle path."""
+    state = _lookup(handle)
+    if state is None:
+        return _invalid_handle(handle), None
+    bundle, runner = state.bundle, state.runner
+    return Status.OK, {
+        "backend": runner.name,
+        "description": runner.description,
+        "precision": runner.precision,
+        "max_batch": runner.max_batch,
+        "classes": list(bundle.classes),
+        "input_size": tuple(bundle.input_size),
+        "thresholds": list(bundle.thresholds),
+        "normalized_threshold": bundle.normalized_threshold,
+        "display_range": tuple(bundle.display_range),
+        "bundle": str(bundle.path),
+    }

@@ -1,0 +1,310 @@
+"""The camera app behind `hgad-edge run`: score a live source, show/record PASS/FAIL, summarise.
+
+Capture runs on the source's thread while this thread infers, so grabbing overlaps scoring; with
+a slow model, live sources drop their oldest frames (counted) instead of lagging behind.
+Ctrl-C (SIGINT) or SIGTERM ends the loop cleanly and the summary is still printed and returned.
+The click command only maps flags onto `run_app`; everything testable lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Callable, Optional
+
+import cv2
+import numpy as np
+
+from hgad_edge.viz import heatmap_overlay
+
+from .detector import Detector
+from .sources import Frame, FrameSource, SourceError, check_supported, parse_source
+
+__all__ = ["AppError", "format_summary", "run_app"]
+
+log = logging.getLogger("hgad_edge.runtime")
+
+DISPLAY_MAX_SIDE = 1280  # overlays for the window are drawn at most this large (full size when saved)
+
+
+class AppError(RuntimeError):
+    """A problem with how the app was started (no GUI, unwritable output); the message says the fix."""
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+def check_gui(window_name: str) -> None:
+    """Fail before loading the model if no window can be shown, naming --headless as the fix."""
+    if re.search(r"GUI:\s*NONE", cv2.getBuildInformation()):
+        msg = (
+            "this OpenCV build has no GUI support (opencv-python-headless), so no window can be shown: "
+            "pass --headless, or replace it: pip uninstall opencv-python-headless && pip install opencv-python"
+        )
+        raise AppError(msg)
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise AppError("no display (DISPLAY is not set): pass --headless, or run on the device's desktop or over ssh -X")
+    try:
+        cv2.namedWindow(window_name, cv2.WINDOW_NORMAL)
+    except cv2.error as err:
+        raise AppError(f"cannot open a window ({err}); pass --headless") from err
+
+
+def _open_jsonl(path: Optional[str | Path]) -> Optional[IO[str]]:
+    if path is None:
+        return None
+    if str(path) == "-":
+        return sys.stdout
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8", buffering=1)  # line-buffered: `tail -f` sees each frame
+    except OSError as err:
+        raise AppError(f"cannot write JSON lines to {path}: {err.strerror or err}; pick a writable path") from err
+
+
+def _prepare_dir(path: Optional[str | Path]) -> Optional[Path]:
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AppError(f"cannot create {path} for anomalous frames: {err.strerror or err}; pick a writable folder") from err
+    return path
+
+
+class _SigtermAsInterrupt:
+    """Treat SIGTERM (systemd stop, docker stop) like Ctrl-C, so the summary is still written."""
+
+    def __enter__(self) -> "_SigtermAsInterrupt":
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+# ---- per frame -----------------------------------------------------------------------------------
+def _record(frame: Frame, result: Any) -> dict[str, Any]:
+    class_id = int(result.class_pred[0])
+    return {
+        "frame": frame.index,
+        "source": frame.source,
+        "timestamp": round(frame.timestamp, 6),
+        "class": result.class_names[0],
+        "class_id": class_id,
+        "score": float(result.score[0]),
+        "score_normalized": float(result.score_normalized[0]),
+        "anomalous": bool(result.anomalous[0]),
+        "latency_ms": round(float(result.latency_ms["total"]), 3),
+    }
+
+
+def _overlay(image: np.ndarray, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float], fps: Optional[float]) -> np.ndarray:
+    verdict = "FAIL" if record["anomalous"] else "PASS"
+    label = f"{verdict} {record['score_normalized']:.2f} {record['class']}"
+    if fps is not None:
+        label += f" | {fps:.1f} fps"
+    return heatmap_overlay(image, amap, vrange[0], vrange[1], alpha=0.5, label=label)
+
+
+def _shrink(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    scale = max_side / max(image.shape[:2])
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _save_anomaly(folder: Path, frame: Frame, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float]) -> None:
+    stem = f"{frame.index:06d}"
+    if Path(frame.source).suffix:
+        stem += f"_{Path(frame.source).stem}"
+    overlay = _overlay(frame.image, amap, record, vrange, None)
+    for suffix, image in (("overlay", overlay), ("raw", frame.image)):
+        path = folder / f"{stem}_{suffix}.png"
+        if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+            log.warning("could not write %s (disk full or not writable?)", path)
+
+
+class _Window:
+    """cv2 window showing overlays; `show` returns False when the user pressed q / Esc or closed it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def show(self, overlay_rgb: np.ndarray) -> bool:
+        cv2.imshow(self.name, cv2.cvtColor(_shrink(overlay_rgb), cv2.COLOR_RGB2BGR))
+        key = cv2.waitKey(1) & 0xFF
+        if key in (27, ord("q")):
+            return False
+        return cv2.getWindowProperty(self.name, cv2.WND_PROP_VISIBLE) >= 1
+
+    def close(self) -> None:
+        try:
+            cv2.destroyWindow(self.name)
+        except cv2.error:
+            pass
+
+
+# ---- summary -------------------------------------------------------------------------------------
+def format_summary(summary: dict[str, Any]) -> str:
+    """One human line for the end of a run."""
+    return (
+        f"hgad-edge run: {summary['frames']} frames, {summary['anomalies']} anomalous, {summary['fps']:.1f} fps, "
+        f"{summary['dropped_frames']} dropped, {summary['skipped_corrupt']} corrupt skipped, "
+        f"{summary['reconnects']} reconnects, backend {summary['backend']}"
+        + (" (interrupted)" if summary["interrupted"] else "")
+    )
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.frames = 0
+        self.anomalies = 0
+        self.latency_ms = 0.0
+        self.fps: Optional[float] = None
+        self.started = time.perf_counter()
+        self.last = self.started
+
+    def tick(self, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        instant = 1.0 / max(now - self.last, 1e-6)
+        self.fps = instant if self.fps is None else 0.9 * self.fps + 0.1 * instant
+        self.last = now
+        self.frames += 1
+        self.anomalies += int(record["anomalous"])
+        self.latency_ms += record["latency_ms"]
+
+
+def _summary(counters: _Counters, source: FrameSource, backend: str, interrupted: bool) -> dict[str, Any]:
+    elapsed = time.perf_counter() - counters.started
+    stats = source.stats
+    return {
+        "frames": counters.frames,
+        "anomalies": counters.anomalies,
+        "fps": counters.frames / elapsed if elapsed > 0 else 0.0,
+        "elapsed_s": round(elapsed, 3),
+        "mean_latency_ms": counters.latency_ms / counters.frames if counters.frames else 0.0,
+        "dropped_frames": stats.dropped,
+        "skipped_corrupt": stats.skipped_corrupt,
+        "reconnects": stats.reconnects,
+        "interrupted": interrupted,
+        "backend": backend,
+        "source": source.spec.name,
+    }
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+def run_app(
+    bundle: str | Path,
+    source: Any,
+    class_name: str = "auto",
+    backend: str = "auto",
+    headless: bool = False,
+    output_jsonl: Optional[str | Path] = None,
+    save_anomalies: Optional[str | Path] = None,
+    max_frames: Optional[int] = None,
+    reconnect_attempts: int = 5,
+    *,
+    backoff_s: float = 0.5,
+    precision: str = "auto",
+    device: int = 0,
+    queue_size: int = 4,
+    window_name: str = "hgad-edge",
+    capture_factory: Optional[Callable[..., Any]] = None,
+    print_summary: bool = True,
+) -> dict[str, Any]:
+    """Score `source` until it ends, `max_frames`, q/Esc in the window, or Ctrl-C; return the summary.
+
+    Raises HgadRuntimeError (bundle/backend problems), SourceError (source cannot be opened or was
+    lost for good) or AppError (no GUI, unwritable outputs); each message names the fix.
+    """
+    spec = parse_source(source)  # a typo in the source fails before the model loads
+    check_supported(spec)
+    if not headless:
+        check_gui(window_name)
+    jsonl = _open_jsonl(output_jsonl)
+    try:
+        anomaly_dir = _prepare_dir(save_anomalies)
+        with Detector(bundle, backend=backend, device=device, precision=precision, max_batch=1, copy=False) as detector:
+            class_id = detector.class_id(class_name)
+            frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
+            window = None if headless else _Window(window_name)
+            return _run_loop(detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary)
+    finally:
+        if jsonl is not None and jsonl is not sys.stdout:
+            jsonl.close()
+
+
+def _run_loop(
+    detector: Detector,
+    frames: FrameSource,
+    class_id: int,
+    jsonl: Optional[IO[str]],
+    anomaly_dir: Optional[Path],
+    window: Optional[_Window],
+    max_frames: Optional[int],
+    print_summary: bool,
+) -> dict[str, Any]:
+    counters, interrupted, error = _Counters(), False, None
+    vrange = tuple(detector.info["display_range"])
+    try:
+        with _SigtermAsInterrupt(), frames:
+            for frame in frames:
+                if not _process(detector, frame, class_id, jsonl, anomaly_dir, window, counters, vrange):
+                    break
+                if max_frames is not None and counters.frames >= max_frames:
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+    except SourceError as err:
+        error = err
+    finally:
+        if window is not None:
+            window.close()
+    summary = _summary(counters, frames, detector.backend, interrupted)
+    if error is not None and counters.frames == 0:
+        raise error
+    if print_summary:
+        print(format_summary(summary), file=sys.stderr if jsonl is sys.stdout else sys.stdout, flush=True)
+    if error is not None:
+        raise error
+    return summary
+
+
+def _process(
+    detector: Detector,
+    frame: Frame,
+    class_id: int,
+    jsonl: Optional[IO[str]],
+    anomaly_dir: Optional[Path],
+    window: Optional[_Window],
+    counters: _Counters,
+    vrange: tuple[float, float],
+) -> bool:
+    """Score one frame and emit its outputs; False when the user asked to quit."""
+    result = detector.infer(frame.image, class_id)
+    record = _record(frame, result)
+    counters.tick(record)
+    if jsonl is not None:
+        jsonl.write(json.dumps(record) + "\n")
+    amap = result.anomaly_map[0]
+    if anomaly_dir is not None and record["anomalous"]:
+        _save_anomaly(anomaly_dir, frame, amap, record, vrange)
+    if window is not None:
+        return window.show(_overlay(_shrink(frame.image), amap, record, vrange, counters.fps))
+    return True

@@ -1,0 +1,80 @@
+"""Backend selection: TensorRT when it can run here, ONNX Runtime otherwise.
+
+`backend="auto"` tries TensorRT (library importable, CUDA device present, an engine in the bundle
+that fits this TensorRT/GPU/model) and falls back to ONNX Runtime, logging why. An explicitly
+requested backend never falls back: its error goes to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..bundle import OUTPUT_NAMES, Bundle
+from ..errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
+from .base import Runner, TensorSpec
+from .onnxruntime_backend import OnnxRuntimeRunner, SessionFromOnnx, available_providers, choose_providers, uses_gpu
+from .tensorrt_backend import CudaError, load_tensorrt_runner
+
+__all__ = ["BACKENDS", "PRECISIONS", "Runner", "TensorSpec", "create_runner", "input_specs"]
+
+log = logging.getLogger("hgad_edge.runtime")
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "fp16")
+
+
+def input_specs(bundle: Bundle) -> list[TensorSpec]:
+    """The two model inputs: uint8 NHWC RGB images and int64 class ids (-1 = auto)."""
+    height, width = bundle.input_size
+    return [
+        TensorSpec(bundle.input_name, (height, width, 3), np.dtype(np.uint8)),
+        TensorSpec(bundle.class_input_name, (), np.dtype(np.int64)),
+    ]
+
+
+def _ort_precision(bundle: Bundle, precision: str, gpu: bool) -> str:
+    """fp32 on CPU (ORT's CPU kernels gain nothing from fp16); fp16 on GPU when exported."""
+    if precision != "auto":
+        return precision
+    if gpu and "fp16" in bundle.models:
+        return "fp16"
+    return "fp32" if "fp32" in bundle.models else "fp16"
+
+
+def _onnxruntime_runner(bundle: Bundle, device: int, precision: str, max_batch: int) -> Runner:
+    providers = choose_providers(available_providers(), device)
+    chosen = _ort_precision(bundle, precision, uses_gpu(providers))
+    loader = SessionFromOnnx(bundle.model_path(chosen), providers)
+    runner = OnnxRuntimeRunner(loader, input_specs(bundle), list(OUTPUT_NAMES), max_batch)
+    runner.precision = chosen
+    return runner.activate()
+
+
+def _tensorrt_runner(bundle: Bundle, device: int, precision: str, max_batch: int) -> Runner:
+    try:
+        runner = load_tensorrt_runner(bundle, input_specs(bundle), list(OUTPUT_NAMES), device, precision, max_batch)
+        return runner.activate()
+    except CudaError as err:
+        msg = f"CUDA device {device} is not usable ({err}); check the driver (nvidia-smi / tegrastats) or use backend='onnxruntime'"
+        raise BackendUnavailableError(msg, Status.NO_DEVICE) from err
+
+
+def create_runner(bundle: Bundle, backend: str = "auto", device: int = 0, precision: str = "auto", max_batch: int = 8) -> Runner:
+    """An active runner for `bundle`; see the module docstring for what "auto" does."""
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if backend == "onnxruntime":
+        return _onnxruntime_runner(bundle, device, precision, max_batch)
+    if backend == "tensorrt":
+        return _tensorrt_runner(bundle, device, precision, max_batch)
+    try:
+        return _tensorrt_runner(bundle, device, precision, max_batch)
+    except (EngineError, InferenceError) as err:
+        log.warning("not using TensorRT: %s", err)
+    except BackendUnavailableError as err:
+        log.info("not using TensorRT: %s", err)
+    return _onnxruntime_runner(bundle, device, precision, max_batch)

@@ -1,0 +1,93 @@
+"""Pythonic wrapper over the C-style API: exceptions instead of status codes, a context manager.
+
+    with Detector("bundle/") as det:
+        result = det.infer(frame_rgb)          # class "auto"
+        print(result.score_normalized[0], result.anomalous[0])
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any, Optional
+
+from . import api
+from .api import Result
+from .errors import Status, error_for
+from .preprocess import resolve_class_ids
+
+__all__ = ["Detector"]
+
+
+class Detector:
+    """One loaded bundle on one backend. Raises `HgadRuntimeError` subclasses carrying `.status`.
+
+    `infer` returns a Result that owns its arrays by default (`copy=True`); pass `copy=False` to
+    get views into the reused buffers (valid until the next call) and save a copy per frame.
+    """
+
+    def __init__(
+        self,
+        bundle: Path | str,
+        backend: str = "auto",
+        device: int = 0,
+        precision: str = "auto",
+        max_batch: int = 8,
+        copy: bool = True,
+    ) -> None:
+        self._handle: Optional[int] = None
+        status, handle = api.create(bundle, backend=backend, device=device, precision=precision, max_batch=max_batch)
+        self._raise_unless_ok(status)
+        self._handle = handle
+        self._release = weakref.finalize(self, api.destroy, handle)  # frees GPU memory if close() is forgotten
+        self.copy = copy
+        _, self.info = api.info(handle)
+
+    def _raise_unless_ok(self, status: Status) -> None:
+        if status != Status.OK:
+            raise error_for(status, api.last_error(self._handle))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.info["input_size"])
+
+    @property
+    def backend(self) -> str:
+        """The backend actually used ("tensorrt" or "onnxruntime"), useful after backend="auto"."""
+        return self.info["backend"]
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def class_id(self, name_or_id: Any) -> int:
+        """Index of a class name (or "auto" -> -1); raises InvalidArgumentError naming the choices."""
+        return resolve_class_ids(name_or_id, 1, self.info["classes"])[0]
+
+    def infer(self, frames: Any, class_id: Any = "auto") -> Result:
+        """Score one HxWx3 uint8 RGB frame (any size) or a batch of them."""
+        status, result = api.infer(self._handle, frames, class_id)
+        self._raise_unless_ok(status)
+        return result.copy() if self.copy else result
+
+    def close(self) -> None:
+        """Release the backend; safe to call twice."""
+        if self._handle is not None:
+            self._handle = None
+            status = self._release()
+            if status != Status.OK:
+                raise error_for(status, api.last_error())
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.info["description"]
+        return f"Detector({self.info['bundle']!r}, backend={self.info['backend']!r}, {state})"

@@ -1,0 +1,795 @@
+"""Torch-free edge runtime: C-style API, backends, frame sources and the camera app.
+
+Everything runs on the CPU against a tiny ONNX model built here with the bundle's exact signature
+(uint8 NHWC images + int64 class ids -> anomaly_map, score, score_normalized, class_pred).
+The TensorRT runner is exercised against in-process fakes of `tensorrt` and cuda-python's runtime
+(which check the TensorRT 10/11 call protocol); the real-TensorRT test skips without a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import gc
+import hashlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from hgad_edge.data import resize_image
+from hgad_edge.runtime import Detector, Status, api, create, destroy, infer, last_error
+from hgad_edge.runtime.app import AppError, run_app
+from hgad_edge.runtime.backends import tensorrt_backend as trtb
+from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
+from hgad_edge.runtime.errors import BundleError, EngineError, InvalidArgumentError, InvalidHandleError
+from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
+
+H, W = 32, 48  # non-square so that an H/W swap anywhere fails
+CLASSES = ("a", "b")
+THRESHOLDS = (0.41, 0.37)
+
+
+# ---- tiny bundle ---------------------------------------------------------------------------------
+def tiny_model() -> bytes:
+    """map = mean_c(images/255); score = max(map); score_n = sigmoid(10 (score - thr[c])); c = max(id, 0)."""
+    f32 = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Cast", ["images"], ["xf"], to=f32),
+        helper.make_node("Div", ["xf", "c255"], ["xn"]),
+        helper.make_node("ReduceMean", ["xn"], ["anomaly_map"], axes=[3], keepdims=0),
+        helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2], keepdims=0),
+        helper.make_node("GreaterOrEqual", ["class_id", "zero"], ["given"]),
+        helper.make_node("Where", ["given", "class_id", "zero"], ["class_pred"]),
+        helper.make_node("Gather", ["thr", "class_pred"], ["t"], axis=0),
+        helper.make_node("Sub", ["score", "t"], ["d"]),
+        helper.make_node("Mul", ["d", "ten"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["score_normalized"]),
+    ]
+    consts = [
+        numpy_helper.from_array(np.array(255, np.float32), "c255"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(THRESHOLDS, np.float32), "thr"),
+        numpy_helper.from_array(np.array(10, np.float32), "ten"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", H, W, 3]),
+        helper.make_tensor_value_info("class_id", TensorProto.INT64, ["B"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("anomaly_map", f32, ["B", H, W]),
+        helper.make_tensor_value_info("score", f32, ["B"]),
+        helper.make_tensor_value_info("score_normalized", f32, ["B"]),
+        helper.make_tensor_value_info("class_pred", TensorProto.INT64, ["B"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "tiny", inputs, outputs, consts), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def make_bundle(folder: Path, **overrides) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = tiny_model()
+    (folder / "model_fp32.onnx").write_bytes(data)
+    meta = {
+        "format": "hgad-edge-bundle", "format_version": 1, "package_version": "0.1.0",
+        "classes": list(CLASSES), "input_size": [H, W],
+        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+        "class_input": {"name": "class_id", "dtype": "int64", "auto": -1},
+        "outputs": ["anomaly_map", "score", "score_normalized", "class_pred"],
+        "thresholds": list(THRESHOLDS), "normalized_threshold": 0.5, "checkpoint_sha256": "0" * 64,
+        "models": {"fp32": {"file": "model_fp32.onnx", "sha256": hashlib.sha256(data).hexdigest()}},
+        "engines": {},
+    }
+    meta.update(overrides)
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture
+def handle(bundle):
+    status, h = create(bundle, backend="onnxruntime", max_batch=4)
+    assert status == Status.OK, last_error()
+    yield h
+    destroy(h)
+
+
+def reference(bundle: Path, images: np.ndarray, class_ids) -> list[np.ndarray]:
+    """The tiny model run by onnxruntime directly, without the runtime in between."""
+    session = ort.InferenceSession(str(bundle / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images, "class_id": np.asarray(class_ids, np.int64)})
+
+
+def rng_frames(n: int, shape=(H, W), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for _ in range(n)]
+
+
+# ---- C-style API: status codes -------------------------------------------------------------------
+def test_missing_bundle_is_bundle_not_found(tmp_path):
+    status, h = create(tmp_path / "nope")
+    assert status == Status.BUNDLE_NOT_FOUND and h is None
+    assert "hgad-edge export" in last_error()
+    status, _ = create(tmp_path)  # a folder without metadata.json
+    assert status == Status.BUNDLE_NOT_FOUND and "metadata.json" in last_error()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"format_version": 2}, {"package_version": "1.0.0"}, {"format": "something-else"}, {"thresholds": [0.1]}],
+)
+def test_incompatible_metadata_is_bundle_incompatible(tmp_path, override):
+    folder = make_bundle(tmp_path / "b", **override)
+    status, h = create(folder, backend="onnxruntime")
+    assert status == Status.BUNDLE_INCOMPATIBLE and h is None
+    assert "hgad-edge export" in last_error()
+
+
+def test_invalid_handle_after_destroy(bundle):
+    status, h = create(bundle, backend="onnxruntime")
+    assert status == Status.OK
+    assert destroy(h) == Status.OK
+    status, result = infer(h, rng_frames(1)[0])
+    assert status == Status.INVALID_HANDLE and result is None
+    assert "create()" in last_error(h)
+    assert destroy(h) == Status.INVALID_HANDLE
+    assert infer(12345, rng_frames(1)[0])[0] == Status.INVALID_HANDLE
+
+
+@pytest.mark.parametrize(
+    "frames, words",
+    [
+        (np.zeros((H, W, 3), np.float32), "uint8"),
+        (np.zeros((H, W), np.uint8), "HxWx3"),
+        (np.zeros((H, W, 4), np.uint8), "HxWx3"),
+        (np.zeros((1, 1, H, W, 3), np.uint8), "shape"),
+        ([], "empty"),
+        ("frame.png", "numpy"),
+        (np.zeros((0, W, 3), np.uint8), "empty"),
+    ],
+)
+def test_bad_frames_are_invalid_argument(handle, frames, words):
+    status, result = infer(handle, frames)
+    assert status == Status.INVALID_ARGUMENT and result is None
+    assert words in last_error(handle)
+    assert infer(handle, rng_frames(1)[0])[0] == Status.OK  # the handle stays usable
+
+
+@pytest.mark.parametrize("class_id, words", [("zebra", "['a', 'b']"), (2, "out of range"), (["a"] * 3, "one per frame"), (1.5, "int")])
+def test_bad_class_is_invalid_argument(handle, class_id, words):
+    status, _ = infer(handle, rng_frames(2), class_id)
+    assert status == Status.INVALID_ARGUMENT
+    assert words in last_error(handle)
+
+
+@pytest.mark.parametrize("kwargs", [{"backend": "cuda"}, {"precision": "int8"}, {"max_batch": 0}, {"device": -1}])
+def test_bad_create_arguments(bundle, kwargs):
+    status, h = create(bundle, **kwargs)
+    assert status == Status.INVALID_ARGUMENT and h is None
+
+
+def test_missing_precision_names_choices(bundle):
+    status, h = create(bundle, backend="onnxruntime", precision="fp16")
+    assert status == Status.BUNDLE_INCOMPATIBLE and h is None
+    assert "no fp16 model" in last_error() and "'fp32'" in last_error()
+
+
+def test_forgotten_detector_releases_its_handle(bundle):
+    det = Detector(bundle)
+    handle_id = det._handle
+    assert handle_id in api._handles
+    del det
+    gc.collect()
+    assert handle_id not in api._handles
+
+
+def test_too_many_frames_for_max_batch(handle):
+    status, _ = infer(handle, rng_frames(5))
+    assert status == Status.INVALID_ARGUMENT and "max_batch" in last_error(handle)
+
+
+# ---- ONNX Runtime backend ------------------------------------------------------------------------
+def test_outputs_equal_direct_onnxruntime(bundle, handle):
+    frames = rng_frames(3, seed=1)
+    status, result = infer(handle, frames, [0, "b", "auto"])
+    assert status == Status.OK
+    ref = reference(bundle, np.stack(frames), [0, 1, -1])
+    for got, want in zip((result.anomaly_map, result.score, result.score_normalized, result.class_pred), ref):
+        np.testing.assert_array_equal(got, want)
+    assert result.class_names == ["a", "b", "a"]
+    np.testing.assert_array_equal(result.anomalous, ref[2] >= 0.5)
+    assert set(result.latency_ms) == {"preprocess", "model", "total"}
+
+
+def test_frames_of_any_size_are_resized_like_training(bundle, handle):
+    frames = rng_frames(1, (100, 80), seed=2) + rng_frames(1, (7, 300), seed=3) + rng_frames(1, (H, W), seed=4)
+    status, result = infer(handle, frames, "b")
+    assert status == Status.OK and result.anomaly_map.shape == (3, H, W)
+    resized = np.stack([resize_image(f, (H, W)) for f in frames])
+    np.testing.assert_array_equal(result.anomaly_map, reference(bundle, resized, [1, 1, 1])[0])
+
+
+def test_single_frame_and_batch_array(handle):
+    frame = rng_frames(1, seed=5)[0]
+    status, one = infer(handle, frame, 1)
+    assert status == Status.OK and one.score.shape == (1,)
+    one = one.copy()
+    status, batch = infer(handle, np.stack([frame, frame]), 1)
+    assert status == Status.OK and len(batch) == 2
+    np.testing.assert_array_equal(batch.score, [one.score[0]] * 2)
+
+
+def test_buffers_are_planned_once_and_reused(handle):
+    state = api._handles[handle]
+    runner = state.runner
+    assert isinstance(runner, OnnxRuntimeRunner) and runner.use_io_binding
+    ids = {name: id(buf) for name, buf in {**runner.inputs, **runner.outputs}.items()}
+    pointers = {name: buf.ctypes.data for name, buf in {**runner.inputs, **runner.outputs}.items()}
+    for n in (1, 3, 1, 2):
+        status, result = infer(handle, rng_frames(n, seed=n))
+        assert status == Status.OK
+        assert {name: id(buf) for name, buf in {**runner.inputs, **runner.outputs}.items()} == ids
+        assert {name: buf.ctypes.data for name, buf in {**runner.inputs, **runner.outputs}.items()} == pointers
+        assert np.shares_memory(result.anomaly_map, runner.outputs["anomaly_map"])
+        assert np.shares_memory(result.anomalous, state.anomalous)
+    assert set(runner._bindings) == {1, 2, 3}  # one IOBinding per batch size, bound once
+
+
+def test_run_and_copy_fallback_gives_same_outputs(bundle, monkeypatch):
+    frames = rng_frames(2, seed=7)
+    with Detector(bundle, backend="onnxruntime") as det:
+        bound = det.infer(frames)
+    monkeypatch.setattr(OnnxRuntimeRunner, "_try_io_binding", lambda self, ref: False)
+    with Detector(bundle, backend="onnxruntime") as det:
+        assert "run+copy" in det.info["description"]
+        copied = det.infer(frames)
+    np.testing.assert_array_equal(bound.anomaly_map, copied.anomaly_map)
+
+
+def test_detector_raises_with_status(bundle, tmp_path):
+    with pytest.raises(BundleError) as info:
+        Detector(tmp_path / "missing")
+    assert info.value.status == Status.BUNDLE_NOT_FOUND
+    with Detector(bundle) as det:
+        assert det.classes == list(CLASSES) and det.input_size == (H, W)
+        assert det.backend == "onnxruntime"  # "auto" without TensorRT here
+        first = det.infer(rng_frames(1, seed=8)[0], "a")
+        det.infer(rng_frames(1, seed=9)[0], "a")
+        assert not np.shares_memory(first.score, det.infer(rng_frames(1)[0]).score)  # copies by default
+        with pytest.raises(InvalidArgumentError, match="unknown class"):
+            det.infer(rng_frames(1)[0], "zebra")
+    with pytest.raises(InvalidHandleError):
+        det.infer(rng_frames(1)[0])
+
+
+# ---- TensorRT: engine choice (pure) --------------------------------------------------------------
+def engine_meta(**entries) -> dict:
+    models = {"fp32": {"file": "m32.onnx", "sha256": "s32"}, "fp16": {"file": "m16.onnx", "sha256": "s16"}}
+    base = {"precision": "fp16", "trt_version": "10.7.0", "compute_capability": "8.7", "onnx_sha256": "s16", "batch": [1, 4, 8]}
+    return {"models": models, "engines": {name: {**base, **entry} for name, entry in entries.items()}}
+
+
+def test_choose_engine_picks_matching_engine():
+    meta = engine_meta(**{"x_fp16.engine": {}, "x_fp32.engine": {"precision": "fp32", "onnx_sha256": "s32"}})
+    assert trtb.choose_engine(meta, "10.7.0.23", "8.7", "auto") == "x_fp16.engine"
+    assert trtb.choose_engine(meta, "10.7.0.23", (8, 7), "fp32") == "x_fp32.engine"
+    assert trtb.choose_engine(meta, "10.7.0", "87", "fp16", max_batch=8) == "x_fp16.engine"
+
+
+@pytest.mark.parametrize(
+    "entry, runtime, cc, words",
+    [
+        ({}, "10.8.0.1", "8.7", "TensorRT 10.7.0"),
+        ({}, "10.7.0", "8.9", "compute capability"),
+        ({"onnx_sha256": "old"}, "10.7.0", "8.7", "another ONNX model"),
+        ({"batch": [1, 1, 1]}, "10.7.0", "8.7", "max_batch<=1"),
+    ],
+)
+def test_choose_engine_detects_stale_engines(entry, runtime, cc, words):
+    meta = engine_meta(**{"x.engine": entry})
+    with pytest.raises(EngineError) as info:
+        trtb.choose_engine(meta, runtime, cc, "fp16", max_batch=4, bundle="bundles/parts")
+    assert info.value.status == Status.ENGINE_STALE
+    assert words in str(info.value) and "hgad-edge build bundles/parts --precision fp16" in str(info.value)
+
+
+def test_choose_engine_without_engines_and_version_compatible():
+    with pytest.raises(EngineError) as info:
+        trtb.choose_engine(engine_meta(), "10.7.0", "8.7", "auto", bundle="b")
+    assert info.value.status == Status.ENGINE_NOT_FOUND and "hgad-edge build b --precision fp16" in str(info.value)
+    meta = engine_meta(**{"vc.engine": {"version_compatible": True}})
+    assert trtb.choose_engine(meta, "10.9.1", "8.7") == "vc.engine"  # newer 10.x runs a version-compatible plan
+    with pytest.raises(EngineError):
+        trtb.choose_engine(meta, "11.0.0", "8.7")
+
+
+# ---- TensorRT runner against fakes of tensorrt + cuda-python --------------------------------------
+class FakeCudart:
+    """cuda.bindings.runtime stand-in: host memory plays device memory; calls return (err, value)."""
+
+    class cudaError_t(enum.IntEnum):
+        cudaSuccess = 0
+        cudaErrorNoDevice = 100
+
+    class cudaMemcpyKind(enum.IntEnum):
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class cudaDeviceAttr(enum.IntEnum):
+        cudaDevAttrComputeCapabilityMajor = 75
+        cudaDevAttrComputeCapabilityMinor = 76
+
+    def __init__(self, devices: int = 1, cc=(8, 7)) -> None:
+        self.devices, self.cc = devices, cc
+        self.blocks: dict[int, np.ndarray] = {}
+        self.pinned: set[int] = set()
+        self.copies: list[tuple[str, int]] = []
+        self.ok = self.cudaError_t.cudaSuccess
+
+    def cudaGetDeviceCount(self):
+        return (self.ok, self.devices) if self.devices else (self.cudaError_t.cudaErrorNoDevice, 0)
+
+    def cudaGetErrorName(self, err):
+        return self.ok, err.name.encode()
+
+    def cudaSetDevice(self, device):
+        return (self.ok,)
+
+    def cudaDeviceGetAttribute(self, attr, device):
+        return self.ok, self.cc[0] if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else self.cc[1]
+
+    def cudaStreamCreate(self):
+        return self.ok, 7
+
+    def cudaStreamSynchronize(self, stream):
+        return (self.ok,)
+
+    def cudaStreamDestroy(self, stream):
+        return (self.ok,)
+
+    def cudaMalloc(self, nbytes):
+        block = np.zeros(nbytes, np.uint8)
+        self.blocks[block.ctypes.data] = block
+        return self.ok, block.ctypes.data
+
+    def cudaMallocHost(self, nbytes):
+        err, ptr = self.cudaMalloc(nbytes)
+        self.pinned.add(ptr)
+        return err, ptr
+
+    def cudaFree(self, ptr):
+        self.blocks.pop(ptr)
+        return (self.ok,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        assert isinstance(dst, int) and isinstance(src, int) and stream == 7
+        ctypes.memmove(dst, src, nbytes)
+        self.copies.append((kind.name, nbytes))
+        return (self.ok,)
+
+
+def _device_array(ptr: int, dtype, shape) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    raw = (ctypes.c_uint8 * (int(np.prod(shape)) * dtype.itemsize)).from_address(ptr)
+    return np.frombuffer(raw, dtype).reshape(shape)
+
+
+class FakeTrt:
+    """The TensorRT 10/11 tensor API subset the runner may use; the 'engine file' is the ONNX model."""
+
+    __version__ = "10.7.0.23"
+    DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 INT64 BOOL UINT8")
+    TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
+
+    class ILogger:
+        Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+
+        def __init__(self) -> None:
+            pass
+
+    def __init__(self, cudart: FakeCudart) -> None:
+        self.cudart = cudart
+        self.runtimes = 0
+        self.calls: list[str] = []
+        trt = self
+
+        class Runtime:
+            def __init__(self, logger) -> None:
+                trt.runtimes += 1
+                assert trt.cudart.devices, "a TensorRT object was built without a CUDA device"
+
+            def deserialize_cuda_engine(self, data):
+                return FakeEngine(trt, data)
+
+        self.Runtime = Runtime
+
+
+TENSORS = {  # name: (is_input, dtype name, per-sample shape)
+    "images": (True, "UINT8", (H, W, 3)),
+    "class_id": (True, "INT64", ()),
+    "anomaly_map": (False, "FLOAT", (H, W)),
+    "score": (False, "FLOAT", ()),
+    "score_normalized": (False, "FLOAT", ()),
+    "class_pred": (False, "INT64", ()),
+}
+NP = {"UINT8": np.uint8, "INT64": np.int64, "FLOAT": np.float32}
+
+
+class FakeEngine:
+    def __init__(self, trt: FakeTrt, data: bytes) -> None:
+        self.trt, self.session = trt, ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        self.num_io_tensors = len(TENSORS)
+
+    def get_tensor_name(self, index):
+        return list(TENSORS)[index]
+
+    def get_tensor_mode(self, name):
+        return self.trt.TensorIOMode.INPUT if TENSORS[name][0] else self.trt.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return self.trt.DataType[TENSORS[name][1]]
+
+    def get_tensor_profile_shape(self, name, profile):
+        assert TENSORS[name][0] and profile == 0
+        return tuple((b, *TENSORS[name][2]) for b in (1, 4, 8))
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine, self.batch, self.addresses = engine, None, {}
+
+    def set_input_shape(self, name, shape):
+        self.engine.trt.calls.append("set_input_shape")
+        assert tuple(shape[1:]) == TENSORS[name][2]
+        self.batch = shape[0]
+        return 1 <= shape[0] <= 8
+
+    def get_tensor_shape(self, name):
+        return (self.batch, *TENSORS[name][2])
+
+    def set_tensor_address(self, name, ptr):
+        assert ptr in self.engine.trt.cudart.blocks and ptr not in self.engine.trt.cudart.pinned  # device memory only
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream_handle):
+        assert stream_handle == 7 and set(self.addresses) == set(TENSORS)
+        self.engine.trt.calls.append("execute_async_v3")
+        arrays = {n: _device_array(self.addresses[n], NP[t], (self.batch, *s)) for n, (_, t, s) in TENSORS.items()}
+        outs = self.engine.session.run(None, {"images": arrays["images"], "class_id": arrays["class_id"]})
+        for name, value in zip(("anomaly_map", "score", "score_normalized", "class_pred"), outs):
+            arrays[name][...] = value
+        return True
+
+
+def bundle_with_engine(tmp_path: Path, **entry) -> Path:
+    folder = make_bundle(tmp_path / "trt")
+    sha = json.loads((folder / "metadata.json").read_text())["models"]["fp32"]["sha256"]
+    engine = {"precision": "fp32", "trt_version": "10.7.0", "compute_capability": "8.7", "onnx_sha256": sha, "batch": [1, 4, 8], **entry}
+    (folder / "engines").mkdir()
+    (folder / "engines" / "tiny_fp32.engine").write_bytes((folder / "model_fp32.onnx").read_bytes())
+    return make_bundle(folder, engines={"tiny_fp32.engine": engine})
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    cudart = FakeCudart()
+    trt = FakeTrt(cudart)
+    monkeypatch.setattr(trtb, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trtb, "import_cudart", lambda: cudart)
+    return trt
+
+
+def test_tensorrt_runner_protocol_with_fakes(tmp_path, fake_tensorrt):
+    folder = bundle_with_engine(tmp_path)
+    status, h = create(folder, backend="auto", max_batch=4)
+    assert status == Status.OK, last_error()
+    runner = api._handles[h].runner
+    assert runner.name == "tensorrt" and runner.inputs["images"].ctypes.data in fake_tensorrt.cudart.pinned
+    frames = rng_frames(3, (50, 70), seed=11)
+    status, result = infer(h, frames, [1, "auto", "a"])
+    assert status == Status.OK, last_error(h)
+    ref = reference(folder, np.stack([resize_image(f, (H, W)) for f in frames]), [1, -1, 0])
+    np.testing.assert_array_equal(result.anomaly_map, ref[0])
+    np.testing.assert_array_equal(result.class_pred, ref[3])
+    copies = fake_tensorrt.cudart.copies
+    assert ("cudaMemcpyHostToDevice", 3 * H * W * 3) in copies and ("cudaMemcpyDeviceToHost", 3 * H * W * 4) in copies
+    assert infer(h, frames[:1])[0] == Status.OK
+    assert destroy(h) == Status.OK
+    assert not fake_tensorrt.cudart.blocks  # every cudaMalloc / cudaMallocHost was freed
+
+
+def test_tensorrt_checks_device_before_any_tensorrt_object(tmp_path, fake_tensorrt):
+    fake_tensorrt.cudart.devices = 0
+    folder = bundle_with_engine(tmp_path)
+    status, h = create(folder, backend="tensorrt")
+    assert status == Status.NO_DEVICE and "onnxruntime" in last_error()
+    assert fake_tensorrt.runtimes == 0
+    status, h = create(folder, backend="auto")  # auto falls back to onnxruntime
+    assert status == Status.OK and api._handles[h].runner.name == "onnxruntime"
+    destroy(h)
+
+
+def test_tensorrt_stale_engine_is_reported(tmp_path, fake_tensorrt):
+    folder = bundle_with_engine(tmp_path, compute_capability="7.2")
+    status, _ = create(folder, backend="tensorrt")
+    assert status == Status.ENGINE_STALE
+    assert "hgad-edge build" in last_error() and "compute capability 7.2" in last_error()
+    assert fake_tensorrt.runtimes == 0
+
+
+def test_tensorrt_backend_unavailable_here(bundle):
+    if _cuda_device_count() > 0:
+        pytest.skip("a CUDA device is present; this checks the error on machines without one")
+    status, h = create(bundle, backend="tensorrt")
+    assert status in (Status.BACKEND_UNAVAILABLE, Status.NO_DEVICE) and h is None
+    assert "onnxruntime" in last_error()
+
+
+def _cuda_device_count() -> int:
+    try:
+        return trtb.cuda_device_count(trtb.import_cudart())[0]
+    except Exception:
+        return 0
+
+
+@pytest.mark.tensorrt
+def test_real_tensorrt_engine_matches_onnxruntime(tmp_path):
+    """Builds an engine from the tiny model with real TensorRT; needs TensorRT and a CUDA device."""
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    if _cuda_device_count() == 0:
+        pytest.skip("no CUDA device")
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+    folder = bundle_with_engine(tmp_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse((folder / "model_fp32.onnx").read_bytes())
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("images", (1, H, W, 3), (4, H, W, 3), (8, H, W, 3))
+    profile.set_shape("class_id", (1,), (4,), (8,))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None
+    (folder / "engines" / "tiny_fp32.engine").write_bytes(bytes(plan))
+    cc = trtb.compute_capability(trtb.import_cudart(), 0)
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["engines"]["tiny_fp32.engine"].update(trt_version=trt.__version__, compute_capability=cc)
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    status, h = create(folder, backend="tensorrt", max_batch=8)
+    assert status == Status.OK, last_error()
+    frames = rng_frames(5, seed=12)
+    status, result = infer(h, frames, [0, 1, -1, 0, 1])
+    assert status == Status.OK, last_error(h)
+    ref = reference(folder, np.stack(frames), [0, 1, -1, 0, 1])
+    np.testing.assert_allclose(result.anomaly_map, ref[0], atol=1e-5)
+    np.testing.assert_allclose(result.score_normalized, ref[2], atol=1e-5)
+    assert destroy(h) == Status.OK
+
+
+# ---- torch-free import ---------------------------------------------------------------------------
+def test_runtime_runs_with_torch_unimportable(bundle):
+    code = f"""
+import sys
+for name in ("torch", "timm", "FrEIA"):
+    sys.modules[name] = None
+import numpy as np
+import hgad_edge.runtime, hgad_edge.runtime.api, hgad_edge.runtime.app, hgad_edge.runtime.sources
+import hgad_edge.runtime.backends.tensorrt_backend
+status, h = hgad_edge.runtime.create({str(bundle)!r}, backend="auto")
+assert status == 0, hgad_edge.runtime.last_error()
+status, result = hgad_edge.runtime.infer(h, np.zeros((20, 30, 3), np.uint8), "b")
+assert status == 0 and result.anomaly_map.shape == (1, {H}, {W}), hgad_edge.runtime.last_error(h)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "FrEIA") and sys.modules[m] is not None)
+assert not loaded, loaded
+print("torch-free ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "torch-free ok" in done.stdout
+
+
+# ---- sources -------------------------------------------------------------------------------------
+def test_parse_source_names(tmp_path):
+    assert parse_source(0).uri == "v4l2:///dev/video0" and parse_source(0).label == "camera 0"
+    assert parse_source("--camera 1").target == 1
+    assert parse_source("v4l2:///dev/video2").target == 2
+    csi = parse_source("csi://0")
+    assert csi.kind == "csi" and "nvarguscamerasrc sensor-id=0" in csi.target and csi.api == cv2.CAP_GSTREAMER
+    rtsp = parse_source("rtsp://user:secret@10.0.0.5/stream1")
+    assert rtsp.kind == "stream" and "secret" not in rtsp.uri and "secret" in rtsp.target
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    assert parse_source(str(tmp_path / "clip.mp4")).kind == "video"
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((4, 4, 3), np.uint8))
+    assert len(parse_source(str(tmp_path)).paths) == 1
+    assert len(parse_source(str(tmp_path / "*.png")).paths) == 1
+    with pytest.raises(SourceError, match="camera index"):
+        parse_source(str(tmp_path / "missing.mp4"))
+    if re.search(r"GStreamer:\s*NO", cv2.getBuildInformation()):
+        with pytest.raises(SourceError, match="GStreamer"):
+            FrameSource(csi)
+
+
+class FakeCapture:
+    """cv2.VideoCapture stand-in fed from a script: arrays are frames, None an empty frame, "drop" a failed read."""
+
+    def __init__(self, script, delay: float = 0.0) -> None:
+        self.script = None if script is None else iter(script)
+        self.delay = delay
+
+    def isOpened(self):
+        return self.script is not None
+
+    def read(self):
+        time.sleep(self.delay)
+        item = next(self.script, "drop")
+        if isinstance(item, str):
+            return False, None
+        return True, item
+
+    def set(self, prop, value):
+        return True
+
+    def release(self):
+        pass
+
+
+def fake_camera(*scripts, delay: float = 0.0):
+    """Factory returning one scripted capture per open; the last script repeats (None = cannot open)."""
+    calls = []
+
+    def factory(target, api, *params):
+        calls.append(target)
+        return FakeCapture(scripts[min(len(calls), len(scripts)) - 1], delay)
+
+    factory.calls = calls
+    return factory
+
+
+BGR = np.full((24, 36, 3), (255, 0, 0), np.uint8)  # pure blue in BGR
+
+
+def test_unopenable_camera_fails_after_bounded_attempts():
+    factory = fake_camera(None)
+    source = FrameSource(parse_source(0), reconnect_attempts=2, backoff_s=0.001, capture_factory=factory)
+    with pytest.raises(SourceError) as info:
+        list(source)
+    assert len(factory.calls) == 3
+    assert "cannot open camera 0 (v4l2:///dev/video0) after 3 attempts" in str(info.value)
+    assert "cable" in str(info.value)
+
+
+def test_mid_stream_drop_reconnects_and_skips_broken_frames():
+    factory = fake_camera([BGR, None, BGR, "drop"], [BGR, BGR, "drop"], None)
+    source = FrameSource(parse_source("rtsp://cam/1"), reconnect_attempts=1, backoff_s=0.001, capture_factory=factory)
+    frames = []
+    with pytest.raises(SourceError, match="lost rtsp://cam/1 and could not reconnect after 2 attempts"):
+        for frame in source:
+            frames.append(frame)
+    assert len(frames) == 4 and source.stats.reconnects == 1 and source.stats.skipped_corrupt == 1
+    assert frames[0].image[0, 0].tolist() == [0, 0, 255]  # delivered as RGB
+    assert [f.index for f in frames] == [0, 1, 2, 3]
+
+
+def test_camera_that_opens_but_never_delivers_gives_up():
+    factory = fake_camera(["drop"])
+    source = FrameSource(parse_source(0), reconnect_attempts=2, backoff_s=0.001, capture_factory=factory)
+    with pytest.raises(SourceError, match="opens but delivers no frames"):
+        list(source)
+    assert len(factory.calls) == 3
+
+
+def test_live_source_drops_oldest_frames_when_inference_is_slow():
+    factory = fake_camera([BGR] * 40, None)
+    source = FrameSource(parse_source(0), queue_size=2, reconnect_attempts=0, capture_factory=factory)
+    got = []
+    with pytest.raises(SourceError):
+        for frame in source:
+            got.append(frame.index)
+            time.sleep(0.01)
+    stats = source.stats
+    assert stats.dropped > 0 and len(got) + stats.dropped == stats.frames == 40
+    assert got == sorted(got) and got[-1] == 39  # the newest frame is never the one dropped
+
+
+# ---- the app -------------------------------------------------------------------------------------
+def write_video(path: Path, n: int) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    assert writer.isOpened()
+    for i in range(n):
+        writer.write(np.full((48, 64, 3), i * 20, np.uint8))
+    writer.release()
+    return path
+
+
+FIELDS = {"frame", "source", "timestamp", "class", "class_id", "score", "score_normalized", "anomalous", "latency_ms"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_app_on_video_file(bundle, tmp_path, capsys):
+    video = write_video(tmp_path / "clip.avi", 12)
+    out, shots = tmp_path / "out.jsonl", tmp_path / "anomalies"
+    summary = run_app(bundle, str(video), headless=True, output_jsonl=out, save_anomalies=shots)
+    lines = read_jsonl(out)
+    assert len(lines) == 12 == summary["frames"] and all(set(line) == FIELDS for line in lines)
+    assert [line["frame"] for line in lines] == list(range(12))
+    assert summary["anomalies"] == sum(line["anomalous"] for line in lines) > 0
+    assert len(list(shots.glob("*_overlay.png"))) == len(list(shots.glob("*_raw.png"))) == summary["anomalies"]
+    assert summary["dropped_frames"] == 0 and not summary["interrupted"]
+    assert "hgad-edge run: 12 frames" in capsys.readouterr().out
+
+
+def test_app_on_image_folder_with_corrupt_file(bundle, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((40, 50, 3), i * 100, np.uint8))
+    (folder / "3_broken.png").write_bytes((folder / "1.png").read_bytes()[:30])
+    out = tmp_path / "out.jsonl"
+    summary = run_app(bundle, str(folder), class_name="b", headless=True, output_jsonl=out, max_frames=10)
+    lines = read_jsonl(out)
+    assert len(lines) == 3 and summary["skipped_corrupt"] == 1
+    assert {line["class"] for line in lines} == {"b"} and lines[0]["source"].endswith("0.png")
+
+
+def test_app_max_frames_and_unknown_class(bundle, tmp_path):
+    video = write_video(tmp_path / "clip.avi", 12)
+    assert run_app(bundle, str(video), headless=True, max_frames=5, print_summary=False)["frames"] == 5
+    with pytest.raises(InvalidArgumentError, match="unknown class"):
+        run_app(bundle, str(video), class_name="zebra", headless=True)
+
+
+def test_app_source_that_cannot_open(bundle):
+    factory = fake_camera(None)
+    with pytest.raises(SourceError, match="cannot open camera 0 .* after 3 attempts"):
+        run_app(bundle, 0, headless=True, reconnect_attempts=2, backoff_s=0.001, capture_factory=factory)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_app_ctrl_c_and_sigterm_return_summary(bundle, capsys, signum):
+    def camera():  # endless; the 20th read sends the signal from the capture thread
+        for i in itertools.count():
+            if i == 20:
+                os.kill(os.getpid(), signum)
+            yield BGR
+
+    before = signal.getsignal(signal.SIGTERM)
+    summary = run_app(bundle, 0, headless=True, capture_factory=fake_camera(camera(), delay=0.002))
+    assert summary["interrupted"] and summary["reconnects"] == 0
+    assert "(interrupted)" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_app_without_gui_names_headless(bundle):
+    if not re.search(r"GUI:\s*NONE", cv2.getBuildInformation()) and os.environ.get("DISPLAY"):
+        pytest.skip("this OpenCV can show windows")
+    with pytest.raises(AppError, match="--headless"):
+        run_app(bundle, 0, headless=False)
