@@ -127,5 +127,94 @@ def demo(out, epochs):
     click.echo(json.dumps(result["mean"], indent=2))
 
 
+@main.command(name="export")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle folder to write.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16"]),
+              help="Graphs to export (default both: FP32 and the mixed FP16 graph).")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
+def export_cmd(run, out, precisions, no_simplify):
+    """Fused ONNX graphs (FP32 and mixed FP16) + metadata: the bundle the runtime and `build` use."""
+    require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "export")
+    from .export.onnx_export import ExportError, export_bundle
+    from .export.trt_support import check_trt_support
+
+    try:
+        result = export_bundle(run, out, tuple(precisions) or ("fp32", "fp16"), simplify=not no_simplify)
+    except (*user_errors(), ExportError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for precision, path in result.files.items():
+        facts = result.metadata["models"][precision]
+        report = check_trt_support(path)
+        verdict = "all ops have TensorRT importers" if report.ok else "TensorRT support problems: " + "; ".join(report.errors)
+        click.echo(f"{path}: opset {facts['opset']}, {facts['nodes']} nodes, {facts['exporter']}; {verdict}")
+    click.echo(f"next: hgad-edge build {out} --precision fp16   (on the target GPU)")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--batch", default="1:4:8", show_default=True, help="min:opt:max batch of the optimisation profile.")
+@click.option("--workspace-mb", type=click.IntRange(min=1), help="Builder workspace limit.")
+@click.option("--calib-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Normal images for INT8 calibration.")
+@click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
+def build(bundle, precision, batch, workspace_mb, calib_dir, force):
+    """Build a TensorRT engine for this GPU from an exported bundle."""
+    from .export.trt_build import BuildError, build_engines
+
+    try:
+        parts = tuple(int(b) for b in batch.split(":"))
+    except ValueError:
+        raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch") from None
+    if len(parts) != 3:
+        raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch")
+    if precision == "int8" and calib_dir is None:
+        raise click.BadParameter("INT8 needs --calib-dir with normal images", param_hint="--calib-dir")
+    try:
+        engine = build_engines(bundle, precision, parts, workspace_mb, calib_dir, force=force)
+    except BuildError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"engine: {engine}")
+
+
+@main.command(name="check-trt")
+@click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def check_trt(onnx_file):
+    """Static check (CPU): does every op of ONNX_FILE have a TensorRT ONNX-parser importer?"""
+    from .export.trt_support import check_trt_support, format_report
+
+    report = check_trt_support(onnx_file)
+    click.echo(format_report(report))
+    if not report.ok:
+        raise click.ClickException("the graph will not build as is: see the errors above")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("source", required=False)
+@click.option("--camera", type=str, help="Camera index or device (same as SOURCE): 0, csi://0, v4l2:///dev/video0.")
+@click.option("--class", "class_name", default="auto", show_default=True, help="Product class name, or auto.")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True)
+@click.option("--headless", is_flag=True, help="No window; print JSON lines / summary only.")
+@click.option("--output", "output_jsonl", type=click.Path(dir_okay=False, path_type=Path), help="Write one JSON line per frame.")
+@click.option("--save-anomalies", type=click.Path(file_okay=False, path_type=Path), help="Save overlay + frame of every FAIL.")
+@click.option("--max-frames", type=click.IntRange(min=1))
+@click.option("--reconnect-attempts", type=click.IntRange(min=0), default=5, show_default=True)
+def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, save_anomalies, max_frames, reconnect_attempts):
+    """Score a camera, stream, video file, image folder or glob with a bundle (no torch needed)."""
+    from .runtime.app import AppError, run_app
+    from .runtime.errors import HgadRuntimeError
+    from .runtime.sources import SourceError
+
+    if (source is None) == (camera is None):
+        raise click.UsageError("give exactly one of SOURCE or --camera")
+    try:
+        run_app(bundle, source if source is not None else camera, class_name, backend, headless, output_jsonl,
+                save_anomalies, max_frames, reconnect_attempts, precision=precision)
+    except (HgadRuntimeError, SourceError, AppError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 if __name__ == "__main__":
     main()

@@ -73,3 +73,49 @@ def run_flow(flow: nn.Module, x: torch.Tensor, cond: torch.Tensor) -> tuple[torc
     """x (N, C), cond (N, pos_dim) -> z (N, C), log|det J| (N,)."""
     z, log_jac = flow(x, c=[cond])
     return z, log_jac
+
+
+class PrecomputedConditionFlow(nn.Module):
+    """Inference twin of a `build_flow` flow for whole maps of a fixed size.
+
+    The positional condition is input-independent, so in every coupling the condition's columns of
+    the subnet's first layer give a per-position constant: W_c @ pe + b, computed once here. Each
+    block then multiplies only the passive half (C/2 columns instead of C/2 + pos_dim: most of the
+    flow's FLOPs). Same parameters, same maths as FrEIA's AllInOneBlock (affine coupling with
+    0.1-scaled, tanh-clamped log-scales, SOFTPLUS global affine, fixed soft permutation).
+    """
+
+    def __init__(self, flow: nn.Module, pos: torch.Tensor):
+        super().__init__()
+        self.blocks = nn.ModuleList(flow.module_list)
+        for i, block in enumerate(self.blocks):
+            _check_supported(block)
+            first = block.subnet[0]
+            split = block.splits[0]
+            proj = pos.to(first.weight.dtype) @ first.weight[:, split:].T + first.bias
+            self.register_buffer(f"cond_{i}", proj.detach(), persistent=False)  # (P, hidden)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B*P, C), rows ordered (image, position) as `flatten_map` gives -> z, log|det J|."""
+        log_jac = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for i, block in enumerate(self.blocks):
+            cond = getattr(self, f"cond_{i}")
+            p, hidden = cond.shape
+            first, act, second = block.subnet
+            x1, x2 = torch.split(x, block.splits, dim=1)
+            h = (x1 @ first.weight[:, : block.splits[0]].T).view(-1, p, hidden) + cond
+            a = second(act(h.view(-1, hidden))) * 0.1
+            ch = x2.shape[1]
+            s = block.clamp * torch.tanh(a[:, :ch])
+            x2 = x2 * torch.exp(s) + a[:, ch:]
+            scale = block.global_scale_activation(block.global_scale)  # (1, C)
+            log_jac = log_jac + s.sum(1) + torch.log(scale).sum()
+            x = torch.nn.functional.linear(torch.cat((x1, x2), 1) * scale + block.global_offset, block.w_perm)
+        return x, log_jac
+
+
+def _check_supported(block: nn.Module) -> None:
+    if block.GIN or block.householder or block.reverse_pre_permute or block.input_rank != 0:
+        raise ValueError("PrecomputedConditionFlow supports the AllInOneBlock configuration of build_flow only")
+    if not (isinstance(block.subnet, nn.Sequential) and len(block.subnet) == 3):
+        raise ValueError("PrecomputedConditionFlow needs the 2-layer MLP subnet of subnet_mlp")

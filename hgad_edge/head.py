@@ -76,6 +76,11 @@ class MixtureHead(nn.Module):
             return L.intra_centers(self.main, self.deltas), L.log_softmax(self.psi_intra, 1)
         return self.main[:, None, :], torch.zeros(self.num_classes, 1, device=self.main.device)
 
+    def forward(self, z: torch.Tensor, log_jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scoring is the head's forward, so exporters record its nodes under MixtureHead
+        (graph_check proves from that record that the head stays FP32)."""
+        return self.score_terms(z, log_jac)
+
     def score_terms(self, z: torch.Tensor, log_jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per vector: log p(x | y)/d for every class y (N, Y), inter-class negative entropy nh (N,)
         and the log class posterior log p(y | z) (N, Y) used to pick the class when it is 'auto'.

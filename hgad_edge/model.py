@@ -12,7 +12,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .config import HGADConfig
-from .flows import build_flow, flatten_map, positional_encoding_2d
+from .flows import PrecomputedConditionFlow, build_flow, flatten_map, positional_encoding_2d
 from .head import MixtureHead
 
 
@@ -36,6 +36,8 @@ class HGADModel(nn.Module):
         self.register_buffer("pixel_mean", mean * 255.0, persistent=False)
         self.register_buffer("pixel_std", std * 255.0, persistent=False)
         self.body_dtype = torch.float32
+        self.fused_flows: nn.ModuleList | None = None
+        self._fp32_body: dict[str, torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -47,9 +49,32 @@ class HGADModel(nn.Module):
 
     def set_body_dtype(self, dtype: torch.dtype) -> HGADModel:
         """Run backbone and flows in dtype (mixed precision); the heads always stay FP32."""
+        if dtype != torch.float32 and self._fp32_body is None:
+            # FP32 -> FP16 -> FP32 would round the weights: keep the FP32 originals to return to.
+            self._fp32_body = {k: v.detach().clone() for k, v in self._body_state().items()}
         self.body_dtype = dtype
         self.backbone.to(dtype)
         self.flows.to(dtype)
+        if dtype == torch.float32 and self._fp32_body is not None:
+            with torch.no_grad():
+                for k, v in self._body_state().items():
+                    v.copy_(self._fp32_body[k])
+        if self.fused_flows is not None:
+            self.fuse_condition()  # rebuild the per-position constants in the new dtype
+        return self
+
+    def _body_state(self) -> dict[str, torch.Tensor]:
+        return {f"backbone.{k}": v for k, v in self.backbone.state_dict(keep_vars=True).items()} | {
+            f"flows.{k}": v for k, v in self.flows.state_dict(keep_vars=True).items()
+        }
+
+    def fuse_condition(self) -> HGADModel:
+        """Inference (and export): precompute the positional condition's share of every coupling
+        subnet's first layer (see PrecomputedConditionFlow). Training keeps the FrEIA flows."""
+        with torch.no_grad():
+            self.fused_flows = nn.ModuleList(
+                PrecomputedConditionFlow(flow, self.pos(k).to(self.body_dtype)) for k, flow in enumerate(self.flows)
+            )
         return self
 
     # ---- stages -------------------------------------------------------------------------------
@@ -58,7 +83,7 @@ class HGADModel(nn.Module):
 
         In the model (and so in the exported graph) so every backend sees identical inputs.
         """
-        x = images.permute(0, 3, 1, 2).to(torch.float32)
+        x = images.to(torch.float32).permute(0, 3, 1, 2)  # Cast first: TensorRT wants uint8 inputs cast before any layer
         return (x - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
@@ -73,9 +98,12 @@ class HGADModel(nn.Module):
 
     def flow_map(self, k: int, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Level-k flow on a whole map (B, C, h, w) -> z (B*h*w, C), log|det J| (B*h*w,) in FP32."""
-        b = feat.shape[0]
-        cond = self.pos(k).to(self.body_dtype).repeat(b, 1)
-        z, log_jac = self.flows[k](flatten_map(feat).to(self.body_dtype), c=[cond])
+        x = flatten_map(feat).to(self.body_dtype)
+        if self.fused_flows is not None:
+            z, log_jac = self.fused_flows[k](x)
+        else:
+            cond = self.pos(k).to(self.body_dtype).repeat(feat.shape[0], 1)
+            z, log_jac = self.flows[k](x, c=[cond])
         return z.float(), log_jac.float()
 
     def level_terms(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -84,7 +112,7 @@ class HGADModel(nn.Module):
         for k, feat in enumerate(self.features(x)):
             b, _, h, w = feat.shape
             z, log_jac = self.flow_map(k, feat)
-            loglik, nh, log_post = self.heads[k].score_terms(z, log_jac)
+            loglik, nh, log_post = self.heads[k](z, log_jac)
             y = loglik.shape[1]
             out.append(
                 (

@@ -123,9 +123,11 @@ def init_centers(model: HGADModel, cache: FeatureCache, gen: torch.Generator, pe
 
 
 class Trainer:
-    def __init__(self, cfg: HGADConfig, dataset: ADDataset, out_dir: Path, resume: bool = False):
+    def __init__(self, cfg: HGADConfig, dataset: ADDataset, out_dir: Path, resume: bool = False,
+                 cache: FeatureCache | None = None):
         self.cfg, self.dataset, self.out_dir = cfg, dataset, Path(out_dir)
         self.resume = resume
+        self.cache = cache  # features of the fit split, reusable across runs that share backbone and seed
 
     def run(self) -> AnomalyScorer:
         cfg, tcfg = self.cfg, self.cfg.train
@@ -142,7 +144,9 @@ class Trainer:
         start_epoch = self._maybe_resume(scorer, optim, sched)
 
         t0 = time.time()
-        cache = extract_features(model, fit, batch_size=tcfg.batch_size)
+        if self.cache is None:
+            self.cache = extract_features(model, fit, batch_size=tcfg.batch_size)
+        cache = self.cache
         feature_seconds = time.time() - t0
         if start_epoch == 0 and cfg.head.center_init == "data":
             init_centers(model, cache, torch.Generator().manual_seed(tcfg.seed))
@@ -230,5 +234,6 @@ class Trainer:
         return total, logged
 
 
-def train(cfg: HGADConfig, dataset: ADDataset, out_dir: Path | str, resume: bool = False) -> AnomalyScorer:
-    return Trainer(cfg, dataset, Path(out_dir), resume).run()
+def train(cfg: HGADConfig, dataset: ADDataset, out_dir: Path | str, resume: bool = False,
+          cache: FeatureCache | None = None) -> AnomalyScorer:
+    return Trainer(cfg, dataset, Path(out_dir), resume, cache).run()

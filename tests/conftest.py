@@ -84,6 +84,14 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    """The tiny run exported (FP32 + mixed FP16 ONNX + metadata)."""
+    from hgad_edge.export.onnx_export import export_bundle
+
+    return export_bundle(tiny_run, tmp_path_factory.mktemp("bundle") / "b")
+
+
+@pytest.fixture(scope="session")
 def realad() -> Path:
     if not REALAD.is_dir():
         pytest.skip(f"real data not present at {REALAD} (needs ../shared/data/realad beside the repo)")

@@ -1,0 +1,82 @@
+"""Deployment rules every exported graph must satisfy, checked on CPU from the ONNX alone.
+
+1. No ReduceLogSumExp: TensorRT imports it as log(sum(exp(x))) without the max shift (-inf on
+   these distances); the model writes the shifted form by hand.
+2. Dynamic batch: dim 0 of every input and output is symbolic.
+3. Mixed graph: FP16 exists (backbone + flows), but nothing of the mixture head or the scoring
+   computes in FP16: from z - mu onward everything is FP32 (|z - mu|^2 reaches 1e6-1e9).
+   Head and scoring nodes are found by the module hierarchy the dynamo exporter records per node.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+FORBIDDEN_OPS = ("ReduceLogSumExp",)
+HEAD_CLASS = "hgad_edge.head.MixtureHead"
+SCORER_CLASS = "hgad_edge.scoring.AnomalyScorer"
+HIERARCHY_KEY = "pkg.torch.onnx.class_hierarchy"
+# Ops that only move or re-type data: allowed on FP16 in the model-level glue between modules.
+DATA_MOVEMENT = {"Cast", "Reshape", "Transpose", "Tile", "Concat", "Expand", "Squeeze", "Unsqueeze",
+                 "Slice", "Gather", "Split", "Identity", "Shape", "Flatten"}
+
+
+def _tensor_types(model) -> dict[str, int]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.output, *g.value_info]}
+    types.update({init.name: init.data_type for init in g.initializer})
+    return types
+
+
+def _hierarchy(node) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == HIERARCHY_KEY:
+            return [c.strip(" '\"") for c in prop.value.strip("[]").split(",")]
+    return []
+
+
+def _must_be_fp32(node) -> bool:
+    """Every head node, and every arithmetic node outside the backbone and flows (scoring and the
+    glue between modules; moving FP16 data there before its Cast is fine)."""
+    h = _hierarchy(node)
+    if HEAD_CLASS in h:
+        return True
+    classes = [c for c in h if c.startswith("hgad_edge.") or c.startswith("FrEIA.") or c.startswith("timm.")]
+    return bool(classes) and classes[-1] in (SCORER_CLASS, "hgad_edge.model.HGADModel") and node.op_type not in DATA_MOVEMENT
+
+
+def check_graph(path_or_model, mixed: bool) -> list[str]:
+    """-> list of broken rules (empty = deployable)."""
+    import onnx
+
+    model = onnx.load(str(path_or_model)) if isinstance(path_or_model, (str, Path)) else path_or_model
+    problems = []
+    for node in model.graph.node:
+        if node.op_type in FORBIDDEN_OPS:
+            problems.append(f"{node.op_type} node {node.name}: TensorRT imports it without max-shift")
+    for vi in [*model.graph.input, *model.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param:
+            problems.append(f"{vi.name}: batch axis is not dynamic")
+    if mixed:
+        problems += _check_mixed(model)
+    return problems
+
+
+def _check_mixed(model) -> list[str]:
+    types = _tensor_types(model)
+    if FLOAT16 not in types.values():
+        return ["mixed graph has no FP16 tensor: backbone and flows were not exported in FP16"]
+    problems = [f"output {o.name} is FP16" for o in model.graph.output if types.get(o.name) == FLOAT16]
+    head_nodes = [n for n in model.graph.node if _must_be_fp32(n)]
+    if not any(HEAD_CLASS in _hierarchy(n) for n in head_nodes):
+        problems.append("no node carries the mixture-head hierarchy metadata: cannot prove the head is FP32")
+    for node in head_nodes:
+        fp16 = [t for t in [*node.input, *node.output] if t and types.get(t) == FLOAT16]
+        if fp16:
+            problems.append(f"{node.op_type} node {node.name} of the head/scoring touches FP16 tensor(s) {fp16[:3]}")
+    return problems

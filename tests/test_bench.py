@@ -1,0 +1,176 @@
+"""Benchmark report: pure helpers (stats, machine name, sampling, profile summary, targets), FLOP
+counting on the tiny run, and one small end-to-end report (export + timing, few iterations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from hgad_edge import bench
+from hgad_edge.checkpoint import load_run
+from hgad_edge.config import HGADConfig
+
+# An official-like configuration small enough to build and time in seconds (the real one is B6 at 1024).
+SMALL_OFFICIAL = {
+    "input_size": [64, 64],
+    "backbone": {"name": "tf_efficientnet_lite0", "stages": [3], "pyramid": [1.0, 0.5]},
+    "flow": {"coupling_blocks": 2, "pos_dim": 32},
+}
+
+
+# ---- pure helpers ---------------------------------------------------------------------------------
+def test_latency_stats_percentiles_on_known_arrays():
+    s = bench.latency_stats(np.arange(1, 101, dtype=float), batch=4)
+    assert s["n"] == 100 and s["min_ms"] == 1 and s["max_ms"] == 100
+    assert s["p50_ms"] == pytest.approx(50.5) and s["p90_ms"] == pytest.approx(90.1) and s["p99_ms"] == pytest.approx(99.01)
+    assert s["mean_ms"] == pytest.approx(50.5) and s["images_per_s"] == pytest.approx(4 * 1000 / 50.5)
+    one = bench.latency_stats([10.0])
+    assert one["p50_ms"] == one["p90_ms"] == one["p99_ms"] == 10.0 and one["images_per_s"] == pytest.approx(100.0)
+    empty = bench.latency_stats([])
+    assert empty["n"] == 0 and empty["p50_ms"] is None and empty["images_per_s"] is None
+
+
+def test_machine_folder_name():
+    assert bench.machine_name("Intel(R) Xeon(R) CPU @ 2.20GHz", 2) == "intel-xeon-2c"
+    assert bench.machine_name("AMD EPYC", 16, "NVIDIA H200") == "amd-epyc-16c-nvidia-h200"
+    assert bench.machine_name("AMD Ryzen 7 5800X 8-Core Processor", 16) == "amd-ryzen-7-5800x-16c"
+    assert bench.machine_name("NVIDIA Jetson Orin Nano Developer Kit", 6, "Orin") == "nvidia-jetson-orin-nano-developer-kit-6c-orin"
+    assert bench.machine_name("", 4, None, hostname="Line-3.local") == "line-3-local-4c"
+    assert bench.machine_name(None, 1) == "machine-1c"
+    name = bench.machine_info()["name"]
+    assert name and all(c.isalnum() or c == "-" for c in name) and name == name.lower()
+
+
+def test_cpu_model_and_physical_cores_from_cpuinfo():
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nphysical id\t: 0\ncore id\t: 0\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\nphysical id\t: 0\ncore id\t: 0\n"
+    assert bench.cpu_model(x86) == "AMD EPYC 7B13"
+    assert bench.physical_cores(x86) == 1  # two hyper-threads of one core
+    arm = "processor\t: 0\nBogoMIPS\t: 62.50\nCPU implementer\t: 0x41\n\nHardware\t: tegra\n"
+    assert bench.cpu_model(arm) == "tegra"
+
+
+def test_cap_samples_keeps_both_labels_evenly():
+    samples = [SimpleNamespace(label=0, i=i) for i in range(30)] + [SimpleNamespace(label=1, i=i) for i in range(10)]
+    capped = bench.cap_samples(samples, 8)
+    labels = [s.label for s in capped]
+    assert len(capped) == 8 and labels.count(0) == 6 and labels.count(1) == 2
+    assert capped[0].i == 0 and capped[5].i == 29  # evenly spaced, first and last included
+    assert len(bench.cap_samples(samples, 2)) == 2 and {s.label for s in bench.cap_samples(samples, 2)} == {0, 1}
+    assert bench.cap_samples(samples, None) == samples and bench.cap_samples(samples[:3], 10) == samples[:3]
+
+
+def test_summarize_ort_profile():
+    def node(name, op, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "dur": dur, "args": {"op_name": op}}
+
+    events = [{"cat": "Session", "name": "model_run", "dur": 1}] * 2
+    events += [node("conv1", "Conv", 3000), node("conv1", "Conv", 1000), node("mm", "MatMul", 2000), node("add", "Add", 2000)]
+    events += [{"cat": "Node", "name": "conv1_fence_before", "dur": 99999, "args": {"op_name": "Conv"}}]
+    s = bench.summarize_ort_profile(events, top=2)
+    assert s["runs"] == 2 and s["kernel_ms_per_run"] == pytest.approx(4.0)
+    assert [o["op_type"] for o in s["top_ops"]] == ["Conv", "MatMul", "(other)"]
+    assert s["top_ops"][0]["ms_per_run"] == pytest.approx(2.0) and s["top_ops"][0]["share"] == pytest.approx(0.5)
+    assert s["top_ops"][0]["nodes"] == 1
+
+
+def _row(backend, precision, batch, ips, device="cpu"):
+    stats = {"images_per_s": ips}
+    return {"backend": backend, "precision": precision, "batch": batch, "device": device, "status": "ok", "e2e": stats, "model": stats}
+
+
+def test_targets_pass_miss_and_not_applicable():
+    cfg = HGADConfig.from_dict({})  # the Lite0 default at 256x256
+    cpu = {"cores": 2, "gpu": None}
+    rows = [_row("onnxruntime", "fp32", 1, 30.0), _row("onnxruntime", "fp32", 8, 40.0), _row("torch", "fp32", 8, 25.0)]
+    targets = bench.check_targets(rows, None, cfg, cpu)
+    assert [x["status"] for x in targets] == ["PASS", "MISS", "N/A"]  # 40 >= 25; 40/25 = 1.6 < 2; no GPU
+    assert targets[0]["value"] == pytest.approx(40.0) and targets[1]["value"] == pytest.approx(1.6)
+    tiny = HGADConfig.from_dict({"input_size": [64, 64]})
+    assert [x["status"] for x in bench.check_targets(rows, None, tiny, cpu)] == ["N/A"] * 3
+    official = {"latency": {"device": "cuda", "e2e": {"images_per_s": 2.0}}}
+    gpu_rows = rows + [_row("tensorrt", "fp16", 8, 50.0, "cuda")]
+    gpu = bench.check_targets(gpu_rows, official, cfg, {"cores": 16, "gpu": "NVIDIA H200"})[2]
+    assert gpu["status"] == "PASS" and gpu["value"] == pytest.approx(25.0)
+    ratios = bench.compute_ratios(gpu_rows, {"latency": {"e2e": {"images_per_s": 2.0}, "model": {"images_per_s": 2.0}}})
+    assert any(r["ratio"] == pytest.approx(20.0) and "onnxruntime fp32 (best batch: 8)" in r["what"] for r in ratios)
+
+
+# ---- FLOP counting --------------------------------------------------------------------------------
+def test_flops_per_component_add_up(tiny_run):
+    scorer, cfg, _ = load_run(tiny_run)
+    c = bench.count_complexity(scorer)
+    names = [x["name"] for x in c["components"]]
+    assert names == ["backbone", *[f"flow {lv.name}" for lv in scorer.model.levels], "head+scoring"]
+    assert all(x["flops"] > 0 and x["params"] > 0 for x in c["components"])
+    assert c["sum_components_flops"] == pytest.approx(c["total_flops"], rel=1e-3)
+    backbone, *flows, head = c["components"]
+    assert backbone["learnable_params"] == 0  # frozen
+    learnable = sum(p.numel() for m in (*scorer.model.flows, scorer.model.heads) for p in m.parameters() if p.requires_grad)
+    assert c["learnable_params"] == learnable == sum(x["learnable_params"] for x in c["components"])
+    assert c["params"] == sum(p.numel() for p in scorer.parameters()) and c["input_size"] == list(cfg.input_size)
+    # counting on fake tensors changed nothing: the staged pipeline still equals the fused forward
+    images = torch.randint(0, 256, (2, *cfg.input_size, 3), dtype=torch.uint8)
+    cls = torch.tensor([0, -1])
+    with torch.no_grad():
+        for a, b in zip(bench.staged_forward(scorer, images, cls), scorer(images, cls)):
+            assert torch.equal(a, b)
+
+
+# ---- the report -------------------------------------------------------------------------------------
+def test_report_written_even_when_the_budget_is_spent(tiny_run, tmp_path):
+    folder = bench.run_bench(tiny_run, tmp_path, backends=("torch",), precisions=("fp32",), batches=(1,), iters=1, official=False, budget_s=0)
+    assert folder.parent == tmp_path and folder.name == bench.machine_info()["name"]
+    report = json.loads((folder / "report.json").read_text())
+    assert report["schema"] == bench.SCHEMA and report["latency"] == []
+    assert any("budget" in s["reason"] for s in report["skipped"])
+    assert "# hgad-edge benchmark" in (folder / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
+    """Export reused from the session bundle, ORT + torch timed with 2 iterations, accuracy on 4
+    images per class, the small official-like configuration timed beside it."""
+    folder = bench.run_bench(
+        tiny_run, tmp_path, data_roots=(tiny_data,), precisions=("fp32", "fp16", "int8"), batches=(1, 2),
+        warmup=1, iters=2, max_images=4, official=SMALL_OFFICIAL, bundle=tiny_bundle.bundle,
+    )
+    for name in ("report.md", "report.json", "throughput.png", "breakdown.png"):
+        assert (folder / name).is_file(), name
+    r = json.loads((folder / "report.json").read_text())
+    required = {"schema", "machine", "run", "settings", "complexity", "latency", "official", "ratios", "accuracy", "breakdown", "targets", "skipped", "stages", "errors"}
+    assert required <= set(r) and r["errors"] == [], r["errors"]
+    assert {"name", "cpu_model", "cores", "gpu", "versions"} <= set(r["machine"]) and r["machine"]["versions"]["onnxruntime"]
+    rows = {(x["backend"], x["precision"], x["batch"]): x for x in r["latency"]}
+    ok = rows[("onnxruntime", "fp32", 2)]
+    assert ok["status"] == "ok" and ok["iters"] == 2 and ok["e2e"]["p99_ms"] >= ok["e2e"]["p50_ms"] > 0 and ok["model"]["images_per_s"] > 0
+    assert rows[("torch", "fp32", 1)]["status"] == "ok"
+    assert rows[("onnxruntime", "int8", 1)]["status"] == "skipped" and "TensorRT" in rows[("onnxruntime", "int8", 1)]["reason"]
+    if not torch.cuda.is_available():
+        assert "CPU half" in rows[("torch", "fp16", 1)]["reason"]
+    assert r["official"]["random_weights"] and r["official"]["latency"]["e2e"]["images_per_s"] > 0
+    assert r["complexity"]["paper_config"]["total_flops"] > 0 and r["ratios"]
+    drift = {(d["backend"], d["precision"]): d for d in r["accuracy"]["drift"]}
+    assert drift[("onnxruntime", "fp32")]["max_abs_score_diff"] < 1e-3 and drift[("onnxruntime", "fp32")]["n_images"] == 8
+    assert all(per["torch fp32"]["image_auroc"] is not None for per in r["accuracy"]["classes"].values())
+    assert [t["status"] for t in r["targets"]][:2] == ["N/A", "N/A"]  # 64x64 is not the 256x256 default
+    assert r["breakdown"]["torch_components"]["components"] and r["breakdown"]["ort_profile"]["top_ops"]
+    md = (folder / "report.md").read_text()
+    for heading in ("## Targets", "## FLOPs and parameters", "## Latency and throughput", "## Accuracy and drift", "## Where the time goes", "RANDOM weights"):
+        assert heading in md, heading
+
+
+def test_script_wrapper(tiny_run, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args([str(tiny_run), "--backends", "torch,onnxruntime", "--precisions", "fp32,int8", "--batch", "1,4", "--data", "a", "--data", "b"])
+    assert args.backends == ["torch", "onnxruntime"] and args.precisions == ["fp32", "int8"] and args.batch == [1, 4] and len(args.data) == 2
+    assert script.main([str(tiny_run), "--out", str(tmp_path), "--backends", "torch", "--no-official", "--budget-s", "0"]) == 0
+    assert "report:" in capsys.readouterr().out and len(list(tmp_path.glob("*/report.json"))) == 1

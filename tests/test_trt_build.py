@@ -1,0 +1,591 @@
+"""Engine building: pure helpers, the build flow against fakes of TensorRT / cuda-python, INT8
+calibration data, and one real build (marked `tensorrt`, skipped without TensorRT and a GPU)."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from hgad_edge.export import calibration as calib
+from hgad_edge.export import trt_build as tb
+from hgad_edge.runtime.backends import tensorrt_backend as trtb
+from hgad_edge.runtime.errors import EngineError
+
+H = W = 32
+
+
+# ---- a tiny bundle ---------------------------------------------------------------------------------
+def tiny_graph(half: bool = False, lse: bool = False) -> bytes:
+    """uint8 images -> Cast -> mean over channels = anomaly_map; max = score; class_id passes through.
+
+    half=True computes the map in FP16 with an explicit Cast back to FP32, like the mixed export.
+    """
+    body = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+    ax = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=body),
+        helper.make_node("ReduceMean", ["f", "ax3"], ["m"], keepdims=0),
+        helper.make_node("Cast", ["m"], ["anomaly_map"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceLogSumExp" if lse else "ReduceMax", ["anomaly_map", "ax12"], ["score"], keepdims=0),
+        helper.make_node("Sigmoid", ["score"], ["score_normalized"]),
+        helper.make_node("Identity", ["class_id"], ["class_pred"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", H, W, 3]),
+        helper.make_tensor_value_info("class_id", TensorProto.INT64, ["B"]),
+    ]
+    f32 = TensorProto.FLOAT
+    outputs = [
+        helper.make_tensor_value_info("anomaly_map", f32, ["B", H, W]),
+        helper.make_tensor_value_info("score", f32, ["B"]),
+        helper.make_tensor_value_info("score_normalized", f32, ["B"]),
+        helper.make_tensor_value_info("class_pred", TensorProto.INT64, ["B"]),
+    ]
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, [ax("ax3", [3]), ax("ax12", [1, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def make_bundle(folder: Path, lse: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for precision, half in (("fp32", False), ("fp16", True)):
+        data = tiny_graph(half, lse)
+        (folder / f"model_{precision}.onnx").write_bytes(data)
+        models[precision] = {"file": f"model_{precision}.onnx", "sha256": hashlib.sha256(data).hexdigest()}
+    meta = {
+        "format": "hgad-edge-bundle", "format_version": 1, "package_version": "0.1.0",
+        "classes": ["a", "b"], "input_size": [H, W],
+        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+        "class_input": {"name": "class_id", "dtype": "int64", "auto": -1},
+        "outputs": ["anomaly_map", "score", "score_normalized", "class_pred"],
+        "thresholds": [0.5, 0.5], "models": models, "engines": {},
+    }
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+def metadata(folder: Path) -> dict:
+    return json.loads((folder / "metadata.json").read_text())
+
+
+# ---- fakes -----------------------------------------------------------------------------------------
+class FakeCudart:
+    """cuda.bindings.runtime stand-in: host memory plays device memory; calls return (err, value)."""
+
+    class cudaError_t(enum.IntEnum):
+        cudaSuccess = 0
+        cudaErrorNoDevice = 100
+
+    class cudaDeviceAttr(enum.IntEnum):
+        cudaDevAttrComputeCapabilityMajor = 75
+        cudaDevAttrComputeCapabilityMinor = 76
+
+    class cudaMemcpyKind(enum.IntEnum):
+        cudaMemcpyHostToDevice = 1
+
+    def __init__(self, devices: int = 1, cc=(8, 7)) -> None:
+        self.devices, self.cc, self.blocks = devices, cc, {}
+        self.ok = self.cudaError_t.cudaSuccess
+
+    def cudaGetDeviceCount(self):
+        return (self.ok, self.devices) if self.devices else (self.cudaError_t.cudaErrorNoDevice, 0)
+
+    def cudaGetErrorName(self, err):
+        return self.ok, err.name.encode()
+
+    def cudaSetDevice(self, device):
+        return (self.ok,)
+
+    def cudaDeviceGetAttribute(self, attr, device):
+        return self.ok, self.cc[0] if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else self.cc[1]
+
+    def cudaGetDeviceProperties(self, device):
+        return self.ok, type("Props", (), {"name": b"Fake Orin"})()
+
+    def cudaMalloc(self, nbytes):
+        block = np.zeros(nbytes, np.uint8)
+        self.blocks[block.ctypes.data] = block
+        return self.ok, block.ctypes.data
+
+    def cudaFree(self, ptr):
+        self.blocks.pop(ptr)
+        return (self.ok,)
+
+    def cudaMemcpy(self, dst, src, nbytes, kind):
+        ctypes.memmove(dst, src, nbytes)
+        return (self.ok,)
+
+
+class FakeTrt:
+    """The TensorRT 10/11 builder API subset build_engines may touch; records what it was asked."""
+
+    DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 INT64 BOOL UINT8")
+    MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
+    LayerType = enum.Enum("LayerType", "CONVOLUTION POOLING ELEMENTWISE MATRIX_MULTIPLY CAST CONSTANT SHAPE IDENTITY")
+
+    class ILogger:
+        Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+
+        def __init__(self) -> None:
+            pass
+
+    class IInt8EntropyCalibrator2:
+        def __init__(self) -> None:
+            pass
+
+    def __init__(self, version: str = "10.7.0.23", cudart: FakeCudart | None = None) -> None:
+        self.__version__ = version
+        self.major = int(version.split(".")[0])
+        flags = "STRONGLY_TYPED" if self.major == 10 else "UNUSED"
+        self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, flags: 5})
+        names = "FP16 INT8 TF32 OBEY_PRECISION_CONSTRAINTS VERSION_COMPATIBLE" if self.major == 10 else "TF32 VERSION_COMPATIBLE"
+        self.BuilderFlag = enum.Enum("BuilderFlag", names)
+        if self.major >= 11:
+            self.IInt8EntropyCalibrator2 = None  # implicit INT8 calibration is gone
+        self.float32 = self.DataType.FLOAT
+        self.cudart = cudart
+        self.builders = 0
+        self.builds: list[dict] = []
+        self.parse_errors: list[tuple[str, str, str]] = []
+        trt = self
+
+        class Builder:
+            def __init__(self, logger) -> None:
+                assert trt.cudart is None or trt.cudart.devices, "a TensorRT object was built without a CUDA device"
+                trt.builders += 1
+
+            def create_network(self, flags):
+                return FakeNetwork(trt, flags)
+
+            def create_builder_config(self):
+                return FakeConfig(trt)
+
+            def create_optimization_profile(self):
+                return FakeProfile()
+
+            def build_serialized_network(self, network, config):
+                record = {"flags": network.flags, "config_flags": sorted(f.name for f in config.flags), "profiles": [p.shapes for p in config.profiles],
+                          "pool": config.pool, "calibrator": config.int8_calibrator is not None, "calib_profile": config.calib_profile,
+                          "pinned": sum(layer.precision is not None for layer in network.layers)}
+                if config.int8_calibrator is not None:
+                    record["calib_batches"] = []
+                    while (ptrs := config.int8_calibrator.get_batch(["class_id", "images"])) is not None:
+                        record["calib_batches"].append(ptrs)
+                trt.builds.append(record)
+                return json.dumps(record).encode()
+
+        class OnnxParser:
+            def __init__(self, network, logger) -> None:
+                self.network = network
+                self.errors = []
+
+            def parse_from_file(self, path):
+                if trt.parse_errors:
+                    self.errors = [FakeParserError(*e) for e in trt.parse_errors]
+                    return False
+                model = onnx.load(path)
+                self.network.inputs = [FakeTensor(trt, v) for v in model.graph.input]
+                return True
+
+            @property
+            def num_errors(self):
+                return len(self.errors)
+
+            def get_error(self, i):
+                return self.errors[i]
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+class FakeParserError:
+    def __init__(self, name, operator, desc) -> None:
+        self._n, self._o, self._d = name, operator, desc
+
+    def node_name(self):
+        return self._n
+
+    def node_operator(self):
+        return self._o
+
+    def node(self):
+        return 3
+
+    def desc(self):
+        return self._d
+
+
+class FakeTensor:
+    def __init__(self, trt, value_info) -> None:
+        codes = {TensorProto.UINT8: "UINT8", TensorProto.INT64: "INT64", TensorProto.FLOAT: "FLOAT"}
+        self.name = value_info.name
+        self.dtype = trt.DataType[codes[value_info.type.tensor_type.elem_type]]
+        self.shape = tuple(d.dim_value or -1 for d in value_info.type.tensor_type.shape.dim)
+
+
+class FakeLayer:
+    def __init__(self, trt, kind, dtype) -> None:
+        self.type, self.num_outputs, self.precision = trt.LayerType[kind], 1, None
+        self._out = type("T", (), {"dtype": trt.DataType[dtype]})()
+
+    def get_output(self, k):
+        return self._out
+
+    def set_output_type(self, k, dtype):
+        assert dtype == self.precision
+
+
+class FakeNetwork:
+    def __init__(self, trt, flags) -> None:
+        self.flags, self.inputs = flags, []
+        self.layers = [FakeLayer(trt, k, d) for k, d in (("CONVOLUTION", "HALF"), ("ELEMENTWISE", "FLOAT"), ("MATRIX_MULTIPLY", "FLOAT"), ("SHAPE", "INT64"), ("CAST", "FLOAT"))]
+
+    @property
+    def num_inputs(self):
+        return len(self.inputs)
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+    @property
+    def num_layers(self):
+        return len(self.layers)
+
+    def get_layer(self, i):
+        return self.layers[i]
+
+
+class FakeProfile:
+    def __init__(self) -> None:
+        self.shapes = {}
+
+    def set_shape(self, name, lo, opt, hi):
+        self.shapes[name] = [list(lo), list(opt), list(hi)]
+
+
+class FakeCache:
+    def __init__(self, data: bytes) -> None:
+        self.data = data or b"fresh"
+
+    def serialize(self):
+        return self.data + b"+"
+
+
+class FakeConfig:
+    def __init__(self, trt) -> None:
+        self.trt, self.flags, self.profiles, self.pool = trt, {trt.BuilderFlag.TF32}, [], None
+        self.int8_calibrator = self.calib_profile = self.cache = None
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+    def clear_flag(self, flag):
+        self.flags.discard(flag)
+
+    def set_memory_pool_limit(self, pool, size):
+        self.pool = [pool.name, size]
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def set_calibration_profile(self, profile):
+        self.calib_profile = profile.shapes
+        return True
+
+    def create_timing_cache(self, data):
+        return FakeCache(bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """Install fake cuda-python + TensorRT (10.7 on an sm87 'Orin') into trt_build."""
+    cudart = FakeCudart()
+    trt = FakeTrt("10.7.0.23", cudart)
+    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(tb, "import_tensorrt_builder", lambda: trt)
+    return trt
+
+
+# ---- pure helpers ----------------------------------------------------------------------------------
+def test_engine_name_format():
+    assert tb.engine_name("10.3.0.30", "8.7", "fp16") == "trt10.3.0_sm87_fp16.engine"
+    assert tb.engine_name("11.0", (12, 1), "fp32", version_compatible=True) == "trt11.0.0_sm121_fp32_vc.engine"
+    with pytest.raises(tb.BuildError, match="precision"):
+        tb.engine_name("10.3", "8.7", "bf16")
+
+
+@pytest.mark.parametrize("batch, expected", [((1, 4, 8), (1, 4, 8)), (8, (1, 8, 8)), ([2], (1, 2, 2))])
+def test_batch_profile(batch, expected):
+    assert tb.check_batch(batch) == expected
+
+
+@pytest.mark.parametrize("batch", [(4, 2, 8), (0, 1, 2), (1, 2)])
+def test_bad_batch_profile(batch):
+    with pytest.raises(tb.BuildError, match="min <= opt <= max"):
+        tb.check_batch(batch)
+
+
+def test_metadata_entry_round_trips_through_choose_engine(tmp_path):
+    folder = make_bundle(tmp_path / "b")
+    meta = metadata(folder)
+    for precision in ("fp16", "fp32"):
+        sha = meta["models"][precision]["sha256"]
+        name = tb.engine_name("10.7.0.23", "8.7", precision)
+        meta["engines"][name] = tb.engine_entry(precision, "10.7.0.23", "8.7", f"model_{precision}.onnx", sha, (1, 4, 8))
+    assert trtb.choose_engine(meta, "10.7.0.1", "8.7", "auto", max_batch=8) == "trt10.7.0_sm87_fp16.engine"
+    assert trtb.choose_engine(meta, "10.7.0.1", (8, 7), "fp32") == "trt10.7.0_sm87_fp32.engine"
+    with pytest.raises(EngineError, match="batch <= 8"):
+        trtb.choose_engine(meta, "10.7.0.1", "8.7", "fp16", max_batch=16)
+    meta["models"]["fp16"]["sha256"] = "re-exported"
+    assert trtb.choose_engine(meta, "10.7.0.1", "8.7", "auto") == "trt10.7.0_sm87_fp32.engine"  # stale fp16 skipped
+
+
+def test_rebuild_reasons(tmp_path):
+    path = tmp_path / "e.engine"
+    entry = tb.engine_entry("fp16", "10.7.0.23", "8.7", "model_fp16.onnx", "s", (1, 4, 8))
+    args = dict(precision="fp16", trt_version="10.7.0.23", capability="8.7", onnx_sha256="s", batch=(1, 4, 8))
+    assert tb.rebuild_reasons(None, path, **args) == ["no engine recorded in metadata.json"]
+    assert "missing" in tb.rebuild_reasons(entry, path, **args)[0]
+    path.write_bytes(b"plan")
+    assert tb.rebuild_reasons(entry, path, **args) == []
+    assert tb.rebuild_reasons(entry, path, **{**args, "trt_version": "10.8.0"}) == ["built with TensorRT 10.7.0.23, this runtime has 10.8.0"]
+    assert "compute capability" in tb.rebuild_reasons(entry, path, **{**args, "capability": "7.2"})[0]
+    assert "another ONNX" in tb.rebuild_reasons(entry, path, **{**args, "onnx_sha256": "t"})[0]
+    assert "batch" in tb.rebuild_reasons(entry, path, **{**args, "batch": (1, 8, 16)})[0]
+
+
+# ---- environment errors ----------------------------------------------------------------------------
+def test_no_gpu_is_a_build_error_before_any_tensorrt_object(tmp_path, monkeypatch):
+    folder = make_bundle(tmp_path / "b")
+    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart(devices=0))
+    monkeypatch.setattr(tb, "import_tensorrt_builder", lambda: pytest.fail("TensorRT touched without a GPU"))
+    with pytest.raises(tb.BuildError) as err:
+        tb.build_engines(folder)
+    assert "no CUDA device" in str(err.value) and "copy the bundle there and run hgad-edge build" in str(err.value)
+
+
+def test_this_machine_without_gpu_is_reported():
+    """Real cuda-python: on a machine without a GPU (like CI) the check says so cleanly."""
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    count, _ = trtb.cuda_device_count(trtb.import_cudart())
+    if count:
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(tb.BuildError, match="no CUDA device"):
+        tb.require_cuda_device(0)
+
+
+def test_missing_tensorrt_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(tb.BuildError, match=r"pip install 'hgad-edge\[tensorrt\]'.*python3-libnvinfer"):
+        tb.import_tensorrt_builder()
+
+
+def test_missing_precision_model_and_tampered_onnx(tmp_path, fakes):
+    folder = make_bundle(tmp_path / "b")
+    (folder / "model_fp16.onnx").write_bytes(tiny_graph(half=False))
+    with pytest.raises(tb.BuildError, match="sha256"):
+        tb.build_engines(folder, "fp16")
+    meta = metadata(folder)
+    del meta["models"]["fp16"]
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(tb.BuildError, match="no fp16 ONNX model"):
+        tb.build_engines(folder, "fp16")
+
+
+# ---- the build flow against fakes ------------------------------------------------------------------
+def test_fp16_build_records_engine_and_skips_when_current(tmp_path, fakes):
+    folder = make_bundle(tmp_path / "b")
+    path = tb.build_engines(folder, "fp16", batch=(1, 4, 8), workspace_mb=512)
+    assert path == folder / "engines" / "trt10.7.0_sm87_fp16.engine" and path.is_file()
+    build = fakes.builds[-1]
+    assert build["flags"] == 1 << 5  # STRONGLY_TYPED on TensorRT 10
+    assert "FP16" not in build["config_flags"] and "TF32" not in build["config_flags"]
+    assert build["profiles"] == [{"images": [[1, H, W, 3], [4, H, W, 3], [8, H, W, 3]], "class_id": [[1], [4], [8]]}]
+    assert build["pool"] == ["WORKSPACE", 512 << 20]
+    assert (folder / "engines" / "timing.cache").read_bytes() == b"fresh+"
+    meta = metadata(folder)
+    entry = meta["engines"]["trt10.7.0_sm87_fp16.engine"]
+    assert entry["onnx_sha256"] == meta["models"]["fp16"]["sha256"] and entry["gpu"] == "Fake Orin"
+    assert trtb.choose_engine(meta, "10.7.0.23", "8.7", "auto", max_batch=8) == path.name
+
+    builders = fakes.builders
+    assert tb.build_engines(folder, "fp16", batch=(1, 4, 8)) == path
+    assert fakes.builders == builders  # up to date: nothing built
+    tb.build_engines(folder, "fp16", batch=(1, 4, 8), force=True)
+    assert fakes.builders == builders + 1
+    assert (folder / "engines" / "timing.cache").read_bytes() == b"fresh++"  # the cache was reused
+
+
+def test_stale_engine_is_rebuilt_and_other_engines_kept(tmp_path, fakes):
+    folder = make_bundle(tmp_path / "b")
+    tb.build_engines(folder, "fp32")
+    other = {"precision": "fp16", "trt_version": "10.3.0", "compute_capability": "7.2", "onnx_sha256": "x", "batch": [1, 1, 1]}
+    meta = metadata(folder)
+    meta["engines"]["trt10.3.0_sm72_fp16.engine"] = other  # another device's engine
+    meta["engines"]["trt10.7.0_sm87_fp32.engine"]["onnx_sha256"] = "old export"
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    builders = fakes.builders
+    tb.build_engines(folder, "fp32")
+    assert fakes.builders == builders + 1
+    meta = metadata(folder)
+    assert meta["engines"]["trt10.7.0_sm87_fp32.engine"]["onnx_sha256"] == meta["models"]["fp32"]["sha256"]
+    assert meta["engines"]["trt10.3.0_sm72_fp16.engine"] == other
+
+
+def test_tensorrt_11_builds_without_flags_and_refuses_int8(tmp_path, monkeypatch):
+    cudart = FakeCudart()
+    trt = FakeTrt("11.0.0.5", cudart)
+    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(tb, "import_tensorrt_builder", lambda: trt)
+    folder = make_bundle(tmp_path / "b")
+    assert tb.build_engines(folder, "fp16").name == "trt11.0.0_sm87_fp16.engine"
+    assert trt.builds[-1]["flags"] == 0 and metadata(folder)["engines"]["trt11.0.0_sm87_fp16.engine"]["strongly_typed"]
+    with pytest.raises(tb.BuildError, match="explicit quantization.*Q/DQ"):
+        tb.build_engines(folder, "int8", calib_dir=tmp_path)
+    assert len(trt.builds) == 1
+
+
+def test_parser_errors_name_the_nodes(tmp_path, fakes):
+    folder = make_bundle(tmp_path / "b")
+    fakes.parse_errors = [("node_lse_3", "ReduceLogSumExp", "unsupported attribute"), ("node_x", "Foo", "no importer")]
+    with pytest.raises(tb.BuildError) as err:
+        tb.build_engines(folder, "fp32", check=False)
+    text = str(err.value)
+    assert "2 error(s)" in text and "ReduceLogSumExp node node_lse_3: unsupported attribute" in text and "Foo node node_x" in text
+    assert not (folder / "engines" / "trt10.7.0_sm87_fp32.engine").exists()
+
+
+def test_preflight_refuses_reduce_logsumexp(tmp_path, fakes):
+    folder = make_bundle(tmp_path / "b", lse=True)
+    with pytest.raises(tb.BuildError, match="ReduceLogSumExp.*max shift"):
+        tb.build_engines(folder, "fp32")
+    assert fakes.builders == 0
+
+
+def write_images(folder: Path, n: int, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = folder / ("a" if i % 2 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(sub / f"{i}.png"), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_int8_build_calibrates_and_pins_non_conv_layers(tmp_path, fakes):
+    folder = make_bundle(tmp_path / "b")
+    images = write_images(tmp_path / "normal", 5)
+    path = tb.build_engines(folder, "int8", batch=(1, 2, 4), calib_dir=images, calib_batches=16)
+    assert path.name == "trt10.7.0_sm87_int8.engine"
+    build = fakes.builds[-1]
+    assert build["flags"] == 0 and {"INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"} <= set(build["config_flags"])
+    assert build["pinned"] == 2  # elementwise + matmul; not conv, shape or cast
+    assert build["calib_profile"] == {"images": [[2, H, W, 3]] * 3, "class_id": [[2]] * 3}
+    assert len(build["calib_batches"]) == 3  # ceil(5 images / batch 2)
+    assert not fakes.cudart.blocks  # calibration buffers freed
+    entry = metadata(folder)["engines"][path.name]
+    assert entry["model"] == "fp32" and entry["onnx_sha256"] == metadata(folder)["models"]["fp32"]["sha256"]
+
+
+def test_int8_without_images_or_cache_names_the_option(tmp_path, fakes):
+    with pytest.raises(tb.BuildError, match="calib_dir"):
+        tb.build_engines(make_bundle(tmp_path / "b"), "int8")
+
+
+def test_int8_reuses_the_calibration_cache_without_images(tmp_path, fakes):
+    folder = make_bundle(tmp_path / "b")
+    sha = metadata(folder)["models"]["fp32"]["sha256"]
+    cache = calib.calibration_cache_path(folder / "engines", sha)
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"scales")
+    tb.build_engines(folder, "int8")
+    assert fakes.builds[-1]["calib_batches"] == []  # the fake asks; no images, so no batches
+
+
+def test_failed_calibration_batch_fails_the_build(tmp_path, fakes):
+    images = write_images(tmp_path / "normal", 2)
+    (images / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    folder = make_bundle(tmp_path / "b")
+    with pytest.raises(tb.BuildError, match="INT8 calibration failed"):
+        tb.build_engines(folder, "int8", batch=(1, 1, 1), calib_dir=images)
+    assert not (folder / "engines" / "trt10.7.0_sm87_int8.engine").exists() and not fakes.cudart.blocks
+
+
+# ---- calibration data ------------------------------------------------------------------------------
+def test_calibration_batches_are_full_resized_uint8(tmp_path):
+    paths = calib.find_images(write_images(tmp_path / "normal", 5))
+    assert len(paths) == 5 and paths == sorted(paths)
+    batches = calib.CalibrationBatches(paths, (16, 24), batch_size=4, max_batches=16)
+    assert len(batches) == 2 and batches.shape == (4, 16, 24, 3)
+    last = batches.batch(1)
+    assert last.dtype == np.uint8 and last.shape == (4, 16, 24, 3) and last.flags.c_contiguous
+    assert len(calib.CalibrationBatches(paths, (16, 24), 1, max_batches=3)) == 3
+
+
+def test_calibration_folder_errors(tmp_path):
+    with pytest.raises(calib.CalibrationError, match="does not exist"):
+        calib.find_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(calib.CalibrationError, match="no images"):
+        calib.find_images(tmp_path / "empty")
+
+
+def test_calibrator_feeds_both_inputs_by_name(tmp_path):
+    cudart = FakeCudart()
+    batches = calib.CalibrationBatches(calib.find_images(write_images(tmp_path / "n", 3)), (8, 8), 2, 5)
+    cache = tmp_path / "engines" / "c.cache"
+    calibrator = calib.make_entropy_calibrator(FakeTrt("10.7.0", cudart), cudart, batches, ("images", "class_id"), cache)
+    assert calibrator.get_batch_size() == 1 and calibrator.read_calibration_cache() is None
+    cls_ptr, img_ptr = calibrator.get_batch(["class_id", "images"])
+    ids = np.frombuffer(cudart.blocks[cls_ptr].tobytes(), np.int64)
+    assert ids.tolist() == [-1, -1]
+    assert np.array_equal(cudart.blocks[img_ptr].reshape(2, 8, 8, 3), batches.batch(0))
+    assert calibrator.get_batch(["images", "class_id"]) is not None and calibrator.get_batch(["images", "class_id"]) is None
+    calibrator.write_calibration_cache(b"scales")
+    assert calibrator.read_calibration_cache() == b"scales"
+    calibrator.free()
+    assert not cudart.blocks
+
+
+# ---- real TensorRT ---------------------------------------------------------------------------------
+@pytest.mark.tensorrt
+def test_real_build_runs_in_the_runtime(tmp_path):
+    """Builds fp32 and fp16 engines with real TensorRT, then runs them through the runtime."""
+    cuda_rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    if trtb.cuda_device_count(cuda_rt)[0] == 0:
+        pytest.skip("no CUDA device")
+    pytest.importorskip("tensorrt", reason="TensorRT not installed")
+    from hgad_edge.runtime import Status, create, destroy, infer, last_error
+
+    folder = make_bundle(tmp_path / "b")
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in range(3)]
+    for precision, tol in (("fp32", 1e-5), ("fp16", 0.5)):
+        tb.build_engines(folder, precision, batch=(1, 2, 4))
+        status, handle = create(folder, backend="tensorrt", precision=precision, max_batch=4)
+        assert status == Status.OK, last_error()
+        status, result = infer(handle, frames, [0, 1, -1])
+        assert status == Status.OK, last_error(handle)
+        expected = np.stack(frames).astype(np.float32).mean(axis=3)
+        np.testing.assert_allclose(result.anomaly_map, expected, atol=tol)
+        assert destroy(handle) == Status.OK
