@@ -11,7 +11,6 @@ Writes <out>/<machine>/report.md, report.json, throughput.png, breakdown.png (an
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,28 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bootstrap_package() -> None:
-    """Import hgad_edge (+ .runtime, .export) from a bare checkout without `pip install -e .`:
-    setup.cfg maps the top-level runtime/ and export/ folders into the package."""
-    try:
-        import hgad_edge.export  # noqa: F401
-        import hgad_edge.runtime  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import hgad_edge
-
-    for sub in ("runtime", "export"):
-        name = f"hgad_edge.{sub}"
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, REPO / sub / "__init__.py", submodule_search_locations=[str(REPO / sub)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        setattr(hgad_edge, sub, module)
-        spec.loader.exec_module(module)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, also when loaded by path
+from _bootstrap import bootstrap_package as _bootstrap_package  # noqa: E402
 
 
 def _csv(value: str) -> list[str]:

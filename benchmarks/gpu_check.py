@@ -36,35 +36,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- imports that work from a plain checkout -------------------------------------------------------
-def _bootstrap_package() -> None:
-    """Make hgad_edge (+ .runtime, .export) importable without `pip install -e .`.
-
-    setup.cfg maps the top-level export/ and runtime/ folders into the hgad_edge package; from a
-    bare checkout (as copied to a lent GPU machine) that mapping does not exist, so do it by hand.
-    """
-    try:
-        import hgad_edge.runtime  # noqa: F401
-        import hgad_edge.export  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import hgad_edge
-
-    for sub in ("runtime", "export"):
-        name = f"hgad_edge.{sub}"
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, REPO / sub / "__init__.py", submodule_search_locations=[str(REPO / sub)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        setattr(hgad_edge, sub, module)
-        spec.loader.exec_module(module)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, also when loaded by path
+from _bootstrap import bootstrap_package as _bootstrap_package  # noqa: E402
 
 
 # ---- report ----------------------------------------------------------------------------------------

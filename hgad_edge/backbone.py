@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BackboneConfig
+from .config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
 
 # timm name -> (PyPI package, import name, class exposing get_model_file_path()).
 LITE_WEIGHT_PACKAGES = {
@@ -165,8 +165,8 @@ class Backbone(nn.Module):
             for i, stage in enumerate(cfg.stages)
         ]
         pcfg = self.model.pretrained_cfg
-        self.mean = tuple(float(v) for v in pcfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(float(v) for v in pcfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean = tuple(float(v) for v in pcfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(float(v) for v in pcfg.get("std", IMAGENET_STD))
 
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)

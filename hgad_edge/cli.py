@@ -216,5 +216,47 @@ def run(bundle, source, camera, class_name, backend, precision, headless, output
         raise click.ClickException(str(exc)) from exc
 
 
+def _csv(kind: type, allowed: tuple[str, ...] | None = None):
+    def convert(ctx, param, value):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            out = tuple(kind(v) for v in items)
+        except ValueError:
+            raise click.BadParameter(f"comma-separated {kind.__name__} values, e.g. 1,8") from None
+        bad = [v for v in out if allowed and v not in allowed]
+        if bad or not out:
+            raise click.BadParameter(f"choose from {', '.join(allowed or ())}" if bad else "give at least one value")
+        return out
+
+    return convert
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Real data root for accuracy per backend (optional).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"), show_default=True,
+              help="Reports go to OUT/<machine name>/.")
+@click.option("--backends", default="torch,onnxruntime,tensorrt", show_default=True,
+              callback=_csv(str, ("torch", "onnxruntime", "tensorrt")))
+@click.option("--precisions", default="fp32,fp16", show_default=True, callback=_csv(str, ("fp32", "fp16", "int8")))
+@click.option("--batch", "batches", default="1,8", show_default=True, callback=_csv(int))
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--max-images", type=click.IntRange(min=1), help="Cap test images per class for accuracy.")
+@click.option("--no-official", is_flag=True, help="Skip timing the paper's configuration side by side.")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Reuse an exported bundle.")
+def bench(run, roots, out, backends, precisions, batches, iters, max_images, no_official, bundle):
+    """FLOPs, latency/throughput per backend and precision, accuracy and drift: report.md/json + plots."""
+    require("train", (*TRAIN_MODULES, "onnx"), "bench")
+    from .bench import run_bench
+
+    try:
+        folder = run_bench(run, out, roots, backends, precisions, batches, iters=iters, max_images=max_images,
+                           official=not no_official, bundle=bundle)
+    except user_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"report: {folder / 'report.md'}")
+
+
 if __name__ == "__main__":
     main()

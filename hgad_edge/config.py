@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# ImageNet statistics used by every timm EfficientNet(-Lite) checkpoint we load.
+# ImageNet statistics: the fallback when a timm model's pretrained_cfg names none.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -97,13 +97,14 @@ class TrainConfig:
     calib_fraction: float = 0.1  # normal train images held out to calibrate scoring
     calib_min: int = 3
     calib_max: int = 40
+    position_images: int = 64  # training images per class for the per-position normal means
 
 
 @dataclass
 class ScoreConfig:
     """Streaming anomaly scoring (sec. 3.4 with constants calibrated on normal images)."""
 
-    criterion: str = "loglik"  # "loglik", "entropy" or "product" (S = S_l * S_e, paper Tab. 3c)
+    criterion: str = "product"  # "loglik", "entropy" or "product" (S_l with S_e, paper Tab. 3c)
     smooth_sigma: float = 4.0  # Gaussian smoothing of the final map, in input pixels
     topk: float = 0.0  # 0: image score = max of the map; else mean of the top fraction
     threshold_quantile: float = 1.0  # quantile of held-out normal image scores used as threshold

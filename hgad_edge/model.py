@@ -12,7 +12,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .config import HGADConfig
-from .flows import PrecomputedConditionFlow, build_flow, flatten_map, positional_encoding_2d
+from .flows import PrecomputedConditionFlow, build_flow, flatten_map, positional_encoding_2d, run_flow
 from .head import MixtureHead
 
 
@@ -93,7 +93,7 @@ class HGADModel(nn.Module):
     def flow_vectors(self, k: int, x: torch.Tensor, pos_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Level-k flow on vectors x (N, C) at map positions pos_index (N,) -> FP32 z, log|det J|."""
         cond = self.pos(k)[pos_index].to(self.body_dtype)
-        z, log_jac = self.flows[k](x.to(self.body_dtype), c=[cond])
+        z, log_jac = run_flow(self.flows[k], x.to(self.body_dtype), cond)
         return z.float(), log_jac.float()
 
     def flow_map(self, k: int, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +103,7 @@ class HGADModel(nn.Module):
             z, log_jac = self.fused_flows[k](x)
         else:
             cond = self.pos(k).to(self.body_dtype).repeat(feat.shape[0], 1)
-            z, log_jac = self.flows[k](x, c=[cond])
+            z, log_jac = run_flow(self.flows[k], x, cond)
         return z.float(), log_jac.float()
 
     def level_terms(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -4,10 +4,10 @@ The paper (and the official code) turn log-likelihoods into likelihoods normalis
 over the whole test set of a class, which a camera stream does not have; and exp() of per-dimension
 log-likelihoods saturates (float32 1 - exp(-20) == 1), flattening every map of a briefly trained
 model. Here each level's per-dimension log-likelihood and inter-class negative entropy are
-standardised in the log domain with constants from held-out NORMAL training images (`calibrate`):
-z = (mean_normal - value) / std_normal, per class and level, then upsampled and averaged over
-levels. Criteria (paper Tab. 3c): "loglik" S_l, "entropy" S_e, "product" softplus(S_l) * 2 sigmoid(S_e):
-the paper's S_l * S_e with the entropy factor squashed, so a confident class posterior (entropy at
+standardised in the log domain with constants from NORMAL training images (`calibrate`):
+z = (mean_normal[position] - value) / rms_normal, per class, level and map position, then
+upsampled and averaged over levels. Criteria (paper Tab. 3c): "loglik" S_l, "entropy" S_e,
+"product" softplus(S_l) * 2 sigmoid(S_e): the paper's S_l * S_e with the entropy factor squashed, so a confident class posterior (entropy at
 its normal level, factor 1) keeps the likelihood evidence instead of zeroing it.
 """
 
@@ -80,14 +80,15 @@ class AnomalyScorer(nn.Module):
     anomaly_map (B, H, W), score (B,), score_normalized (B,) (0.5 at the calibrated threshold),
     class_pred (B,) int64."""
 
-    OUTPUTS = ("anomaly_map", "score", "score_normalized", "class_pred")
-
     def __init__(self, model: HGADModel, cfg: ScoreConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
         y, k = model.num_classes, len(model.levels)
         for name in ("loglik", "neg_entropy"):
-            self.register_buffer(f"ref_{name}", torch.zeros(y, k))
+            # Per class, level and map position: border features (padding) and positional structure
+            # give every position its own normal level; one scalar per level made borders the max.
+            for lv, (h, w) in enumerate(model.map_shapes):
+                self.register_buffer(f"ref_{name}_{lv}", torch.zeros(y, h, w))
             self.register_buffer(f"tau_{name}", torch.ones(y, k))
         self.register_buffer("threshold", torch.zeros(y))
         self.register_buffer("scale", torch.ones(y))
@@ -107,20 +108,25 @@ class AnomalyScorer(nn.Module):
     def anomaly_map(self, lls, nhs, cls: torch.Tensor) -> torch.Tensor:
         size = self.model.cfg.input_size
 
-        def level_mean(maps, ref, tau):
+        def level_mean(maps, name):
+            tau = getattr(self, f"tau_{name}")
             ups = [
                 F.interpolate(
-                    standardize(m, ref[cls, k].view(-1, 1, 1), tau[cls, k].view(-1, 1, 1))[:, None],
+                    standardize(m, self.reference(name, k)[cls], tau[cls, k].view(-1, 1, 1))[:, None],
                     size=size, mode="bilinear", align_corners=False,
                 )[:, 0]
                 for k, m in enumerate(maps)
             ]
             return torch.stack(ups).mean(0)
 
-        s_l = level_mean(lls, self.ref_loglik, self.tau_loglik)
-        s_e = level_mean(nhs, self.ref_neg_entropy, self.tau_neg_entropy)
+        s_l = level_mean(lls, "loglik")
+        s_e = level_mean(nhs, "neg_entropy")
         crit = self.cfg.criterion if self.model.cfg.head.per_class else "loglik"
         return gaussian_blur(combine(s_l, s_e, crit), self.kernel)
+
+    def reference(self, name: str, level: int) -> torch.Tensor:
+        """(Y, h, w) normal mean of `name` ("loglik" / "neg_entropy") at each position of a level."""
+        return getattr(self, f"ref_{name}_{level}")
 
     def normalize(self, score: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid((score - self.threshold[cls]) / self.scale[cls])
@@ -149,33 +155,45 @@ class AnomalyScorer(nn.Module):
 
 # ---- calibration --------------------------------------------------------------------------------
 @torch.no_grad()
-def calibrate(scorer: AnomalyScorer, batches_by_class: dict[int, Iterable[torch.Tensor]]) -> dict:
-    """Fit the scoring constants on normal images: batches_by_class[y] yields uint8 (B, H, W, 3).
+def _level_values(scorer: AnomalyScorer, batches: Iterable[torch.Tensor], y: int):
+    """Per batch: (class log-likelihood maps, negative-entropy maps, class ids) of class y."""
+    model = scorer.model
+    for images in batches:
+        cls = torch.full((images.shape[0],), y, dtype=torch.long)
+        lls, nhs = scorer.level_maps(model.level_terms(model.preprocess(images)), cls)
+        yield lls, nhs, cls
 
-    Per class and level: mean and std of normal pixels' log-likelihood and negative entropy; threshold = the configured quantile of normal image
-    scores; scale = their spread, so score_normalized = sigmoid((s - thr) / scale) is 0.5 at thr.
+
+@torch.no_grad()
+def calibrate(
+    scorer: AnomalyScorer,
+    batches_by_class: dict[int, Iterable[torch.Tensor]],
+    position_batches_by_class: dict[int, Iterable[torch.Tensor]] | None = None,
+) -> dict:
+    """Fit the scoring constants on normal images; batches yield uint8 (B, H, W, 3).
+
+    Per class and level: the per-position normal mean of log-likelihood and negative entropy from
+    position_batches (many normal images, e.g. training images; default: the held-out ones), the
+    std of the centred values on the held-out images, and from the held-out images' scores the
+    threshold (configured quantile) and scale, so score_normalized = sigmoid((s - thr) / scale)
+    is 0.5 at the threshold. Held-out images are never trained on, so std and threshold are honest.
     """
-    model, k_levels = scorer.model, len(scorer.model.levels)
+    model = scorer.model
+    k_levels = len(model.levels)
     for y, batches in batches_by_class.items():
-        cached = []
-        lls_all: list[list[torch.Tensor]] = [[] for _ in range(k_levels)]
-        nhs_all: list[list[torch.Tensor]] = [[] for _ in range(k_levels)]
-        for images in batches:
-            cls = torch.full((images.shape[0],), y, dtype=torch.long)
-            terms = model.level_terms(model.preprocess(images))
-            lls, nhs = scorer.level_maps(terms, cls)
-            cached.append((lls, nhs, cls))
-            for k in range(k_levels):
-                lls_all[k].append(lls[k].flatten())
-                nhs_all[k].append(nhs[k].flatten())
-        if not cached:
+        held_out = list(_level_values(scorer, batches, y))
+        if not held_out:
             raise ValueError(f"no calibration images for class {model.class_names[y]}")
-        for k in range(k_levels):
-            for name, values in (("loglik", lls_all[k]), ("neg_entropy", nhs_all[k])):
-                v = torch.cat(values).double()
-                getattr(scorer, f"ref_{name}")[y, k] = v.mean()
-                getattr(scorer, f"tau_{name}")[y, k] = v.std().clamp_min(TAU_MIN) if v.numel() > 1 else TAU_MIN
-        scores = torch.cat([image_score(scorer.anomaly_map(lls, nhs, cls), scorer.cfg.topk) for lls, nhs, cls in cached])
+        source = held_out
+        if position_batches_by_class and y in position_batches_by_class:
+            source = list(_level_values(scorer, position_batches_by_class[y], y)) or held_out
+        for name, idx in (("loglik", 0), ("neg_entropy", 1)):
+            for k in range(k_levels):
+                scorer.reference(name, k)[y] = torch.cat([v[idx][k] for v in source]).double().mean(0)
+                centred = torch.cat([(v[idx][k] - scorer.reference(name, k)[y]).flatten() for v in held_out]).double()
+                tau = centred.pow(2).mean().sqrt()  # RMS around the position means
+                getattr(scorer, f"tau_{name}")[y, k] = tau.clamp_min(TAU_MIN)
+        scores = torch.cat([image_score(scorer.anomaly_map(lls, nhs, cls), scorer.cfg.topk) for lls, nhs, cls in held_out])
         s = scores.numpy().astype(np.float64)
         scorer.threshold[y] = float(np.quantile(s, scorer.cfg.threshold_quantile))
         spread = float(s.std()) if s.size > 1 else 0.0
@@ -184,5 +202,5 @@ def calibrate(scorer: AnomalyScorer, batches_by_class: dict[int, Iterable[torch.
     return {
         "threshold": scorer.threshold.tolist(),
         "scale": scorer.scale.tolist(),
-        **{f"{p}_{n}": getattr(scorer, f"{p}_{n}").tolist() for p in ("ref", "tau") for n in ("loglik", "neg_entropy")},
+        **{f"tau_{n}": getattr(scorer, f"tau_{n}").tolist() for n in ("loglik", "neg_entropy")},
     }

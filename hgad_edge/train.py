@@ -168,7 +168,11 @@ class Trainer:
             y: iter_batches([s for s in calib if s.class_id == y], cfg.input_size, tcfg.batch_size)
             for y in range(len(self.dataset.classes))
         }
-        calibration = calibrate(scorer, batches)
+        positions = {
+            y: iter_batches([s for s in fit if s.class_id == y][: tcfg.position_images], cfg.input_size, tcfg.batch_size)
+            for y in range(len(self.dataset.classes))
+        }
+        calibration = calibrate(scorer, batches, positions)
         meta = {
             "epochs_done": tcfg.epochs,
             "calibrated": True,

@@ -1,0 +1,36 @@
+"""Make `hgad_edge` (with its runtime/ and export/ subpackages) importable from a bare checkout.
+
+setup.cfg maps the top-level export/ and runtime/ folders into the hgad_edge package; a checkout
+copied without `pip install -e .` (e.g. to a lent GPU machine) lacks that mapping, so the
+benchmark scripts do it by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bootstrap_package() -> None:
+    try:
+        import hgad_edge.export  # noqa: F401
+        import hgad_edge.runtime  # noqa: F401
+        return
+    except ImportError:
+        pass
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import hgad_edge
+
+    for sub in ("runtime", "export"):
+        name = f"hgad_edge.{sub}"
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, REPO / sub / "__init__.py", submodule_search_locations=[str(REPO / sub)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        setattr(hgad_edge, sub, module)
+        spec.loader.exec_module(module)
