@@ -793,3 +793,20 @@ def test_app_without_gui_names_headless(bundle):
         pytest.skip("this OpenCV can show windows")
     with pytest.raises(AppError, match="--headless"):
         run_app(bundle, 0, headless=False)
+
+
+def test_int8_engines_are_chosen_only_when_asked():
+    from hgad_edge.runtime.backends.tensorrt_backend import choose_engine
+    from hgad_edge.runtime.errors import EngineError
+
+    meta = {
+        "models": {"fp32": {"file": "model_fp32.onnx", "sha256": "a"}, "fp16": {"file": "model_fp16.onnx", "sha256": "b"}},
+        "engines": {"trt10.7.0_sm87_int8.engine": {"precision": "int8", "model": "fp32", "trt_version": "10.7.0",
+                                                   "compute_capability": "8.7", "onnx_sha256": "a", "batch": [1, 4, 8]}},
+    }
+    assert choose_engine(meta, "10.7.0", "8.7", "int8", bundle="b") == "trt10.7.0_sm87_int8.engine"
+    with pytest.raises(EngineError, match="--precision fp16"):
+        choose_engine(meta, "10.7.0", "8.7", "auto", bundle="b")
+    meta["models"]["fp32"]["sha256"] = "changed"  # re-exported: the int8 engine is stale
+    with pytest.raises(EngineError, match="calib-dir"):
+        choose_engine(meta, "10.7.0", "8.7", "int8", bundle="b")

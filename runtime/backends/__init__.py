@@ -22,7 +22,7 @@ __all__ = ["BACKENDS", "PRECISIONS", "Runner", "TensorSpec", "create_runner", "i
 log = logging.getLogger("hgad_edge.runtime")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS = ("auto", "fp32", "fp16")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")  # int8: TensorRT engines only
 
 
 def input_specs(bundle: Bundle) -> list[TensorSpec]:
@@ -36,6 +36,9 @@ def input_specs(bundle: Bundle) -> list[TensorSpec]:
 
 def _ort_precision(bundle: Bundle, precision: str, gpu: bool) -> str:
     """fp32 on CPU (ORT's CPU kernels gain nothing from fp16); fp16 on GPU when exported."""
+    if precision == "int8":
+        msg = "INT8 runs only as a TensorRT engine (hgad-edge build BUNDLE --precision int8 --calib-dir DIR); use fp32 or fp16 with ONNX Runtime"
+        raise InvalidArgumentError(msg)
     if precision != "auto":
         return precision
     if gpu and "fp16" in bundle.models:

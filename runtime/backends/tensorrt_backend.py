@@ -76,7 +76,7 @@ def engine_problems(
         problems.append(f"built with TensorRT {built}, this runtime has {trt_version}")
     if _cc(entry.get("compute_capability", "?")) != _cc(compute_capability):
         problems.append(f"built for compute capability {entry.get('compute_capability')}, this GPU is {_cc(compute_capability)}")
-    model_sha = (models.get(entry.get("precision"), {}) or {}).get("sha256")
+    model_sha = (models.get(entry.get("model", entry.get("precision")), {}) or {}).get("sha256")  # int8 engines come from the fp32 ONNX
     if model_sha and entry.get("onnx_sha256") != model_sha:
         problems.append("built from another ONNX model (the bundle was re-exported since)")
     limits = entry.get("batch") or []
@@ -95,16 +95,16 @@ def choose_engine(
 ) -> str:
     """Name of the engine file to load; raises EngineError (ENGINE_NOT_FOUND / ENGINE_STALE).
 
-    precision "auto" prefers fp16 and then fp32 engines. Among fitting engines of one precision
+    precision "auto" prefers fp16 and then fp32 engines; int8 engines are used only when asked for. Among fitting engines of one precision
     the alphabetically first wins, so the choice is reproducible.
     """
-    if precision not in ("auto", "fp16", "fp32"):
-        raise InvalidArgumentError(f"precision must be 'auto', 'fp16' or 'fp32', got {precision!r}")
+    if precision not in ("auto", "fp16", "fp32", "int8"):
+        raise InvalidArgumentError(f"precision must be 'auto', 'fp16', 'fp32' or 'int8', got {precision!r}")
     wanted = ["fp16", "fp32"] if precision == "auto" else [precision]
     models = metadata.get("models") or {}
     engines = metadata.get("engines") or {}
     build_precision = precision if precision != "auto" else ("fp16" if "fp16" in models else "fp32")
-    fix = f"hgad-edge build {bundle} --precision {build_precision}"
+    fix = f"hgad-edge build {bundle} --precision {build_precision}" + (" --calib-dir NORMAL_IMAGES" if precision == "int8" else "")
     candidates = sorted((n for n, e in engines.items() if e.get("precision") in wanted), key=lambda n: (wanted.index(engines[n]["precision"]), n))
     if not candidates:
         msg = f"bundle {bundle} has no {'/'.join(wanted)} TensorRT engine; build one on this device: {fix}"
