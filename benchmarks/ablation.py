@@ -38,20 +38,32 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
         overrides = {"head": {"mode": mode}} | ({"train": {"epochs": epochs}} if epochs else {})
         cfg = load_config(config, overrides)
         t0 = time.time()
-        trainer = Trainer(cfg, dataset, out / mode, cache=cache)
-        trainer.run()
-        cache = trainer.cache  # same backbone, seed and split: extract features once
-        train_s = time.time() - t0
+        if _finished(out / mode, cfg):
+            print(f"{mode}: reusing the finished run in {out / mode}", flush=True)
+            train_s = json.loads((out / mode / "meta.json").read_text()).get("train_seconds")
+        else:
+            trainer = Trainer(cfg, dataset, out / mode, cache=cache)
+            trainer.run()
+            cache = trainer.cache  # same backbone, seed and split: extract features once
+            train_s = round(time.time() - t0, 1)
         scorer, _, _ = load_run(out / mode)
         metrics = evaluate(scorer, dataset, out / mode / "eval")
-        results[mode] = {"label": LABELS[mode], "train_seconds": round(train_s, 1), **metrics}
-        print(f"{mode}: mean image AUROC {metrics['mean']['image_auroc']:.4f} ({train_s:.0f} s)", flush=True)
+        results[mode] = {"label": LABELS[mode], "train_seconds": train_s, **metrics}
+        print(f"{mode}: mean image AUROC {metrics['mean']['image_auroc']:.4f}", flush=True)
+    results = {m: results[m] for m in HeadConfig.MODES if m in results}  # table in the paper's row order
     fit, _ = split_calibration(dataset.samples("train"), cfg.train)
     summary = {"data": [str(r) for r in roots], "classes": dataset.classes, "epochs": cfg.train.epochs,
                "config": cfg.to_dict(), "n_fit_images": len(fit), "results": results}
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     (out / "ablation.md").write_text(ablation_table(summary))
     return summary
+
+
+def _finished(run: Path, cfg) -> bool:
+    """A calibrated run trained with exactly this config (an interrupted ablation resumes cheaply)."""
+    if not (run / "meta.json").is_file() or not (run / "config.yaml").is_file():
+        return False
+    return bool(json.loads((run / "meta.json").read_text()).get("calibrated")) and load_config(run / "config.yaml") == cfg
 
 
 def _pct(v) -> str:
