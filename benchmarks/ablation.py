@@ -38,7 +38,8 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
         overrides = {"head": {"mode": mode}} | ({"train": {"epochs": epochs}} if epochs else {})
         cfg = load_config(config, overrides)
         t0 = time.time()
-        if _finished(out / mode, cfg):
+        reused = _finished(out / mode, cfg)
+        if reused:
             print(f"{mode}: reusing the finished run in {out / mode}", flush=True)
             train_s = json.loads((out / mode / "meta.json").read_text()).get("train_seconds")
         else:
@@ -46,8 +47,12 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
             trainer.run()
             cache = trainer.cache  # same backbone, seed and split: extract features once
             train_s = round(time.time() - t0, 1)
-        scorer, _, _ = load_run(out / mode)
-        metrics = evaluate(scorer, dataset, out / mode / "eval")
+        done_eval = out / mode / "eval" / "metrics.json"
+        if reused and done_eval.is_file() and done_eval.stat().st_mtime > (out / mode / "model.safetensors").stat().st_mtime:
+            metrics = json.loads(done_eval.read_text())  # evaluated after its last training: reuse
+        else:
+            scorer, _, _ = load_run(out / mode)
+            metrics = evaluate(scorer, dataset, out / mode / "eval")
         results[mode] = {"label": LABELS[mode], "train_seconds": train_s, **metrics}
         print(f"{mode}: mean image AUROC {metrics['mean']['image_auroc']:.4f}", flush=True)
     results = {m: results[m] for m in HeadConfig.MODES if m in results}  # table in the paper's row order
