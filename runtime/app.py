@@ -80,12 +80,19 @@ def _prepare_dir(path: Optional[str | Path]) -> Optional[Path]:
 
 
 class _SigtermAsInterrupt:
-    """Treat SIGTERM (systemd stop, docker stop) like Ctrl-C, so the summary is still written."""
+    """Ctrl-C and SIGTERM (systemd stop, docker stop) both end the run with its summary.
+
+    SIGINT gets an explicit handler too: a process started in the background by a non-interactive
+    shell inherits SIGINT as *ignored*, and Python then never raises KeyboardInterrupt.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> "_SigtermAsInterrupt":
-        self.previous = None
+        self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._raise)
         return self
 
     @staticmethod
@@ -93,8 +100,8 @@ class _SigtermAsInterrupt:
         raise KeyboardInterrupt
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 # ---- per frame -----------------------------------------------------------------------------------
