@@ -73,13 +73,7 @@ def load_image(path: Path | str) -> np.ndarray:
     EXIF orientation is ignored so that pixels match what the deployment camera delivers.
     """
     path = Path(path)
-    data = _read_bytes(path, "image")
-    _check_complete(path, data)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        msg = f"cannot decode image {path}: not a readable {'/'.join(IMAGE_EXTENSIONS)} file; replace or delete it"
-        raise DataError(msg)
-    return _to_rgb8(img, path)
+    return _to_rgb8(_decode(path, "image", f"a readable {'/'.join(IMAGE_EXTENSIONS)} file"), path)
 
 
 def load_mask(path: Path | str, shape: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -88,12 +82,7 @@ def load_mask(path: Path | str, shape: Optional[Sequence[int]] = None) -> np.nda
     With `shape` (H, W) the mask is resized nearest-neighbour, keeping it binary.
     """
     path = Path(path)
-    data = _read_bytes(path, "mask")
-    _check_complete(path, data)
-    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        msg = f"cannot decode mask {path}: not a readable image file; replace or delete it"
-        raise DataError(msg)
+    mask = _decode(path, "mask", "a readable image file")
     if mask.ndim == 3:
         mask = mask[..., :3].max(axis=2) if mask.shape[2] >= 3 else mask[..., 0]
     binary = mask != 0
@@ -127,6 +116,17 @@ def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     out = cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=interpolation)
     return out.reshape(height, width, 3)
+
+
+def _decode(path: Path, what: str, expected: str) -> np.ndarray:
+    """Raw bytes -> completeness check -> OpenCV decode at native bit depth; DataError otherwise."""
+    data = _read_bytes(path, what)
+    _check_complete(path, data)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if decoded is None:
+        msg = f"cannot decode {what} {path}: not {expected}; replace or delete it"
+        raise DataError(msg)
+    return decoded
 
 
 def _read_bytes(path: Path, what: str) -> bytes:
