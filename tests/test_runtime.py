@@ -37,6 +37,8 @@ from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from hgad_edge.runtime.errors import BundleError, EngineError, InvalidArgumentError, InvalidHandleError
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
 
+from .fake_cuda import FakeCudart
+
 H, W = 32, 48  # non-square so that an H/W swap anywhere fails
 CLASSES = ("a", "b")
 THRESHOLDS = (0.41, 0.37)
@@ -322,72 +324,6 @@ def test_choose_engine_without_engines_and_version_compatible():
 
 
 # ---- TensorRT runner against fakes of tensorrt + cuda-python --------------------------------------
-class FakeCudart:
-    """cuda.bindings.runtime stand-in: host memory plays device memory; calls return (err, value)."""
-
-    class cudaError_t(enum.IntEnum):
-        cudaSuccess = 0
-        cudaErrorNoDevice = 100
-
-    class cudaMemcpyKind(enum.IntEnum):
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
-
-    class cudaDeviceAttr(enum.IntEnum):
-        cudaDevAttrComputeCapabilityMajor = 75
-        cudaDevAttrComputeCapabilityMinor = 76
-
-    def __init__(self, devices: int = 1, cc=(8, 7)) -> None:
-        self.devices, self.cc = devices, cc
-        self.blocks: dict[int, np.ndarray] = {}
-        self.pinned: set[int] = set()
-        self.copies: list[tuple[str, int]] = []
-        self.ok = self.cudaError_t.cudaSuccess
-
-    def cudaGetDeviceCount(self):
-        return (self.ok, self.devices) if self.devices else (self.cudaError_t.cudaErrorNoDevice, 0)
-
-    def cudaGetErrorName(self, err):
-        return self.ok, err.name.encode()
-
-    def cudaSetDevice(self, device):
-        return (self.ok,)
-
-    def cudaDeviceGetAttribute(self, attr, device):
-        return self.ok, self.cc[0] if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else self.cc[1]
-
-    def cudaStreamCreate(self):
-        return self.ok, 7
-
-    def cudaStreamSynchronize(self, stream):
-        return (self.ok,)
-
-    def cudaStreamDestroy(self, stream):
-        return (self.ok,)
-
-    def cudaMalloc(self, nbytes):
-        block = np.zeros(nbytes, np.uint8)
-        self.blocks[block.ctypes.data] = block
-        return self.ok, block.ctypes.data
-
-    def cudaMallocHost(self, nbytes):
-        err, ptr = self.cudaMalloc(nbytes)
-        self.pinned.add(ptr)
-        return err, ptr
-
-    def cudaFree(self, ptr):
-        self.blocks.pop(ptr)
-        return (self.ok,)
-
-    cudaFreeHost = cudaFree
-
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        assert isinstance(dst, int) and isinstance(src, int) and stream == 7
-        ctypes.memmove(dst, src, nbytes)
-        self.copies.append((kind.name, nbytes))
-        return (self.ok,)
-
-
 def _device_array(ptr: int, dtype, shape) -> np.ndarray:
     dtype = np.dtype(dtype)
     raw = (ctypes.c_uint8 * (int(np.prod(shape)) * dtype.itemsize)).from_address(ptr)

@@ -3,7 +3,6 @@ calibration data, and one real build (marked `tensorrt`, skipped without TensorR
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import hashlib
 import json
@@ -20,6 +19,8 @@ from hgad_edge.export import calibration as calib
 from hgad_edge.export import trt_build as tb
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from hgad_edge.runtime.errors import EngineError
+
+from .fake_cuda import FakeCudart
 
 H = W = 32
 
@@ -82,53 +83,6 @@ def metadata(folder: Path) -> dict:
 
 
 # ---- fakes -----------------------------------------------------------------------------------------
-class FakeCudart:
-    """cuda.bindings.runtime stand-in: host memory plays device memory; calls return (err, value)."""
-
-    class cudaError_t(enum.IntEnum):
-        cudaSuccess = 0
-        cudaErrorNoDevice = 100
-
-    class cudaDeviceAttr(enum.IntEnum):
-        cudaDevAttrComputeCapabilityMajor = 75
-        cudaDevAttrComputeCapabilityMinor = 76
-
-    class cudaMemcpyKind(enum.IntEnum):
-        cudaMemcpyHostToDevice = 1
-
-    def __init__(self, devices: int = 1, cc=(8, 7)) -> None:
-        self.devices, self.cc, self.blocks = devices, cc, {}
-        self.ok = self.cudaError_t.cudaSuccess
-
-    def cudaGetDeviceCount(self):
-        return (self.ok, self.devices) if self.devices else (self.cudaError_t.cudaErrorNoDevice, 0)
-
-    def cudaGetErrorName(self, err):
-        return self.ok, err.name.encode()
-
-    def cudaSetDevice(self, device):
-        return (self.ok,)
-
-    def cudaDeviceGetAttribute(self, attr, device):
-        return self.ok, self.cc[0] if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else self.cc[1]
-
-    def cudaGetDeviceProperties(self, device):
-        return self.ok, type("Props", (), {"name": b"Fake Orin"})()
-
-    def cudaMalloc(self, nbytes):
-        block = np.zeros(nbytes, np.uint8)
-        self.blocks[block.ctypes.data] = block
-        return self.ok, block.ctypes.data
-
-    def cudaFree(self, ptr):
-        self.blocks.pop(ptr)
-        return (self.ok,)
-
-    def cudaMemcpy(self, dst, src, nbytes, kind):
-        ctypes.memmove(dst, src, nbytes)
-        return (self.ok,)
-
-
 class FakeTrt:
     """The TensorRT 10/11 builder API subset build_engines may touch; records what it was asked."""
 
