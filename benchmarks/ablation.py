@@ -68,7 +68,24 @@ def _finished(run: Path, cfg) -> bool:
     """A calibrated run trained with exactly this config (an interrupted ablation resumes cheaply)."""
     if not (run / "meta.json").is_file() or not (run / "config.yaml").is_file():
         return False
-    return bool(json.loads((run / "meta.json").read_text()).get("calibrated")) and load_config(run / "config.yaml") == cfg
+    if not json.loads((run / "meta.json").read_text()).get("calibrated"):
+        return False
+    return _training_view(load_config(run / "config.yaml")) == _training_view(cfg)
+
+
+def _training_view(cfg) -> dict:
+    """The config without head settings its mode never reads: sweeping lambda2 or the intra-class
+    centres reuses the baseline rows instead of retraining them."""
+    d = cfg.to_dict()
+    unused = set()
+    if not cfg.head.mutual_info:
+        unused |= {"lambda2", "label_smoothing"}
+    if not cfg.head.intra:
+        unused |= {"intra_centers", "stage1_fraction"}
+    if not cfg.head.learn_centers:
+        unused |= {"lambda1"}
+    d["head"] = {k: v for k, v in d["head"].items() if k not in unused}
+    return d
 
 
 def _pct(v) -> str:

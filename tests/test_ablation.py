@@ -28,3 +28,19 @@ def test_ablation_runs_modes_on_shared_features(tiny_data, tmp_path):
         assert (tmp_path / "abl" / mode / "model.safetensors").is_file()
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert "single Gaussian" in table and "HGAD" in table
+
+
+def test_ablation_reuses_rows_whose_training_did_not_change(tiny_data, tmp_path):
+    import yaml
+
+    module = _ablation_module()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_CONFIG))
+    module.run_ablation([tiny_data], tmp_path / "abl", 1, ["single", "mi"], cfg)
+    mtimes = {m: (tmp_path / "abl" / m / "model.safetensors").stat().st_mtime_ns for m in ("single", "mi")}
+    # lambda2 is not read by the single Gaussian: its row is reused; the MI row retrains
+    cfg.write_text(yaml.safe_dump(TINY_CONFIG | {"head": TINY_CONFIG.get("head", {}) | {"lambda2": 3.0}}))
+    summary = module.run_ablation([tiny_data], tmp_path / "abl", 1, ["single", "mi"], cfg)
+    after = {m: (tmp_path / "abl" / m / "model.safetensors").stat().st_mtime_ns for m in ("single", "mi")}
+    assert after["single"] == mtimes["single"] and after["mi"] != mtimes["mi"]
+    assert summary["config"]["head"]["lambda2"] == 3.0
