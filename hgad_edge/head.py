@@ -58,7 +58,7 @@ class MixtureHead(nn.Module):
         terms = {"g": L.loss_g(z, log_jac, self.main, log_w).mean()}
         total = cfg.lambda1 * terms["g"]
         if cfg.mutual_info:
-            terms["mi"] = L.loss_mi(z, y, self.main, log_w).mean()
+            terms["mi"] = L.loss_mi(z, y, self.main, log_w, cfg.label_smoothing).mean()
             total = total + cfg.lambda2 * terms["mi"]
         if cfg.mutual_info and (stage2 or not cfg.intra):  # app. C: stage 1 is L_g + L_mi only
             terms["e"] = L.class_entropy(z, self.main).mean()

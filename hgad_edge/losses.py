@@ -2,7 +2,9 @@
 
 Conventions: z (N, d) latents, log_jac (N,) log|det J|, y (N,) class indices, centres (Y, d) or
 (Y, M, d), log weights from log_softmax. Likelihood losses are divided by d ("nats per dimension",
-as CFLOW/HGAD implementations do) so lambda2 = 100 weighs MI against a d-independent L_g.
+as CFLOW/HGAD implementations do). L_mi stays in nats: a misclassified vector's L_mi grows with its
+squared distances, so lambda2 decides how much the flow serves class separation rather than density
+(see config.HeadConfig.lambda2).
 
 Every log-sum-exp is the hand-written max-shifted one below: TensorRT imports ONNX ReduceLogSumExp
 as log(sum(exp(x))) without the shift, which overflows on these distances (deployment notes).
@@ -56,10 +58,29 @@ def loss_g(z: torch.Tensor, log_jac: torch.Tensor, centers: torch.Tensor, log_w:
     return (-log_sum_exp(inter_logits(z, centers, log_w), 1) - log_jac + 0.5 * d * LOG_2PI) / d
 
 
-def loss_mi(z: torch.Tensor, y: torch.Tensor, centers: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """Eq. 8: -(logsoftmax_y(-||z - mu||^2/2 + c) - c_y), (N,)."""
+def loss_mi(
+    z: torch.Tensor, y: torch.Tensor, centers: torch.Tensor, log_w: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
+    """Eq. 8 with smoothed labels: -sum_k q_k (log p(k | z) - log p(k)), (N,), where
+    q = (1 - eps) onehot(y) + eps / Y; eps = 0 is eq. 8 exactly: -(logsoftmax_y(-||z - mu||^2/2 + c) - c_y).
+
+    Why smoothing: with hard labels -log p(y | z) reaches 0 only as the class margins grow without
+    bound, so lambda2 * L_mi keeps pulling classes apart for the whole run instead of letting the
+    flow fit each class's density; with eps > 0 the optimum is p(. | z) = q, a finite margin (the
+    official HGAD code trains with eps = 0.02).
+    Why the prior is stop-gradient: log p(y) is the constant H(Y) part of the MI. Trained through
+    it, eq. 8 = ||z - mu_y||^2 / 2 + logsumexp_k(-||z - mu_k||^2 / 2 + log p(k)) is lowest with all
+    weight on the class farthest from the data: the weights learn from L_g, as mixture weights should.
+    """
+    log_w = log_w.detach()
     log_post = log_softmax(inter_logits(z, centers, log_w), 1)
-    return -(log_post.gather(1, y[:, None]).squeeze(1) - log_w[y])
+    gain = log_post - log_w[None, :]  # (N, Y) pointwise information of each label
+    if not smoothing:
+        return -gain.gather(1, y[:, None]).squeeze(1)
+    num_classes = centers.shape[0]
+    q = torch.full_like(gain, smoothing / num_classes)
+    q.scatter_add_(1, y[:, None], torch.full_like(gain[:, :1], 1.0 - smoothing))
+    return -(q * gain).sum(1)
 
 
 def class_entropy(z: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:

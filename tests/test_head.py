@@ -19,6 +19,7 @@ Z = [(1.0, 5.0, -3.0), (0.5, 1.0, 0.0), (-1.0, 2.0, 0.5), (3.0, 0.0, 1.0)]
 LOG_JAC = [0.3, -1.2, 2.5, 0.0]
 LABELS = [0, 1, 0, 1]
 LAMBDA1, LAMBDA2 = 0.5, 7.0  # not the defaults, so a wrong weighting of eq. 11 shows
+EPS = 0.1  # label smoothing of L_mi, not the default either
 
 KEYS = {
     ("single", False): {"nll", "total"},
@@ -64,7 +65,7 @@ def _sq(a, b) -> float:
 
 def _head(mode: str, psi=(0.3, -0.4)) -> MixtureHead:
     torch.manual_seed(0)
-    cfg = HeadConfig(mode=mode, intra_centers=M, lambda1=LAMBDA1, lambda2=LAMBDA2)
+    cfg = HeadConfig(mode=mode, intra_centers=M, lambda1=LAMBDA1, lambda2=LAMBDA2, label_smoothing=EPS)
     head = MixtureHead(D, Y, cfg).double()
     with torch.no_grad():
         if cfg.per_class:  # 'single' keeps its N(0, I) centre
@@ -98,7 +99,8 @@ def _hand_terms(mode: str, psi=(0.3, -0.4)) -> dict[str, float]:
         out["nll"] += (D / 2 * LOG_2PI + 0.5 * _sq(z, center) - lj) / D  # eq. 3
         mix = [py[k] * math.exp(-0.5 * _sq(z, MAIN[k])) for k in range(Y)]
         out["g"] += (-math.log(sum(mix)) - lj + D / 2 * LOG_2PI) / D  # eq. 6
-        out["mi"] += -(math.log(mix[y] / sum(mix)) - math.log(py[y]))  # eq. 8
+        q = [EPS / Y + (1 - EPS) * (k == y) for k in range(Y)]  # smoothed labels
+        out["mi"] += -sum(q[k] * (math.log(mix[k] / sum(mix)) - math.log(py[k])) for k in range(Y))  # eq. 8
         e = [math.exp(-0.5 * _sq(z, MAIN[k])) for k in range(Y)]
         out["e"] += -sum(v / sum(e) * math.log(v / sum(e)) for v in e)  # eq. 9
         ll = math.log(sum(p_in[y][i] * math.exp(-0.5 * _sq(z, mus_in[y][i])) for i in range(M)))

@@ -207,6 +207,44 @@ def test_loss_mi_mixed_labels_gather_the_right_class() -> None:
     assert got[0] < 0 < got[1]  # z is nearer mu_0: labelling it 0 gains information
 
 
+def test_loss_mi_smoothed_labels_weigh_every_class() -> None:
+    eps = 0.1
+    z = _t(POINTS)
+    got = L.loss_mi(z, torch.tensor([0, 1, 1]), _centers(), _log_w(), smoothing=eps)
+    for n, (p, y) in enumerate(zip(POINTS, (0, 1, 1))):
+        logits = [-0.5 * _sq(p, MU[k]) + math.log(PY[k]) for k in range(2)]
+        lse = math.log(sum(math.exp(v) for v in logits))
+        q = [eps / 2 + (1 - eps) * (k == y) for k in range(2)]  # (1 - eps) onehot + eps / Y
+        want = -sum(q[k] * (logits[k] - lse - math.log(PY[k])) for k in range(2))
+        assert got[n].item() == pytest.approx(want, abs=1e-14)
+
+
+def test_loss_mi_smoothing_gives_a_finite_optimal_margin() -> None:
+    # z sits on mu_0 with label 0; mu_1 = (D, 0). Hard labels: L_mi falls forever as D grows.
+    # eps > 0: minimum where p(0 | z) = q_0 = 1 - eps / 2, i.e. w1 e^{-D^2/2} / w0 = (eps/2) / (1 - eps/2).
+    eps = 0.02
+    ds = torch.linspace(0.5, 8.0, 301, dtype=torch.float64)
+    z, y = _t([[0.0, 0.0]]), torch.tensor([0])
+
+    def curve(smoothing: float) -> torch.Tensor:
+        return torch.stack([L.loss_mi(z, y, _t([[0.0, 0.0], [d.item(), 0.0]]), _log_w(), smoothing)[0] for d in ds])
+
+    hard, soft = curve(0.0), curve(eps)
+    assert (hard.diff() < 0).all()
+    d_star = math.sqrt(2 * math.log(PY[1] / PY[0] * (1 - eps / 2) / (eps / 2)))
+    assert ds[soft.argmin()].item() == pytest.approx(d_star, abs=0.03)
+    assert soft[-1] > soft.min() + 0.01  # pulling classes further apart now costs
+
+
+def test_loss_mi_does_not_train_the_class_weights() -> None:
+    # The prior log p(y) is the constant H(Y) part of the MI: psi learns from L_g only.
+    psi = _t(PSI).requires_grad_()
+    centers = _centers().requires_grad_()
+    L.loss_mi(_t(POINTS), torch.tensor([0, 1, 1]), centers, L.log_softmax(psi, 0), 0.02).sum().backward()
+    assert psi.grad is None or torch.all(psi.grad == 0)
+    assert centers.grad.abs().sum() > 0
+
+
 # ---- eq. 9: entropy -----------------------------------------------------------------------------
 def test_class_entropy_is_eq9() -> None:
     z = _t(POINTS)

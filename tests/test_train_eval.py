@@ -97,6 +97,8 @@ def test_config_rejects_bad_values(tmp_path):
         HGADConfig.from_dict({"train": {"epoch": 3}})
     with pytest.raises(ConfigError, match="multiples of 32"):
         HGADConfig.from_dict({"input_size": [100, 100]})
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        HGADConfig.from_dict({"head": {"label_smoothing": 1.0}})
     path = tmp_path / "c.yaml"
     save_config(HGADConfig(), path)
     assert load_config(path) == HGADConfig()
