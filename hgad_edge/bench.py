@@ -1138,6 +1138,11 @@ def run_bench(
     budget = Budget(budget_s)
     log = Log(budget)
     scorer, cfg, meta = load_run(run_dir)
+    if bundle and set(backends) - {"torch"}:
+        problem = bundle_problem(Path(bundle), Path(run_dir), _bundle_precisions(precisions))
+        if problem:
+            raise BenchError(f"bundle {bundle} does not match run {run_dir}: {problem}. Re-export it "
+                             f"(hgad-edge export {run_dir} --out {bundle}) or leave out --bundle.")
     device = _torch_device()
     previous = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.set_num_threads(machine["cores"])
@@ -1185,6 +1190,31 @@ def run_bench(
     return folder
 
 
+class BenchError(ValueError):
+    """The benchmark cannot run as asked (e.g. a bundle of another model); the message says the fix."""
+
+
+def _bundle_precisions(precisions: Iterable[str]) -> tuple[str, ...]:
+    return ("fp32", "fp16") if "fp16" in precisions else ("fp32",)
+
+
+def bundle_problem(bundle: Path, run_dir: Path, precisions: Sequence[str]) -> Optional[str]:
+    """Why `bundle` cannot stand for this run's model (None: it can). A bundle is identified by the
+    sha256 of the checkpoint it was exported from: a report must never time or score old weights."""
+    from .checkpoint import WEIGHTS_FILE, file_sha256
+
+    path = bundle / "metadata.json"
+    if not path.is_file():
+        return "it has no metadata.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("checkpoint_sha256") != file_sha256(run_dir / WEIGHTS_FILE):
+        return "it was exported from another checkpoint (checkpoint_sha256 differs)"
+    missing = [p for p in precisions if p not in meta.get("models", {})]
+    if missing:
+        return f"it has no {', '.join(missing)} model"
+    return None
+
+
 def _run_stages(setup: Setup, report: dict, data_roots, backends, precisions, max_images, official, budget: Budget) -> None:
     log = setup.log
     with log.stage("complexity: this run") as ok:
@@ -1192,11 +1222,11 @@ def _run_stages(setup: Setup, report: dict, data_roots, backends, precisions, ma
             report["complexity"]["ours"] = count_complexity(setup.scorer)
     if set(backends) - {"torch"}:
         with log.stage("export bundle") as ok:
-            if ok and not (setup.bundle / "metadata.json").is_file():
+            wanted = _bundle_precisions(precisions)
+            if ok and bundle_problem(setup.bundle, setup.run_dir, wanted):  # ours, from an earlier run or model
                 from .export.onnx_export import export_bundle
 
-                wanted = ["fp32"] + (["fp16"] if "fp16" in precisions else [])
-                export_bundle(setup.run_dir, setup.bundle, precisions=tuple(wanted))
+                export_bundle(setup.run_dir, setup.bundle, precisions=wanted)
         report["bundle"] = str(setup.bundle)
     if "int8" in precisions and "tensorrt" in backends and data_roots:
         with log.stage("int8 calibration folder") as ok:

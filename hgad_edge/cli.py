@@ -249,12 +249,12 @@ def _csv(kind: type, allowed: tuple[str, ...] | None = None):
 def bench(run, roots, out, backends, precisions, batches, iters, max_images, no_official, bundle):
     """FLOPs, latency/throughput per backend and precision, accuracy and drift: report.md/json + plots."""
     require("train", (*TRAIN_MODULES, "onnx"), "bench")
-    from .bench import run_bench
+    from .bench import BenchError, run_bench
 
     try:
         folder = run_bench(run, out, roots, backends, precisions, batches, iters=iters, max_images=max_images,
                            official=not no_official, bundle=bundle)
-    except user_errors() as exc:
+    except (*user_errors(), BenchError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"report: {folder / 'report.md'}")
 

@@ -131,6 +131,44 @@ def test_report_written_even_when_the_budget_is_spent(tiny_run, tmp_path):
     assert "# hgad-edge benchmark" in (folder / "report.md").read_text()
 
 
+def _retrained_copy(run: Path, dest: Path) -> Path:
+    """The run with one weight changed: the same model files, another checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hgad_edge.checkpoint import WEIGHTS_FILE
+
+    shutil.copytree(run, dest)
+    weights = load_file(dest / WEIGHTS_FILE)
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 1e-3
+    save_file(weights, dest / WEIGHTS_FILE)
+    return dest
+
+
+def test_bundle_of_another_checkpoint_is_refused(tiny_run, tiny_bundle, tmp_path):
+    assert bench.bundle_problem(tiny_bundle.bundle, tiny_run, ("fp32", "fp16")) is None
+    assert "no metadata.json" in bench.bundle_problem(tmp_path, tiny_run, ("fp32",))
+    other = _retrained_copy(tiny_run, tmp_path / "retrained")
+    assert "another checkpoint" in bench.bundle_problem(tiny_bundle.bundle, other, ("fp32",))
+    with pytest.raises(bench.BenchError, match="Re-export"):
+        bench.run_bench(other, tmp_path / "out", backends=("onnxruntime",), bundle=tiny_bundle.bundle, official=False)
+
+
+def test_own_stale_bundle_is_re_exported(tiny_run, tiny_bundle, tmp_path):
+    import shutil
+
+    # The report folder holds a bundle of an earlier model (what a rerun after retraining finds).
+    other = _retrained_copy(tiny_run, tmp_path / "retrained")
+    folder = tmp_path / "out" / bench.machine_info()["name"]
+    shutil.copytree(tiny_bundle.bundle, folder / "bundle")
+    assert bench.bundle_problem(folder / "bundle", other, ("fp32",))
+    bench.run_bench(other, tmp_path / "out", backends=("onnxruntime",), precisions=("fp32",), batches=(1,),
+                    warmup=0, iters=1, official=False)
+    assert bench.bundle_problem(folder / "bundle", other, ("fp32",)) is None
+
+
 @pytest.mark.slow
 def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
     """Export reused from the session bundle, ORT + torch timed with 2 iterations, accuracy on 4
