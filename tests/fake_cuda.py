@@ -1,5 +1,6 @@
-"""Fake of cuda-python's runtime bindings shared by the TensorRT runtime and builder tests:
-host memory plays device memory, calls return (err, value) tuples like cuda.bindings.runtime."""
+"""Fakes shared by the TensorRT runtime and builder tests: cuda-python's runtime bindings (host
+memory plays device memory, calls return (err, value) tuples like cuda.bindings.runtime) and the
+parts of the tensorrt module both TensorRT fakes expose."""
 
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ import ctypes
 import enum
 
 import numpy as np
+
+
+class FakeTrtModule:
+    """The tensorrt module's enums and logger base, identical for the builder and runtime fakes."""
+
+    DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 INT64 BOOL UINT8")
+
+    class ILogger:
+        Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+
+        def __init__(self) -> None:
+            pass
 
 
 class FakeCudart:

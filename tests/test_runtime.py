@@ -37,7 +37,7 @@ from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from hgad_edge.runtime.errors import BundleError, EngineError, InvalidArgumentError, InvalidHandleError
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
 
-from .fake_cuda import FakeCudart
+from .fake_cuda import FakeCudart, FakeTrtModule
 
 H, W = 32, 48  # non-square so that an H/W swap anywhere fails
 CLASSES = ("a", "b")
@@ -330,18 +330,11 @@ def _device_array(ptr: int, dtype, shape) -> np.ndarray:
     return np.frombuffer(raw, dtype).reshape(shape)
 
 
-class FakeTrt:
+class FakeTrt(FakeTrtModule):
     """The TensorRT 10/11 tensor API subset the runner may use; the 'engine file' is the ONNX model."""
 
     __version__ = "10.7.0.23"
-    DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 INT64 BOOL UINT8")
     TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
-
-    class ILogger:
-        Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
-
-        def __init__(self) -> None:
-            pass
 
     def __init__(self, cudart: FakeCudart) -> None:
         self.cudart = cudart

@@ -20,7 +20,7 @@ from hgad_edge.export import trt_build as tb
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from hgad_edge.runtime.errors import EngineError
 
-from .fake_cuda import FakeCudart
+from .fake_cuda import FakeCudart, FakeTrtModule
 
 H = W = 32
 
@@ -83,18 +83,11 @@ def metadata(folder: Path) -> dict:
 
 
 # ---- fakes -----------------------------------------------------------------------------------------
-class FakeTrt:
+class FakeTrt(FakeTrtModule):
     """The TensorRT 10/11 builder API subset build_engines may touch; records what it was asked."""
 
-    DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 INT64 BOOL UINT8")
     MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
     LayerType = enum.Enum("LayerType", "CONVOLUTION POOLING ELEMENTWISE MATRIX_MULTIPLY CAST CONSTANT SHAPE IDENTITY")
-
-    class ILogger:
-        Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
-
-        def __init__(self) -> None:
-            pass
 
     class IInt8EntropyCalibrator2:
         def __init__(self) -> None:
