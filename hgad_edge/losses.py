@@ -75,10 +75,7 @@ def loss_mi(
     log_w = log_w.detach()
     log_post = log_softmax(inter_logits(z, centers, log_w), 1)
     gain = log_post - log_w[None, :]  # (N, Y) pointwise information of each label
-    if not smoothing:
-        return -gain.gather(1, y[:, None]).squeeze(1)
-    num_classes = centers.shape[0]
-    q = torch.full_like(gain, smoothing / num_classes)
+    q = torch.full_like(gain, smoothing / centers.shape[0])
     q.scatter_add_(1, y[:, None], torch.full_like(gain[:, :1], 1.0 - smoothing))
     return -(q * gain).sum(1)
 
