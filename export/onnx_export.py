@@ -118,7 +118,8 @@ def export_bundle(run_dir: Path | str, out: Path | str, precisions: tuple[str, .
     import torch
 
     from hgad_edge import __version__
-    from hgad_edge.checkpoint import WEIGHTS_FILE, file_sha256, load_run
+    from hgad_edge.checkpoint import WEIGHTS_FILE, load_run
+    from hgad_edge.files import sha256_file
 
     run_dir, out = Path(run_dir), Path(out)
     unknown = [p for p in precisions if p not in MODEL_FILES]
@@ -149,7 +150,7 @@ def export_bundle(run_dir: Path | str, out: Path | str, precisions: tuple[str, .
         "thresholds": [float(t) for t in scorer.threshold],
         "normalized_threshold": 0.5,
         "display_range": _display_range(scorer),
-        "checkpoint_sha256": file_sha256(run_dir / WEIGHTS_FILE),
+        "checkpoint_sha256": sha256_file(run_dir / WEIGHTS_FILE),
         "backbone": cfg.backbone.name,
         "precision_policy": "fp16: backbone+flows FP16, Cast to FP32 before the mixture head; head/scoring FP32",
         "models": {},
@@ -157,7 +158,7 @@ def export_bundle(run_dir: Path | str, out: Path | str, precisions: tuple[str, .
     }
     for precision, path in files.items():
         _set_metadata_props(path, {**metadata, "precision": precision})
-        models[precision] = {"file": path.name, "sha256": file_sha256(path), **facts[precision]}
+        models[precision] = {"file": path.name, "sha256": sha256_file(path), **facts[precision]}
     metadata["models"] = models
     old = out / "metadata.json"
     if old.is_file():  # keep engines built from identical ONNX files; the builder re-checks them anyway

@@ -1201,13 +1201,14 @@ def _bundle_precisions(precisions: Iterable[str]) -> tuple[str, ...]:
 def bundle_problem(bundle: Path, run_dir: Path, precisions: Sequence[str]) -> Optional[str]:
     """Why `bundle` cannot stand for this run's model (None: it can). A bundle is identified by the
     sha256 of the checkpoint it was exported from: a report must never time or score old weights."""
-    from .checkpoint import WEIGHTS_FILE, file_sha256
+    from .checkpoint import WEIGHTS_FILE
+    from .files import sha256_file
 
     path = bundle / "metadata.json"
     if not path.is_file():
         return "it has no metadata.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("checkpoint_sha256") != file_sha256(run_dir / WEIGHTS_FILE):
+    if meta.get("checkpoint_sha256") != sha256_file(run_dir / WEIGHTS_FILE):
         return "it was exported from another checkpoint (checkpoint_sha256 differs)"
     missing = [p for p in precisions if p not in meta.get("models", {})]
     if missing:

@@ -9,7 +9,6 @@ runs/x/
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from . import __version__
 from .config import HGADConfig, load_config, save_config
+from .files import atomic_write_json
 
 CONFIG_FILE, META_FILE, WEIGHTS_FILE, STATE_FILE = "config.yaml", "meta.json", "model.safetensors", "train_state.pt"
 
@@ -36,7 +36,7 @@ def save_run(run_dir: Path, scorer, meta: dict[str, Any]) -> None:
     save_file(state, str(tmp))
     tmp.replace(run_dir / WEIGHTS_FILE)  # never leave a half-written model behind
     meta = {**meta, "classes": scorer.model.class_names, "package_version": __version__}
-    (run_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    atomic_write_json(run_dir / META_FILE, meta)
 
 
 def read_meta(run_dir: Path) -> dict[str, Any]:
@@ -67,14 +67,6 @@ def load_run(run_dir: Path | str):
     if not bool(scorer.calibrated):
         raise RunError(f"{run_dir} was never calibrated (training stopped early): finish it with --resume")
     return scorer.eval(), cfg, meta
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_train_state(run_dir: Path, state: dict[str, Any]) -> None:

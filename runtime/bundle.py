@@ -7,13 +7,13 @@ a check here catches a bundle from another exporter version before any backend i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__ as PACKAGE_VERSION
+from ..files import sha256_file
 from .errors import BundleError, Status
 
 __all__ = ["BUNDLE_FORMAT", "FORMAT_VERSIONS", "OUTPUT_NAMES", "Bundle", "load_bundle", "sha256_file"]
@@ -52,15 +52,6 @@ class Bundle:
 
     def engines_dir(self) -> Path:
         return self.path / "engines"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed so that large models do not sit in memory twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_bundle(path: Path | str) -> Bundle:
