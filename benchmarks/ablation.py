@@ -1,9 +1,10 @@
 """Rerun the paper's unified comparison (Tab. 3a) on your data: one model per head mode, same
 backbone, features, seed and training budget; writes DIR/ablation.json and DIR/ablation.md.
 
-    python benchmarks/ablation.py --data ROOT [--data ROOT2] --out DIR [--epochs N] [--modes single,full]
+    python benchmarks/ablation.py --data ROOT [--data ROOT2] --out DIR [--epochs N] [--modes knn,single,full]
 
-Modes: single (one N(0, I) centre: the CFLOW-style unified baseline), fixed (fixed centre per class),
+Modes: knn (the bar: a unified PatchCore-style nearest-neighbour scorer on the same backbone
+features, no flows; hgad_edge/knn.py), single (one N(0, I) centre: the CFLOW-style unified baseline), fixed (fixed centre per class),
 gmm (+ learnable inter-class mixture, L_g), mi (+ mutual information and entropy), full (+ intra-class
 centres: HGAD).
 """
@@ -19,9 +20,12 @@ from hgad_edge.checkpoint import load_run
 from hgad_edge.config import HeadConfig, load_config
 from hgad_edge.data import open_roots
 from hgad_edge.evaluate import evaluate
+from hgad_edge.knn import evaluate_knn
 from hgad_edge.train import Trainer, split_calibration
 
+MODES = ("knn", *HeadConfig.MODES)
 LABELS = {
+    "knn": "unified kNN on the same features (PatchCore-style reference)",
     "single": "single Gaussian N(0,I) (CFLOW-style)",
     "fixed": "fixed multiple centres",
     "gmm": "+ inter-class GMM",
@@ -34,9 +38,14 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
     dataset = open_roots(roots)
     out.mkdir(parents=True, exist_ok=True)
     results, cache = {}, None
-    for mode in modes:
-        overrides = {"head": {"mode": mode}} | ({"train": {"epochs": epochs}} if epochs else {})
+    for mode in sorted(modes, key=lambda m: m == "knn"):  # the kNN last: it reuses the flows' cached features
+        overrides = ({"head": {"mode": mode}} if mode != "knn" else {}) | ({"train": {"epochs": epochs}} if epochs else {})
         cfg = load_config(config, overrides)
+        if mode == "knn":
+            metrics = evaluate_knn(cfg, dataset, cache)
+            results[mode] = {"label": LABELS[mode], "train_seconds": metrics["fit_seconds"], **metrics}
+            print(f"knn: mean image AUROC {metrics['mean']['image_auroc']:.4f}", flush=True)
+            continue
         t0 = time.time()
         reused = _finished(out / mode, cfg)
         if reused:
@@ -55,7 +64,7 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
             metrics = evaluate(scorer, dataset, out / mode / "eval")
         results[mode] = {"label": LABELS[mode], "train_seconds": train_s, **metrics}
         print(f"{mode}: mean image AUROC {metrics['mean']['image_auroc']:.4f}", flush=True)
-    results = {m: results[m] for m in HeadConfig.MODES if m in results}  # table in the paper's row order
+    results = {m: results[m] for m in MODES if m in results}  # table: the bar, then the paper's row order
     fit, _ = split_calibration(dataset.samples("train"), cfg.train)
     summary = {"data": [str(r) for r in roots], "classes": dataset.classes, "epochs": cfg.train.epochs,
                "config": cfg.to_dict(), "n_fit_images": len(fit), "results": results}
@@ -113,12 +122,12 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--config", type=Path)
-    ap.add_argument("--modes", default=",".join(HeadConfig.MODES))
+    ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in HeadConfig.MODES]
+    bad = [m for m in modes if m not in MODES]
     if bad:
-        ap.error(f"unknown mode(s) {bad}; choose from {', '.join(HeadConfig.MODES)}")
+        ap.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     summary = run_ablation(args.data, args.out, args.epochs, modes, args.config)
     print(ablation_table(summary))
 

@@ -33,16 +33,16 @@ class BackboneError(RuntimeError):
 
 @dataclass(frozen=True)
 class Level:
-    """One flow level: a backbone stage seen at one image-pyramid scale."""
+    """One flow level: a backbone stage (or several fused into one map) at one pyramid scale."""
 
-    stage: int
+    stages: tuple[int, ...]
     scale: float
     channels: int
     reduction: int  # stride of the feature map w.r.t. the full-size input
 
     @property
     def name(self) -> str:
-        return f"s{self.stage}_x{self.scale:g}"
+        return f"s{'+'.join(map(str, self.stages))}_x{self.scale:g}"
 
 
 def _lite_weights_path(name: str) -> Path | None:
@@ -150,6 +150,21 @@ def _drop_unused_blocks(features: nn.Module, last_index: int) -> None:
         features.blocks = features.blocks[:keep]
 
 
+def aggregate(feat: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k local average (stride 1, zero padding not counted), PatchCore's neighbourhood
+    aggregation: a vector then describes its patch and neighbours, robust to small shifts."""
+    if k <= 1:
+        return feat
+    return F.avg_pool2d(feat, k, stride=1, padding=k // 2, count_include_pad=False)
+
+
+def fuse_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Deeper maps bilinearly upsampled to the first map's size and concatenated on channels."""
+    size = maps[0].shape[-2:]
+    ups = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+    return torch.cat(ups, 1)
+
+
 class Backbone(nn.Module):
     """uint8-free float input (B,3,H,W) normalised -> list of per-level maps, frozen and in eval."""
 
@@ -159,11 +174,14 @@ class Backbone(nn.Module):
         self.model = create_features_model(cfg, load_weights)
         info = self.model.feature_info
         chans, reds = info.channels(), info.reduction()
-        self.levels = [
-            Level(stage, scale, chans[i], int(round(reds[i] / scale)))
-            for scale in cfg.pyramid
-            for i, stage in enumerate(cfg.stages)
-        ]
+        if cfg.merge == "fuse":
+            self.levels = [Level(tuple(cfg.stages), s, sum(chans), int(round(reds[0] / s))) for s in cfg.pyramid]
+        else:
+            self.levels = [
+                Level((stage,), scale, chans[i], int(round(reds[i] / scale)))
+                for scale in cfg.pyramid
+                for i, stage in enumerate(cfg.stages)
+            ]
         pcfg = self.model.pretrained_cfg
         self.mean = tuple(float(v) for v in pcfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(float(v) for v in pcfg.get("std", IMAGENET_STD))
@@ -177,7 +195,8 @@ class Backbone(nn.Module):
         out: list[torch.Tensor] = []
         for scale in self.cfg.pyramid:
             xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-            out.extend(self.model(xs))
+            maps = [aggregate(m, self.cfg.pool) for m in self.model(xs)]
+            out.extend([fuse_maps(maps)] if self.cfg.merge == "fuse" else maps)
         return out
 
     def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -33,6 +33,15 @@ class BackboneConfig:
     # Image pyramid (the official HGAD way: one stage on 1, 1/2, 1/4 of the image). Each
     # (stage, scale) pair is one "level" with its own flow and mixture head.
     pyramid: tuple[float, ...] = (1.0,)
+    # Local neighbourhood aggregation (PatchCore's): each stage map is average-pooled over a k x k
+    # window (stride 1, same size) before the flow, so a vector describes its patch's
+    # neighbourhood. 1 = off. Part of the model, so it is inside the exported graph.
+    pool: int = 1
+    # "levels": each stage is its own level (own flow and head); "fuse": deeper stages are
+    # bilinearly upsampled to the first stage's map and concatenated into ONE level per scale.
+    merge: str = "levels"
+
+    MERGES = ("levels", "fuse")
 
 
 @dataclass
@@ -139,6 +148,11 @@ class HGADConfig:
         h, w = self.input_size
         if h % 32 or w % 32 or h < 64 or w < 64:
             raise ConfigError(f"input_size={self.input_size}: both sides must be multiples of 32 and >= 64")
+        if self.backbone.merge not in BackboneConfig.MERGES:
+            msg = f"backbone.merge={self.backbone.merge!r}; choose one of {', '.join(BackboneConfig.MERGES)}"
+            raise ConfigError(msg)
+        if self.backbone.pool < 1 or self.backbone.pool % 2 == 0:
+            raise ConfigError(f"backbone.pool={self.backbone.pool}: an odd window size >= 1 (1 = off)")
         if not self.backbone.stages or not self.backbone.pyramid:
             raise ConfigError("backbone.stages and backbone.pyramid must each name at least one entry")
         if any(not 0 < s <= 1 for s in self.backbone.pyramid):

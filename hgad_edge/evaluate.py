@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,6 +80,34 @@ def class_metrics(pred: ClassPredictions, class_id: int) -> dict:
         threshold_tpr=float(flagged[anomalous].mean()),
     )
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
+
+
+def tuning_half(samples: Sequence[Sample], seed: int = 0) -> np.ndarray:
+    """(n,) bool: the fixed tuning half of a class's test images (the rest is the report half).
+
+    Settings are chosen on the tuning half only and reported on the other, because anomaly
+    datasets rarely ship a validation split. Stratified by defect type (normal is one type), so
+    both halves see every kind of defect; seeded per class name, so adding a class or reordering
+    files elsewhere does not move anyone's split.
+    """
+    mask = np.zeros(len(samples), dtype=bool)
+    by_kind: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_kind.setdefault(s.defect, []).append(i)
+    for kind in sorted(by_kind):
+        idx = sorted(by_kind[kind], key=lambda i: samples[i].path.name)
+        key = f"{seed}:{samples[idx[0]].class_name}:{kind}".encode()
+        order = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "little")).permutation(len(idx))
+        mask[[idx[j] for j in order[: (len(idx) + 1) // 2]]] = True
+    return mask
+
+
+def subset(pred: ClassPredictions, keep: np.ndarray) -> ClassPredictions:
+    """The predictions of the images where keep (n,) is True."""
+    masks = pred.masks[keep] if pred.masks is not None else None
+    return ClassPredictions(pred.name, [s for s, k in zip(pred.samples, keep) if k], pred.labels[keep],
+                            pred.scores[keep], pred.normalized[keep], pred.auto_class[keep],
+                            pred.min_loglik[keep], pred.maps[keep], masks)
 
 
 def mean_metrics(per_class: dict[str, dict]) -> dict:

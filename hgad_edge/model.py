@@ -108,8 +108,13 @@ class HGADModel(nn.Module):
 
     def level_terms(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Normalised images -> per level (loglik (B, Y, h, w), neg_entropy (B, h, w), log_post (B, Y, h, w))."""
+        return self.terms_from_features(self.features(x))
+
+    def terms_from_features(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`level_terms` from backbone maps already computed (a study evaluates many heads on one
+        backbone's cached test features)."""
         out = []
-        for k, feat in enumerate(self.features(x)):
+        for k, feat in enumerate(feats):
             b, _, h, w = feat.shape
             z, log_jac = self.flow_map(k, feat)
             loglik, nh, log_post = self.heads[k](z, log_jac)

@@ -143,7 +143,12 @@ class AnomalyScorer(nn.Module):
     def evaluate_batch(self, images: torch.Tensor, class_id: torch.Tensor) -> dict[str, torch.Tensor]:
         """Evaluation in one pass: scores with the given class, the class 'auto' would pick, and
         each image's lowest per-dimension log-likelihood per level (for histograms)."""
-        terms = self.model.level_terms(self.model.preprocess(images))
+        return self.evaluate_features(self.model.features(self.model.preprocess(images)), class_id)
+
+    @torch.no_grad()
+    def evaluate_features(self, feats: list[torch.Tensor], class_id: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`evaluate_batch` from backbone maps already computed (cached test features)."""
+        terms = self.model.terms_from_features([f.to(self.model.body_dtype) for f in feats])
         auto, _ = self.select_class(terms, torch.full_like(class_id, -1))
         lls, nhs = self.level_maps(terms, class_id)
         amap = self.anomaly_map(lls, nhs, class_id)

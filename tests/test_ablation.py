@@ -20,14 +20,16 @@ def test_ablation_runs_modes_on_shared_features(tiny_data, tmp_path):
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(TINY_CONFIG))
-    summary = _ablation_module().run_ablation([tiny_data], tmp_path / "abl", 2, ["single", "full"], cfg)
+    summary = _ablation_module().run_ablation([tiny_data], tmp_path / "abl", 2, ["full", "knn", "single"], cfg)
     on_disk = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-    assert list(on_disk["results"]) == ["single", "full"] and on_disk["epochs"] == 2
+    assert list(on_disk["results"]) == ["knn", "single", "full"] and on_disk["epochs"] == 2
+    assert summary["results"]["knn"]["mean"]["image_auroc"] > 0.9  # the blobs are plain to a kNN
+    assert summary["results"]["knn"]["bank_mb"] > 0
     for mode in ("single", "full"):
         assert 0.0 <= summary["results"][mode]["mean"]["image_auroc"] <= 1.0
         assert (tmp_path / "abl" / mode / "model.safetensors").is_file()
     table = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "single Gaussian" in table and "HGAD" in table
+    assert "single Gaussian" in table and "HGAD" in table and "kNN" in table
 
 
 def test_ablation_reuses_rows_whose_training_did_not_change(tiny_data, tmp_path):

@@ -1,0 +1,314 @@
+"""Quality study: which levers close the gap between HGAD's flows and a unified kNN on the same
+backbone features. Every row is one unified model over all classes of the data, trained and
+evaluated on the same protocol; settings are chosen on a fixed tuning half of each class's test
+images and reported on the other half (`hgad_edge.evaluate.tuning_half`).
+
+    python benchmarks/quality_study.py --data ROOT --out benchmarks/results/quality_study \\
+        [--rows landed,knn_landed,pool3,...] [--rescore ROW]
+
+Rows are named in ROWS below: overrides of BASE (the default of commit cc2a7f1, written out in
+full so the study reproduces after the defaults change). Each finished row leaves its model in
+WORK/runs/ROW, its full config in OUT/configs/ROW.yaml and its metrics in OUT/rows/ROW.json; the
+table OUT/study.md is rebuilt from every finished row. Backbone features of the training and test images are computed once per
+feature setting and reused by every row that shares it. `--rescore` re-evaluates a trained row
+with other scoring settings (no retraining): the SCORING sweep.
+"""
+
+from __future__ import annotations
+
+import _bootstrap  # noqa: F401  (repository root on sys.path when run from a checkout)
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hgad_edge.checkpoint import load_run
+from hgad_edge.config import HGADConfig, save_config
+from hgad_edge.data import load_mask, open_roots
+from hgad_edge.evaluate import ClassPredictions, class_metrics, subset, tuning_half
+from hgad_edge.files import atomic_write_json, atomic_write_text
+from hgad_edge.knn import fit_bank, knn_maps
+from hgad_edge.metrics import image_and_pixel_metrics
+from hgad_edge.model import HGADModel
+from hgad_edge.scoring import gaussian_kernel1d
+from hgad_edge.train import FeatureCache, Trainer, extract_features, iter_batches, split_calibration
+
+# The landed default (cc2a7f1) in full: the study's fixed starting point.
+BASE = {
+    "input_size": [256, 256],
+    "backbone": {"name": "tf_efficientnet_lite0", "stages": [2, 3], "pyramid": [1.0], "pool": 1, "merge": "levels"},
+    "flow": {"coupling_blocks": 8, "clamp": 1.9, "pos_dim": 256, "hidden_ratio": 2.0},
+    "head": {"mode": "full", "intra_centers": 10, "lambda1": 1.0, "lambda2": 1.0, "label_smoothing": 0.02,
+             "center_init": "data", "stage1_fraction": 0.3},
+    "train": {"epochs": 8, "batch_size": 16, "vectors_per_image": 128, "lr": 1e-3, "warmup_epochs": 1.0,
+              "seed": 0},
+    "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0},
+}
+
+# name -> (what it tests, overrides of BASE). "knn_*" rows run the kNN on that row's features.
+ROWS: dict[str, tuple[str, dict]] = {
+    "landed": ("the landed default", {}),
+    "knn_landed": ("kNN on the landed default's features (no pooling, 2 levels fused for the bank)", {}),
+    "pool3": ("3x3 local aggregation of the backbone maps", {"backbone": {"pool": 3}}),
+    "knn_pool3": ("kNN on pooled features (the issue's reference kNN)", {"backbone": {"pool": 3}}),
+    "pool3_fuse": ("pooling + stage 3 fused into stage 2 (one 152-d level)", {"backbone": {"pool": 3, "merge": "fuse"}}),
+    "pool3_e24": ("pooling + 3x the training budget (24 epochs)", {"backbone": {"pool": 3}, "train": {"epochs": 24}}),
+    "pool3_v512": ("pooling + 4x vectors per image (same steps)", {"backbone": {"pool": 3}, "train": {"vectors_per_image": 512}}),
+    "pool3_fuse_e24": ("pooling + fuse + 24 epochs", {"backbone": {"pool": 3, "merge": "fuse"}, "train": {"epochs": 24}}),
+    "pool3_e24_b12": ("pooling + 24 epochs + 12 coupling blocks",
+                      {"backbone": {"pool": 3}, "train": {"epochs": 24}, "flow": {"coupling_blocks": 12}}),
+    "pool3_e24_h1": ("pooling + 24 epochs + narrower subnets (hidden ratio 1)",
+                     {"backbone": {"pool": 3}, "train": {"epochs": 24}, "flow": {"hidden_ratio": 1.0}}),
+    "pool3_e24_lr3": ("pooling + 24 epochs, lr 3e-4", {"backbone": {"pool": 3}, "train": {"epochs": 24, "lr": 3e-4}}),
+    "lite1_pool3_e24": ("Lite1 backbone + pooling + 24 epochs",
+                        {"backbone": {"name": "tf_efficientnet_lite1", "pool": 3}, "train": {"epochs": 24}}),
+    "pool3_e24_320": ("pooling + 24 epochs at 320x320 input",
+                      {"input_size": [320, 320], "backbone": {"pool": 3}, "train": {"epochs": 24}}),
+    "pool5_e24": ("5x5 local aggregation + 24 epochs", {"backbone": {"pool": 5}, "train": {"epochs": 24}}),
+    "stages123_pool3_e24": ("stages 1-3 (adds a stride-4 level) + pooling + 24 epochs",
+                            {"backbone": {"stages": [1, 2, 3], "pool": 3}, "train": {"epochs": 24}}),
+}
+
+
+def merged(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, val in over.items():
+        if isinstance(val, dict):
+            out[key] = merged(out.get(key, {}), val)
+        else:
+            out[key] = val
+    return out
+
+
+def row_config(name: str) -> HGADConfig:
+    return HGADConfig.from_dict(merged(BASE, ROWS[name][1]))
+
+
+def feature_key(cfg: HGADConfig) -> str:
+    b = cfg.backbone
+    return json.dumps([b.name, b.weights, list(b.stages), list(b.pyramid), b.pool, b.merge, list(cfg.input_size),
+                       cfg.train.seed, cfg.train.calib_fraction, cfg.train.calib_min, cfg.train.calib_max])
+
+
+class Features:
+    """Backbone maps of the fit split (FP16, as training caches them) and of every test image
+    (FP32, as evaluation computes them), for one feature setting; kept on disk between runs."""
+
+    def __init__(self, cfg: HGADConfig, dataset, folder: Path):
+        self.cfg, self.dataset = cfg, dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        key = feature_key(cfg)
+        path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        data = torch.load(path, weights_only=False) if path.is_file() else None
+        if data is None or data["key"] != key:
+            data = self._compute()
+            torch.save(data, path)
+        self.train = FeatureCache(data["train_levels"], data["train_labels"])
+        self.test = data["test_levels"]  # per class name: per level (n, C, h, w)
+        self.seconds = data["seconds"]
+
+    def _compute(self) -> dict:
+        cfg, ds = self.cfg, self.dataset
+        t0 = time.time()
+        model = HGADModel(cfg, ds.classes)
+        fit, _ = split_calibration(ds.samples("train"), cfg.train)
+        train = extract_features(model, fit, batch_size=16)
+        test = {}
+        for name in ds.classes:
+            samples = [s for s in ds.samples("test") if s.class_name == name]
+            per_level: list[list[torch.Tensor]] = [[] for _ in model.levels]
+            for images in iter_batches(samples, cfg.input_size, 16):
+                for k, f in enumerate(model.features(model.preprocess(images))):
+                    per_level[k].append(f)
+            test[name] = [torch.cat(x) for x in per_level]
+        return {"key": feature_key(cfg), "train_levels": train.levels, "train_labels": train.labels,
+                "test_levels": test, "seconds": round(time.time() - t0, 1)}
+
+
+def class_truth(dataset, size) -> dict:
+    """Per class: test samples, labels, masks (or None) and the tuning-half mask."""
+    out = {}
+    for name in dataset.classes:
+        samples = [s for s in dataset.samples("test") if s.class_name == name]
+        masks = None
+        if dataset.has_masks(name):
+            masks = np.stack([load_mask(s.mask_path, shape=size) if s.mask_path else np.zeros(size, bool) for s in samples])
+        out[name] = {"samples": samples, "labels": np.array([s.label for s in samples]), "masks": masks,
+                     "tune": tuning_half(samples)}
+    return out
+
+
+@torch.no_grad()
+def hgad_predictions(scorer, feats: list[torch.Tensor], truth: dict, class_id: int) -> ClassPredictions:
+    out: dict[str, list[np.ndarray]] = {}
+    n = feats[0].shape[0]
+    for i in range(0, n, 16):
+        cls = torch.full((min(16, n - i),), class_id, dtype=torch.long)
+        for key, val in scorer.evaluate_features([f[i : i + 16] for f in feats], cls).items():
+            out.setdefault(key, []).append(val.numpy())
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    return ClassPredictions(truth["samples"][0].class_name, truth["samples"], truth["labels"], cat["score"],
+                            cat["score_normalized"], cat["auto_class"], cat["min_loglik"],
+                            cat["anomaly_map"].astype(np.float32), truth["masks"])
+
+
+def split_metrics(pred: ClassPredictions, class_id: int, tune: np.ndarray, metric_fn) -> dict:
+    return {part: metric_fn(subset(pred, keep), class_id)
+            for part, keep in (("tune", tune), ("report", ~tune), ("full", np.ones_like(tune)))}
+
+
+def knn_metrics(pred: ClassPredictions, class_id: int) -> dict:
+    m = image_and_pixel_metrics(pred.labels, pred.scores, pred.masks, pred.maps if pred.masks is not None else None)
+    return {k: (None if v is None else float(v)) for k, v in m.items()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_row(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
+    cfg = row_config(name)
+    feats = Features(cfg, dataset, work / "features")
+    run_dir = work / "runs" / name
+    result = {"row": name, "what": ROWS[name][0], "overrides": ROWS[name][1], "feature_seconds": feats.seconds}
+    t0 = time.time()
+    if name.startswith("knn"):
+        bank = fit_bank(feats.train.levels, feats.train.labels, seed=cfg.train.seed)
+        per_class, t_score, n_img = {}, 0.0, 0
+        for cid, cname in enumerate(dataset.classes):
+            t1 = time.time()
+            amap, score = [], []
+            levels = feats.test[cname]
+            for i in range(0, levels[0].shape[0], 16):
+                m, s = knn_maps(bank, [lv[i : i + 16] for lv in levels], cfg.input_size)
+                amap.append(m.numpy())
+                score.append(s.numpy())
+            t_score += time.time() - t1
+            n_img += levels[0].shape[0]
+            tr = truth[cname]
+            scores = np.concatenate(score)
+            pred = ClassPredictions(cname, tr["samples"], tr["labels"], scores, scores, np.full(len(scores), cid),
+                                    np.zeros((len(scores), 1)), np.concatenate(amap), tr["masks"])
+            per_class[cname] = split_metrics(pred, cid, tr["tune"], knn_metrics)
+        result.update(per_class=per_class, train_seconds=round(bank.fit_seconds, 1),
+                      score_ms_per_image=round(1e3 * t_score / n_img, 1), bank_mb=round(bank.nbytes / 2**20, 1))
+    else:
+        if (run_dir / "meta.json").is_file() and json.loads((run_dir / "meta.json").read_text()).get("calibrated"):
+            scorer, _, meta = load_run(run_dir)
+            train_s = meta.get("train_seconds")
+        else:
+            trainer = Trainer(cfg, dataset, run_dir, cache=feats.train)
+            scorer = trainer.run().eval()
+            train_s = round(time.time() - t0, 1)
+        result.update(per_class=evaluate_hgad(scorer, feats, dataset, truth), train_seconds=train_s)
+    cfg_path = out / "configs" / f"{name}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg_path)
+    result["peak_rss_mb"] = round(peak_rss_mb())
+    result["mean"] = mean_over_classes(result["per_class"])
+    return result
+
+
+def evaluate_hgad(scorer, feats: Features, dataset, truth: dict) -> dict:
+    per_class = {}
+    for cid, cname in enumerate(dataset.classes):
+        pred = hgad_predictions(scorer, feats.test[cname], truth[cname], cid)
+        per_class[cname] = split_metrics(pred, cid, truth[cname]["tune"], class_metrics)
+    return per_class
+
+
+def mean_over_classes(per_class: dict) -> dict:
+    out = {}
+    for part in ("tune", "report", "full"):
+        out[part] = {}
+        for key in ("image_auroc", "pixel_auroc", "aupro"):
+            vals = [c[part][key] for c in per_class.values() if c[part].get(key) is not None]
+            out[part][key] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def rescore(name: str, dataset, work: Path, truth: dict, sweep: list[dict]) -> list[dict]:
+    """Scoring settings on a trained row without retraining (calibration constants kept: they do
+    not depend on smoothing, top-k or the criterion; thresholds do not enter AUROC)."""
+    scorer, cfg, _ = load_run(work / "runs" / name)
+    feats = Features(cfg, dataset, work / "features")
+    rows = []
+    for over in sweep:
+        scorer.cfg = dataclasses.replace(cfg.score, **over)
+        scorer.kernel = gaussian_kernel1d(scorer.cfg.smooth_sigma)
+        per_class = evaluate_hgad(scorer, feats, dataset, truth)
+        rows.append({"row": name, "score": over, "per_class": per_class, "mean": mean_over_classes(per_class)})
+        m = rows[-1]["mean"]["tune"]
+        print(f"  {name} {over}: tune image {m['image_auroc']:.4f} pixel {m['pixel_auroc']:.4f}", flush=True)
+    return rows
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def study_table(rows: list[dict], classes: list[str]) -> str:
+    head = ("| row | what | tune img / pix | report img / pix | full img / pix | "
+            + " | ".join(f"{c} (full) img / pix" for c in classes) + " | train s | peak MB |")
+    lines = [head, "|" + "---|" * (7 + len(classes))]
+    for r in rows:
+        m = r["mean"]
+        cells = [f"`{r['row']}`", r["what"]]
+        cells += [f"{_pct(m[p]['image_auroc'])} / {_pct(m[p]['pixel_auroc'])}" for p in ("tune", "report", "full")]
+        cells += [f"{_pct(r['per_class'][c]['full']['image_auroc'])} / {_pct(r['per_class'][c]['full']['pixel_auroc'])}"
+                  for c in classes]
+        cells += [str(r.get("train_seconds")), str(r.get("peak_rss_mb"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path, classes: list[str]) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
+    order = {n: i for i, n in enumerate(ROWS)}
+    rows.sort(key=lambda r: order.get(r["row"], 999))
+    atomic_write_text(out / "study.md", study_table(rows, classes))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", action="append", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path, help="results (rows, configs, table): small, committed")
+    ap.add_argument("--work", type=Path, default=Path("runs/quality_study"), help="models and feature caches")
+    ap.add_argument("--rows", default="landed,knn_pool3")
+    ap.add_argument("--rescore", help="trained row to re-evaluate over the scoring sweep")
+    args = ap.parse_args()
+    names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in names if r not in ROWS]
+    if bad:
+        ap.error(f"unknown row(s) {bad}; choose from {', '.join(ROWS)}")
+    torch.set_num_threads(2)
+    dataset = open_roots(args.data)
+    if args.rescore:
+        truth = class_truth(dataset, tuple(row_config(args.rescore).input_size))
+        sweep = [{}, {"topk": 0.001}, {"topk": 0.01}, {"topk": 0.03}, {"smooth_sigma": 2.0}, {"smooth_sigma": 8.0},
+                 {"criterion": "loglik"}, {"criterion": "entropy"}]
+        rows = rescore(args.rescore, dataset, args.work, truth, sweep)
+        atomic_write_json(args.out / "rescore" / f"{args.rescore}.json", rows)
+        return
+    for name in names:
+        if (args.out / "rows" / f"{name}.json").is_file():
+            print(f"{name}: done before, kept", flush=True)
+            continue
+        print(f"{name}: {ROWS[name][0]}", flush=True)
+        result = run_row(name, dataset, args.out, args.work, class_truth(dataset, tuple(row_config(name).input_size)))
+        atomic_write_json(args.out / "rows" / f"{name}.json", result)
+        m = result["mean"]
+        print(f"{name}: tune {m['tune']}, report {m['report']}, full {m['full']}", flush=True)
+        write_table(args.out, dataset.classes)
+
+
+if __name__ == "__main__":
+    main()
