@@ -251,6 +251,48 @@ def rescore(name: str, dataset, work: Path, truth: dict, sweep: list[dict]) -> l
     return rows
 
 
+@torch.no_grad()
+def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
+    """Where do the flows lose to the kNN? Per class: image AUROC of each level alone (the
+    row's own scoring, one level at a time), of the whole model and of the kNN on the same
+    features; and score histograms normal vs defect, HGAD beside kNN (OUT/diagnose/*.png)."""
+    from hgad_edge.metrics import auroc
+    from hgad_edge.scoring import combine, gaussian_blur, image_score, standardize
+    from hgad_edge.viz import score_histogram
+
+    scorer, cfg, _ = load_run(work / "runs" / name)
+    feats = Features(cfg, dataset, work / "features")
+    bank = fit_bank(feats.train.levels, feats.train.labels, seed=cfg.train.seed)
+    report = {}
+    for cid, cname in enumerate(dataset.classes):
+        levels, labels = feats.test[cname], truth[cname]["labels"]
+        per_level = [[] for _ in levels]
+        knn_scores, hgad_scores = [], []
+        for i in range(0, levels[0].shape[0], 16):
+            chunk = [lv[i : i + 16] for lv in levels]
+            cls = torch.full((chunk[0].shape[0],), cid, dtype=torch.long)
+            lls, nhs = scorer.level_maps(scorer.model.terms_from_features(chunk), cls)
+            for k in range(len(levels)):
+                s_l = standardize(lls[k], scorer.reference("loglik", k)[cls], scorer.tau_loglik[cls, k].view(-1, 1, 1))
+                s_e = standardize(nhs[k], scorer.reference("neg_entropy", k)[cls], scorer.tau_neg_entropy[cls, k].view(-1, 1, 1))
+                crit = scorer.cfg.criterion if cfg.head.per_class else "loglik"
+                amap = torch.nn.functional.interpolate(combine(s_l, s_e, crit)[:, None], size=cfg.input_size,
+                                                       mode="bilinear", align_corners=False)[:, 0]
+                per_level[k].append(image_score(gaussian_blur(amap, scorer.kernel), scorer.cfg.topk).numpy())
+            hgad_scores.append(scorer.evaluate_features(chunk, cls)["score"].numpy())
+            knn_scores.append(knn_maps(bank, chunk, cfg.input_size)[1].numpy())
+        hgad, knn = np.concatenate(hgad_scores), np.concatenate(knn_scores)
+        report[cname] = {"levels": {lv.name: float(auroc(labels, np.concatenate(per_level[k])))
+                                    for k, lv in enumerate(scorer.model.levels)},
+                         "hgad": float(auroc(labels, hgad)), "knn": float(auroc(labels, knn))}
+        for tag, vals in (("hgad", hgad), ("knn", knn)):
+            score_histogram(out / "diagnose" / f"{name}_{cname}_{tag}.png", vals[labels == 0], vals[labels == 1], None,
+                            title=f"{cname}: {tag} image scores ({name}), AUROC {100 * report[cname][tag]:.1f}")
+        print(f"  {cname}: {report[cname]}", flush=True)
+    atomic_write_json(out / "diagnose" / f"{name}.json", report)
+    return report
+
+
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
@@ -284,6 +326,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/quality_study"), help="models and feature caches")
     ap.add_argument("--rows", default="landed,knn_pool3")
     ap.add_argument("--rescore", help="trained row to re-evaluate over the scoring sweep")
+    ap.add_argument("--diagnose", help="trained row to compare with the kNN per class and level")
     args = ap.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in names if r not in ROWS]
@@ -291,6 +334,9 @@ def main() -> None:
         ap.error(f"unknown row(s) {bad}; choose from {', '.join(ROWS)}")
     torch.set_num_threads(2)
     dataset = open_roots(args.data)
+    if args.diagnose:
+        diagnose(args.diagnose, dataset, args.out, args.work, class_truth(dataset, tuple(row_config(args.diagnose).input_size)))
+        return
     if args.rescore:
         truth = class_truth(dataset, tuple(row_config(args.rescore).input_size))
         sweep = [{}, {"topk": 0.001}, {"topk": 0.01}, {"topk": 0.03}, {"smooth_sigma": 2.0}, {"smooth_sigma": 8.0},

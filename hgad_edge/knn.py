@@ -55,12 +55,12 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
     """Exact Euclidean distance of each query (Q, C) to its nearest bank row (N, C), in chunks of
     bank rows so the (Q, chunk) distance block stays small."""
     best = torch.full((queries.shape[0],), float("inf"))
-    q2 = queries.pow(2).sum(1, keepdim=True)
     for i in range(0, bank.shape[0], chunk):
         b = bank[i : i + chunk]
-        d2 = (q2 - 2.0 * queries @ b.T + b.pow(2).sum(1)[None]).clamp_min_(0.0)
-        best = torch.minimum(best, d2.amin(1))
-    return best.sqrt()
+        # |b|^2 - 2 q.b in one BLAS call; |q|^2 is the same for every bank row, added after the min
+        part = torch.addmm(b.pow(2).sum(1)[None], queries, b.T, alpha=-2.0)
+        best = torch.minimum(best, part.amin(1))
+    return (best + queries.pow(2).sum(1)).clamp_min_(0.0).sqrt()
 
 
 @torch.no_grad()
