@@ -38,7 +38,7 @@ from hgad_edge.files import atomic_write_json, atomic_write_text
 from hgad_edge.knn import fit_bank, knn_maps
 from hgad_edge.metrics import image_and_pixel_metrics
 from hgad_edge.model import HGADModel
-from hgad_edge.scoring import gaussian_kernel1d
+from hgad_edge.scoring import gaussian_kernel1d, level_weights
 from hgad_edge.train import FeatureCache, Trainer, extract_features, iter_batches, split_calibration
 
 # The landed default (cc2a7f1) in full: the study's fixed starting point.
@@ -58,7 +58,9 @@ ROWS: dict[str, tuple[str, dict]] = {
     "landed": ("the landed default", {}),
     "knn_landed": ("kNN on the landed default's features (no pooling, 2 levels fused for the bank)", {}),
     "pool3": ("3x3 local aggregation of the backbone maps", {"backbone": {"pool": 3}}),
-    "knn_pool3": ("kNN on pooled features (the issue's reference kNN)", {"backbone": {"pool": 3}}),
+    "knn_pool3": ("kNN on the pool3 row's features (each stage pooled, then fused for the bank)", {"backbone": {"pool": 3}}),
+    "knn_fuse_pool3": ("kNN on stage 3 upsampled into stage 2, then 3x3 pooled (the issue's reference kNN)",
+                       {"backbone": {"pool": 3, "merge": "fuse"}}),
     "pool3_fuse": ("pooling + stage 3 fused into stage 2 (one 152-d level)", {"backbone": {"pool": 3, "merge": "fuse"}}),
     "pool3_e24": ("pooling + 3x the training budget (24 epochs)", {"backbone": {"pool": 3}, "train": {"epochs": 24}}),
     "pool3_v512": ("pooling + 4x vectors per image (same steps)", {"backbone": {"pool": 3}, "train": {"vectors_per_image": 512}}),
@@ -244,6 +246,7 @@ def rescore(name: str, dataset, work: Path, truth: dict, sweep: list[dict]) -> l
     for over in sweep:
         scorer.cfg = dataclasses.replace(cfg.score, **over)
         scorer.kernel = gaussian_kernel1d(scorer.cfg.smooth_sigma)
+        scorer.level_weights = level_weights(scorer.cfg.level_weights, len(scorer.model.levels))
         per_class = evaluate_hgad(scorer, feats, dataset, truth)
         rows.append({"row": name, "score": over, "per_class": per_class, "mean": mean_over_classes(per_class)})
         m = rows[-1]["mean"]["tune"]
@@ -341,6 +344,8 @@ def main() -> None:
         truth = class_truth(dataset, tuple(row_config(args.rescore).input_size))
         sweep = [{}, {"topk": 0.001}, {"topk": 0.01}, {"topk": 0.03}, {"smooth_sigma": 2.0}, {"smooth_sigma": 8.0},
                  {"criterion": "loglik"}, {"criterion": "entropy"}]
+        if len(row_config(args.rescore).backbone.stages) == 2 and row_config(args.rescore).backbone.merge == "levels":
+            sweep += [{"level_weights": w} for w in ((1.0, 0.0), (0.0, 1.0), (2.0, 1.0), (1.0, 2.0))]
         rows = rescore(args.rescore, dataset, args.work, truth, sweep)
         atomic_write_json(args.out / "rescore" / f"{args.rescore}.json", rows)
         return

@@ -195,8 +195,11 @@ class Backbone(nn.Module):
         out: list[torch.Tensor] = []
         for scale in self.cfg.pyramid:
             xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-            maps = [aggregate(m, self.cfg.pool) for m in self.model(xs)]
-            out.extend([fuse_maps(maps)] if self.cfg.merge == "fuse" else maps)
+            maps = self.model(xs)
+            # fuse: upsample first, then aggregate on the finer grid (a deep vector's 3x3
+            # neighbourhood would otherwise cover 6x6 fine positions and blur small defects)
+            maps = [fuse_maps(maps)] if self.cfg.merge == "fuse" else maps
+            out.extend(aggregate(m, self.cfg.pool) for m in maps)
         return out
 
     def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -38,7 +38,8 @@ class BackboneConfig:
     # neighbourhood. 1 = off. Part of the model, so it is inside the exported graph.
     pool: int = 1
     # "levels": each stage is its own level (own flow and head); "fuse": deeper stages are
-    # bilinearly upsampled to the first stage's map and concatenated into ONE level per scale.
+    # bilinearly upsampled to the first stage's map and concatenated into ONE level per scale
+    # (then pooled on that grid).
     merge: str = "levels"
 
     MERGES = ("levels", "fuse")
@@ -123,6 +124,8 @@ class ScoreConfig:
     criterion: str = "product"  # "loglik", "entropy" or "product" (S_l with S_e, paper Tab. 3c)
     smooth_sigma: float = 4.0  # Gaussian smoothing of the final map, in input pixels
     topk: float = 0.0  # 0: image score = max of the map; else mean of the top fraction
+    # Weight of each level's standardised map in the average over levels (empty: equal weights).
+    level_weights: tuple[float, ...] = ()
     threshold_quantile: float = 1.0  # quantile of held-out normal image scores used as threshold
     CRITERIA = ("loglik", "entropy", "product")
 

@@ -43,6 +43,17 @@ def combine(s_l: torch.Tensor, s_e: torch.Tensor, criterion: str) -> torch.Tenso
     return F.softplus(s_l) * 2.0 * torch.sigmoid(s_e)
 
 
+def level_weights(weights: tuple[float, ...], levels: int) -> torch.Tensor:
+    """(levels,) weights summing to 1 for the average of the levels' maps; () = equal."""
+    if not weights:
+        return torch.full((levels,), 1.0 / levels)
+    if len(weights) != levels or any(w < 0 for w in weights) or sum(weights) <= 0:
+        msg = f"score.level_weights={tuple(weights)}: give {levels} non-negative weights (one per level), not all 0"
+        raise ValueError(msg)
+    w = torch.tensor(weights, dtype=torch.float32)
+    return w / w.sum()
+
+
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(4.0 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -94,6 +105,7 @@ class AnomalyScorer(nn.Module):
         self.register_buffer("scale", torch.ones(y))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self.register_buffer("kernel", gaussian_kernel1d(cfg.smooth_sigma), persistent=False)
+        self.register_buffer("level_weights", level_weights(cfg.level_weights, k), persistent=False)
 
     def select_class(self, terms, class_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Auto class = argmax of the image-averaged inter-class posterior over all levels."""
@@ -117,7 +129,7 @@ class AnomalyScorer(nn.Module):
                 )[:, 0]
                 for k, m in enumerate(maps)
             ]
-            return torch.stack(ups).mean(0)
+            return (torch.stack(ups) * self.level_weights.view(-1, 1, 1, 1)).sum(0)
 
         s_l = level_mean(lls, "loglik")
         s_e = level_mean(nhs, "neg_entropy")
