@@ -17,19 +17,33 @@ smoothing, calibrated normalisation) is inside the graph.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from hgad_edge.bundle_schema import (
+    ENGINES_DIR,
+    INPUT_NAMES,
+    METADATA_FILE,
+    MODEL_FILES,
+    OUTPUT_NAMES,
+    BundleMetadata,
+    ModelFile,
+    SchemaError,
+    check_file_name,
+    onnx_metadata_props,
+)
+
 from .graph_check import check_graph
 
-BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION = "hgad-edge-bundle", 1
-INPUT_NAMES = ("images", "class_id")
-OUTPUT_NAMES = ("anomaly_map", "score", "score_normalized", "class_pred")
+log = logging.getLogger("hgad_edge.export")
+
 OPSET = 18  # what torch 2.14's dynamo exporter emits (asking for 17 silently gives 18)
-MODEL_FILES = {"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx"}
 
 
 class ExportError(RuntimeError):
@@ -100,74 +114,110 @@ def _slim(model):
     return slim
 
 
-def _set_metadata_props(path: Path, metadata: dict) -> None:
+def _set_metadata_props(path: Path, props: dict[str, str]) -> None:
     import onnx
 
     model = onnx.load(str(path))
     del model.metadata_props[:]
-    for key in ("format", "format_version", "package_version", "classes", "input_size", "thresholds",
-                "checkpoint_sha256", "precision", "normalized_threshold"):
-        if key in metadata:
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(metadata[key])
+    onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
 
 
 def export_bundle(run_dir: Path | str, out: Path | str, precisions: tuple[str, ...] = ("fp32", "fp16"), simplify: bool = True) -> ExportResult:
-    """Run folder -> bundle folder (see module docstring). Every graph passes `check_graph`."""
+    """Run folder -> bundle folder (see module docstring). Every graph passes `check_graph`.
+
+    The bundle is written into a staging folder beside `out` and swapped in at the end: a failed
+    or interrupted export leaves the previous bundle as it was (and no empty `out` behind).
+    """
     import torch
 
     from hgad_edge import __version__
     from hgad_edge.checkpoint import WEIGHTS_FILE, load_run
-    from hgad_edge.files import sha256_file
+    from hgad_edge.files import atomic_dir, atomic_write_json, sha256_file
 
     run_dir, out = Path(run_dir), Path(out)
     unknown = [p for p in precisions if p not in MODEL_FILES]
     if unknown:
         raise ExportError(f"unknown precision(s) {unknown}; choose from {', '.join(MODEL_FILES)}")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     scorer, cfg, meta = load_run(run_dir)
     scorer.model.fuse_condition()  # per-position constants instead of 256 condition columns per coupling
-    models, files, facts = {}, {}, {}
-    for precision in precisions:
-        scorer.model.set_body_dtype(torch.float16 if precision == "fp16" else torch.float32)
-        path = out / MODEL_FILES[precision]
-        facts[precision] = export_onnx(scorer, path, simplify)
-        problems = check_graph(path, mixed=precision == "fp16")
-        if problems:
-            raise ExportError(f"{path} breaks deployment rules:\n- " + "\n- ".join(problems))
-        files[precision] = path
-    scorer.model.set_body_dtype(torch.float32)
-    metadata = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "package_version": __version__,
-        "classes": list(scorer.model.class_names),
-        "input_size": list(cfg.input_size),
-        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-        "class_input": {"name": "class_id", "dtype": "int64", "auto": -1},
-        "outputs": list(OUTPUT_NAMES),
-        "thresholds": [float(t) for t in scorer.threshold],
-        "normalized_threshold": 0.5,
-        "display_range": _display_range(scorer),
-        "checkpoint_sha256": sha256_file(run_dir / WEIGHTS_FILE),
-        "backbone": cfg.backbone.name,
-        "precision_policy": "fp16: backbone+flows FP16, Cast to FP32 before the mixture head; head/scoring FP32",
-        "models": {},
-        "engines": {},
-    }
-    for precision, path in files.items():
-        _set_metadata_props(path, {**metadata, "precision": precision})
-        models[precision] = {"file": path.name, "sha256": sha256_file(path), **facts[precision]}
-    metadata["models"] = models
-    old = out / "metadata.json"
-    if old.is_file():  # keep engines built from identical ONNX files; the builder re-checks them anyway
-        metadata["engines"] = json.loads(old.read_text()).get("engines", {})
-    old.write_text(json.dumps(metadata, indent=2))
-    return ExportResult(out, files, metadata)
+    metadata = BundleMetadata(
+        classes=tuple(scorer.model.class_names),
+        input_size=tuple(int(v) for v in cfg.input_size),
+        thresholds=tuple(float(t) for t in scorer.threshold),
+        models={},
+        display_range=_display_range(scorer),
+        package_version=__version__,
+        extra={
+            "checkpoint_sha256": sha256_file(run_dir / WEIGHTS_FILE),
+            "backbone": cfg.backbone.name,
+            "precision_policy": "fp16: backbone+flows FP16, Cast to FP32 before the mixture head; head/scoring FP32",
+        },
+    )
+    try:
+        metadata.check_values()
+    except SchemaError as err:
+        raise ExportError(f"{run_dir} cannot be exported: {err}") from err
+    with atomic_dir(out) as staging:
+        models = {}
+        for precision in precisions:
+            scorer.model.set_body_dtype(torch.float16 if precision == "fp16" else torch.float32)
+            path = staging / MODEL_FILES[precision]
+            facts = export_onnx(scorer, path, simplify)
+            problems = check_graph(path, mixed=precision == "fp16")
+            if problems:
+                raise ExportError(f"{out / path.name} breaks deployment rules (nothing was written):\n- " + "\n- ".join(problems))
+            _set_metadata_props(path, onnx_metadata_props(metadata, precision))
+            models[precision] = ModelFile(path.name, sha256_file(path), facts)
+        scorer.model.set_body_dtype(torch.float32)
+        metadata = _carry_over(out, staging, metadata.with_models(models))
+        atomic_write_json(staging / METADATA_FILE, metadata.to_json())
+    return ExportResult(out, {p: out / MODEL_FILES[p] for p in precisions}, metadata.to_json())
 
 
-def _display_range(scorer) -> list[float]:
+def _check_out(out: Path) -> None:
+    """Only a new folder, an empty one or a bundle may be replaced by the export."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; pass a folder for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not (out / METADATA_FILE).is_file():
+        raise ExportError(f"--out {out} is a non-empty folder without {METADATA_FILE} (not a bundle); pick a new or empty folder")
+
+
+def _carry_over(out: Path, staging: Path, metadata: BundleMetadata) -> BundleMetadata:
+    """Keep what the old bundle holds besides this export's own files (engines, notes) and its
+    engine entries; the builder and the runtime re-check each engine against the new ONNX sha256."""
+    if not (out / METADATA_FILE).is_file():
+        return metadata
+    for entry in out.iterdir():
+        if entry.name != METADATA_FILE and not (staging / entry.name).exists():
+            _link_tree(entry, staging / entry.name)
+    try:
+        engines = json.loads((out / METADATA_FILE).read_text(encoding="utf-8")).get("engines") or {}
+        kept = {check_file_name(n, "engine"): dict(e) for n, e in engines.items() if (staging / ENGINES_DIR / n).is_file()}
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        log.warning("not keeping the engine list of the old %s (%s); rebuild engines with hgad-edge build", out / METADATA_FILE, err)
+        kept = {}
+    return replace(metadata, engines=kept)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard links where the file system has them (no copy of large engines), copies elsewhere."""
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link_or_copy(str(src), str(dst))
+
+
+def _display_range(scorer) -> tuple[float, float]:
     """Overlay colour range for the runtime: 0 (normal mean) to twice the largest threshold."""
     hi = float(np.max(scorer.threshold.numpy())) * 2.0
-    return [0.0, hi if hi > 0 else 1.0]
+    return (0.0, hi if hi > 0 else 1.0)

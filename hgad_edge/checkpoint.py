@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import HGADConfig, load_config, save_config
+from .config import ConfigError, HGADConfig, load_config, save_config
 from .files import atomic_write_json
 
 CONFIG_FILE, META_FILE, WEIGHTS_FILE, STATE_FILE = "config.yaml", "meta.json", "model.safetensors", "train_state.pt"
@@ -43,7 +43,14 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / META_FILE
     if not path.is_file():
         raise RunError(f"{run_dir} is not a trained run ({META_FILE} missing): run `hgad-edge train --out {run_dir}` first")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"cannot read {path} ({err}): the run is damaged; restore it from a copy or train it again") from err
+    classes = meta.get("classes") if isinstance(meta, dict) else None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise RunError(f"{path} has no list of class names: the run is damaged; restore it from a copy or train it again")
+    return meta
 
 
 def load_run(run_dir: Path | str):
@@ -58,15 +65,29 @@ def load_run(run_dir: Path | str):
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (run_dir / name).is_file():
             raise RunError(f"{run_dir / name} is missing: the run is incomplete; train it again or --resume")
-    cfg: HGADConfig = load_config(run_dir / CONFIG_FILE)
+    cfg = _load_run_config(run_dir / CONFIG_FILE)
     model = HGADModel(cfg, meta["classes"], load_backbone_weights=False)
     scorer = AnomalyScorer(model, cfg.score)
-    missing, unexpected = scorer.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)), strict=False)
+    try:
+        weights = load_file(str(run_dir / WEIGHTS_FILE))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on damaged files
+        raise RunError(f"cannot read {run_dir / WEIGHTS_FILE} ({err}): the run is damaged; train it again or --resume") from err
+    missing, unexpected = scorer.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RunError(f"{run_dir / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if not bool(scorer.calibrated):
         raise RunError(f"{run_dir} was never calibrated (training stopped early): finish it with --resume")
     return scorer.eval(), cfg, meta
+
+
+def _load_run_config(path: Path) -> HGADConfig:
+    """The run's config.yaml; a damaged file is a RunError naming it, not a YAML traceback."""
+    import yaml
+
+    try:
+        return load_config(path)
+    except (ConfigError, yaml.YAMLError, TypeError, ValueError, AttributeError) as err:
+        raise RunError(f"{path} is not a valid config ({err}): the run is damaged; restore it or train it again") from err
 
 
 def save_train_state(run_dir: Path, state: dict[str, Any]) -> None:

@@ -1,8 +1,8 @@
-"""Anomaly-detection dataset readers and image loading (numpy + OpenCV only).
+"""Anomaly-detection dataset readers (torch-free; pixels come from `imaging`).
 
-This module is shared by the trainer and the torch-free deployment runtime, so it must never
-import torch. Readers only *list* files at construction (fast, and every layout problem surfaces
-before a long training run starts); pixels are decoded later by `load_image` / `load_mask`.
+Torch-free, like `imaging`. Readers only *list* files at construction (fast, and every layout
+problem surfaces before a long training run starts); pixels are decoded later by
+`imaging.load_image` / `load_mask` (re-exported here with `resize_image`, `DataError`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import cv2
-import numpy as np
+from .imaging import IMAGE_EXTENSIONS, DataError, load_image, load_mask, resize_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -33,7 +32,6 @@ __all__ = [
     "resize_image",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
 
 _LAYOUTS = (
@@ -43,10 +41,6 @@ _LAYOUTS = (
     "BTAD: <root>/<class>/train/ok/*, test/ok/*, test/ko/*; "
     "MVTec 3D-AD: <root>/<class>/train/good/rgb/*.png, test/<type>/rgb/*.png"
 )
-
-
-class DataError(ValueError):
-    """A problem with the user's data; the message names the path and says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -59,156 +53,6 @@ class Sample:
     label: int
     defect: str
     mask_path: Optional[Path]
-
-
-# --------------------------------------------------------------------------------------------
-# image loading
-
-
-def load_image(path: Path | str) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB, refusing truncated or unreadable files.
-
-    Truncation is checked on the raw bytes because OpenCV silently decodes half a JPEG (grey
-    bottom rows), which would poison training or scoring without any visible error.
-    EXIF orientation is ignored so that pixels match what the deployment camera delivers.
-    """
-    path = Path(path)
-    return _to_rgb8(_decode(path, "image", f"a readable {'/'.join(IMAGE_EXTENSIONS)} file"), path)
-
-
-def load_mask(path: Path | str, shape: Optional[Sequence[int]] = None) -> np.ndarray:
-    """Load a defect mask as HxW bool (any nonzero pixel is defect), so 0/1 and 0/255 masks agree.
-
-    With `shape` (H, W) the mask is resized nearest-neighbour, keeping it binary.
-    """
-    path = Path(path)
-    mask = _decode(path, "mask", "a readable image file")
-    if mask.ndim == 3:
-        mask = mask[..., :3].max(axis=2) if mask.shape[2] >= 3 else mask[..., 0]
-    binary = mask != 0
-    if shape is not None:
-        height, width = int(shape[0]), int(shape[1])
-        if binary.shape != (height, width):
-            resized = cv2.resize(binary.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-            binary = resized != 0
-    return binary
-
-
-def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize to (H, W): INTER_AREA when shrinking (no aliasing), INTER_LINEAR otherwise.
-
-    The deployment runtime calls this exact function so that training and inference see
-    identical pixels; keep it free of randomness and of size-dependent special cases.
-    """
-    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
-        msg = f"resize_image expects an HxWx3 (or HxW) uint8 image, got shape {img.shape} dtype {img.dtype}"
-        raise ValueError(msg)
-    height, width = int(size[0]), int(size[1])
-    if height <= 0 or width <= 0:
-        msg = f"resize_image target size must be positive (H, W), got {size}"
-        raise ValueError(msg)
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    src_h, src_w = img.shape[:2]
-    if (src_h, src_w) == (height, width):
-        return np.ascontiguousarray(img).copy()
-    shrinking = height <= src_h and width <= src_w
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    out = cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=interpolation)
-    return out.reshape(height, width, 3)
-
-
-def _decode(path: Path, what: str, expected: str) -> np.ndarray:
-    """Raw bytes -> completeness check -> OpenCV decode at native bit depth; DataError otherwise."""
-    data = _read_bytes(path, what)
-    _check_complete(path, data)
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if decoded is None:
-        msg = f"cannot decode {what} {path}: not {expected}; replace or delete it"
-        raise DataError(msg)
-    return decoded
-
-
-def _read_bytes(path: Path, what: str) -> bytes:
-    """Read a whole file, turning OS errors into a DataError that names the file."""
-    if not path.exists():
-        msg = f"{what} file {path} does not exist; check the dataset path or restore the file"
-        raise DataError(msg)
-    if not path.is_file():
-        msg = f"{what} path {path} is not a file; expected an image file"
-        raise DataError(msg)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        msg = f"cannot read {what} file {path}: {err.strerror or err}; check its permissions"
-        raise DataError(msg) from err
-    if not data:
-        msg = f"{what} file {path} is empty (0 bytes); re-copy or delete it"
-        raise DataError(msg)
-    return data
-
-
-def _check_complete(path: Path, data: bytes) -> None:
-    """Raise if a PNG/JPEG/BMP ends early; OpenCV would otherwise decode it partially."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        complete = _png_has_iend(data)
-    elif data.startswith(b"\xff\xd8"):
-        eoi = data.rfind(b"\xff\xd9")
-        complete = eoi >= 0 and eoi > data.rfind(b"\xff\xda")  # EOI must follow the last scan
-    elif data.startswith(b"BM") and len(data) >= 6:
-        complete = len(data) >= int.from_bytes(data[2:6], "little")
-    else:
-        return
-    if not complete:
-        msg = f"image file {path} is truncated (incomplete download or copy); re-copy or delete it"
-        raise DataError(msg)
-
-
-def _png_has_iend(data: bytes) -> bool:
-    """Walk the PNG chunk list; a file is complete only if IEND is reached inside the data."""
-    pos = 8
-    while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        if end > len(data):
-            return False
-        if kind == b"IEND":
-            return True
-        pos = end
-    return False
-
-
-def _to_rgb8(img: np.ndarray, path: Path) -> np.ndarray:
-    """Normalise OpenCV's decoded array (gray / BGR / BGRA, 8/16-bit/float) to uint8 RGB."""
-    img = _to_uint8(img, path)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[..., 0]
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    channels = img.shape[2]
-    if channels == 2:  # gray + alpha
-        return cv2.cvtColor(np.ascontiguousarray(img[..., 0]), cv2.COLOR_GRAY2RGB)
-    if channels == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    if channels == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    msg = f"image file {path} has {channels} channels; expected gray, RGB or RGBA"
-    raise DataError(msg)
-
-
-def _to_uint8(img: np.ndarray, path: Path) -> np.ndarray:
-    """Scale 16-bit (round(x / 257), so 65535 -> 255) and float images to 8 bits."""
-    if img.dtype == np.uint8:
-        return img
-    if img.dtype == np.uint16:
-        return ((img.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)
-    if img.dtype in (np.float32, np.float64):
-        finite = np.nan_to_num(img.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
-        return np.clip(np.rint(finite * scale), 0, 255).astype(np.uint8)
-    msg = f"image file {path} has unsupported pixel type {img.dtype}; convert it to 8- or 16-bit"
-    raise DataError(msg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,14 +149,14 @@ def test_load_color_is_rgb(tmp_path: Path) -> None:
     bgr = np.zeros((4, 5, 3), np.uint8)
     bgr[..., 0] = 200  # blue in OpenCV order
     cv2.imwrite(str(tmp_path / "c.png"), bgr)
-    img = load_image(tmp_path / "c.png")
+    img = load_image(tmp_path / "c.png", min_side=1)
     assert img[0, 0].tolist() == [0, 0, 200]
 
 
 def test_load_16bit_png_rounds(tmp_path: Path) -> None:
     values = np.array([[0, 128, 257, 65535, 1000]], np.uint16)
     cv2.imwrite(str(tmp_path / "d.png"), values)
-    img = load_image(tmp_path / "d.png")
+    img = load_image(tmp_path / "d.png", min_side=1)
     expected = np.round(values / 257).astype(np.uint8)
     assert img.dtype == np.uint8 and img.shape == (1, 5, 3)
     assert (img[..., 0] == expected).all() and img[0, 3, 0] == 255
@@ -167,13 +167,13 @@ def test_load_rgba_drops_alpha(tmp_path: Path) -> None:
     bgra[..., 2] = 90  # red
     bgra[..., 3] = 0  # fully transparent: alpha must not matter
     cv2.imwrite(str(tmp_path / "a.png"), bgra)
-    img = load_image(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png", min_side=1)
     assert img.shape == (3, 4, 3) and img[0, 0].tolist() == [90, 0, 0]
 
 
 def test_load_palette_png(tmp_path: Path) -> None:
     write_palette_png(tmp_path / "p.png")
-    img = load_image(tmp_path / "p.png")
+    img = load_image(tmp_path / "p.png", min_side=1)
     assert img.shape == (2, 3, 3)
     assert img[0, 0].tolist() == [255, 0, 0] and img[0, 2].tolist() == [0, 0, 255]
 

@@ -408,7 +408,7 @@ def load_tensorrt_runner(
     name = choose_engine(bundle.metadata, trt.__version__, capability, precision, max_batch, bundle.path)
     entry = bundle.metadata["engines"][name]
     fix = f"hgad-edge build {bundle.path} --precision {entry['precision']}"
-    path = bundle.engines_dir() / name
+    path = bundle.engine_path(name)  # a bare name under engines/, no link out of the bundle
     if not path.is_file():
         raise EngineError(f"engine {path} is listed in metadata.json but missing; rebuild it: {fix}", Status.ENGINE_NOT_FOUND)
     loader = EngineFromPath(trt, path, fix, bool(entry.get("version_compatible")))
