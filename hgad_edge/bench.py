@@ -485,7 +485,7 @@ def open_engine(setup: Setup, backend: str, precision: str):
         path = _build_trt(setup, precision)
         if precision == "int8":
             return _int8_engine(setup, path)
-    det = Detector(setup.bundle, backend=backend, precision=precision, max_batch=setup.max_batch, copy=False)
+    det = Detector(setup.bundle, backend=backend, precision=precision, max_batch=setup.max_batch)
     return RuntimeEngine(det, backend, precision)
 
 

@@ -198,23 +198,32 @@ def check_trt(onnx_file):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True,
               help="Engine/graph precision; int8 needs a TensorRT engine built with --calib-dir.")
 @click.option("--headless", is_flag=True, help="No window; print JSON lines / summary only.")
-@click.option("--output", "output_jsonl", type=click.Path(dir_okay=False, path_type=Path), help="Write one JSON line per frame.")
-@click.option("--save-anomalies", type=click.Path(file_okay=False, path_type=Path), help="Save overlay + frame of every FAIL.")
+@click.option("--output", "output_jsonl", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write one JSON line per frame (appended to an existing file; - for stdout).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run) instead of appending.")
+@click.option("--save-anomalies", type=click.Path(file_okay=False, path_type=Path),
+              help="Save overlay + frame of every FAIL (file names carry this run's id).")
 @click.option("--max-frames", type=click.IntRange(min=1))
 @click.option("--reconnect-attempts", type=click.IntRange(min=0), default=5, show_default=True)
-def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, save_anomalies, max_frames, reconnect_attempts):
-    """Score a camera, stream, video file, image folder or glob with a bundle (no torch needed)."""
-    from .runtime.app import AppError, run_app
+def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, overwrite, save_anomalies, max_frames,
+        reconnect_attempts):
+    """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle (no torch needed).
+
+    Exits non-zero when no frame could be scored or an anomalous frame could not be saved."""
+    from .runtime.app import AppError, run_app, run_problems
     from .runtime.errors import HgadRuntimeError
     from .runtime.sources import SourceError
 
     if (source is None) == (camera is None):
         raise click.UsageError("give exactly one of SOURCE or --camera")
     try:
-        run_app(bundle, source if source is not None else camera, class_name, backend, headless, output_jsonl,
-                save_anomalies, max_frames, reconnect_attempts, precision=precision)
+        summary = run_app(bundle, source if source is not None else camera, class_name, backend, headless, output_jsonl,
+                          save_anomalies, max_frames, reconnect_attempts, precision=precision, overwrite=overwrite)
     except (HgadRuntimeError, SourceError, AppError) as exc:
         raise click.ClickException(str(exc)) from exc
+    problems = run_problems(summary)
+    if problems:
+        raise click.ClickException("; ".join(problems))
 
 
 def _csv(kind: type, allowed: tuple[str, ...] | None = None):

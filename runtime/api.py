@@ -9,10 +9,12 @@ C++ integrations share one contract and one set of error codes. Typical use::
         print(last_error(handle))
     destroy(handle)
 
-All buffers (input frames, class ids, outputs) are planned in `create` for `max_batch` and reused,
-so the arrays of a `Result` are views into them: valid until the next `infer` / `destroy` on the
-same handle. Keep them with `result.copy()`. One handle serves one call at a time (calls on the
-same handle from several threads are serialised).
+Threads: one handle serves one call at a time (calls on the same handle from several threads
+are serialised by the handle's lock), and every `Result` is owned by its caller. The input and
+output buffers are planned in `create` for `max_batch` and reused by each call, so `infer` copies
+the outputs into fresh arrays *before* it releases the lock: no later call, from this thread or
+another, and no `destroy` can change a Result already returned (copying a map costs microseconds,
+inference milliseconds). Separate handles run in parallel.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ log = logging.getLogger("hgad_edge.runtime")
 
 @dataclass
 class Result:
-    """Outputs of one batch; arrays are (B, ...) views into the handle's buffers (see module doc)."""
+    """Outputs of one batch; the (B, ...) arrays belong to the caller (see module doc)."""
 
     anomaly_map: np.ndarray  # (B, H, W) float32, in the model's input resolution
     score: np.ndarray  # (B,) float32 image score (max of the map)
@@ -53,7 +55,7 @@ class Result:
         return int(self.score.shape[0])
 
     def copy(self) -> "Result":
-        """A Result that owns its arrays (survives the next `infer` on the handle)."""
+        """An independent deep copy (results from `infer` already own their arrays)."""
         arrays = {k: getattr(self, k).copy() for k in ("anomaly_map", "score", "score_normalized", "anomalous", "class_pred")}
         return replace(self, **arrays, class_names=list(self.class_names), latency_ms=dict(self.latency_ms))
 
@@ -63,7 +65,6 @@ class _Handle:
     bundle: Bundle
     runner: Runner
     packer: BatchPacker
-    anomalous: np.ndarray
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_error: str = ""
 
@@ -111,7 +112,7 @@ def create(
         return _fail(Status.INTERNAL_ERROR, _unexpected(err)), None
     specs = runner.input_specs
     packer = BatchPacker(runner.inputs[specs[0].name], runner.inputs[specs[1].name], loaded.classes)
-    state = _Handle(loaded, runner, packer, np.zeros(runner.max_batch, dtype=bool))
+    state = _Handle(loaded, runner, packer)
     with _handles_lock:
         handle = next(_next_id)
         _handles[handle] = state
@@ -145,13 +146,13 @@ def infer(handle: int, frames: Any, class_id: Any = "auto") -> tuple[Status, Opt
 
 
 def _infer_locked(state: _Handle, frames: Any, class_id: Any) -> Result:
+    """Pack, run, and copy the outputs out of the reused buffers while the caller holds the lock."""
     start = time.perf_counter()
     batch = state.packer.pack(frames, class_id)
     packed = time.perf_counter()
-    out = state.runner.infer(batch)
+    out = {name: np.array(value, copy=True) for name, value in state.runner.infer(batch).items()}
     ran = time.perf_counter()
-    anomalous = state.anomalous[:batch]
-    np.greater_equal(out["score_normalized"], state.bundle.normalized_threshold, out=anomalous)
+    anomalous = out["score_normalized"] >= state.bundle.normalized_threshold
     classes = state.bundle.classes
     names = [classes[c] if 0 <= c < len(classes) else "unknown" for c in out["class_pred"].tolist()]
     done = time.perf_counter()

@@ -3,6 +3,10 @@
 Capture runs on the source's thread while this thread infers, so grabbing overlaps scoring; with
 a slow model, live sources drop their oldest frames (counted) instead of lagging behind.
 Ctrl-C (SIGINT) or SIGTERM ends the loop cleanly and the summary is still printed and returned.
+Outputs never lose what was there: `--output` is opened only once bundle, source and class are
+checked, appended to when it exists (replaced only with overwrite=True, and then written aside and
+renamed at the end); saved anomalies carry the run id in their names. `run_problems` says which
+summaries must end in a non-zero exit (nothing scored, every frame corrupt, evidence not saved).
 The click command only maps flags onto `run_app`; everything testable lives here.
 """
 
@@ -14,6 +18,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,12 +27,13 @@ from typing import IO, Any, Callable, Optional
 import cv2
 import numpy as np
 
+from hgad_edge.files import atomic_path
 from hgad_edge.viz import heatmap_overlay
 
 from .detector import Detector
 from .sources import Frame, FrameSource, SourceError, check_supported, parse_source
 
-__all__ = ["AppError", "format_summary", "run_app"]
+__all__ = ["AppError", "format_summary", "run_app", "run_problems"]
 
 log = logging.getLogger("hgad_edge.runtime")
 
@@ -55,17 +61,63 @@ def check_gui(window_name: str) -> None:
         raise AppError(f"cannot open a window ({err}); pass --headless") from err
 
 
-def _open_jsonl(path: Optional[str | Path]) -> Optional[IO[str]]:
-    if path is None:
-        return None
-    if str(path) == "-":
-        return sys.stdout
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "w", encoding="utf-8", buffering=1)  # line-buffered: `tail -f` sees each frame
-    except OSError as err:
-        raise AppError(f"cannot write JSON lines to {path}: {err.strerror or err}; pick a writable path") from err
+def _writable_folder(path: Path) -> bool:
+    """Whether `path` (a folder, existing or to be created) can receive files."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def _check_outputs(output: Optional[str | Path], anomalies: Optional[str | Path]) -> None:
+    """Refuse unusable output paths before the model loads; nothing is created or opened here."""
+    if output is not None and str(output) != "-":
+        path = Path(output)
+        if path.is_dir():
+            raise AppError(f"--output {path} is a folder; give a file name, e.g. {path / 'results.jsonl'}")
+        if not _writable_folder(path.parent) or (path.exists() and not os.access(path, os.W_OK)):
+            raise AppError(f"cannot write JSON lines to {path} (not writable); pick a writable path")
+    if anomalies is not None:
+        path = Path(anomalies)
+        if path.exists() and not path.is_dir():
+            raise AppError(f"--save-anomalies {path} is a file; pass a folder")
+        if not _writable_folder(path):
+            raise AppError(f"cannot write anomalous frames to {path} (not writable); pick a writable folder")
+
+
+class _JsonLines:
+    """One JSON line per frame. An existing file is appended to; a new file (or overwrite=True) is
+    written under a temporary name and renamed at the end, and only if a line was written, so a
+    failed run never truncates earlier results."""
+
+    def __init__(self, path: str | Path, overwrite: bool) -> None:
+        self.path, self.tmp, self.lines = Path(path), None, 0
+        self.to_stdout = str(path) == "-"
+        try:
+            if self.to_stdout:
+                self.fh: IO[str] = sys.stdout
+            elif self.path.exists() and not overwrite:
+                self.fh = open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered: `tail -f` sees each frame
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+                self.tmp, self.fh = Path(name), os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+        except OSError as err:
+            raise AppError(f"cannot write JSON lines to {self.path}: {err.strerror or err}; pick a writable path") from err
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+    def close(self) -> None:
+        if self.to_stdout:
+            return
+        self.fh.close()
+        if self.tmp is not None:
+            if self.lines:
+                os.replace(self.tmp, self.path)
+            else:
+                self.tmp.unlink(missing_ok=True)
 
 
 def _prepare_dir(path: Optional[str | Path]) -> Optional[Path]:
@@ -77,6 +129,11 @@ def _prepare_dir(path: Optional[str | Path]) -> Optional[Path]:
     except OSError as err:
         raise AppError(f"cannot create {path} for anomalous frames: {err.strerror or err}; pick a writable folder") from err
     return path
+
+
+def run_id() -> str:
+    """Names this run's saved files: local time to the second plus the process id (unique per run)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 class _SigtermAsInterrupt:
@@ -136,15 +193,25 @@ def _shrink(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _save_anomaly(folder: Path, frame: Frame, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float]) -> None:
-    stem = f"{frame.index:06d}"
+def _save_anomaly(folder: Path, run: str, frame: Frame, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float]) -> bool:
+    """Overlay + raw frame as <run id>_<frame>[_<file stem>]_{overlay,raw}.png; False if a write failed."""
+    stem = f"{run}_{frame.index:06d}"
     if Path(frame.source).suffix:
         stem += f"_{Path(frame.source).stem}"
     overlay = _overlay(frame.image, amap, record, vrange, None)
+    saved = True
     for suffix, image in (("overlay", overlay), ("raw", frame.image)):
         path = folder / f"{stem}_{suffix}.png"
-        if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-            log.warning("could not write %s (disk full or not writable?)", path)
+        try:
+            ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise OSError("PNG encoding failed")
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data.tobytes())
+        except (OSError, cv2.error) as err:
+            log.warning("could not write %s (%s): disk full or not writable?", path, getattr(err, "strerror", None) or err)
+            saved = False
+    return saved
 
 
 class _Window:
@@ -174,14 +241,31 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"hgad-edge run: {summary['frames']} frames, {summary['anomalies']} anomalous, {summary['fps']:.1f} fps, "
         f"{summary['dropped_frames']} dropped, {summary['skipped_corrupt']} corrupt skipped, "
         f"{summary['reconnects']} reconnects, backend {summary['backend']}"
+        + (f", {summary['save_failures']} anomalies NOT saved" if summary["save_failures"] else "")
         + (" (interrupted)" if summary["interrupted"] else "")
     )
+
+
+def run_problems(summary: dict[str, Any]) -> list[str]:
+    """Why a finished run must exit non-zero (empty when it did its job); each names the fix."""
+    problems = []
+    if summary["frames"] == 0 and not summary["interrupted"]:
+        corrupt = summary["skipped_corrupt"]
+        detail = f"all {corrupt} frames/files were corrupt or unusable (see the warnings above)" if corrupt else "the source delivered no frame"
+        problems.append(f"no frame was scored: {detail}; check the source {summary['source']}")
+    if summary["save_failures"]:
+        problems.append(
+            f"{summary['save_failures']} anomalous frames could not be saved to {summary['anomaly_dir']} "
+            "(disk full or not writable?); free space or pick another --save-anomalies folder"
+        )
+    return problems
 
 
 class _Counters:
     def __init__(self) -> None:
         self.frames = 0
         self.anomalies = 0
+        self.save_failures = 0
         self.latency_ms = 0.0
         self.fps: Optional[float] = None
         self.started = time.perf_counter()
@@ -197,7 +281,7 @@ class _Counters:
         self.latency_ms += record["latency_ms"]
 
 
-def _summary(counters: _Counters, source: FrameSource, backend: str, interrupted: bool) -> dict[str, Any]:
+def _summary(counters: _Counters, source: FrameSource, backend: str, interrupted: bool, anomaly_dir: Optional[Path]) -> dict[str, Any]:
     elapsed = time.perf_counter() - counters.started
     stats = source.stats
     return {
@@ -209,6 +293,8 @@ def _summary(counters: _Counters, source: FrameSource, backend: str, interrupted
         "dropped_frames": stats.dropped,
         "skipped_corrupt": stats.skipped_corrupt,
         "reconnects": stats.reconnects,
+        "save_failures": counters.save_failures,
+        "anomaly_dir": None if anomaly_dir is None else str(anomaly_dir),
         "interrupted": interrupted,
         "backend": backend,
         "source": source.spec.name,
@@ -227,6 +313,7 @@ def run_app(
     max_frames: Optional[int] = None,
     reconnect_attempts: int = 5,
     *,
+    overwrite: bool = False,
     backoff_s: float = 0.5,
     precision: str = "auto",
     device: int = 0,
@@ -238,30 +325,32 @@ def run_app(
     """Score `source` until it ends, `max_frames`, q/Esc in the window, or Ctrl-C; return the summary.
 
     Raises HgadRuntimeError (bundle/backend problems), SourceError (source cannot be opened or was
-    lost for good) or AppError (no GUI, unwritable outputs); each message names the fix.
+    lost for good) or AppError (no GUI, unwritable outputs); each message names the fix. A summary
+    can still describe a failed run: see `run_problems`.
     """
     spec = parse_source(source)  # a typo in the source fails before the model loads
     check_supported(spec)
     if not headless:
         check_gui(window_name)
-    jsonl = _open_jsonl(output_jsonl)
-    try:
+    _check_outputs(output_jsonl, save_anomalies)
+    with Detector(bundle, backend=backend, device=device, precision=precision, max_batch=1) as detector:
+        class_id = detector.class_id(class_name)
+        frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
         anomaly_dir = _prepare_dir(save_anomalies)
-        with Detector(bundle, backend=backend, device=device, precision=precision, max_batch=1, copy=False) as detector:
-            class_id = detector.class_id(class_name)
-            frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
-            window = None if headless else _Window(window_name)
+        window = None if headless else _Window(window_name)
+        jsonl = None if output_jsonl is None else _JsonLines(output_jsonl, overwrite)  # opened last: nothing truncated
+        try:
             return _run_loop(detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary)
-    finally:
-        if jsonl is not None and jsonl is not sys.stdout:
-            jsonl.close()
+        finally:
+            if jsonl is not None:
+                jsonl.close()
 
 
 def _run_loop(
     detector: Detector,
     frames: FrameSource,
     class_id: int,
-    jsonl: Optional[IO[str]],
+    jsonl: Optional[_JsonLines],
     anomaly_dir: Optional[Path],
     window: Optional[_Window],
     max_frames: Optional[int],
@@ -269,10 +358,11 @@ def _run_loop(
 ) -> dict[str, Any]:
     counters, interrupted, error = _Counters(), False, None
     vrange = tuple(detector.info["display_range"])
+    saver = None if anomaly_dir is None else (anomaly_dir, run_id())
     try:
         with _SigtermAsInterrupt(), frames:
             for frame in frames:
-                if not _process(detector, frame, class_id, jsonl, anomaly_dir, window, counters, vrange):
+                if not _process(detector, frame, class_id, jsonl, saver, window, counters, vrange):
                     break
                 if max_frames is not None and counters.frames >= max_frames:
                     break
@@ -283,11 +373,12 @@ def _run_loop(
     finally:
         if window is not None:
             window.close()
-    summary = _summary(counters, frames, detector.backend, interrupted)
+    summary = _summary(counters, frames, detector.backend, interrupted, anomaly_dir)
     if error is not None and counters.frames == 0:
         raise error
     if print_summary:
-        print(format_summary(summary), file=sys.stderr if jsonl is sys.stdout else sys.stdout, flush=True)
+        to_stdout = jsonl is not None and jsonl.to_stdout
+        print(format_summary(summary), file=sys.stderr if to_stdout else sys.stdout, flush=True)
     if error is not None:
         raise error
     return summary
@@ -297,8 +388,8 @@ def _process(
     detector: Detector,
     frame: Frame,
     class_id: int,
-    jsonl: Optional[IO[str]],
-    anomaly_dir: Optional[Path],
+    jsonl: Optional[_JsonLines],
+    saver: Optional[tuple[Path, str]],
     window: Optional[_Window],
     counters: _Counters,
     vrange: tuple[float, float],
@@ -308,10 +399,10 @@ def _process(
     record = _record(frame, result)
     counters.tick(record)
     if jsonl is not None:
-        jsonl.write(json.dumps(record) + "\n")
+        jsonl.write(record)
     amap = result.anomaly_map[0]
-    if anomaly_dir is not None and record["anomalous"]:
-        _save_anomaly(anomaly_dir, frame, amap, record, vrange)
+    if saver is not None and record["anomalous"]:
+        counters.save_failures += not _save_anomaly(saver[0], saver[1], frame, amap, record, vrange)
     if window is not None:
         return window.show(_overlay(_shrink(frame.image), amap, record, vrange, counters.fps))
     return True

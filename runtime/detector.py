@@ -22,8 +22,8 @@ __all__ = ["Detector"]
 class Detector:
     """One loaded bundle on one backend. Raises `HgadRuntimeError` subclasses carrying `.status`.
 
-    `infer` returns a Result that owns its arrays by default (`copy=True`); pass `copy=False` to
-    get views into the reused buffers (valid until the next call) and save a copy per frame.
+    `infer` returns a Result that owns its arrays; one Detector may be shared by threads (calls
+    are serialised, see `api`).
     """
 
     def __init__(
@@ -33,14 +33,12 @@ class Detector:
         device: int = 0,
         precision: str = "auto",
         max_batch: int = 8,
-        copy: bool = True,
     ) -> None:
         self._handle: Optional[int] = None
         status, handle = api.create(bundle, backend=backend, device=device, precision=precision, max_batch=max_batch)
         self._raise_unless_ok(status)
         self._handle = handle
         self._release = weakref.finalize(self, api.destroy, handle)  # frees GPU memory if close() is forgotten
-        self.copy = copy
         _, self.info = api.info(handle)
 
     def _raise_unless_ok(self, status: Status) -> None:
@@ -72,7 +70,7 @@ class Detector:
         """Score one HxWx3 uint8 RGB frame (any size) or a batch of them."""
         status, result = api.infer(self._handle, frames, class_id)
         self._raise_unless_ok(status)
-        return result.copy() if self.copy else result
+        return result
 
     def close(self) -> None:
         """Release the backend; safe to call twice."""

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hgad_edge.data import resize_image
+from hgad_edge.imaging import MIN_IMAGE_SIDE, resize_image
 
 from .errors import InvalidArgumentError
 
@@ -62,6 +62,12 @@ def _check_frame(frame: Any, index: int) -> None:
         raise InvalidArgumentError(msg)
     if frame.shape[0] == 0 or frame.shape[1] == 0:
         raise InvalidArgumentError(f"frame {index} is empty (shape {frame.shape}); skip empty camera frames")
+    if min(frame.shape[:2]) < MIN_IMAGE_SIDE:
+        msg = (
+            f"frame {index} is {frame.shape[1]}x{frame.shape[0]} pixels, below the {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
+            "minimum: no texture to score; pass the camera's full frame"
+        )
+        raise InvalidArgumentError(msg)
 
 
 def resolve_class_ids(class_id: Any, batch: int, classes: Sequence[str]) -> list[int]:

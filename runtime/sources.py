@@ -3,13 +3,15 @@
     0 / "0" / "--camera 0"     USB/V4L2 camera index          v4l2:///dev/video0   V4L2 device
     csi://0                    MIPI CSI camera (GStreamer nvarguscamerasrc, Jetson)
     rtsp://... http://...      network stream (FFmpeg)        file.mp4             video file
-    images/                    image folder (sorted)          "images/*.png"       glob pattern
+    images/                    image folder (sub-folders too, sorted)   "images/*.png"   glob pattern
 
 Capture runs on its own thread so that grabbing the next frame overlaps inference. Live sources
 (cameras, streams) keep a small queue and drop the OLDEST frame when inference is slower, so the
 app always scores a recent frame; files and folders never drop (they block instead). Cameras and
-streams reconnect with exponential backoff, a bounded number of times. Broken frames and corrupt
-image files are skipped and counted, never fatal. Frames are delivered as RGB uint8.
+streams reconnect with exponential backoff, a bounded number of times. Broken frames, corrupt or
+oversized image files (over the imaging pixel cap) and the incomplete last frame of a truncated
+video are skipped and counted, never fatal. Frames are delivered as RGB uint8. Credentials in
+stream URLs never leave this module: names, URIs and messages carry the redacted form.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from typing import Any, Callable, Iterator, Optional, Union
 import cv2
 import numpy as np
 
-from hgad_edge.data import load_image
+from hgad_edge.imaging import IMAGE_EXTENSIONS, load_image
+from hgad_edge.redact import redact_text, redact_url
 
 __all__ = ["Frame", "FrameSource", "SourceError", "SourceSpec", "SourceStats", "check_supported", "open_source", "parse_source"]
 
 log = logging.getLogger("hgad_edge.runtime")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".flv", ".mjpeg", ".mjpg")
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "rtp://")
 SOURCE_FORMS = "a camera index (0), csi://0, v4l2:///dev/video0, rtsp://host/path, a video file, an image folder or a glob pattern"
@@ -63,6 +65,7 @@ class SourceSpec:
     target: Union[int, str, None] = None
     api: int = cv2.CAP_ANY
     paths: tuple[Path, ...] = ()
+    root: Optional[Path] = None  # image folder: frames are named by their path relative to it
 
     @property
     def live(self) -> bool:
@@ -120,16 +123,22 @@ def csi_pipeline(sensor_id: int, width: int = 1280, height: int = 720, fps: int 
     )
 
 
-def _hide_credentials(url: str) -> str:
-    """rtsp://user:pass@host -> rtsp://***@host, so passwords stay out of logs and JSON lines."""
-    return re.sub(r"^([a-zA-Z0-9+.-]+://)[^/@]+@", r"\1***@", url)
-
-
-def _files_spec(paths: list[Path], name: str, what: str) -> SourceSpec:
+def _files_spec(paths: list[Path], name: str, what: str, root: Optional[Path] = None) -> SourceSpec:
     images = sorted(p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
     if not images:
-        raise SourceError(f"{what} {name} holds no images ({', '.join(IMAGE_EXTENSIONS)}); pass {SOURCE_FORMS}")
-    return SourceSpec("images", name, name, None, cv2.CAP_ANY, tuple(images))
+        where = " or its sub-folders" if root is not None else ""
+        raise SourceError(f"{what} {name}{where} holds no images ({', '.join(IMAGE_EXTENSIONS)}); pass {SOURCE_FORMS}")
+    return SourceSpec("images", name, name, None, cv2.CAP_ANY, tuple(images), root)
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """Every file under `folder`, sub-folders included (an MVTec test/ folder), hidden ones skipped,
+    sorted by relative path; symlinked folders are not followed (no loops)."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        found += [Path(parent) / f for f in files]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
 def parse_source(source: Union[int, str, Path]) -> SourceSpec:
@@ -150,15 +159,15 @@ def parse_source(source: Union[int, str, Path]) -> SourceSpec:
     if text.startswith("/dev/video") or text.startswith("/dev/v4l/"):
         return _v4l2_spec(text, name)
     if text.lower().startswith(STREAM_SCHEMES):
-        shown = _hide_credentials(text)
+        shown = redact_url(text)
         return SourceSpec("stream", shown, shown, text, cv2.CAP_FFMPEG)
-    return _path_spec(text[len("file://"):] if text.startswith("file://") else text, name)
+    return _path_spec(text[len("file://"):] if text.startswith("file://") else text, redact_url(name))
 
 
 def _path_spec(text: str, name: str) -> SourceSpec:
     path = Path(text).expanduser()
     if path.is_dir():
-        return _files_spec(list(path.iterdir()), name, "folder")
+        return _files_spec(_folder_images(path), name, "folder", path)
     if path.is_file():
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return _files_spec([path], name, "file")
@@ -301,10 +310,10 @@ class FrameSource:
                 return
             try:
                 image = load_image(path)
-            except Exception as err:  # DataError for broken files, OSError for vanished ones
+            except Exception as err:  # DataError for broken or oversized files, OSError for vanished ones
                 self._skip(f"skipping {path}: {err}")
                 continue
-            self._put(image, str(path))
+            self._put(image, path.relative_to(self.spec.root).as_posix() if self.spec.root else str(path))
 
     def _skip(self, message: str) -> None:
         self.stats.skipped_corrupt += 1
@@ -316,7 +325,7 @@ class FrameSource:
         try:
             cap = self.capture_factory(self.spec.target, self.spec.api, *kwargs)
         except Exception as err:  # cv2.error on bad backends / pipelines
-            log.warning("opening %s raised %s", self.spec.label, err)
+            log.warning("opening %s raised %s", self.spec.label, redact_text(str(err)))
             return None
         if cap is not None and cap.isOpened():
             if self.spec.live:
@@ -383,27 +392,53 @@ class FrameSource:
 
     def _read_until_drop(self, cap: Any) -> tuple[bool, int]:
         """Read until the source ends or drops: (True, n) at the end of a file or on stop(),
-        (False, n) when a live source drops; n = frames delivered."""
-        bad = delivered = 0
+        (False, n) when a live source drops; n = frames delivered.
+
+        A video file's frame is delivered only once the next read succeeds, so that the last one
+        can be checked by `_last_video_frame` (a truncated file ends in a half-decoded frame)."""
+        bad = delivered = reads = 0
+        pending: Optional[np.ndarray] = None
         while not self._stop.is_set():
             try:
                 ok, image = cap.read()
             except Exception as err:
-                log.warning("reading %s raised %s", self.spec.label, err)
+                log.warning("reading %s raised %s", self.spec.label, redact_text(str(err)))
                 ok, image = False, None
-            if not ok:
-                return not self.spec.live, delivered
-            rgb = to_rgb(image)
-            if rgb is None:
+            rgb = to_rgb(image) if ok else None
+            reads += int(bool(ok))
+            if ok and rgb is None:
                 self._skip(f"skipping an empty or malformed frame from {self.spec.label}")
                 bad += 1
-                if bad >= MAX_BAD_FRAMES:
-                    return not self.spec.live, delivered
+            if not ok or bad >= MAX_BAD_FRAMES:
+                if pending is not None:
+                    delivered += self._last_video_frame(cap, pending, reads)
+                return not self.spec.live, delivered
+            if rgb is None:
                 continue
             bad = 0
+            if self.spec.kind == "video":
+                rgb, pending = pending, rgb
+                if rgb is None:
+                    continue
             delivered += 1
             self._put(rgb, self.spec.uri)
         return True, delivered
+
+    def _last_video_frame(self, cap: Any, frame: np.ndarray, reads: int) -> int:
+        """Deliver a video's last frame unless the file ended before the frame count its header
+        promises (truncated copy): that frame is incomplete and is skipped. -> frames delivered."""
+        try:
+            expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if hasattr(cap, "get") else 0
+        except Exception:  # a capture that cannot tell its length: trust the frame
+            expected = 0
+        if 0 < reads < expected:
+            self._skip(
+                f"{self.spec.label} ends after {reads} of the {expected} frames its header announces (truncated file?): "
+                "its last frame is incomplete and was skipped; copy the video again"
+            )
+            return 0
+        self._put(frame, self.spec.uri)
+        return 1
 
 
 def open_source(source: Union[int, str, Path, SourceSpec], **kwargs: Any) -> FrameSource:

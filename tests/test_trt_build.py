@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from hgad_edge.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.export import calibration as calib
 from hgad_edge.export import trt_build as tb
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
@@ -22,7 +23,7 @@ from hgad_edge.runtime.errors import EngineError
 
 from .fake_cuda import FakeCudart, FakeTrtModule
 
-H = W = 32
+H = W = 64
 
 
 # ---- a tiny bundle ---------------------------------------------------------------------------------
@@ -56,6 +57,8 @@ def tiny_graph(half: bool = False, lse: bool = False) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.checker.check_model(model)
+    # the copy of the deciding values an export writes into the ONNX file (checked on load)
+    helper.set_model_props(model, onnx_metadata_props(BundleMetadata(("a", "b"), (H, W), (0.5, 0.5), {}), "fp32"))
     return model.SerializeToString()
 
 
