@@ -78,6 +78,11 @@ class Bundle:
         return self.schema.display_range
 
     @property
+    def calibration(self) -> Optional[dict[str, Any]]:
+        """The recalibration record (`hgad-edge calibrate`), or None for the thresholds of the export."""
+        return self.schema.calibration
+
+    @property
     def models(self) -> dict[str, dict[str, Any]]:
         """precision -> {"file", "sha256", ...} as in metadata.json (file names already checked)."""
         return {p: m.to_json() for p, m in self.schema.models.items()}
