@@ -167,7 +167,8 @@ def export_bundle(run_dir: Path | str, out: Path | str, precisions: tuple[str, .
             facts = export_onnx(scorer, path, simplify)
             problems = check_graph(path, mixed=precision == "fp16")
             if problems:
-                raise ExportError(f"{out / path.name} breaks deployment rules (nothing was written):\n- " + "\n- ".join(problems))
+                listed = "\n- ".join(problems)
+                raise ExportError(f"{out / path.name} breaks deployment rules (nothing was written):\n- {listed}")
             _set_metadata_props(path, onnx_metadata_props(metadata, precision))
             models[precision] = ModelFile(path.name, sha256_file(path), facts)
         scorer.model.set_body_dtype(torch.float32)
@@ -181,22 +182,25 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; pass a folder for the bundle")
     if out.is_dir() and any(out.iterdir()) and not (out / METADATA_FILE).is_file():
-        raise ExportError(f"--out {out} is a non-empty folder without {METADATA_FILE} (not a bundle); pick a new or empty folder")
+        msg = f"--out {out} is a non-empty folder without {METADATA_FILE} (not a bundle); pick a new or empty folder"
+        raise ExportError(msg)
 
 
 def _carry_over(out: Path, staging: Path, metadata: BundleMetadata) -> BundleMetadata:
-    """Keep what the old bundle holds besides this export's own files (engines, notes) and its
+    """Keep what the old bundle holds besides the exporter's own files (engines, notes) and its
     engine entries; the builder and the runtime re-check each engine against the new ONNX sha256."""
     if not (out / METADATA_FILE).is_file():
         return metadata
     for entry in out.iterdir():
-        if entry.name != METADATA_FILE and not (staging / entry.name).exists():
+        if entry.name not in (METADATA_FILE, *MODEL_FILES.values()) and not (staging / entry.name).exists():
             _link_tree(entry, staging / entry.name)
     try:
         engines = json.loads((out / METADATA_FILE).read_text(encoding="utf-8")).get("engines") or {}
-        kept = {check_file_name(n, "engine"): dict(e) for n, e in engines.items() if (staging / ENGINES_DIR / n).is_file()}
+        kept = {check_file_name(n, "engine"): dict(e) for n, e in engines.items()
+                if (staging / ENGINES_DIR / n).is_file()}
     except (OSError, ValueError, AttributeError, TypeError) as err:
-        log.warning("not keeping the engine list of the old %s (%s); rebuild engines with hgad-edge build", out / METADATA_FILE, err)
+        log.warning("not keeping the engine list of the old %s (%s); rebuild engines with hgad-edge build",
+                    out / METADATA_FILE, err)
         kept = {}
     return replace(metadata, engines=kept)
 

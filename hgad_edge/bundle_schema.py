@@ -112,16 +112,18 @@ def _classes(value: Any) -> tuple[str, ...]:
 
 
 def _input_size(value: Any) -> tuple[int, int]:
-    ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if not ok or any(v < MIN_INPUT_SIDE or v % INPUT_STRIDE for v in value):
-        raise SchemaError(f"'input_size' must be [H, W], multiples of {INPUT_STRIDE} and >= {MIN_INPUT_SIDE}, got {value!r}")
+    ints = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ints or len(value) != 2 or any(v < MIN_INPUT_SIDE or v % INPUT_STRIDE for v in value):
+        rule = f"multiples of {INPUT_STRIDE} and >= {MIN_INPUT_SIDE}"
+        raise SchemaError(f"'input_size' must be [H, W], {rule}, got {value!r}")
     return int(value[0]), int(value[1])
 
 
 def _normalized_threshold(value: Any) -> float:
     number = _number(value, "'normalized_threshold'")
     if not 0.0 < number < 1.0:
-        raise SchemaError(f"'normalized_threshold' must lie strictly between 0 and 1 (0.5 = the calibrated threshold), got {value!r}")
+        msg = f"'normalized_threshold' must lie between 0 and 1 (0.5: the calibrated threshold), got {value!r}"
+        raise SchemaError(msg)
     return number
 
 
@@ -209,11 +211,13 @@ def check_compatible(meta: dict[str, Any]) -> None:
     if meta.get("format_version") not in FORMAT_VERSIONS:
         msg = (
             f"format_version {meta.get('format_version')!r}; this runtime (hgad-edge {PACKAGE_VERSION}) reads "
-            f"{list(FORMAT_VERSIONS)} (or install the hgad-edge version that wrote it, {meta.get('package_version', 'unknown')})"
+            f"{list(FORMAT_VERSIONS)} (or install the hgad-edge version that wrote it, "
+            f"{meta.get('package_version', 'unknown')})"
         )
         raise SchemaError(msg)
     if _major(meta.get("package_version", "")) != _major(PACKAGE_VERSION):
-        raise SchemaError(f"exported by hgad-edge {meta.get('package_version')!r}, this is {PACKAGE_VERSION} (major versions differ)")
+        theirs = meta.get("package_version")
+        raise SchemaError(f"exported by hgad-edge {theirs!r}, this is {PACKAGE_VERSION} (major versions differ)")
 
 
 _KNOWN = {"format", "format_version", "package_version", "classes", "input_size", "input", "class_input", "outputs",

@@ -22,6 +22,9 @@ from .files import atomic_write_json
 CONFIG_FILE, META_FILE, WEIGHTS_FILE, STATE_FILE = "config.yaml", "meta.json", "model.safetensors", "train_state.pt"
 
 
+_RESTORE = "restore it from a copy or train it again"
+
+
 class RunError(FileNotFoundError):
     """A run folder is missing or incomplete; the message says what is missing and how to fix it."""
 
@@ -46,10 +49,10 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunError(f"cannot read {path} ({err}): the run is damaged; restore it from a copy or train it again") from err
+        raise RunError(f"cannot read {path} ({err}): the run is damaged; {_RESTORE}") from err
     classes = meta.get("classes") if isinstance(meta, dict) else None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise RunError(f"{path} has no list of class names: the run is damaged; restore it from a copy or train it again")
+        raise RunError(f"{path} has no list of class names: the run is damaged; {_RESTORE}")
     return meta
 
 
@@ -71,7 +74,8 @@ def load_run(run_dir: Path | str):
     try:
         weights = load_file(str(run_dir / WEIGHTS_FILE))
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on damaged files
-        raise RunError(f"cannot read {run_dir / WEIGHTS_FILE} ({err}): the run is damaged; train it again or --resume") from err
+        msg = f"cannot read {run_dir / WEIGHTS_FILE} ({err}): the run is damaged; train it again or --resume"
+        raise RunError(msg) from err
     missing, unexpected = scorer.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RunError(f"{run_dir / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -87,7 +91,7 @@ def _load_run_config(path: Path) -> HGADConfig:
     try:
         return load_config(path)
     except (ConfigError, yaml.YAMLError, TypeError, ValueError, AttributeError) as err:
-        raise RunError(f"{path} is not a valid config ({err}): the run is damaged; restore it or train it again") from err
+        raise RunError(f"{path} is not a valid config ({err}): the run is damaged; {_RESTORE}") from err
 
 
 def save_train_state(run_dir: Path, state: dict[str, Any]) -> None:

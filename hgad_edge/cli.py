@@ -200,13 +200,14 @@ def check_trt(onnx_file):
 @click.option("--headless", is_flag=True, help="No window; print JSON lines / summary only.")
 @click.option("--output", "output_jsonl", type=click.Path(dir_okay=False, path_type=Path),
               help="Write one JSON line per frame (appended to an existing file; - for stdout).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run) instead of appending.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --output file (at the end of the run) instead of appending.")
 @click.option("--save-anomalies", type=click.Path(file_okay=False, path_type=Path),
               help="Save overlay + frame of every FAIL (file names carry this run's id).")
 @click.option("--max-frames", type=click.IntRange(min=1))
 @click.option("--reconnect-attempts", type=click.IntRange(min=0), default=5, show_default=True)
-def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, overwrite, save_anomalies, max_frames,
-        reconnect_attempts):
+def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, overwrite, save_anomalies,
+        max_frames, reconnect_attempts):
     """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle (no torch needed).
 
     Exits non-zero when no frame could be scored or an anomalous frame could not be saved."""

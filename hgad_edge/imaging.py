@@ -50,7 +50,8 @@ def max_image_pixels() -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise DataError(f"{MAX_PIXELS_ENV}={text!r} is not a positive integer; unset it or give a pixel count, e.g. 50000000")
+        msg = f"{MAX_PIXELS_ENV}={text!r} is not a positive integer; unset it or give a pixel count, e.g. 50000000"
+        raise DataError(msg)
     return value
 
 
@@ -192,12 +193,13 @@ def _check_size(path: Path, data: bytes, what: str, expected: str, max_pixels: O
     cap = max_image_pixels() if max_pixels is None else int(max_pixels)
     if height * width > cap:
         msg = (
-            f"{what} {path} claims {width}x{height} pixels ({height * width / 1e6:.0f} MP), over the {cap / 1e6:.0f} MP cap "
+            f"{what} {path} claims {width}x{height} pixels ({height * width / 1e6:.0f} MP), "
+            f"over the {cap / 1e6:.0f} MP cap "
             f"(decoding it could exhaust memory); downscale it, or raise the cap with {MAX_PIXELS_ENV}"
         )
         raise DataError(msg)
     if min(height, width) < min_side:
-        msg = f"{what} {path} is {width}x{height} pixels, below the {min_side}x{min_side} minimum; it is not a camera frame"
+        msg = f"{what} {path} is {width}x{height} pixels, below the {min_side}x{min_side} minimum: not a camera frame"
         raise DataError(msg)
 
 
@@ -225,7 +227,8 @@ def _read_bytes(path: Path, what: str, max_pixels: Optional[int]) -> bytes:
     try:
         limit = _BYTES_PER_PIXEL * (max_image_pixels() if max_pixels is None else int(max_pixels)) + (1 << 20)
         if path.stat().st_size > limit:
-            msg = f"{what} file {path} is {path.stat().st_size / 1e6:.0f} MB, more than any image under the pixel cap; replace it"
+            size_mb = path.stat().st_size / 1e6
+            msg = f"{what} file {path} is {size_mb:.0f} MB, more than any image under the pixel cap; replace it"
             raise DataError(msg)
         data = path.read_bytes()
     except OSError as err:

@@ -97,13 +97,14 @@ class _JsonLines:
             if self.to_stdout:
                 self.fh: IO[str] = sys.stdout
             elif self.path.exists() and not overwrite:
-                self.fh = open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered: `tail -f` sees each frame
+                self.fh = open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered: `tail -f` sees lines
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
                 self.tmp, self.fh = Path(name), os.fdopen(fd, "w", encoding="utf-8", buffering=1)
         except OSError as err:
-            raise AppError(f"cannot write JSON lines to {self.path}: {err.strerror or err}; pick a writable path") from err
+            msg = f"cannot write JSON lines to {self.path}: {err.strerror or err}; pick a writable path"
+            raise AppError(msg) from err
 
     def write(self, record: dict[str, Any]) -> None:
         self.fh.write(json.dumps(record) + "\n")
@@ -193,7 +194,9 @@ def _shrink(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _save_anomaly(folder: Path, run: str, frame: Frame, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float]) -> bool:
+def _save_anomaly(
+    folder: Path, run: str, frame: Frame, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float]
+) -> bool:
     """Overlay + raw frame as <run id>_<frame>[_<file stem>]_{overlay,raw}.png; False if a write failed."""
     stem = f"{run}_{frame.index:06d}"
     if Path(frame.source).suffix:
@@ -209,7 +212,8 @@ def _save_anomaly(folder: Path, run: str, frame: Frame, amap: np.ndarray, record
             with atomic_path(path) as tmp:
                 tmp.write_bytes(data.tobytes())
         except (OSError, cv2.error) as err:
-            log.warning("could not write %s (%s): disk full or not writable?", path, getattr(err, "strerror", None) or err)
+            reason = getattr(err, "strerror", None) or err
+            log.warning("could not write %s (%s): disk full or not writable?", path, reason)
             saved = False
     return saved
 
@@ -251,7 +255,9 @@ def run_problems(summary: dict[str, Any]) -> list[str]:
     problems = []
     if summary["frames"] == 0 and not summary["interrupted"]:
         corrupt = summary["skipped_corrupt"]
-        detail = f"all {corrupt} frames/files were corrupt or unusable (see the warnings above)" if corrupt else "the source delivered no frame"
+        detail = "the source delivered no frame"
+        if corrupt:
+            detail = f"all {corrupt} frames/files were corrupt or unusable (see the warnings above)"
         problems.append(f"no frame was scored: {detail}; check the source {summary['source']}")
     if summary["save_failures"]:
         problems.append(
@@ -281,7 +287,9 @@ class _Counters:
         self.latency_ms += record["latency_ms"]
 
 
-def _summary(counters: _Counters, source: FrameSource, backend: str, interrupted: bool, anomaly_dir: Optional[Path]) -> dict[str, Any]:
+def _summary(
+    counters: _Counters, source: FrameSource, backend: str, interrupted: bool, anomaly_dir: Optional[Path]
+) -> dict[str, Any]:
     elapsed = time.perf_counter() - counters.started
     stats = source.stats
     return {

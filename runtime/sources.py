@@ -433,8 +433,8 @@ class FrameSource:
             expected = 0
         if 0 < reads < expected:
             self._skip(
-                f"{self.spec.label} ends after {reads} of the {expected} frames its header announces (truncated file?): "
-                "its last frame is incomplete and was skipped; copy the video again"
+                f"{self.spec.label} ends after {reads} of the {expected} frames its header announces (truncated "
+                "file?): its last frame is incomplete and was skipped; copy the video again"
             )
             return 0
         self._put(frame, self.spec.uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ from onnx import TensorProto, helper
 from hgad_edge.checkpoint import load_run
 from hgad_edge.data import open_roots
 from hgad_edge.export.graph_check import check_graph
+from hgad_edge.export import onnx_export
 from hgad_edge.export.onnx_export import ExportError, export_bundle
 from hgad_edge.metrics import auroc
 from hgad_edge.train import load_batch
@@ -122,6 +124,29 @@ def test_fused_condition_flow_equals_freia(tiny_run, tiny_data):
 def test_export_refuses_unknown_precision(tiny_run, tmp_path):
     with pytest.raises(ExportError, match="unknown precision"):
         export_bundle(tiny_run, tmp_path / "b", precisions=("fp8",))
+
+
+def test_failed_reexport_leaves_the_old_bundle_working(tiny_bundle, tiny_run, tmp_path, monkeypatch):
+    from hgad_edge.runtime.bundle import load_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle.bundle, bundle)
+    (bundle / "engines").mkdir()
+    (bundle / "engines" / "x.engine").write_bytes(b"built on the Jetson")
+    (bundle / "notes.txt").write_text("line 3 camera")
+    before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    load_bundle(bundle)  # the exporter's own bundle passes every load check (names, sha256, ONNX copy)
+    monkeypatch.setattr(onnx_export, "check_graph", lambda path, mixed: ["forced graph-check failure"])
+    with pytest.raises(ExportError, match="forced graph-check failure"):
+        export_bundle(tiny_run, bundle, ("fp32",))
+    assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging folder left
+    assert load_bundle(bundle).classes == ("dots", "stripes")
+    monkeypatch.undo()
+    export_bundle(tiny_run, bundle, ("fp32",))  # a successful re-export keeps what the user put there
+    assert (bundle / "notes.txt").read_text() == "line 3 camera"
+    assert (bundle / "engines" / "x.engine").read_bytes() == b"built on the Jetson"
+    assert not (bundle / "model_fp16.onnx").exists() and set(load_bundle(bundle).models) == {"fp32"}
 
 
 @pytest.mark.realdata

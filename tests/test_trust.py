@@ -9,7 +9,6 @@ which use run folders broken by hand (no training needed).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import struct
@@ -30,7 +29,6 @@ from hgad_edge.runtime import Status, api, create, destroy, infer, last_error
 from hgad_edge.runtime import app as app_module
 from hgad_edge.runtime.app import AppError, run_app, run_problems
 from hgad_edge.runtime.bundle import load_bundle
-from hgad_edge.runtime.errors import BundleError
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
 
 from .test_runtime import BGR, CLASSES, H, THRESHOLDS, W, fake_camera, make_bundle, read_jsonl, reference, rng_frames
@@ -61,7 +59,7 @@ def refused(folder: Path, *words: str) -> str:
 
 
 # ---- bundle integrity ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["../../evil/always_pass.onnx", "/tmp/always_pass.onnx", "sub/model.onnx", "..", "C:evil.onnx"])
+@pytest.mark.parametrize("name", ["../../evil/always_pass.onnx", "/tmp/x.onnx", "sub/m.onnx", "..", "C:evil.onnx"])
 def test_model_file_outside_the_bundle_is_refused(tmp_path, name):
     folder = make_bundle(tmp_path / "b")
     meta = json.loads((folder / "metadata.json").read_text())
@@ -99,7 +97,8 @@ def test_normalized_threshold_out_of_range_is_refused(tmp_path, value):
 
 
 def test_reversed_classes_disagree_with_the_onnx_copy(tmp_path):
-    refused(tampered(tmp_path, classes=list(reversed(CLASSES))), "'classes'", "differs from the copy inside model_fp32.onnx")
+    folder = tampered(tmp_path, classes=list(reversed(CLASSES)))
+    refused(folder, "'classes'", "differs from the copy inside model_fp32.onnx")
 
 
 @pytest.mark.parametrize(
@@ -198,7 +197,8 @@ def test_failed_anomaly_writes_are_counted_and_exit_non_zero(tmp_path, monkeypat
     summary = run_app(bundle, str(shots), headless=True, save_anomalies=tmp_path / "fails", print_summary=False)
     assert summary["save_failures"] == summary["anomalies"] > 0
     assert "could not be saved" in run_problems(summary)[0]
-    result = CliRunner().invoke(cli.main, ["run", str(bundle), str(shots), "--headless", "--save-anomalies", str(tmp_path / "f2")])
+    args = ["run", str(bundle), str(shots), "--headless", "--save-anomalies", str(tmp_path / "f2")]
+    result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 1 and "NOT saved" in result.output and "could not be saved" in result.output
 
 
@@ -320,8 +320,9 @@ def test_stream_credentials_are_masked_everywhere(tmp_path, password, caplog):
         list(FrameSource(spec, reconnect_attempts=0, capture_factory=fake_camera(None)))
     assert password not in str(info.value) and "***@cam.local" in str(info.value)
     out = tmp_path / "out.jsonl"
-    summary = run_app(make_bundle(tmp_path / "b"), url, headless=True, output_jsonl=out, max_frames=3, reconnect_attempts=0,
-                      capture_factory=fake_camera([BGR] * 200, delay=0.002))
+    camera = fake_camera([BGR] * 200, delay=0.002)
+    summary = run_app(make_bundle(tmp_path / "b"), url, headless=True, output_jsonl=out, max_frames=3,
+                      reconnect_attempts=0, capture_factory=camera)
     lines = read_jsonl(out)
     assert len(lines) == 3 and all(line["source"] == redact_url(url) for line in lines)
     assert password not in out.read_text() + json.dumps(summary) + caplog.text
