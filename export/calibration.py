@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from hgad_edge.data import IMAGE_EXTENSIONS, load_image, resize_image
+from hgad_edge.imaging import IMAGE_EXTENSIONS, find_images as _find_images, load_image, resize_image
 from hgad_edge.runtime.backends.tensorrt_backend import cuda_call
 
 __all__ = ["CalibrationBatches", "CalibrationError", "calibration_cache_path", "find_images", "make_entropy_calibrator"]
@@ -42,14 +42,11 @@ def find_images(folder: Path | str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise CalibrationError(f"calibration folder {root} does not exist; pass a folder of normal (defect-free) images")
-    found = [
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
+    found = [p for p in _find_images(root) if p.is_file()]
     if not found:
         msg = f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; pass a folder of normal images, e.g. <dataset>/<class>/train/good"
         raise CalibrationError(msg)
-    return sorted(found)
+    return found
 
 
 def calibration_cache_path(engines_dir: Path, onnx_sha256: str) -> Path:

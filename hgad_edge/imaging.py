@@ -22,6 +22,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MIN_IMAGE_SIDE",
     "DataError",
+    "find_images",
     "image_size",
     "load_image",
     "load_mask",
@@ -107,6 +108,17 @@ def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     out = cv2.resize(np.ascontiguousarray(img), (width, height), interpolation=interpolation)
     return out.reshape(height, width, 3)
+
+
+def find_images(folder: Path | str) -> list[Path]:
+    """Image files under `folder`, sub-folders included, sorted by relative path (the same folder
+    always gives the same order). Hidden entries and archive debris (.x, __MACOSX) are skipped and
+    symlinked folders are not followed (no loops)."""
+    root, found = Path(folder), []
+    for parent, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        found += [Path(parent) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS and f[0] != "."]
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
 # ---- header ---------------------------------------------------------------------------------------

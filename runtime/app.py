@@ -12,6 +12,7 @@ The click command only maps flags onto `run_app`; everything testable lives here
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -132,9 +133,12 @@ def _prepare_dir(path: Optional[str | Path]) -> Optional[Path]:
     return path
 
 
+_RUNS = itertools.count(1)
+
+
 def run_id() -> str:
-    """Names this run's saved files: local time to the second plus the process id (unique per run)."""
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    """Names this run's saved files: local time to the second, process id and run number in the process."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_RUNS)}"
 
 
 class _SigtermAsInterrupt:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import cv2
 import numpy as np
 
-from hgad_edge.imaging import IMAGE_EXTENSIONS, load_image
+from hgad_edge.imaging import IMAGE_EXTENSIONS, find_images, load_image
 from hgad_edge.redact import redact_text, redact_url
 
 __all__ = ["Frame", "FrameSource", "SourceError", "SourceSpec", "SourceStats", "check_supported", "open_source", "parse_source"]
@@ -131,14 +131,6 @@ def _files_spec(paths: list[Path], name: str, what: str, root: Optional[Path] = 
     return SourceSpec("images", name, name, None, cv2.CAP_ANY, tuple(images), root)
 
 
-def _folder_images(folder: Path) -> list[Path]:
-    """Every file under `folder`, sub-folders included (an MVTec test/ folder), hidden ones skipped,
-    sorted by relative path; symlinked folders are not followed (no loops)."""
-    found = []
-    for parent, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
-        found += [Path(parent) / f for f in files]
-    return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
 def parse_source(source: Union[int, str, Path]) -> SourceSpec:
@@ -167,7 +159,7 @@ def parse_source(source: Union[int, str, Path]) -> SourceSpec:
 def _path_spec(text: str, name: str) -> SourceSpec:
     path = Path(text).expanduser()
     if path.is_dir():
-        return _files_spec(_folder_images(path), name, "folder", path)
+        return _files_spec(find_images(path), name, "folder", path)  # sub-folders too (an MVTec test/)
     if path.is_file():
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return _files_spec([path], name, "file")
