@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -24,6 +25,9 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     atomic_write_text(path.with_name("x.txt"), "hello")
     assert json.loads(path.read_text()) == {"a": 1}
     assert sorted(p.name for p in path.parent.iterdir()) == ["meta.json", "x.txt"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600: others may read a bundle
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
