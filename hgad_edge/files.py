@@ -28,10 +28,17 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once at import: setting it is process-wide, so never mid-run
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 @contextlib.contextmanager
