@@ -347,6 +347,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/quality_study"), help="models and feature caches")
     ap.add_argument("--rows", default="landed,knn_pool3")
     ap.add_argument("--rescore", help="trained row to re-evaluate over the scoring sweep")
+    ap.add_argument("--sweep", type=json.loads, help='with --rescore: JSON list of score overrides, e.g. [{"topk": 0.03}]')
     ap.add_argument("--diagnose", help="trained row to compare with the kNN per class and level")
     args = ap.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -364,8 +365,9 @@ def main() -> None:
                  {"criterion": "loglik"}, {"criterion": "entropy"}]
         if len(row_config(args.rescore).backbone.stages) == 2 and row_config(args.rescore).backbone.merge == "levels":
             sweep += [{"level_weights": w} for w in ((1.0, 0.0), (0.0, 1.0), (2.0, 1.0), (1.0, 2.0))]
-        rows = rescore(args.rescore, dataset, args.work, truth, sweep)
-        atomic_write_json(args.out / "rescore" / f"{args.rescore}.json", rows)
+        tag = "" if args.sweep is None else "_" + hashlib.sha256(json.dumps(args.sweep).encode()).hexdigest()[:8]
+        rows = rescore(args.rescore, dataset, args.work, truth, args.sweep or sweep)
+        atomic_write_json(args.out / "rescore" / f"{args.rescore}{tag}.json", rows)
         return
     for name in names:
         if (args.out / "rows" / f"{name}.json").is_file():
