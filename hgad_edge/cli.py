@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import HEAD_MODES
 
 TRAIN_MODULES = ("torch", "timm", "FrEIA", "yaml", "safetensors")
 
@@ -37,6 +38,12 @@ def user_errors():
     return (BackboneError, RunError, ConfigError, DataError, TrainingError)
 
 
+class BadConfig(click.ClickException):
+    """A config value the user must fix: exit code 2, like click's own bad-option errors."""
+
+    exit_code = 2
+
+
 def parse_classes(value: str | None) -> list[str] | None:
     if not value:
         return None
@@ -59,13 +66,13 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to create.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML config.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override train.epochs.")
-@click.option("--mode", type=click.Choice(["single", "fixed", "gmm", "mi", "full"]), help="Override head.mode (ablation).")
+@click.option("--mode", type=click.Choice(tuple(HEAD_MODES)), help="Override head.mode (ablation).")
 @click.option("--seed", type=int, help="Override train.seed.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def train(roots, classes, out, config_path, epochs, mode, seed, resume):
     """Train one unified HGAD model on every class under the data roots."""
     require("train", TRAIN_MODULES, "train")
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .data import open_roots
     from .train import train as run_training
 
@@ -79,7 +86,10 @@ def train(roots, classes, out, config_path, epochs, mode, seed, resume):
     if mode is not None:
         overrides["head"] = {"mode": mode}
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(config_path, overrides)  # checked before any image is read
+    except ConfigError as exc:
+        raise BadConfig(str(exc)) from exc
+    try:
         dataset = open_roots(list(roots), parse_classes(classes))
         click.echo(f"training on {len(dataset.classes)} classes: {', '.join(dataset.classes)}")
         run_training(cfg, dataset, out, resume=resume)

@@ -7,9 +7,12 @@ its `config.yaml` alone and a model never depends on defaults that changed after
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Union
 
 # ImageNet statistics: the fallback when a timm model's pretrained_cfg names none.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -18,6 +21,153 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and the allowed values."""
+
+
+# ---- what each field may hold ------------------------------------------------------------------
+# Every section lists its limits in LIMITS (field name -> Limit | OneOf), beside its fields; leaves
+# are coerced to their annotated type first (YAML reads `1e-3` as a string). A new numeric field
+# needs an entry: tests/test_config.py fails for any int/float field without one.
+@dataclass(frozen=True)
+class Limit:
+    """Range of a number (or of each item of a tuple field); bounds None = unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # True: lo itself is not allowed
+    hi_open: bool = False
+    multiple_of: int | None = None
+    odd: bool = False  # e.g. a pooling window (centred on its pixel)
+    min_items: int = 1  # tuple fields: at least this many items
+
+    def allows(self, x: float) -> bool:
+        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
+            return False
+        if self.hi is not None and (x > self.hi or (self.hi_open and x == self.hi)):
+            return False
+        if self.odd and x % 2 != 1:
+            return False
+        return self.multiple_of is None or x % self.multiple_of == 0
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        if self.multiple_of is not None:
+            parts.append(f"a multiple of {self.multiple_of}")
+        if self.odd:
+            parts.append("odd")
+        return " and ".join(parts) or "any finite value"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A string from a fixed set (a registry's names)."""
+
+    choices: tuple[str, ...]
+
+    def allows(self, x: str) -> bool:
+        return x in self.choices
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.choices)
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _coerce_scalar(hint: Any, value: Any) -> Any:
+    """value as `hint` (int, float, str, bool), or raise ValueError. Integral floats and numeric
+    strings become numbers; booleans are never numbers."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    number = float(value) if isinstance(value, str) else value  # float("abc") raises ValueError
+    if not math.isfinite(number):
+        raise ValueError
+    if hint is int:
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError
+        return int(number)
+    return float(number)
+
+
+def coerce_field(key: str, hint: Any, value: Any, limit: Limit | OneOf | None) -> Any:
+    """`value` of config key `key` coerced to its annotation `hint` and checked against `limit`;
+    ConfigError naming the key, the value and what is allowed otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):  # X | None
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        return _coerce_tuple(key, args, value, limit)
+    item = _type_name(hint) + (f" {limit.describe()}" if isinstance(limit, Limit) else "")
+    allowed = limit.describe() if isinstance(limit, OneOf) else item
+    try:
+        out = _coerce_scalar(hint, value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r} is not allowed: give {allowed}") from None
+    if limit is not None and not limit.allows(out):
+        raise ConfigError(f"{key}={value!r} is not allowed: give {allowed}")
+    return out
+
+
+def _coerce_tuple(key: str, args: tuple, value: Any, limit: Limit | OneOf | None) -> tuple:
+    fixed = Ellipsis not in args
+    hint = args[0]
+    count = f"exactly {len(args)}" if fixed else f"at least {limit.min_items if isinstance(limit, Limit) else 1}"
+    what = f"a list of {count} {_type_name(hint).removeprefix('an ').removeprefix('a ')}s"
+    if isinstance(limit, Limit):
+        what += f", each {limit.describe()}"
+    items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    short = len(items) != len(args) if fixed else len(items) < (limit.min_items if isinstance(limit, Limit) else 1)
+    if short:
+        raise ConfigError(f"{key}={value!r} is not allowed: give {what}")
+    try:
+        out = tuple(_coerce_scalar(hint, v) for v in items)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r} is not allowed: give {what}") from None
+    if limit is not None and not all(limit.allows(v) for v in out):
+        raise ConfigError(f"{key}={value!r} is not allowed: give {what}")
+    return out
+
+
+def section_fields(cls: type) -> dict[str, tuple[Any, Limit | OneOf | None]]:
+    """Leaf fields of a config section: name -> (type annotation, limit or None)."""
+    hints = typing.get_type_hints(cls)
+    limits = getattr(cls, "LIMITS", {})
+    return {f.name: (hints[f.name], limits.get(f.name)) for f in dataclasses.fields(cls)
+            if not dataclasses.is_dataclass(hints[f.name])}
+
+
+class HeadMode(NamedTuple):
+    """What a head mode switches on (paper Tab. 3a); the mixture head and scoring read these."""
+
+    per_class: bool  # one centre per class (else one N(0, I) for all: CFLOW-style baseline)
+    learn_centers: bool  # learnable inter-class centres and weights psi with L_g
+    mutual_info: bool  # + mutual information L_mi and entropy L_e
+    intra: bool  # + intra-class centres L_in (full HGAD)
+
+
+# The head-mode registry: CLI choices, the ablation and parametrised tests derive from it.
+HEAD_MODES: dict[str, HeadMode] = {
+    "single": HeadMode(per_class=False, learn_centers=False, mutual_info=False, intra=False),
+    "fixed": HeadMode(per_class=True, learn_centers=False, mutual_info=False, intra=False),
+    "gmm": HeadMode(per_class=True, learn_centers=True, mutual_info=False, intra=False),
+    "mi": HeadMode(per_class=True, learn_centers=True, mutual_info=True, intra=False),
+    "full": HeadMode(per_class=True, learn_centers=True, mutual_info=True, intra=True),
+}
 
 
 @dataclass
@@ -44,6 +194,10 @@ class BackboneConfig:
 
     MERGES = ("levels", "fuse")
 
+    # timm features_only models have 5 stages (0: stride 2 ... 4: stride 32)
+    LIMITS = {"stages": Limit(0, 4), "pyramid": Limit(0, 1, lo_open=True), "pool": Limit(1, odd=True),
+              "merge": OneOf(MERGES)}
+
 
 @dataclass
 class FlowConfig:
@@ -53,6 +207,9 @@ class FlowConfig:
     clamp: float = 1.9  # soft clamping alpha of the multiplicative coefficients
     pos_dim: int = 256  # 2-D sin/cos positional encoding concatenated into every subnet input
     hidden_ratio: float = 2.0  # subnet hidden width = ratio * subnet input width
+
+    LIMITS = {"coupling_blocks": Limit(1), "clamp": Limit(0, lo_open=True), "hidden_ratio": Limit(0, lo_open=True),
+              "pos_dim": Limit(4, multiple_of=4)}  # sin/cos x 2 axes
 
 
 @dataclass
@@ -82,24 +239,31 @@ class HeadConfig:
     center_init: str = "data"
     stage1_fraction: float = 0.3  # share of epochs trained without L_in / L_e (app. C two-stage)
 
-    MODES = ("single", "fixed", "gmm", "mi", "full")
+    MODES = tuple(HEAD_MODES)
     CENTER_INITS = ("data", "random")
+    LIMITS = {"mode": OneOf(MODES), "center_init": OneOf(CENTER_INITS), "intra_centers": Limit(1),
+              "lambda1": Limit(0), "lambda2": Limit(0), "label_smoothing": Limit(0, 1, hi_open=True),
+              "center_init_scale": Limit(0), "stage1_fraction": Limit(0, 1)}
+
+    @property
+    def switches(self) -> HeadMode:
+        return HEAD_MODES[self.mode]
 
     @property
     def learn_centers(self) -> bool:
-        return self.mode in ("gmm", "mi", "full")
+        return self.switches.learn_centers
 
     @property
     def per_class(self) -> bool:
-        return self.mode != "single"
+        return self.switches.per_class
 
     @property
     def mutual_info(self) -> bool:
-        return self.mode in ("mi", "full")
+        return self.switches.mutual_info
 
     @property
     def intra(self) -> bool:
-        return self.mode == "full"
+        return self.switches.intra
 
 
 @dataclass
@@ -116,6 +280,11 @@ class TrainConfig:
     calib_max: int = 40
     position_images: int = 64  # training images per class for the per-position normal means
 
+    LIMITS = {"epochs": Limit(1), "batch_size": Limit(1), "vectors_per_image": Limit(1), "lr": Limit(0, lo_open=True),
+              "weight_decay": Limit(0), "warmup_epochs": Limit(0), "seed": Limit(0, 2**32 - 1),
+              "calib_fraction": Limit(0, 1, hi_open=True), "calib_min": Limit(1), "calib_max": Limit(1),
+              "position_images": Limit(1)}
+
 
 @dataclass
 class ScoreConfig:
@@ -128,6 +297,8 @@ class ScoreConfig:
     level_weights: tuple[float, ...] = ()
     threshold_quantile: float = 1.0  # quantile of held-out normal image scores used as threshold
     CRITERIA = ("loglik", "entropy", "product")
+    # smooth_sigma 0: no smoothing; topk 0: the map's max
+    LIMITS = {"criterion": OneOf(CRITERIA), "smooth_sigma": Limit(0), "topk": Limit(0, 1), "threshold_quantile": Limit(0, 1)}
 
 
 @dataclass
@@ -139,35 +310,22 @@ class HGADConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
+    LIMITS = {"input_size": Limit(64, multiple_of=32)}  # the backbone's stride-32 stage needs whole cells
+
+    def sections(self) -> dict[str, Any]:
+        """Dotted key prefix -> section object (the root is "")."""
+        return {"": self, **{f"{f.name}.": getattr(self, f.name) for f in dataclasses.fields(self)
+                             if dataclasses.is_dataclass(getattr(self, f.name))}}
+
     def validate(self) -> HGADConfig:
-        if self.head.mode not in HeadConfig.MODES:
-            raise ConfigError(f"head.mode={self.head.mode!r}; choose one of {', '.join(HeadConfig.MODES)}")
-        if self.head.center_init not in HeadConfig.CENTER_INITS:
-            msg = f"head.center_init={self.head.center_init!r}; choose one of {', '.join(HeadConfig.CENTER_INITS)}"
+        """Coerce every leaf to its field's type and check it against LIMITS, in place; then the
+        checks that involve two fields. Raises ConfigError naming the key, value and what is allowed."""
+        for prefix, section in self.sections().items():
+            for name, (hint, limit) in section_fields(type(section)).items():
+                setattr(section, name, coerce_field(prefix + name, hint, getattr(section, name), limit))
+        if self.train.calib_max < self.train.calib_min:
+            msg = f"train.calib_max={self.train.calib_max} is below train.calib_min={self.train.calib_min}: raise calib_max"
             raise ConfigError(msg)
-        if self.score.criterion not in ScoreConfig.CRITERIA:
-            msg = f"score.criterion={self.score.criterion!r}; choose one of {', '.join(ScoreConfig.CRITERIA)}"
-            raise ConfigError(msg)
-        h, w = self.input_size
-        if h % 32 or w % 32 or h < 64 or w < 64:
-            raise ConfigError(f"input_size={self.input_size}: both sides must be multiples of 32 and >= 64")
-        if self.backbone.merge not in BackboneConfig.MERGES:
-            msg = f"backbone.merge={self.backbone.merge!r}; choose one of {', '.join(BackboneConfig.MERGES)}"
-            raise ConfigError(msg)
-        if self.backbone.pool < 1 or self.backbone.pool % 2 == 0:
-            raise ConfigError(f"backbone.pool={self.backbone.pool}: an odd window size >= 1 (1 = off)")
-        if not self.backbone.stages or not self.backbone.pyramid:
-            raise ConfigError("backbone.stages and backbone.pyramid must each name at least one entry")
-        if any(not 0 < s <= 1 for s in self.backbone.pyramid):
-            raise ConfigError(f"backbone.pyramid={self.backbone.pyramid}: scales must lie in (0, 1]")
-        if self.flow.pos_dim % 4:
-            raise ConfigError(f"flow.pos_dim={self.flow.pos_dim} must be a multiple of 4 (sin/cos x 2 axes)")
-        if self.head.intra_centers < 1:
-            raise ConfigError("head.intra_centers must be >= 1")
-        if not 0.0 <= self.head.label_smoothing < 1.0:
-            raise ConfigError(f"head.label_smoothing={self.head.label_smoothing} must lie in [0, 1)")
-        if self.train.epochs < 1 or self.train.batch_size < 1 or self.train.vectors_per_image < 1:
-            raise ConfigError("train.epochs, train.batch_size and train.vectors_per_image must be >= 1")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,10 +349,8 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _from_dict(type(default), value, f"{prefix}{name}.")
-        elif isinstance(default, tuple):
-            kwargs[name] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         else:
-            kwargs[name] = value
+            kwargs[name] = value  # coerced and range-checked by HGADConfig.validate
     return cls(**kwargs)
 
 
@@ -207,7 +363,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping (section: {{key: value}}), got {type(data).__name__}")
     for key, value in (overrides or {}).items():
         data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
     return HGADConfig.from_dict(data)

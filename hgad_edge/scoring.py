@@ -55,6 +55,9 @@ def level_weights(weights: tuple[float, ...], levels: int) -> torch.Tensor:
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius ceil(4 sigma); sigma 0 gives the identity kernel [1]."""
+    if sigma <= 0:
+        return torch.ones(1)
     radius = max(1, int(math.ceil(4.0 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
@@ -62,7 +65,10 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
 
 
 def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable blur of (B, H, W) with reflect padding (export-friendly: Pad + 2 Conv)."""
+    """Separable blur of (B, H, W) with reflect padding (export-friendly: Pad + 2 Conv). A one-tap
+    kernel (smooth_sigma 0) is no blur: the maps pass through and no nodes are exported."""
+    if kernel.numel() == 1:
+        return maps
     r = kernel.numel() // 2
     x = F.pad(maps[:, None], (r, r, r, r), mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))

@@ -121,6 +121,27 @@ def test_fused_condition_flow_equals_freia(tiny_run, tiny_data):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+def test_no_smoothing_exports_and_stays_finite(tiny_run, tiny_data, tmp_path):
+    """score.smooth_sigma 0 means no smoothing, in PyTorch and in the exported graph (it gave NaN maps)."""
+    from hgad_edge.export.onnx_export import export_onnx
+    from hgad_edge.scoring import gaussian_kernel1d
+
+    scorer, cfg, _ = load_run(tiny_run)
+    images = load_batch(open_roots([tiny_data]).samples("test")[:3], cfg.input_size)
+    cls = torch.tensor([0, 1, -1])
+    with torch.no_grad():
+        smoothed = scorer(images, cls)[0]
+        scorer.cfg.smooth_sigma = 0.0
+        scorer.kernel = gaussian_kernel1d(0.0)
+        raw = scorer(images, cls)
+    assert torch.isfinite(raw[0]).all() and not torch.allclose(raw[0], smoothed)
+    assert float(raw[0].std()) > float(smoothed.std())  # blurring only ever lowers the spread
+    export_onnx(scorer, tmp_path / "m.onnx", simplify=False)
+    got = ort_run(tmp_path / "m.onnx", images.numpy(), cls.numpy())
+    np.testing.assert_allclose(got[0], raw[0].numpy(), atol=1e-3, rtol=1e-4)
+    np.testing.assert_array_equal(got[3], raw[3].numpy())
+
+
 def test_export_refuses_unknown_precision(tiny_run, tmp_path):
     with pytest.raises(ExportError, match="unknown precision"):
         export_bundle(tiny_run, tmp_path / "b", precisions=("fp8",))
