@@ -11,6 +11,8 @@ import click
 
 from . import __version__
 from .config import HEAD_MODES
+from .runtime.backends import BACKENDS as RUNTIME_BACKENDS
+from .runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
 
 TRAIN_MODULES = ("torch", "timm", "FrEIA", "yaml", "safetensors")
 
@@ -204,8 +206,8 @@ def check_trt(onnx_file):
 @click.argument("source", required=False)
 @click.option("--camera", type=str, help="Camera index or device (same as SOURCE): 0, csi://0, v4l2:///dev/video0.")
 @click.option("--class", "class_name", default="auto", show_default=True, help="Product class name, or auto.")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(RUNTIME_PRECISIONS), default="auto", show_default=True,
               help="Engine/graph precision; int8 needs a TensorRT engine built with --calib-dir.")
 @click.option("--headless", is_flag=True, help="No window; print JSON lines / summary only.")
 @click.option("--output", "output_jsonl", type=click.Path(dir_okay=False, path_type=Path),

@@ -11,15 +11,17 @@ import copy
 import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from .imaging import IMAGE_EXTENSIONS, DataError, load_image, load_mask, resize_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LAYOUTS",
     "ADDataset",
     "BTAD",
     "DataError",
+    "Layout",
     "MVTec3DRGB",
     "MVTecAD",
     "Sample",
@@ -33,14 +35,6 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
-
-_LAYOUTS = (
-    "MVTec AD: <root>/<class>/train/good/*, <class>/test/<type>/*, "
-    "optional <class>/ground_truth/<type>/<stem>_mask.png; "
-    "VisA: <root>/split_csv/1cls.csv; "
-    "BTAD: <root>/<class>/train/ok/*, test/ok/*, test/ko/*; "
-    "MVTec 3D-AD: <root>/<class>/train/good/rgb/*.png, test/<type>/rgb/*.png"
-)
 
 
 @dataclass(frozen=True)
@@ -445,23 +439,48 @@ class UnionDataset(ADDataset):
 # entry points
 
 
-def open_dataset(root: Path | str) -> ADDataset:
-    """Detect the layout of `root` (VisA, MVTec 3D-AD, BTAD, MVTec AD) and open it."""
+@dataclass(frozen=True)
+class Layout:
+    """A dataset layout: how to recognise a root of it, how to open one, and what it looks like."""
+
+    label: str
+    opener: Callable[[Path], ADDataset]
+    detect: Callable[[Path], bool]
+    expected: str
+
+
+def _class_has(sub: str) -> Callable[[Path], bool]:
+    return lambda root: any((d / sub).is_dir() for d in _subdirs(root))
+
+
+# The layout registry, in detection order (the most specific first: an MVTec 3D-AD class also has
+# train/good). A new layout is one entry here (and one maker in tests/test_data.py).
+LAYOUTS: dict[str, Layout] = {
+    "visa": Layout("VisA", VisA, lambda root: (root / "split_csv" / "1cls.csv").is_file(), "<root>/split_csv/1cls.csv"),
+    "mvtec3d": Layout("MVTec 3D-AD", MVTec3DRGB, _class_has("train/good/rgb"),
+                      "<root>/<class>/train/good/rgb/*.png, test/<type>/rgb/*.png"),
+    "btad": Layout("BTAD", BTAD, _class_has("train/ok"), "<root>/<class>/train/ok/*, test/ok/*, test/ko/*"),
+    "mvtec": Layout("MVTec AD", MVTecAD, _class_has("train/good"),
+                    "<root>/<class>/train/good/*, <class>/test/<type>/*, optional <class>/ground_truth/<type>/<stem>_mask.png"),
+}
+
+
+def open_dataset(root: Path | str, layout: str | None = None) -> ADDataset:
+    """Open `root` as `layout` (a LAYOUTS name), or as the first layout whose detector matches."""
     root = _require_root(root)
-    if (root / "split_csv" / "1cls.csv").is_file():
-        return VisA(root)
-    dirs = _subdirs(root)
-    if any((d / "train" / "good" / "rgb").is_dir() for d in dirs):
-        return MVTec3DRGB(root)
-    if any((d / "train" / "ok").is_dir() for d in dirs):
-        return BTAD(root)
-    if any((d / "train" / "good").is_dir() for d in dirs):
-        return MVTecAD(root)
-    what = "has no class folders" if not dirs else "matches no known dataset layout"
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise DataError(f"unknown dataset layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        return LAYOUTS[layout].opener(root)
+    for entry in LAYOUTS.values():
+        if entry.detect(root):
+            return entry.opener(root)
+    what = "has no class folders" if not _subdirs(root) else "matches no known dataset layout"
     hint = ""
     if (root / "train").is_dir():
         hint = f" ({root} looks like a single class folder: pass {root.parent} and classes=['{root.name}'])"
-    msg = f"dataset root {root} {what}{hint}; expected one of: {_LAYOUTS}"
+    expected = "; ".join(f"{entry.label}: {entry.expected}" for entry in LAYOUTS.values())
+    msg = f"dataset root {root} {what}{hint}; expected one of: {expected}"
     raise DataError(msg)
 
 

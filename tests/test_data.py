@@ -15,6 +15,7 @@ import pytest
 from hgad_edge.data import (
     BTAD,
     IMAGE_EXTENSIONS,
+    LAYOUTS,
     ADDataset,
     DataError,
     MVTec3DRGB,
@@ -415,12 +416,34 @@ def test_bad_split(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# the layout registry
+
+MAKERS = {"mvtec": make_mvtec, "visa": make_visa, "btad": make_btad, "mvtec3d": make_mvtec3d}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_is_detected_and_opens_by_name(tmp_path: Path, name: str) -> None:
+    assert set(MAKERS) == set(LAYOUTS), "give each registered layout a maker above"
+    root = MAKERS[name](tmp_path / name)
+    detected = [other for other, layout in LAYOUTS.items() if layout.detect(root)]
+    assert detected[0] == name  # the first detector to match is its own
+    ds = open_dataset(root)
+    assert type(ds) is LAYOUTS[name].opener and ds.samples("train") and ds.samples("test")
+    assert type(open_dataset(root, layout=name)) is LAYOUTS[name].opener
+
+
+def test_unknown_layout_name(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="unknown dataset layout 'coco'; choose one of visa, mvtec3d, btad, mvtec"):
+        open_dataset(make_mvtec(tmp_path / "m"), layout="coco")
+
+
+# --------------------------------------------------------------------------------------------
 # layout errors
 
 
 def test_missing_root(tmp_path: Path) -> None:
     root = tmp_path / "nope"
-    for opener in (open_dataset, MVTecAD, BTAD, VisA, MVTec3DRGB):
+    for opener in (open_dataset, *(layout.opener for layout in LAYOUTS.values())):
         with pytest.raises(DataError, match="does not exist") as err:
             opener(root)
         assert str(root) in str(err.value)

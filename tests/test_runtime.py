@@ -33,6 +33,7 @@ from hgad_edge.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.imaging import resize_image
 from hgad_edge.runtime import Detector, Status, api, create, destroy, infer, last_error
 from hgad_edge.runtime.app import AppError, run_app
+from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, PRECISIONS, REGISTRY
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from hgad_edge.runtime.errors import BundleError, EngineError, InvalidArgumentError, InvalidHandleError
@@ -478,6 +479,21 @@ def test_tensorrt_backend_unavailable_here(bundle):
     status, h = create(bundle, backend="tensorrt")
     assert status in (Status.BACKEND_UNAVAILABLE, Status.NO_DEVICE) and h is None
     assert "onnxruntime" in last_error()
+
+
+@pytest.mark.parametrize("backend", list(REGISTRY))
+def test_registered_backend_runs_or_says_why(bundle, backend):
+    """Each registered backend, asked for by name, either runs the bundle or refuses with a status
+    and a message (never a traceback, never another backend in its place)."""
+    status, h = create(bundle, backend=backend)
+    if status == Status.OK:
+        assert api._handles[h].runner.name == backend
+        assert infer(h, rng_frames(1, (H, W)))[0] == Status.OK
+        assert destroy(h) == Status.OK
+    else:
+        assert h is None and last_error()
+    assert set(AUTO_ORDER) <= set(REGISTRY) and BACKENDS == ("auto", *REGISTRY)
+    assert set(REGISTRY[backend].precisions) <= set(PRECISIONS)
 
 
 def _cuda_device_count() -> int:

@@ -1,13 +1,17 @@
-"""Backend selection: TensorRT when it can run here, ONNX Runtime otherwise.
+"""Backend registry and selection: TensorRT when it can run here, ONNX Runtime otherwise.
 
-`backend="auto"` tries TensorRT (library importable, CUDA device present, an engine in the bundle
-that fits this TensorRT/GPU/model) and falls back to ONNX Runtime, logging why. An explicitly
-requested backend never falls back: its error goes to the caller.
+REGISTRY maps a backend name to its factory and the precisions it runs; a new backend is one entry
+(the CLI's --backend choices and the parametrised tests derive from it). `backend="auto"` tries the
+AUTO_ORDER backends in turn (TensorRT: library importable, CUDA device present, an engine in the
+bundle that fits this TensorRT/GPU/model) and falls back to the next, logging why; the last one's
+error goes to the caller. An explicitly requested backend never falls back.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -17,12 +21,10 @@ from .base import Runner, TensorSpec
 from .onnxruntime_backend import OnnxRuntimeRunner, SessionFromOnnx, available_providers, choose_providers, uses_gpu
 from .tensorrt_backend import CudaError, load_tensorrt_runner
 
-__all__ = ["BACKENDS", "PRECISIONS", "Runner", "TensorSpec", "create_runner", "input_specs"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "PRECISIONS", "REGISTRY", "BackendEntry", "Runner", "TensorSpec", "create_runner",
+           "input_specs"]
 
 log = logging.getLogger("hgad_edge.runtime")
-
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS = ("auto", "fp32", "fp16", "int8")  # int8: TensorRT engines only
 
 
 def input_specs(bundle: Bundle) -> list[TensorSpec]:
@@ -64,20 +66,38 @@ def _tensorrt_runner(bundle: Bundle, device: int, precision: str, max_batch: int
         raise BackendUnavailableError(msg, Status.NO_DEVICE) from err
 
 
+@dataclass(frozen=True)
+class BackendEntry:
+    """A runtime backend: factory(bundle, device, precision, max_batch) -> active Runner."""
+
+    factory: Callable[[Bundle, int, str, int], Runner]
+    precisions: tuple[str, ...]  # what it runs besides "auto"
+    summary: str
+
+
+REGISTRY: dict[str, BackendEntry] = {
+    "tensorrt": BackendEntry(_tensorrt_runner, ("fp32", "fp16", "int8"), "TensorRT engine built on this GPU (hgad-edge build)"),
+    "onnxruntime": BackendEntry(_onnxruntime_runner, ("fp32", "fp16"), "ONNX Runtime on CPU, or CUDA where available"),
+}
+AUTO_ORDER = ("tensorrt", "onnxruntime")  # what "auto" tries, in turn
+BACKENDS = ("auto", *REGISTRY)
+PRECISIONS = ("auto", *dict.fromkeys(p for entry in REGISTRY.values() for p in entry.precisions))
+
+
 def create_runner(bundle: Bundle, backend: str = "auto", device: int = 0, precision: str = "auto", max_batch: int = 8) -> Runner:
     """An active runner for `bundle`; see the module docstring for what "auto" does."""
     if backend not in BACKENDS:
         raise InvalidArgumentError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    if backend == "onnxruntime":
-        return _onnxruntime_runner(bundle, device, precision, max_batch)
-    if backend == "tensorrt":
-        return _tensorrt_runner(bundle, device, precision, max_batch)
-    try:
-        return _tensorrt_runner(bundle, device, precision, max_batch)
-    except (EngineError, InferenceError) as err:
-        log.warning("not using TensorRT: %s", err)
-    except BackendUnavailableError as err:
-        log.info("not using TensorRT: %s", err)
-    return _onnxruntime_runner(bundle, device, precision, max_batch)
+    if backend != "auto":
+        return REGISTRY[backend].factory(bundle, device, precision, max_batch)
+    *fallible, last = AUTO_ORDER
+    for name in fallible:
+        try:
+            return REGISTRY[name].factory(bundle, device, precision, max_batch)
+        except (EngineError, InferenceError) as err:
+            log.warning("not using %s: %s", name, err)
+        except BackendUnavailableError as err:
+            log.info("not using %s: %s", name, err)
+    return REGISTRY[last].factory(bundle, device, precision, max_batch)
