@@ -220,7 +220,7 @@ def drift_batches(data: Optional[Path], class_name: Optional[str], cfg: Any, max
         frames = [random_frames(tuple(cfg.input_size), 8, device, seed=s)[0] for s in range(2)]
         return "random frames", [(f, None) for f in frames], -1
     from hgad_edge.data import open_roots
-    from hgad_edge.train import load_batch
+    from hgad_edge.batching import load_batch
 
     samples = open_roots(data, classes=[class_name]).samples("test")[:max_images]
     if not samples:

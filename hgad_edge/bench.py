@@ -613,7 +613,7 @@ def _predict(engine, images: np.ndarray, class_id: int, max_batch: int) -> tuple
 
 def _class_data(setup: Setup, dataset, name: str, max_images: Optional[int]):
     from .data import load_mask
-    from .train import load_batch
+    from .batching import load_batch
 
     samples = cap_samples([s for s in dataset.samples("test") if s.class_name == name], max_images)
     size = tuple(setup.cfg.input_size)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import ADDataset, DataError, Sample, load_image, load_mask, resize_image
 from .metrics import image_and_pixel_metrics
-from .train import iter_batches
+from .batching import iter_batches
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
@@ -161,7 +161,8 @@ def metrics_table(result: dict) -> str:
 
 def write_pictures(pred: ClassPredictions, threshold: float, size: tuple[int, int], out: Path, per_kind: int = 6) -> None:
     """Heatmap overlays of the most/least anomalous test images and histograms (paper Fig. 2b)."""
-    from .viz import heatmap_overlay, loglik_histogram, save_overlay_grid, score_histogram
+    from .overlay import heatmap_overlay
+    from .viz import loglik_histogram, save_overlay_grid, score_histogram
 
     order = np.argsort(-pred.scores)
     anomalous = [i for i in order if pred.labels[i] == 1][:per_kind]

@@ -11,8 +11,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .batching import iter_batches
 from .checkpoint import load_train_state, save_run, save_train_state
 from .config import HGADConfig, TrainConfig
-from .data import ADDataset, Sample, load_image, resize_image
+from .data import ADDataset, Sample
 from .model import HGADModel
 from .scoring import AnomalyScorer, calibrate
 
@@ -36,22 +36,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def load_batch(samples: Sequence[Sample], input_size: tuple[int, int]) -> torch.Tensor:
-    """Images -> uint8 (B, H, W, 3) RGB at the model input size (the same host resize the runtime uses)."""
-    return torch.from_numpy(np.stack([resize_image(load_image(s.path), input_size) for s in samples]))
-
-
-def iter_batches(samples: Sequence[Sample], input_size: tuple[int, int], batch_size: int) -> Iterator[torch.Tensor]:
-    """Batches decoded on a worker thread one batch ahead (OpenCV releases the GIL)."""
-    chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load_batch, chunks[0], input_size) if chunks else None
-        for i in range(len(chunks)):
-            batch = pending.result()
-            pending = pool.submit(load_batch, chunks[i + 1], input_size) if i + 1 < len(chunks) else None
-            yield batch
 
 
 def split_calibration(samples: Sequence[Sample], cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:

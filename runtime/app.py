@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from hgad_edge.files import atomic_path
-from hgad_edge.viz import heatmap_overlay
+from hgad_edge.overlay import heatmap_overlay
 
 from .detector import Detector
 from .sources import Frame, FrameSource, SourceError, check_supported, parse_source

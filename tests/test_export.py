@@ -18,7 +18,7 @@ from hgad_edge.export.graph_check import check_graph
 from hgad_edge.export import onnx_export
 from hgad_edge.export.onnx_export import ExportError, export_bundle
 from hgad_edge.metrics import auroc
-from hgad_edge.train import load_batch
+from hgad_edge.batching import load_batch
 
 
 def ort_run(path, images: np.ndarray, class_id: np.ndarray):

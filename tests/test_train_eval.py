@@ -36,7 +36,7 @@ def test_train_then_eval_detects_visible_defects(tiny_run, tiny_data, tmp_path):
 
 def test_auto_class_and_threshold(tiny_run, tiny_data):
     scorer, cfg, _ = load_run(tiny_run)
-    from hgad_edge.train import load_batch
+    from hgad_edge.batching import load_batch
 
     ds = open_roots([tiny_data])
     good = [s for s in ds.samples("test") if s.label == 0]
@@ -50,7 +50,7 @@ def test_auto_class_and_threshold(tiny_run, tiny_data):
 
 
 def test_run_reload_is_exact(tiny_run, tiny_data):
-    from hgad_edge.train import load_batch
+    from hgad_edge.batching import load_batch
 
     a, cfg, _ = load_run(tiny_run)
     b, _, _ = load_run(tiny_run)
