@@ -13,6 +13,9 @@ from . import __version__
 from .config import HEAD_MODES
 from .runtime.backends import BACKENDS as RUNTIME_BACKENDS
 from .runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
+from .bench.engines import BACKENDS as BENCH_BACKENDS
+from .bench.engines import DEFAULT_BACKENDS as BENCH_DEFAULT_BACKENDS
+from .bench.engines import PRECISIONS as BENCH_PRECISIONS
 
 TRAIN_MODULES = ("torch", "timm", "FrEIA", "yaml", "safetensors")
 
@@ -257,28 +260,36 @@ def _csv(kind: type, allowed: tuple[str, ...] | None = None):
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", "roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Real data root for accuracy per backend (optional).")
+              help="Real data root for accuracy per backend (optional, repeatable).")
+@click.option("--classes", help="Comma-separated classes of --data to score (default: every class of the model).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"), show_default=True,
               help="Reports go to OUT/<machine name>/.")
-@click.option("--backends", default="torch,onnxruntime,tensorrt", show_default=True,
-              callback=_csv(str, ("torch", "onnxruntime", "tensorrt")))
-@click.option("--precisions", default="fp32,fp16", show_default=True, callback=_csv(str, ("fp32", "fp16", "int8")))
+@click.option("--backends", default=",".join(BENCH_DEFAULT_BACKENDS), show_default=True, callback=_csv(str, BENCH_BACKENDS),
+              help=f"Comma-separated subset of {','.join(BENCH_BACKENDS)}.")
+@click.option("--precisions", default="fp32,fp16", show_default=True, callback=_csv(str, BENCH_PRECISIONS))
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=_csv(int))
-@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed calls per case.")
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True, help="Timed calls per case.")
 @click.option("--max-images", type=click.IntRange(min=1), help="Cap test images per class for accuracy.")
-@click.option("--no-official", is_flag=True, help="Skip timing the paper's configuration side by side.")
+@click.option("--no-official", is_flag=True, help="Skip timing the paper's configuration (B6 at 1024, random weights).")
+@click.option("--budget-s", type=click.FloatRange(min=0), help="Wall-clock cap; stages past it are recorded as skipped.")
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Reuse an exported bundle.")
-def bench(run, roots, out, backends, precisions, batches, iters, max_images, no_official, bundle):
+def bench(run, roots, classes, out, backends, precisions, batches, warmup, iters, max_images, no_official, budget_s, bundle):
     """FLOPs, latency/throughput per backend and precision, accuracy and drift: report.md/json + plots."""
     require("train", (*TRAIN_MODULES, "onnx"), "bench")
     from .bench import BenchError, run_bench
 
     try:
-        folder = run_bench(run, out, roots, backends, precisions, batches, iters=iters, max_images=max_images,
-                           official=not no_official, bundle=bundle)
+        folder = run_bench(run, out, roots, backends, precisions, batches, warmup=warmup, iters=iters, max_images=max_images,
+                           official=not no_official, budget_s=budget_s, bundle=bundle, classes=parse_classes(classes))
     except (*user_errors(), BenchError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"report: {folder / 'report.md'}")
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    for target in report["targets"]:
+        click.echo(f"{target['status']:>4}  {target['target']}")
+    if report.get("busy_warning"):
+        click.echo(f"WARNING: {report['busy_warning']}")
+    click.echo(f"report: {folder / 'report.md'} ({len(report['errors'])} stage error(s))")
 
 
 if __name__ == "__main__":

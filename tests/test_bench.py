@@ -26,13 +26,13 @@ SMALL_OFFICIAL = {
 # ---- pure helpers ---------------------------------------------------------------------------------
 def test_latency_stats_percentiles_on_known_arrays():
     s = bench.latency_stats(np.arange(1, 101, dtype=float), batch=4)
-    assert s["n"] == 100 and s["min_ms"] == 1 and s["max_ms"] == 100
-    assert s["p50_ms"] == pytest.approx(50.5) and s["p90_ms"] == pytest.approx(90.1) and s["p99_ms"] == pytest.approx(99.01)
-    assert s["mean_ms"] == pytest.approx(50.5) and s["images_per_s"] == pytest.approx(4 * 1000 / 50.5)
+    assert s.n == 100 and s.min_ms == 1 and s.max_ms == 100
+    assert s.p50_ms == pytest.approx(50.5) and s.p90_ms == pytest.approx(90.1) and s.p99_ms == pytest.approx(99.01)
+    assert s.mean_ms == pytest.approx(50.5) and s.images_per_s == pytest.approx(4 * 1000 / 50.5)
     one = bench.latency_stats([10.0])
-    assert one["p50_ms"] == one["p90_ms"] == one["p99_ms"] == 10.0 and one["images_per_s"] == pytest.approx(100.0)
+    assert one.p50_ms == one.p90_ms == one.p99_ms == 10.0 and one.images_per_s == pytest.approx(100.0)
     empty = bench.latency_stats([])
-    assert empty["n"] == 0 and empty["p50_ms"] is None and empty["images_per_s"] is None
+    assert empty.n == 0 and empty.p50_ms is None and empty.images_per_s is None
 
 
 def test_machine_folder_name():
@@ -73,14 +73,14 @@ def test_summarize_ort_profile():
     events += [{"cat": "Node", "name": "conv1_fence_before", "dur": 99999, "args": {"op_name": "Conv"}}]
     s = bench.summarize_ort_profile(events, top=2)
     assert s["runs"] == 2 and s["kernel_ms_per_run"] == pytest.approx(4.0)
-    assert [o["op_type"] for o in s["top_ops"]] == ["Conv", "MatMul", "(other)"]
-    assert s["top_ops"][0]["ms_per_run"] == pytest.approx(2.0) and s["top_ops"][0]["share"] == pytest.approx(0.5)
-    assert s["top_ops"][0]["nodes"] == 1
+    assert [o.op_type for o in s["top_ops"]] == ["Conv", "MatMul", "(other)"]
+    assert s["top_ops"][0].ms_per_run == pytest.approx(2.0) and s["top_ops"][0].share == pytest.approx(0.5)
+    assert s["top_ops"][0].nodes == 1 and s["top_ops"][2].ms_per_run == pytest.approx(1.0)  # Add, the rest
 
 
 def _row(backend, precision, batch, ips, device="cpu"):
-    stats = {"images_per_s": ips}
-    return {"backend": backend, "precision": precision, "batch": batch, "device": device, "status": "ok", "e2e": stats, "model": stats}
+    stats = bench.LatencyStats(n=1, images_per_s=ips)
+    return bench.LatencyRow(backend, precision, batch, "ok", device=device, e2e=stats, model=stats)
 
 
 def test_targets_pass_miss_and_not_applicable():
@@ -88,37 +88,55 @@ def test_targets_pass_miss_and_not_applicable():
     cpu = {"cores": 2, "gpu": None}
     rows = [_row("onnxruntime", "fp32", 1, 30.0), _row("onnxruntime", "fp32", 8, 40.0), _row("torch", "fp32", 8, 25.0)]
     targets = bench.check_targets(rows, None, cfg, cpu)
-    assert [x["status"] for x in targets] == ["PASS", "MISS", "N/A"]  # 40 >= 25; 40/25 = 1.6 < 2; no GPU
-    assert targets[0]["value"] == pytest.approx(40.0) and targets[1]["value"] == pytest.approx(1.6)
+    assert [x.status for x in targets] == ["PASS", "MISS", "N/A"]  # 40 >= 25; 40/25 = 1.6 < 2; no GPU
+    assert targets[0].value == pytest.approx(40.0) and targets[1].value == pytest.approx(1.6)
     tiny = HGADConfig.from_dict({"input_size": [64, 64]})
-    assert [x["status"] for x in bench.check_targets(rows, None, tiny, cpu)] == ["N/A"] * 3
-    official = {"latency": {"device": "cuda", "e2e": {"images_per_s": 2.0}}}
+    assert [x.status for x in bench.check_targets(rows, None, tiny, cpu)] == ["N/A"] * 3
+    official = _row("official torch eager", "fp32", 1, 2.0, "cuda")
     gpu_rows = rows + [_row("tensorrt", "fp16", 8, 50.0, "cuda")]
     gpu = bench.check_targets(gpu_rows, official, cfg, {"cores": 16, "gpu": "NVIDIA H200"})[2]
-    assert gpu["status"] == "PASS" and gpu["value"] == pytest.approx(25.0)
-    ratios = bench.compute_ratios(gpu_rows, {"latency": {"e2e": {"images_per_s": 2.0}, "model": {"images_per_s": 2.0}}})
-    assert any(r["ratio"] == pytest.approx(20.0) and "onnxruntime fp32 (best batch: 8)" in r["what"] for r in ratios)
+    assert gpu.status == "PASS" and gpu.value == pytest.approx(25.0) and "tensorrt fp16 batch 8" in gpu.detail
+    ratios = bench.compute_ratios(gpu_rows, official)
+    assert any(r.ratio == pytest.approx(20.0) and "onnxruntime fp32 (best batch: 8)" in r.what for r in ratios)
+    assert bench.compute_ratios(gpu_rows, None) == []
 
 
 # ---- FLOP counting --------------------------------------------------------------------------------
 def test_flops_per_component_add_up(tiny_run):
     scorer, cfg, _ = load_run(tiny_run)
     c = bench.count_complexity(scorer)
-    names = [x["name"] for x in c["components"]]
-    assert names == ["backbone", *[f"flow {lv.name}" for lv in scorer.model.levels], "head+scoring"]
-    assert all(x["flops"] > 0 and x["params"] > 0 for x in c["components"])
-    assert c["sum_components_flops"] == pytest.approx(c["total_flops"], rel=1e-3)
-    backbone, *flows, head = c["components"]
-    assert backbone["learnable_params"] == 0  # frozen
+    names = [x.name for x in c.components]
+    assert names == ["backbone", *[f"flow {lv.name}" for lv in scorer.model.levels], bench.REST]
+    assert all(x.flops > 0 and x.params > 0 for x in c.components)
+    assert c.sum_components_flops == c.total_flops
+    backbone, *flows, head = c.components
+    assert backbone.learnable_params == 0  # frozen
     learnable = sum(p.numel() for m in (*scorer.model.flows, scorer.model.heads) for p in m.parameters() if p.requires_grad)
-    assert c["learnable_params"] == learnable == sum(x["learnable_params"] for x in c["components"])
-    assert c["params"] == sum(p.numel() for p in scorer.parameters()) and c["input_size"] == list(cfg.input_size)
-    # counting on fake tensors changed nothing: the staged pipeline still equals the fused forward
+    assert c.learnable_params == learnable == sum(x.learnable_params for x in c.components)
+    assert c.params == sum(p.numel() for p in scorer.parameters()) and c.input_size == list(cfg.input_size)
+    # what the one forward attributes to the backbone is what the backbone costs on its own
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as alone, torch.no_grad():
+        scorer.model.features(torch.zeros(1, 3, *cfg.input_size))
+    assert backbone.flops == alone.get_total_flops()
+
+
+def test_component_clock_times_the_one_forward(tiny_run):
+    """Hooks on the model's own modules: one span per forward and component; nothing left behind."""
+    scorer, cfg, _ = load_run(tiny_run)
     images = torch.randint(0, 256, (2, *cfg.input_size, 3), dtype=torch.uint8)
     cls = torch.tensor([0, -1])
     with torch.no_grad():
-        for a, b in zip(bench.staged_forward(scorer, images, cls), scorer(images, cls)):
-            assert torch.equal(a, b)
+        ref = scorer(images, cls)
+        with bench.component_clock(scorer) as times:
+            got = scorer(images, cls)
+            scorer(images, cls)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))  # instrumenting changes no output
+    assert list(times) == [*bench.component_modules(scorer), bench.REST]
+    assert all(len(v) == 2 and all(ms >= 0 for ms in v) for v in times.values())
+    modules = [scorer, *bench.component_modules(scorer).values()]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -126,7 +144,7 @@ def test_report_written_even_when_the_budget_is_spent(tiny_run, tmp_path):
     folder = bench.run_bench(tiny_run, tmp_path, backends=("torch",), precisions=("fp32",), batches=(1,), iters=1, official=False, budget_s=0)
     assert folder.parent == tmp_path and folder.name == bench.machine_info()["name"]
     report = json.loads((folder / "report.json").read_text())
-    assert report["schema"] == bench.SCHEMA and report["latency"] == []
+    assert report["schema"] == bench.SCHEMA and report["latency"] == [] and report["settings"]["budget_s"] == 0
     assert any("budget" in s["reason"] for s in report["skipped"])
     assert "# hgad-edge benchmark" in (folder / "report.md").read_text()
 
@@ -202,13 +220,56 @@ def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
         assert heading in md, heading
 
 
-def test_script_wrapper(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("script", ["bench.py", "gpu_check.py"])
+def test_script_front_ends_share_the_cli_options(script, tiny_run, tmp_path, capsys):
+    """Both scripts are the `hgad-edge bench` verb: same options, same errors (exit 2, no traceback)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    args = script.parse_args([str(tiny_run), "--backends", "torch,onnxruntime", "--precisions", "fp32,int8", "--batch", "1,4", "--data", "a", "--data", "b"])
-    assert args.backends == ["torch", "onnxruntime"] and args.precisions == ["fp32", "int8"] and args.batch == [1, 4] and len(args.data) == 2
-    assert script.main([str(tiny_run), "--out", str(tmp_path), "--backends", "torch", "--no-official", "--budget-s", "0"]) == 0
-    assert "report:" in capsys.readouterr().out and len(list(tmp_path.glob("*/report.json"))) == 1
+    spec = importlib.util.spec_from_file_location(script[:-3] + "_script", Path(__file__).resolve().parents[1] / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tiny_run), "--backends", "nope"]) == 2
+    assert "choose from" in capsys.readouterr().err
+    assert module.main([str(tiny_run), "--out", str(tmp_path), "--backends", "torch", "--no-official", "--budget-s", "0"]) == 0
+    assert "report:" in capsys.readouterr().out
+    (report,) = tmp_path.glob("*/report.json")
+    settings = json.loads(report.read_text())["settings"]
+    assert settings["backends"] == ["torch"] and settings["budget_s"] == 0  # the user's options win over gpu_check's
+
+
+def test_cli_bench_on_a_tiny_run(tiny_run, tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from hgad_edge.cli import main
+
+    res = CliRunner().invoke(main, ["bench", str(tiny_run), "--out", str(tmp_path), "--backends", "onnxruntime",
+                                    "--precisions", "fp32", "--batch", "1", "--warmup", "0", "--iters", "1",
+                                    "--no-official", "--bundle", str(tiny_bundle.bundle)])
+    assert res.exit_code == 0, res.output
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = json.loads((folder / "report.json").read_text())["latency"]
+    assert [(r["backend"], r["precision"], r["batch"], r["status"]) for r in rows] == [("onnxruntime", "fp32", 1, "ok")]
+    assert rows[0]["iters"] == 1 and rows[0]["e2e"]["images_per_s"] > 0 and "report:" in res.output
+
+
+@pytest.mark.parametrize("backend", bench.BACKENDS)
+def test_every_engine_runs_or_says_why(backend, tiny_run, tiny_bundle, tmp_path):
+    """Each registered engine at fp32 either refuses with a reason or scores frames like torch."""
+    from hgad_edge.bench.context import Setup
+    from hgad_edge.bench.log import Budget, Log
+
+    scorer, cfg, meta = load_run(tiny_run)
+    setup = Setup(tiny_run, tmp_path, tiny_bundle.bundle, scorer, cfg, meta, "cpu", (2,), 0, 1, Log(Budget(None)))
+    reason = bench.skip_reason(setup, backend, "fp32")
+    if reason is not None:
+        assert isinstance(reason, str) and reason
+        return
+    frames = bench.latency.camera_frames(2)
+    engine = bench.open_engine(setup, backend, "fp32")
+    try:
+        maps, scores, model_ms = engine.run(frames, [0, 1])
+    finally:
+        engine.close()
+    ref_maps, ref_scores, _ = bench.engines.TorchEngine(scorer, "cpu").run(frames, [0, 1])
+    assert maps.shape == (2, *cfg.input_size) and model_ms > 0
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-3)
