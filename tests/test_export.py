@@ -107,18 +107,32 @@ def test_fp16_body_stays_finite_and_accurate(tiny_run, tiny_data):
     assert all(torch.equal(a, b) for a, b in zip(ref, again))
 
 
+def _close_to_fp32_rounding(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Equal up to FP32 rounding accumulated through the network: a tolerance relative to the
+    values' magnitude (maps of ~40 differ by ~1e-3 on some machines' kernels), not a fixed atol."""
+    scale = float(ref.abs().max()) or 1.0
+    torch.testing.assert_close(got, ref, rtol=rel, atol=rel * scale)
+
+
 def test_fused_condition_flow_equals_freia(tiny_run, tiny_data):
-    """Precomputing the positional condition's first-layer share changes no output."""
+    """Precomputing the positional condition's first-layer share changes no output beyond FP32
+    rounding, and no decision: same classes, same image ranking (AUROC), same PASS/FAIL."""
     scorer, cfg, _ = load_run(tiny_run)
-    images = load_batch(open_roots([tiny_data]).samples("test")[:4], cfg.input_size)
-    cls = torch.tensor([0, 1, -1, -1])
+    samples = open_roots([tiny_data]).samples("test")
+    images = load_batch(samples, cfg.input_size)
+    cls = torch.tensor([s.class_id for s in samples])
+    cls[::3] = -1  # auto class on a third of them
+    labels = np.array([s.label for s in samples])
     with torch.no_grad():
         ref = scorer(images, cls)
         fused = scorer.model.fuse_condition()
         assert fused.fused_flows is not None
         got = scorer(images, cls)
-    for a, b in zip(ref, got):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    for a, b in zip(got[:3], ref[:3]):
+        _close_to_fp32_rounding(a, b)
+    assert torch.equal(got[3], ref[3])
+    assert auroc(labels, got[1].numpy()) == auroc(labels, ref[1].numpy())
+    assert torch.equal(got[2] >= 0.5, ref[2] >= 0.5)
 
 
 def test_no_smoothing_exports_and_stays_finite(tiny_run, tiny_data, tmp_path):

@@ -26,10 +26,13 @@ def test_train_then_eval_detects_visible_defects(tiny_run, tiny_data, tmp_path):
     for name, m in result["classes"].items():
         assert m["image_auroc"] >= 0.9, (name, m)
         assert m["pixel_auroc"] >= 0.85, (name, m)
-        assert 0.0 <= m["aupro"] <= 1.0 and 0.0 <= m["f1_max"] <= 1.0
+        assert m["aupro"] >= 0.8 and m["f1_max"] >= 0.9, (name, m)  # blobs found region by region
+        assert m["n_test"] == 12 and m["n_anomalous"] == 6 and m["level"] == "pixel"
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(on_disk) == {"classes", "mean"} and on_disk["mean"]["image_auroc"] >= 0.9
-    assert (tmp_path / "eval" / "metrics.md").read_text().count("|") > 20
+    assert on_disk == json.loads(json.dumps(result)) and on_disk["mean"]["image_auroc"] >= 0.9
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "eval" / "metrics.md").read_text().splitlines()}
+    for name, m in result["classes"].items():  # the table shows the measured numbers, in percent
+        assert rows[name][3:7] == [f"{100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")]
     pics = sorted(p.name for p in (tmp_path / "eval" / "pictures").iterdir())
     assert "stripes_overlays.png" in pics and "dots_loglik_hist.png" in pics and "dots_score_hist.png" in pics
 
