@@ -75,20 +75,35 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """Same key names: use as is. Otherwise (other naming scheme, same architecture) map key by key
-    in order, which is how the Lite packages' weights line up with timm, checking every shape."""
+    in order, which is how the Lite packages' weights line up with timm, checking every shape and
+    the tensor's kind (the name's last part: weight, bias, running_mean, ...), so a reordered file
+    fails here instead of loading BN biases as weights."""
     target = model.state_dict()
-    if set(target) <= set(state):
-        return {k: state[k] for k in target}
+    common = set(target) & set(state)
+    if common == set(target) == set(state):
+        return {k: _same_shape(state[k], k, v, k, source) for k, v in target.items()}
+    if common:  # the same naming scheme, but not the same architecture (e.g. Lite1 weights for Lite0)
+        extra, missing = sorted(set(state) - common), sorted(set(target) - common)
+        msg = (f"{source}: names match timm's {type(model).__name__} but {len(extra)} tensor(s) are extra "
+               f"({', '.join(extra[:3])}) and {len(missing)} missing ({', '.join(missing[:3])}); is it the right architecture?")
+        raise BackboneError(msg)
     if len(state) != len(target):
         msg = f"{source}: {len(state)} tensors, but the timm model has {len(target)}; is it the right architecture?"
         raise BackboneError(msg)
     mapped = {}
     for (tk, tv), (sk, sv) in zip(target.items(), state.items()):
-        if tuple(tv.shape) != tuple(sv.shape):
-            msg = f"{source}: tensor {sk} has shape {tuple(sv.shape)}, timm's {tk} expects {tuple(tv.shape)}"
+        if sk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1]:
+            msg = f"{source}: tensor {sk} lines up with timm's {tk} (another kind of tensor): the file's order differs from the architecture's"
             raise BackboneError(msg)
-        mapped[tk] = sv
+        mapped[tk] = _same_shape(sv, sk, tv, tk, source)
     return mapped
+
+
+def _same_shape(value: torch.Tensor, name: str, expected: torch.Tensor, timm_name: str, source: Path) -> torch.Tensor:
+    if tuple(value.shape) != tuple(expected.shape):
+        msg = f"{source}: tensor {name} has shape {tuple(value.shape)}, timm's {timm_name} expects {tuple(expected.shape)}"
+        raise BackboneError(msg)
+    return value
 
 
 def create_features_model(cfg: BackboneConfig, load_weights: bool = True) -> nn.Module:

@@ -1,0 +1,81 @@
+"""The backbone's weights: the shipped Lite0 ImageNet weights classify a real photo correctly, and
+a state dict that does not line up with the architecture fails loudly instead of loading."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from hgad_edge.backbone import BackboneError, _lite_weights_path, _load_pretrained, _match_state_dict, _read_state_dict
+from hgad_edge.config import BackboneConfig
+from hgad_edge.data import load_image, resize_image
+
+timm = pytest.importorskip("timm")
+MILITARY_UNIFORM = 652  # ImageNet-1k class of matplotlib's sample photo of Grace Hopper in uniform
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    path = _lite_weights_path("tf_efficientnet_lite0")
+    return model, _read_state_dict(path), path
+
+
+def test_shipped_lite0_weights_classify_a_real_photo(lite0):
+    """Grace Hopper's portrait (shipped with matplotlib, a real photograph) is a military uniform."""
+    from matplotlib import cbook
+
+    model, _, _ = lite0
+    _load_pretrained(model, BackboneConfig())
+    image = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    cfg = model.pretrained_cfg
+    x = (resize_image(image, cfg["input_size"][1:]).astype(np.float32) / 255 - np.array(cfg["mean"])) / np.array(cfg["std"])
+    with torch.no_grad():
+        probs = model(torch.from_numpy(x).permute(2, 0, 1)[None].float()).softmax(1)[0]
+    assert int(probs.argmax()) == MILITARY_UNIFORM and float(probs[MILITARY_UNIFORM]) > 0.3
+
+
+def test_renamed_weights_in_the_same_order_map(lite0):
+    """The Lite package names its tensors differently from timm: mapped in order, every tensor."""
+    model, state, path = lite0
+    assert not set(model.state_dict()) <= set(state)  # really another naming scheme
+    mapped = _match_state_dict(model, state, path)
+    assert list(mapped) == list(model.state_dict())
+    assert all(a is b for a, b in zip(mapped.values(), state.values()))
+
+
+def test_reordered_weights_fail_loudly(lite0):
+    model, state, path = lite0
+    keys = list(state)
+    i = keys.index("_bn0.weight")
+    swapped = keys[:i] + [keys[i + 1], keys[i]] + keys[i + 2:]  # bias before weight: same shape (32,)
+    with pytest.raises(BackboneError, match=r"_bn0\.bias lines up with timm's bn1\.weight"):
+        _match_state_dict(model, OrderedDict((k, state[k]) for k in swapped), path)
+    rng = np.random.default_rng(0)
+    shuffled = OrderedDict((keys[j], state[keys[j]]) for j in rng.permutation(len(keys)))
+    with pytest.raises(BackboneError, match="has shape|lines up"):
+        _match_state_dict(model, shuffled, path)
+
+
+def test_wrong_architecture_fails_loudly(lite0, tmp_path):
+    model, state, path = lite0
+    with pytest.raises(BackboneError, match="295 tensors, but the timm model has 296"):
+        _match_state_dict(model, OrderedDict(list(state.items())[1:]), path)
+    timm_named = model.state_dict()
+    other = timm.create_model("tf_efficientnet_lite1", pretrained=False).state_dict()  # Lite0's names are a subset
+    with pytest.raises(BackboneError, match=r"tensor\(s\) are extra .* right architecture"):
+        _match_state_dict(model, other, path)
+    renamed = OrderedDict(("typo" + k if k == "bn1.bias" else k, v) for k, v in timm_named.items())
+    with pytest.raises(BackboneError, match="1 tensor.* extra .*typobn1.bias.* 1 missing .*bn1.bias"):
+        _match_state_dict(model, renamed, path)
+    wide = OrderedDict((k, torch.zeros(64) if k == "bn1.bias" else v) for k, v in timm_named.items())
+    with pytest.raises(BackboneError, match=r"bn1\.bias has shape \(64,\)"):
+        _match_state_dict(model, wide, path)
+    with pytest.raises(BackboneError, match="does not exist"):
+        _read_state_dict(tmp_path / "missing.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(BackboneError, match="not a state dict"):
+        _read_state_dict(tmp_path / "list.pth")
