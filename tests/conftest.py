@@ -13,6 +13,22 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_extra_modules() -> tuple[str, ...]:
+    """Import names of setup.cfg's `train` extra: what the base (runtime) install does not have."""
+    import configparser
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    names = [re.split(r"[<>=!~ ;\[]", line.strip())[0] for line in cfg["options.extras_require"]["train"].splitlines() if line.strip()]
+    import_names = {"pyyaml": "yaml"}
+    return tuple(import_names.get(n.lower(), n.replace("-", "_")) for n in names)
+
+
+# Made unimportable in the subprocess tests that prove the runtime and the CLI need no train extra.
+NOT_IN_BASE_INSTALL = _train_extra_modules()
 REALAD = REPO.parent / "shared" / "data" / "realad"
 
 TINY_SIZE = 64

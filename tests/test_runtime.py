@@ -39,6 +39,7 @@ from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from hgad_edge.runtime.errors import BundleError, EngineError, InvalidArgumentError, InvalidHandleError
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
 
+from .conftest import NOT_IN_BASE_INSTALL
 from .fake_cuda import FakeCudart, FakeTrtModule
 
 H, W = 64, 96  # non-square so that an H/W swap anywhere fails
@@ -543,16 +544,16 @@ def test_real_tensorrt_engine_matches_onnxruntime(tmp_path):
 def test_runtime_runs_with_torch_unimportable(bundle):
     code = f"""
 import sys
-for name in ("torch", "timm", "FrEIA"):
+for name in {NOT_IN_BASE_INSTALL!r}:
     sys.modules[name] = None
 import numpy as np
 import hgad_edge.runtime, hgad_edge.runtime.api, hgad_edge.runtime.app, hgad_edge.runtime.sources
-import hgad_edge.runtime.backends.tensorrt_backend
+import hgad_edge.runtime.backends.tensorrt_backend, hgad_edge.cli, hgad_edge.overlay
 status, h = hgad_edge.runtime.create({str(bundle)!r}, backend="auto")
 assert status == 0, hgad_edge.runtime.last_error()
 status, result = hgad_edge.runtime.infer(h, np.zeros((20, 30, 3), np.uint8), "b")
 assert status == 0 and result.anomaly_map.shape == (1, {H}, {W}), hgad_edge.runtime.last_error(h)
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "FrEIA") and sys.modules[m] is not None)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {NOT_IN_BASE_INSTALL!r} and sys.modules[m] is not None)
 assert not loaded, loaded
 print("torch-free ok")
 """

@@ -1,0 +1,99 @@
+"""Scoring on its own: the criteria, the image score, and what `calibrate` fits (on the tiny run's
+real model and real normal images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hgad_edge.batching import load_batch
+from hgad_edge.checkpoint import load_run
+from hgad_edge.config import ScoreConfig
+from hgad_edge.data import open_roots
+from hgad_edge.scoring import TAU_MIN, calibrate, combine, gaussian_blur, image_score
+
+
+# ---- pure functions -----------------------------------------------------------------------------
+@pytest.mark.parametrize("criterion", ScoreConfig.CRITERIA)
+def test_every_criterion_combines_as_documented(criterion):
+    s_l = torch.linspace(-6, 6, 13)
+    s_e = torch.linspace(3, -3, 13)
+    expected = {"loglik": s_l, "entropy": s_e, "product": F.softplus(s_l) * 2 * torch.sigmoid(s_e)}[criterion]
+    assert torch.allclose(combine(s_l, s_e, criterion), expected)
+    # more likelihood evidence never lowers the score, whatever the criterion
+    assert (combine(s_l + 1, s_e, criterion) >= combine(s_l, s_e, criterion)).all()
+
+
+def test_product_keeps_likelihood_evidence_at_normal_entropy():
+    """S_e = 0 (entropy at its normal level): the factor is 1, the score is softplus(S_l), not 0."""
+    s_l = torch.tensor([-2.0, 0.0, 5.0])
+    assert torch.allclose(combine(s_l, torch.zeros(3), "product"), F.softplus(s_l))
+
+
+def test_image_score_max_or_top_fraction():
+    amap = torch.arange(100, dtype=torch.float32).view(1, 10, 10)
+    assert image_score(amap, 0.0).item() == 99.0  # topk 0: the max
+    assert image_score(amap, 0.1).item() == pytest.approx(np.mean(np.arange(90, 100)))
+    assert image_score(amap, 1.0).item() == pytest.approx(49.5)  # the whole map
+    assert image_score(amap, 1e-6).item() == 99.0  # at least one pixel
+    two = torch.stack([amap[0], -amap[0]])
+    assert image_score(two, 0.5).tolist() == pytest.approx([74.5, -24.5])  # per image
+
+
+# ---- calibration --------------------------------------------------------------------------------
+def _normal_batches(tiny_data, cfg, class_name):
+    samples = [s for s in open_roots([tiny_data]).samples("train") if s.class_name == class_name][:12]
+    return [load_batch(samples[:6], cfg.input_size), load_batch(samples[6:], cfg.input_size)]
+
+
+@pytest.mark.parametrize("quantile", [1.0, 0.5])
+def test_calibrate_fits_reference_spread_and_threshold(tiny_run, tiny_data, quantile):
+    scorer, cfg, _ = load_run(tiny_run)
+    scorer.cfg.threshold_quantile = quantile
+    y = scorer.model.class_names.index("dots")
+    batches = _normal_batches(tiny_data, cfg, "dots")
+    out = calibrate(scorer, {y: batches})
+    assert out["threshold"][y] == pytest.approx(float(scorer.threshold[y]))
+    images = torch.cat(batches)
+    cls = torch.full((images.shape[0],), y)
+    with torch.no_grad():
+        terms = scorer.model.level_terms(scorer.model.preprocess(images))
+        lls, nhs = scorer.level_maps(terms, cls)
+        _, score, normalized, _ = scorer(images, cls)
+    for k, ll in enumerate(lls):
+        # per position: the normal mean; per level: the RMS around it (so standardised values have RMS 1)
+        ref, tau = scorer.reference("loglik", k)[y], scorer.tau_loglik[y, k]
+        assert torch.allclose(ref, ll.double().mean(0).float(), atol=1e-4)
+        z = (ref - ll) / tau
+        assert tau >= TAU_MIN and float(z.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-3)
+    scores = score.double().numpy()
+    assert float(scorer.threshold[y]) == pytest.approx(np.quantile(scores, quantile), rel=1e-5)
+    assert float(scorer.scale[y]) == pytest.approx(max(scores.std(), 1e-3 * abs(scores.mean()), 1e-6), rel=1e-5)
+    passed = (normalized < 0.5).float().mean().item() if quantile < 1 else (normalized <= 0.5 + 1e-6).float().mean().item()
+    assert passed == pytest.approx(quantile, abs=1 / len(scores))  # the quantile of normals passes
+
+
+def test_calibrate_uses_position_images_for_the_means(tiny_run, tiny_data):
+    scorer, cfg, _ = load_run(tiny_run)
+    y = scorer.model.class_names.index("stripes")
+    held_out, positions = _normal_batches(tiny_data, cfg, "stripes")
+    calibrate(scorer, {y: [held_out]}, {y: [positions]})
+    with torch.no_grad():
+        terms = scorer.model.level_terms(scorer.model.preprocess(positions))
+        lls, _ = scorer.level_maps(terms, torch.full((positions.shape[0],), y))
+    assert torch.allclose(scorer.reference("loglik", 0)[y], lls[0].double().mean(0).float(), atol=1e-4)
+    with pytest.raises(ValueError, match="no calibration images for class stripes"):
+        calibrate(scorer, {y: []})
+
+
+def test_smoothing_is_a_normalised_blur():
+    from hgad_edge.scoring import gaussian_kernel1d
+
+    const = torch.full((1, 32, 32), 3.0)
+    assert torch.allclose(gaussian_blur(const, gaussian_kernel1d(2.0)), const, atol=1e-5)  # sums to 1, reflect pad
+    spike = torch.zeros(1, 33, 33)
+    spike[0, 16, 16] = 1.0
+    blurred = gaussian_blur(spike, gaussian_kernel1d(1.5))
+    assert blurred.argmax().item() == spike.argmax().item() and blurred.max() < 1.0
