@@ -1,0 +1,65 @@
+"""The CLI verbs on the tiny run, as a user types them: export, build (no GPU here), check-trt;
+errors without tracebacks. (train/eval: test_train_eval.py; bench: test_bench.py; run:
+test_runtime_integration.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from hgad_edge.cli import main
+
+
+def _invoke(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+def test_export_writes_a_checked_bundle(tiny_run, tmp_path):
+    res = _invoke("export", tiny_run, "--out", tmp_path / "b", "--precision", "fp32", "--no-simplify")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "b" / "metadata.json").read_text())
+    assert list(meta["models"]) == ["fp32"] and (tmp_path / "b" / "model_fp32.onnx").is_file()
+    assert f"opset {meta['models']['fp32']['opset']}" in res.output and "all ops have TensorRT importers" in res.output
+    assert "next: hgad-edge build" in res.output
+
+
+def test_export_refuses_what_is_not_a_run(tmp_path):
+    res = _invoke("export", tmp_path, "--out", tmp_path / "b")
+    assert res.exit_code == 1 and "Error:" in res.output and not (tmp_path / "b" / "metadata.json").exists()
+    res = _invoke("export", tmp_path, "--out", tmp_path / "b", "--precision", "fp8")
+    assert res.exit_code == 2 and "fp8" in res.output
+
+
+def test_build_without_a_gpu_says_what_is_missing(tiny_bundle):
+    from hgad_edge.export.trt_build import BuildError, require_cuda_device
+
+    try:
+        require_cuda_device(0)
+        pytest.skip("a CUDA device is present: this checks the error on machines without one")
+    except BuildError:
+        pass
+    res = _invoke("build", tiny_bundle.bundle, "--precision", "fp16")
+    assert res.exit_code == 1, res.output
+    assert "Error:" in res.output and ("CUDA" in res.output or "TensorRT" in res.output)
+    assert not (tiny_bundle.bundle / "engines").exists() or not list((tiny_bundle.bundle / "engines").glob("*.engine"))
+    res = _invoke("build", tiny_bundle.bundle, "--batch", "8:1")
+    assert res.exit_code == 2 and "min:opt:max" in res.output
+    res = _invoke("build", tiny_bundle.bundle, "--precision", "int8")
+    assert res.exit_code == 2 and "--calib-dir" in res.output
+
+
+def test_check_trt_passes_the_exported_graph_and_fails_an_unsupported_one(tiny_bundle, tmp_path):
+    res = _invoke("check-trt", tiny_bundle.files["fp32"])
+    assert res.exit_code == 0, res.output
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Unique", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "bad.onnx")
+    res = _invoke("check-trt", tmp_path / "bad.onnx")
+    assert res.exit_code == 1 and "Unique" in res.output and "will not build" in res.output
