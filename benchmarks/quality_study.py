@@ -38,8 +38,9 @@ from hgad_edge.files import atomic_write_json, atomic_write_text
 from hgad_edge.knn import fit_bank, knn_maps
 from hgad_edge.metrics import image_and_pixel_metrics
 from hgad_edge.model import HGADModel
+from hgad_edge.batching import iter_batches
 from hgad_edge.scoring import gaussian_kernel1d, image_score, level_weights
-from hgad_edge.train import FeatureCache, Trainer, extract_features, iter_batches, split_calibration
+from hgad_edge.train import FeatureCache, Trainer, extract_features, split_calibration
 
 # The landed default (cc2a7f1) in full: the study's fixed starting point.
 BASE = {

@@ -86,7 +86,8 @@ def evaluate_knn(cfg, dataset, cache=None, per_class: int = 20000) -> dict:
     from .evaluate import mean_metrics
     from .metrics import image_and_pixel_metrics
     from .model import HGADModel
-    from .train import extract_features, iter_batches, split_calibration
+    from .batching import iter_batches
+    from .train import extract_features, split_calibration
 
     model = HGADModel(cfg, dataset.classes)
     if cache is None:

@@ -55,7 +55,7 @@ def bad_values(hint, limit) -> list:
             lo = limit.lo if limit.lo is not None else 0
             out.append(int(lo) + limit.multiple_of + 1)
         if limit.odd:
-            out.append(int(limit.lo if limit.lo is not None else 0) + 1 if (limit.lo or 0) % 2 else 2)
+            out.append(int(limit.lo or 0) // 2 * 2 + 2)  # the first even number above lo
         if base is int:
             lo = limit.lo if limit.lo is not None else 0
             out.append(lo + 1.5)  # not an integer
