@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .data import Sample, load_image, resize_image
+from .data import Sample
+from .imaging import load_image, resize_image
 
 
 def load_batch(samples: Sequence[Sample], input_size: tuple[int, int]) -> torch.Tensor:

@@ -298,7 +298,8 @@ class ScoreConfig:
     threshold_quantile: float = 1.0  # quantile of held-out normal image scores used as threshold
     CRITERIA = ("loglik", "entropy", "product")
     # smooth_sigma 0: no smoothing; topk 0: the map's max
-    LIMITS = {"criterion": OneOf(CRITERIA), "smooth_sigma": Limit(0), "topk": Limit(0, 1), "threshold_quantile": Limit(0, 1)}
+    LIMITS = {"criterion": OneOf(CRITERIA), "smooth_sigma": Limit(0), "topk": Limit(0, 1), "threshold_quantile": Limit(0, 1),
+              "level_weights": Limit(0, min_items=0)}
 
 
 @dataclass
@@ -325,6 +326,12 @@ class HGADConfig:
                 setattr(section, name, coerce_field(prefix + name, hint, getattr(section, name), limit))
         if self.train.calib_max < self.train.calib_min:
             msg = f"train.calib_max={self.train.calib_max} is below train.calib_min={self.train.calib_min}: raise calib_max"
+            raise ConfigError(msg)
+        weights, bb = self.score.level_weights, self.backbone
+        levels = len(bb.pyramid) * (1 if bb.merge == "fuse" else len(bb.stages))
+        if weights and (len(weights) != levels or not any(weights)):
+            msg = (f"score.level_weights={list(weights)}: give {levels} non-negative weights, one per level "
+                   f"(backbone stages x pyramid scales), not all 0; or [] for equal weights")
             raise ConfigError(msg)
         return self
 

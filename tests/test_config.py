@@ -61,7 +61,8 @@ def bad_values(hint, limit) -> list:
             out.append(lo + 1.5)  # not an integer
     if _is_tuple(hint):
         items = [[v] * (len(typing.get_args(hint)) if Ellipsis not in typing.get_args(hint) else 1) for v in out]
-        return [[]] + items
+        empty_ok = isinstance(limit, Limit) and limit.min_items == 0 and Ellipsis in typing.get_args(hint)
+        return items if empty_ok else [[]] + items
     return out
 
 
@@ -137,6 +138,9 @@ def test_config_errors_name_key_value_and_allowed(tmp_path):
         HGADConfig.from_dict({"head": {"mode": "nonsense"}})
     with pytest.raises(ConfigError, match="unknown config key"):
         HGADConfig.from_dict({"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match=r"score.level_weights=\[1.0\]: give 2 non-negative weights"):
+        HGADConfig.from_dict({"score": {"level_weights": [1]}})  # the default has 2 levels (stages 2 and 3)
+    assert HGADConfig.from_dict({"score": {"level_weights": [1, 3]}}).score.level_weights == (1.0, 3.0)
     with pytest.raises(ConfigError, match="calib_max"):
         HGADConfig.from_dict({"train": {"calib_min": 5, "calib_max": 4}})
     with pytest.raises(ConfigError, match="must be a mapping"):
