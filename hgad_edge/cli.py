@@ -4,7 +4,6 @@ which extra to install when it is missing. Domain errors become ClickExceptions 
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import click
@@ -128,18 +127,30 @@ def eval_cmd(run, roots, classes, pictures, out):
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
-def demo(out, epochs):
-    """Train and evaluate on the real elpv solar-cell data (PyPI elpv-dataset): no data needed."""
-    require("train", TRAIN_MODULES, "demo")
+@click.option("--quick", is_flag=True, help="Smoke test: 1 epoch on a subset of the images (under a minute).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default 3; 1 with --quick).")
+def demo(out, quick, epochs):
+    """The whole product on real solar-cell images (PyPI elpv-dataset): train, eval, export, engine, run."""
+    require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "demo")
     require("demo", ("elpv_dataset",), "demo")
     from .demo import run_demo
+    from .export.onnx_export import ExportError
+    from .runtime.app import AppError
+    from .runtime.errors import HgadRuntimeError
+    from .runtime.sources import SourceError
 
     try:
-        result = run_demo(out, epochs)
-    except user_errors() as exc:
+        run_demo(out, quick=quick, epochs=epochs)
+    except (*user_errors(), ExportError, HgadRuntimeError, SourceError, AppError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps(result["mean"], indent=2))
+
+
+@main.command()
+def info():
+    """Versions, extras, backends, GPUs, cameras and the fitting `build --target`: paste it into bug reports."""
+    from .info import format_info, gather
+
+    click.echo(format_info(gather()))
 
 
 @main.command(name="export")

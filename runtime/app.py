@@ -333,8 +333,11 @@ def run_app(
     window_name: str = "hgad-edge",
     capture_factory: Optional[Callable[..., Any]] = None,
     print_summary: bool = True,
+    on_record: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
     """Score `source` until it ends, `max_frames`, q/Esc in the window, or Ctrl-C; return the summary.
+
+    `on_record` gets each frame's JSON-line record as it is scored (a progress bar, a tally).
 
     Raises HgadRuntimeError (bundle/backend problems), SourceError (source cannot be opened or was
     lost for good) or AppError (no GUI, unwritable outputs); each message names the fix. A summary
@@ -352,7 +355,7 @@ def run_app(
         window = None if headless else _Window(window_name)
         jsonl = None if output_jsonl is None else _JsonLines(output_jsonl, overwrite)  # opened last: nothing truncated
         try:
-            return _run_loop(detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary)
+            return _run_loop(detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary, on_record)
         finally:
             if jsonl is not None:
                 jsonl.close()
@@ -367,6 +370,7 @@ def _run_loop(
     window: Optional[_Window],
     max_frames: Optional[int],
     print_summary: bool,
+    on_record: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
     counters, interrupted, error = _Counters(), False, None
     vrange = tuple(detector.info["display_range"])
@@ -374,7 +378,7 @@ def _run_loop(
     try:
         with _SigtermAsInterrupt(), frames:
             for frame in frames:
-                if not _process(detector, frame, class_id, jsonl, saver, window, counters, vrange):
+                if not _process(detector, frame, class_id, jsonl, saver, window, counters, vrange, on_record):
                     break
                 if max_frames is not None and counters.frames >= max_frames:
                     break
@@ -405,6 +409,7 @@ def _process(
     window: Optional[_Window],
     counters: _Counters,
     vrange: tuple[float, float],
+    on_record: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> bool:
     """Score one frame and emit its outputs; False when the user asked to quit."""
     result = detector.infer(frame.image, class_id)
@@ -412,6 +417,8 @@ def _process(
     counters.tick(record)
     if jsonl is not None:
         jsonl.write(record)
+    if on_record is not None:
+        on_record(record)
     amap = result.anomaly_map[0]
     if saver is not None and record["anomalous"]:
         counters.save_failures += not _save_anomaly(saver[0], saver[1], frame, amap, record, vrange)

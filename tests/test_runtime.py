@@ -685,9 +685,11 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_app_on_video_file(bundle, tmp_path, capsys):
     video = write_video(tmp_path / "clip.avi", 12)
     out, shots = tmp_path / "out.jsonl", tmp_path / "anomalies"
-    summary = run_app(bundle, str(video), headless=True, output_jsonl=out, save_anomalies=shots)
+    seen: list[dict] = []
+    summary = run_app(bundle, str(video), headless=True, output_jsonl=out, save_anomalies=shots, on_record=seen.append)
     lines = read_jsonl(out)
     assert len(lines) == 12 == summary["frames"] and all(set(line) == FIELDS for line in lines)
+    assert seen == lines  # on_record gets each frame's record as it is written
     assert [line["frame"] for line in lines] == list(range(12))
     assert summary["anomalies"] == sum(line["anomalous"] for line in lines) > 0
     assert len(list(shots.glob("*_overlay.png"))) == len(list(shots.glob("*_raw.png"))) == summary["anomalies"]
