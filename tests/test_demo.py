@@ -48,6 +48,8 @@ def test_subsets_take_the_same_split(tmp_path):
         names = {p.name for p in (small / "elpv_mono" / sub).iterdir()}
         assert len(names) == n and names <= {p.name for p in (large / "elpv_mono" / sub).iterdir()}
     assert (small / ".complete").is_file() and not list(tmp_path.glob(".*staging"))
+    prepare_elpv(small, train_per_class=4, test_per_kind=2)  # another split rewrites the folder
+    assert len(list((small / "elpv_poly" / "train" / "good").iterdir())) == 4
 
 
 def test_demo_quick_runs_every_step(tmp_path):
