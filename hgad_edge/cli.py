@@ -127,7 +127,7 @@ def eval_cmd(run, roots, classes, pictures, out):
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--quick", is_flag=True, help="Smoke test: 1 epoch on a subset of the images (under a minute).")
+@click.option("--quick", is_flag=True, help="Smoke test: 1 epoch, a subset of the images, a smaller model (under a minute).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default 3; 1 with --quick).")
 def demo(out, quick, epochs):
     """The whole product on real solar-cell images (PyPI elpv-dataset): train, eval, export, engine, run."""

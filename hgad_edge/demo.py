@@ -54,8 +54,14 @@ class DemoPlan:
 FULL = DemoPlan(epochs=3, train_per_class=None, test_per_kind=None, data_dir="data")
 # Smoke test of every step in under a minute on 2 cores: a subset, one epoch, a smaller model and
 # the FP32 graph only (export, single-threaded, takes ~10 s of CPU per graph and per 2 couplings).
-QUICK = DemoPlan(epochs=1, train_per_class=40, test_per_kind=12, data_dir="data-quick",
-                 config={"input_size": [128, 128], "flow": {"coupling_blocks": 2}}, precisions=("fp32",))
+QUICK = DemoPlan(
+    epochs=1,
+    train_per_class=40,
+    test_per_kind=12,
+    data_dir="data-quick",
+    config={"input_size": [128, 128], "flow": {"coupling_blocks": 2}},
+    precisions=("fp32",),
+)
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -68,7 +74,9 @@ def _elpv_labels(src: Path) -> list[tuple[str, float, str]]:
     return rows
 
 
-def prepare_elpv(root: Path, seed: int = 0, train_per_class: int | None = None, test_per_kind: int | None = None) -> Path:
+def prepare_elpv(
+    root: Path, seed: int = 0, train_per_class: int | None = None, test_per_kind: int | None = None
+) -> Path:
     """Write <root>/elpv_{mono,poly}/{train/good,test/good,test/defective} (copies, atomically).
 
     The split is the same for every subset: a subset takes the first cells of each shuffled list.
@@ -76,8 +84,15 @@ def prepare_elpv(root: Path, seed: int = 0, train_per_class: int | None = None, 
     """
     import elpv_dataset
 
-    stamp = json.dumps({"seed": seed, "train_per_class": train_per_class, "test_per_kind": test_per_kind,
-                        "test_normal": TEST_NORMAL_PER_CLASS, "test_defective": TEST_DEFECTIVE_PER_CLASS})
+    stamp = json.dumps(
+        {
+            "seed": seed,
+            "train_per_class": train_per_class,
+            "test_per_kind": test_per_kind,
+            "test_normal": TEST_NORMAL_PER_CLASS,
+            "test_defective": TEST_DEFECTIVE_PER_CLASS,
+        }
+    )
     done = root / ".complete"
     if done.is_file() and done.read_text().strip() == stamp:
         return root
@@ -158,7 +173,11 @@ def _reusable(model_dir: Path, epochs: int, data_root: Path) -> bool:
     if not meta_path.is_file() or meta_path.stat().st_mtime < (data_root / ".complete").stat().st_mtime:
         return False
     meta = json.loads(meta_path.read_text())
-    return bool(meta.get("calibrated")) and meta.get("epochs_done") == epochs and meta.get("data_roots") == [str(data_root)]
+    return (
+        bool(meta.get("calibrated"))
+        and meta.get("epochs_done") == epochs
+        and meta.get("data_roots") == [str(data_root)]
+    )
 
 
 def _train(dataset, model_dir: Path, data_root: Path, plan: DemoPlan, epochs: int) -> str:
@@ -189,7 +208,9 @@ def _export(model_dir: Path, bundle_dir: Path, precisions: tuple[str, ...]) -> s
 
     with _working("export: fused ONNX graphs"):
         result = export_bundle(model_dir, bundle_dir, precisions)  # ExportError if a graph breaks a deployment rule
-    problems = [f"{path.name}: {'; '.join(r.errors)}" for path in result.files.values() if not (r := check_trt_support(path)).ok]
+    problems = [
+        f"{path.name}: {'; '.join(r.errors)}" for path in result.files.values() if not (r := check_trt_support(path)).ok
+    ]
     graphs = " + ".join(path.name for path in result.files.values())
     trt = "every op has a TensorRT importer" if not problems else "TensorRT support problems: " + " | ".join(problems)
     return f"{bundle_dir}: {graphs}, deployment rules hold, {trt}"
@@ -248,9 +269,11 @@ class StreamTally:
         return self.false_rejects / self.good if self.good else None
 
 
-def _stream(bundle_dir: Path, data_root: Path, classes: list[str], run_dir: Path) -> tuple[dict[str, StreamTally], str, str]:
+def _stream(
+    bundle_dir: Path, data_root: Path, classes: list[str], run_dir: Path
+) -> tuple[dict[str, StreamTally], str, str]:
     """Every class's test images through `run_app` (headless, JSON lines, FAIL images saved)."""
-    from .runtime.app import run_app
+    from .runtime.app import AppError, run_app, run_problems
 
     shutil.rmtree(run_dir, ignore_errors=True)  # FAIL images of an earlier demo would mix with these
     tallies, backend = {}, "?"
@@ -258,20 +281,36 @@ def _stream(bundle_dir: Path, data_root: Path, classes: list[str], run_dir: Path
         pattern = glob.escape(str(data_root / name / "test")) + "/*/*"
         tally = StreamTally()
         with tqdm(total=len(glob.glob(pattern)), desc=f"run {name}", unit="frame", leave=False) as bar:
+
             def on_record(record: dict[str, Any], tally=tally, bar=bar) -> None:
                 tally.add(record)
                 bar.update()
 
-            summary = run_app(bundle_dir, pattern, class_name=name, headless=True, output_jsonl=run_dir / f"{name}.jsonl",
-                              save_anomalies=run_dir / "anomalies" / name, print_summary=False, on_record=on_record)
+            summary = run_app(
+                bundle_dir,
+                pattern,
+                class_name=name,
+                headless=True,
+                output_jsonl=run_dir / f"{name}.jsonl",
+                save_anomalies=run_dir / "anomalies" / name,
+                print_summary=False,
+                on_record=on_record,
+            )
+        if summary["interrupted"]:
+            raise KeyboardInterrupt  # Ctrl-C ends the demo, as it ends `hgad-edge run`
+        problems = run_problems(summary)
+        if problems:
+            raise AppError("; ".join(problems))
         tally.seconds, backend = summary["elapsed_s"], summary["backend"]
         tallies[name] = tally
     frames, seconds = sum(t.frames for t in tallies.values()), sum(t.seconds for t in tallies.values())
     fps = frames / seconds if seconds > 0 else 0.0
     caught, defective = sum(t.caught for t in tallies.values()), sum(t.defective for t in tallies.values())
     rejects, good = sum(t.false_rejects for t in tallies.values()), sum(t.good for t in tallies.values())
-    line = (f"{frames} frames at {fps:.1f} frames/s ({backend}): {caught}/{defective} defective FAIL, "
-            f"{rejects}/{good} good FAIL; JSON lines {run_dir}/<class>.jsonl, FAIL images {run_dir / 'anomalies'}")
+    line = (
+        f"{frames} frames at {fps:.1f} frames/s ({backend}): {caught}/{defective} defective FAIL, "
+        f"{rejects}/{good} good FAIL; JSON lines {run_dir}/<class>.jsonl, FAIL images {run_dir / 'anomalies'}"
+    )
     return tallies, backend, line
 
 
@@ -283,26 +322,49 @@ def _pct(value: float | None) -> str:
 def summary_rows(metrics: dict, tallies: dict[str, StreamTally]) -> list[dict[str, Any]]:
     rows = []
     for name, t in tallies.items():
-        rows.append({"class": name, "image_auroc": metrics["classes"][name]["image_auroc"], "recall": t.recall,
-                     "caught": t.caught, "defective": t.defective, "false_reject_rate": t.false_reject_rate,
-                     "false_rejects": t.false_rejects, "good": t.good, "fps": t.fps})
+        rows.append(
+            {
+                "class": name,
+                "image_auroc": metrics["classes"][name]["image_auroc"],
+                "recall": t.recall,
+                "caught": t.caught,
+                "defective": t.defective,
+                "false_reject_rate": t.false_reject_rate,
+                "false_rejects": t.false_rejects,
+                "good": t.good,
+                "fps": t.fps,
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The ten-second table: class, image AUROC, recall and false rejects at the saved threshold, fps."""
     head = ("class", "image AUROC", "recall at threshold", "false rejects", "frames/s")
-    cells = [head] + [(r["class"], f"{100 * r['image_auroc']:.1f}", f"{r['caught']}/{r['defective']} ({_pct(r['recall'])})",
-                       f"{r['false_rejects']}/{r['good']} ({_pct(r['false_reject_rate'])})", f"{r['fps']:.1f}") for r in rows]
+    cells = [head] + [
+        (
+            r["class"],
+            f"{100 * r['image_auroc']:.1f}",
+            f"{r['caught']}/{r['defective']} ({_pct(r['recall'])})",
+            f"{r['false_rejects']}/{r['good']} ({_pct(r['false_reject_rate'])})",
+            f"{r['fps']:.1f}",
+        )
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-    return "\n".join("  " + "   ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in cells)
+    return "\n".join(
+        "  " + "   ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    )
 
 
 def next_commands(out: Path, engine_built: bool) -> str:
     """The next commands with this demo's folders filled in."""
     lines = [
-        ("hgad-edge train --data YOUR_ROOT --out runs/mine", "your images: YOUR_ROOT/<class>/train/good, <class>/test/<kind>"),
+        (
+            "hgad-edge train --data YOUR_ROOT --out runs/mine",
+            "your images: YOUR_ROOT/<class>/train/good, <class>/test/<kind>",
+        ),
         (f"hgad-edge run {out / 'bundle'} --camera 0", "PASS/FAIL live on a camera (--headless without a screen)"),
         (f"hgad-edge bench {out / 'model'}", "speed and accuracy per backend on this machine"),
     ]
@@ -320,14 +382,18 @@ def run_demo(out: Path, quick: bool = False, epochs: int | None = None) -> dict[
     plan = QUICK if quick else FULL
     epochs = epochs or plan.epochs
     steps = _Steps()
-    click.echo(f"hgad-edge demo{' --quick' if quick else ''}: real solar-cell images, from training to a running detector -> {out}")
+    mode = " --quick" if quick else ""
+    click.echo(f"hgad-edge demo{mode}: real solar-cell images, from training to a running detector -> {out}")
 
     with _working("data: elpv solar cells"):
-        data_root = prepare_elpv(out / plan.data_dir, train_per_class=plan.train_per_class, test_per_kind=plan.test_per_kind)
+        data_root = prepare_elpv(
+            out / plan.data_dir, train_per_class=plan.train_per_class, test_per_kind=plan.test_per_kind
+        )
         dataset = open_roots([data_root])
     n_train, test = len(dataset.samples("train")), dataset.samples("test")
     n_bad = sum(s.label for s in test)
-    steps.done(f"{n_train} normal cells to train on, {len(test)} to test ({len(test) - n_bad} good, {n_bad} defective): {data_root}")
+    counts = f"{len(test)} to test ({len(test) - n_bad} good, {n_bad} defective)"
+    steps.done(f"{n_train} normal cells to train on, {counts}: {data_root}")
 
     steps.done(_train(dataset, out / "model", data_root, plan, epochs))
     metrics, line = _evaluate(dataset, out / "model")
@@ -340,10 +406,18 @@ def run_demo(out: Path, quick: bool = False, epochs: int | None = None) -> dict[
     steps.done(line)
 
     rows = summary_rows(metrics, tallies)
-    summary = {"quick": quick, "epochs": epochs, "backend": backend, "engine": str(engine) if engine else None,
-               "seconds": round(steps.elapsed, 1), "steps": steps.seconds, "classes": rows}
+    summary = {
+        "quick": quick,
+        "epochs": epochs,
+        "backend": backend,
+        "engine": str(engine) if engine else None,
+        "seconds": round(steps.elapsed, 1),
+        "steps": steps.seconds,
+        "classes": rows,
+    }
     atomic_write_json(out / "summary.json", summary)
-    click.echo(f"\nDone in {_duration(steps.elapsed)}. Each test image was scored by the torch-free runtime at the saved threshold:\n")
+    scored = "Each test image was scored by the torch-free runtime at the saved threshold"
+    click.echo(f"\nDone in {_duration(steps.elapsed)}. {scored}:\n")
     click.echo(format_table(rows))
     click.echo(f"\nNext (everything above is in {out}: summary.json, model/eval, bundle, run):")
     click.echo(next_commands(out, engine is not None))

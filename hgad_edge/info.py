@@ -25,8 +25,11 @@ __all__ = ["RTX_COMPUTE_CAPABILITIES", "build_target", "format_info", "gather"]
 # Blackwell 12.0): RTX-class cards, not Jetson (8.7) nor data-centre Hopper (9.0).
 RTX_COMPUTE_CAPABILITIES = ("7.5", "8.6", "8.9", "12.0")
 # Python modules of each TensorRT flavour, in the order they are tried.
-TENSORRT_MODULES = {"tensorrt": ("tensorrt",), "tensorrt_lean": ("tensorrt_lean",),
-                    "tensorrt_rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
+TENSORRT_MODULES = {
+    "tensorrt": ("tensorrt",),
+    "tensorrt_lean": ("tensorrt_lean",),
+    "tensorrt_rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings"),
+}
 TENSORRT_NAMES = {"tensorrt": "TensorRT", "tensorrt_lean": "TensorRT lean runtime", "tensorrt_rtx": "TensorRT-RTX"}
 
 
@@ -91,7 +94,9 @@ def cuda_facts() -> dict[str, Any]:
     )
     from hgad_edge.runtime.errors import BackendUnavailableError
 
-    bindings = dist_version("cuda-python") or (f"{dist_version('cuda-bindings')} (cuda-bindings)" if dist_version("cuda-bindings") else None)
+    bindings = dist_version("cuda-python") or (
+        f"{dist_version('cuda-bindings')} (cuda-bindings)" if dist_version("cuda-bindings") else None
+    )
     facts: dict[str, Any] = {"cuda_python": bindings, "pycuda": dist_version("pycuda"), "devices": [], "reason": ""}
     try:
         cudart = import_cudart()
@@ -144,8 +149,12 @@ def gather() -> dict[str, Any]:
         "cpu": cpu_model(),
         "board": board_model(),
         "cores": usable_cores(),
-        "versions": {"numpy": np.__version__, "opencv": cv2.__version__, "onnxruntime": onnxruntime.__version__,
-                     "torch": dist_version("torch")},
+        "versions": {
+            "numpy": np.__version__,
+            "opencv": cv2.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "torch": dist_version("torch"),
+        },
         "extras": extras_status(requires),
         "onnxruntime_providers": available_providers(),
         "tensorrt": tensorrt_facts(),
@@ -170,15 +179,21 @@ def build_target(facts: dict[str, Any]) -> tuple[str | None, str]:
     if rtx and gpu and gpu["compute_capability"] in RTX_COMPUTE_CAPABILITIES:
         return "rtx", f"TensorRT-RTX {rtx['version']} builds engines for {gpu['name']} (sm{_sm(gpu)}) here"
     if rtx and not gpu:
-        return "rtx", (f"TensorRT-RTX {rtx['version']} builds on this CPU; its engines run on RTX-class GPUs "
-                       f"(compute capability {', '.join(RTX_COMPUTE_CAPABILITIES)}), not on Jetson")
+        return "rtx", (
+            f"TensorRT-RTX {rtx['version']} builds on this CPU; its engines run on RTX-class GPUs "
+            f"(compute capability {', '.join(RTX_COMPUTE_CAPABILITIES)}), not on Jetson"
+        )
     if gpu:
-        return None, (f"{gpu['name']} (sm{_sm(gpu)}) needs full TensorRT: pip install 'hgad-edge[tensorrt]' "
-                      "(JetPack's python3-libnvinfer on Jetson); meanwhile `run` uses ONNX Runtime")
+        return None, (
+            f"{gpu['name']} (sm{_sm(gpu)}) needs full TensorRT: pip install 'hgad-edge[tensorrt]' "
+            "(JetPack's python3-libnvinfer on Jetson); meanwhile `run` uses ONNX Runtime"
+        )
     if full:
         return None, f"TensorRT {full['version']} is installed but there is no CUDA device: build on the target GPU"
-    return None, ("no TensorRT here, so `run` uses ONNX Runtime; engines are built on the target: "
-                  "pip install 'hgad-edge[tensorrt]' there (or TensorRT-RTX for RTX GPUs, which also builds on a CPU)")
+    return None, (
+        "no TensorRT here, so `run` uses ONNX Runtime; engines are built on the target: "
+        "pip install 'hgad-edge[tensorrt]' there (or TensorRT-RTX for RTX GPUs, which also builds on a CPU)"
+    )
 
 
 def _sm(device: dict[str, Any]) -> str:
@@ -193,8 +208,9 @@ def _or_absent(version: str | None) -> str:
 def _extras_line(extras: dict[str, list[str]] | None) -> str:
     if extras is None:
         return "unknown (hgad-edge is not pip-installed here)"
-    return "; ".join(f"{name}: {'installed' if not missing else 'missing ' + ', '.join(missing)}"
-                     for name, missing in extras.items())
+    return "; ".join(
+        f"{name}: {'installed' if not missing else 'missing ' + ', '.join(missing)}" for name, missing in extras.items()
+    )
 
 
 def _tensorrt_line(trt: dict[str, dict[str, Any]]) -> str:
@@ -222,7 +238,10 @@ def format_info(facts: dict[str, Any]) -> str:
         ("hgad-edge", facts["hgad_edge"]),
         ("python", f"{facts['python']} on {facts['platform']}"),
         ("machine", f"{facts['board'] or facts['cpu']}, {facts['cores']} usable cores"),
-        ("packages", f"numpy {v['numpy']}, opencv {v['opencv']}, onnxruntime {v['onnxruntime']}, torch {_or_absent(v['torch'])}"),
+        (
+            "packages",
+            f"numpy {v['numpy']}, opencv {v['opencv']}, onnxruntime {v['onnxruntime']}, torch {_or_absent(v['torch'])}",
+        ),
         ("extras", _extras_line(facts["extras"])),
         ("onnxruntime", "providers " + ", ".join(facts["onnxruntime_providers"] or ["none"])),
         ("tensorrt", _tensorrt_line(facts["tensorrt"])),

@@ -355,7 +355,9 @@ def run_app(
         window = None if headless else _Window(window_name)
         jsonl = None if output_jsonl is None else _JsonLines(output_jsonl, overwrite)  # opened last: nothing truncated
         try:
-            return _run_loop(detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary, on_record)
+            return _run_loop(
+                detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary, on_record
+            )
         finally:
             if jsonl is not None:
                 jsonl.close()

@@ -10,7 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from hgad_edge.cli import main
-from hgad_edge.demo import QUICK, STEPS, StreamTally, format_table, next_commands, prepare_elpv
+from hgad_edge.demo import (
+    QUICK,
+    STEPS,
+    StreamTally,
+    format_table,
+    next_commands,
+    prepare_elpv,
+)
 
 pytest.importorskip("elpv_dataset")
 
@@ -21,8 +28,13 @@ def _record(path: str, anomalous: bool) -> dict:
 
 def test_tally_counts_fails_against_folder_labels():
     tally = StreamTally(seconds=2.0)
-    for path, fail in [("c/test/good/1.png", False), ("c/test/good/2.png", True),
-                       ("c/test/defective/3.png", True), ("c/test/defective/4.png", True), ("c/test/defective/5.png", False)]:
+    for path, fail in [
+        ("c/test/good/1.png", False),
+        ("c/test/good/2.png", True),
+        ("c/test/defective/3.png", True),
+        ("c/test/defective/4.png", True),
+        ("c/test/defective/5.png", False),
+    ]:
         tally.add(_record(path, fail))
     assert (tally.good, tally.false_rejects, tally.defective, tally.caught) == (2, 1, 3, 2)
     assert tally.recall == pytest.approx(2 / 3) and tally.false_reject_rate == 0.5 and tally.fps == 2.5
@@ -30,8 +42,19 @@ def test_tally_counts_fails_against_folder_labels():
 
 
 def test_table_and_next_commands_name_the_users_paths(tmp_path):
-    rows = [{"class": "elpv_mono", "image_auroc": 0.856, "recall": 0.75, "caught": 3, "defective": 4,
-             "false_reject_rate": 0.1, "false_rejects": 1, "good": 10, "fps": 30.04}]
+    rows = [
+        {
+            "class": "elpv_mono",
+            "image_auroc": 0.856,
+            "recall": 0.75,
+            "caught": 3,
+            "defective": 4,
+            "false_reject_rate": 0.1,
+            "false_rejects": 1,
+            "good": 10,
+            "fps": 30.04,
+        }
+    ]
     table = format_table(rows).splitlines()
     assert "image AUROC" in table[0] and "recall at threshold" in table[0] and "false rejects" in table[0]
     assert table[1].split() == ["elpv_mono", "85.6", "3/4", "(75.0%)", "1/10", "(10.0%)", "30.0"]
@@ -84,4 +107,3 @@ def test_demo_refuses_an_out_that_is_a_file(tmp_path):
     target.write_text("x")
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(target)])
     assert result.exit_code == 2 and "file" in result.output.lower()
-

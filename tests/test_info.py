@@ -12,13 +12,29 @@ from click.testing import CliRunner
 
 from hgad_edge import __version__
 from hgad_edge.cli import main
-from hgad_edge.info import RTX_COMPUTE_CAPABILITIES, build_target, camera_facts, extras_status, format_info, gather
+from hgad_edge.info import (
+    RTX_COMPUTE_CAPABILITIES,
+    build_target,
+    camera_facts,
+    extras_status,
+    format_info,
+    gather,
+)
 
 from .conftest import REPO
 
 HAS_RTX = any(importlib.util.find_spec(m) is not None for m in ("tensorrt_rtx", "tensorrt_rtx_bindings"))
 # Modules a base install (pip install hgad-edge, no extras, no GPU stack) does not have.
-BLOCKED = ("torch", "tensorrt", "tensorrt_lean", "tensorrt_rtx", "tensorrt_rtx_bindings", "cuda", "cuda.bindings", "pycuda")
+BLOCKED = (
+    "torch",
+    "tensorrt",
+    "tensorrt_lean",
+    "tensorrt_rtx",
+    "tensorrt_rtx_bindings",
+    "cuda",
+    "cuda.bindings",
+    "pycuda",
+)
 
 
 def _facts(trt=None, devices=()):
@@ -43,7 +59,12 @@ RTX = {"tensorrt_rtx": {"module": "tensorrt_rtx_bindings", "version": "1.7.1", "
         (RTX, [_gpu("8.7", "Orin")], None, "needs full TensorRT"),
         (RTX, [_gpu("9.0", "H200")], None, "needs full TensorRT"),
         (FULL_TRT, [], None, "no CUDA device"),
-        ({"tensorrt_lean": {"module": "tensorrt_lean", "version": "10.3", "broken": None, "builder": False}}, [], None, "no TensorRT"),
+        (
+            {"tensorrt_lean": {"module": "tensorrt_lean", "version": "10.3", "broken": None, "builder": False}},
+            [],
+            None,
+            "no TensorRT",
+        ),
         ({}, [], None, "no TensorRT"),
     ],
 )
@@ -57,7 +78,7 @@ def test_rtx_capabilities_exclude_jetson_and_hopper():
 
 
 def test_extras_status_lists_what_is_missing():
-    requires = ['numpy>=1.24', 'click>=8; extra == "a"', 'no-such-dist-hgad>=1; extra == "a"', "pytest; extra == 'b'"]
+    requires = ["numpy>=1.24", 'click>=8; extra == "a"', 'no-such-dist-hgad>=1; extra == "a"', "pytest; extra == 'b'"]
     assert extras_status(requires) == {"a": ["no-such-dist-hgad"], "b": []}
     assert extras_status(None) is None
 
@@ -65,7 +86,11 @@ def test_extras_status_lists_what_is_missing():
 def test_cameras_are_listed_in_device_order(tmp_path):
     for n in (10, 2, 0):
         (tmp_path / f"video{n}").touch()
-    assert [c["device"].rsplit("/", 1)[1] for c in camera_facts(str(tmp_path / "video*"))] == ["video0", "video2", "video10"]
+    assert [c["device"].rsplit("/", 1)[1] for c in camera_facts(str(tmp_path / "video*"))] == [
+        "video0",
+        "video2",
+        "video10",
+    ]
 
 
 def test_info_command_here():
@@ -93,7 +118,9 @@ def test_info_without_torch_tensorrt_or_cuda():
         "from hgad_edge.cli import main\n"
         "main(['info'], standalone_mode=False)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(None, 1) for line in proc.stdout.splitlines())
     assert lines["tensorrt"].startswith("not installed")
@@ -104,4 +131,15 @@ def test_info_without_torch_tensorrt_or_cuda():
 def test_format_info_is_one_fact_per_line():
     text = format_info(gather())
     keys = [line.split(None, 1)[0] for line in text.splitlines()]
-    assert keys == ["hgad-edge", "python", "machine", "packages", "extras", "onnxruntime", "tensorrt", "cuda", "cameras", "build"]
+    assert keys == [
+        "hgad-edge",
+        "python",
+        "machine",
+        "packages",
+        "extras",
+        "onnxruntime",
+        "tensorrt",
+        "cuda",
+        "cameras",
+        "build",
+    ]
