@@ -131,7 +131,7 @@ def camera_facts(pattern: str = "/dev/video*") -> list[dict[str, str]]:
 
 def gather() -> dict[str, Any]:
     """Every fact `hgad-edge info` prints (no torch import, no TensorRT object)."""
-    from hgad_edge.bench import board_model, cpu_model, usable_cores
+    from hgad_edge.bench.machine import board_model, cpu_model, usable_cores
     from hgad_edge.runtime.backends.onnxruntime_backend import available_providers
 
     try:
