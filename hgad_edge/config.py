@@ -186,10 +186,11 @@ class BackboneConfig:
     # Local neighbourhood aggregation (PatchCore's): each stage map is average-pooled over a k x k
     # window (stride 1, same size) before the flow, so a vector describes its patch's
     # neighbourhood. 1 = off. Part of the model, so it is inside the exported graph.
-    pool: int = 1
+    # 3: +2.7 image / +2.3 pixel AUROC on the tuning half of realad with 24 epochs (quality study).
+    pool: int = 3
     # "levels": each stage is its own level (own flow and head); "fuse": deeper stages are
     # bilinearly upsampled to the first stage's map and concatenated into ONE level per scale
-    # (then pooled on that grid).
+    # (then pooled on that grid). "levels": fusing lost 0.9 image / 4.8 pixel AUROC (tuning half).
     merge: str = "levels"
 
     MERGES = ("levels", "fuse")
@@ -268,7 +269,9 @@ class HeadConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    # 24: the one lever that helped every class in the probes; 4 realad classes train in ~10-20 min
+    # on 2 cores (8 epochs: 83.4 -> 86.1 mean image AUROC with pooling, full test sets).
+    epochs: int = 24
     batch_size: int = 16  # images per step
     vectors_per_image: int = 128  # feature vectors sampled per image and level per step
     lr: float = 1e-3  # paper: 2e-4 over 100 epochs; a CPU budget is ~10x fewer steps
@@ -292,7 +295,9 @@ class ScoreConfig:
 
     criterion: str = "product"  # "loglik", "entropy" or "product" (S_l with S_e, paper Tab. 3c)
     smooth_sigma: float = 4.0  # Gaussian smoothing of the final map, in input pixels
-    topk: float = 0.0  # 0: image score = max of the map; else mean of the top fraction
+    # 0: image score = max of the map; else mean of the top fraction. 0.03: +1.3 image AUROC on the
+    # tuning half over the max (robust to a few hot pixels), pixel metrics unchanged.
+    topk: float = 0.03
     # Weight of each level's standardised map in the average over levels (empty: equal weights).
     level_weights: tuple[float, ...] = ()
     threshold_quantile: float = 1.0  # quantile of held-out normal image scores used as threshold
