@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from hgad_edge.imaging import IMAGE_EXTENSIONS, find_images as _find_images, load_image, resize_image
-from hgad_edge.runtime.backends.tensorrt_backend import cuda_call
+from hgad_edge.runtime.backends.cuda_api import cuda_call
 
 __all__ = ["CalibrationBatches", "CalibrationError", "calibration_cache_path", "find_images", "make_entropy_calibrator"]
 

@@ -49,6 +49,12 @@ def _must_be_fp32(node) -> bool:
     return bool(classes) and classes[-1] in (SCORER_CLASS, "hgad_edge.model.HGADModel") and node.op_type not in DATA_MOVEMENT
 
 
+def fp32_node_names(model) -> set[str]:
+    """Names of the nodes that must compute in FP32 (head, scoring, glue): the policy of rule 3,
+    also used to check the layers TensorRT's parser made of them (export/trt_build.py)."""
+    return {n.name for n in model.graph.node if _must_be_fp32(n)}
+
+
 def check_graph(path_or_model, mixed: bool) -> list[str]:
     """-> list of broken rules (empty = deployable)."""
     import onnx

@@ -15,6 +15,7 @@ from .runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
 from .bench.engines import BACKENDS as BENCH_BACKENDS
 from .bench.engines import DEFAULT_BACKENDS as BENCH_DEFAULT_BACKENDS
 from .bench.engines import PRECISIONS as BENCH_PRECISIONS
+from .runtime.backends.trt_common import ENGINE_PRECISIONS, TARGETS
 
 TRAIN_MODULES = ("torch", "timm", "FrEIA", "yaml", "safetensors")
 
@@ -179,13 +180,18 @@ def export_cmd(run, out, precisions, no_simplify):
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--target", type=click.Choice(list(TARGETS)), default="tensorrt", show_default=True,
+              help="; ".join(f"{t.name}: {t.label} for {t.hardware}" for t in TARGETS.values()) + ".")
+@click.option("--precision", type=click.Choice(list(ENGINE_PRECISIONS)),
+              default="fp16", show_default=True, help="int8: --target tensorrt (TensorRT 10) only.")
+@click.option("--compute-capability", "capabilities", help="--target rtx only: GPUs the engine is for, e.g. 8.6,8.9 "
+              "(default: TensorRT-RTX's portable set, Ampere and later).")
 @click.option("--batch", default="1:4:8", show_default=True, help="min:opt:max batch of the optimisation profile.")
 @click.option("--workspace-mb", type=click.IntRange(min=1), help="Builder workspace limit.")
 @click.option("--calib-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Normal images for INT8 calibration.")
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
-def build(bundle, precision, batch, workspace_mb, calib_dir, force):
-    """Build a TensorRT engine for this GPU from an exported bundle."""
+def build(bundle, target, precision, capabilities, batch, workspace_mb, calib_dir, force):
+    """Build a TensorRT engine from an exported bundle: on this GPU, or ahead of time for RTX GPUs (--target rtx)."""
     from .export.trt_build import BuildError, build_engines
 
     try:
@@ -196,22 +202,27 @@ def build(bundle, precision, batch, workspace_mb, calib_dir, force):
         raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch")
     if precision == "int8" and calib_dir is None:
         raise click.BadParameter("INT8 needs --calib-dir with normal images", param_hint="--calib-dir")
+    gpus = [c.strip() for c in capabilities.split(",") if c.strip()] if capabilities else None
     try:
-        engine = build_engines(bundle, precision, parts, workspace_mb, calib_dir, force=force)
+        engine = build_engines(bundle, precision, parts, workspace_mb, calib_dir, force=force, target=target, compute_capabilities=gpus)
     except BuildError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"engine: {engine}")
+    entry = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))["engines"][engine.name]
+    click.echo(f"engine: {engine} ({entry.get('size_bytes', 0) / 2**20:.1f} MB, {TARGETS[target].label} {entry['trt_version']}, "
+               f"compute capability {', '.join(entry['compute_capabilities'])}, {precision})")
 
 
 @main.command(name="check-trt")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def check_trt(onnx_file):
-    """Static check (CPU): does every op of ONNX_FILE have a TensorRT ONNX-parser importer?"""
-    from .export.trt_support import check_trt_support, format_report
+@click.option("--table", "table_only", is_flag=True, help="Use the hand-kept operator table even if a TensorRT parser is installed.")
+def check_trt(onnx_file, table_only):
+    """Check (CPU) that every node of ONNX_FILE imports into TensorRT: with a real TensorRT / TensorRT-RTX
+    parser where one is installed, else with onnx-tensorrt's operator table."""
+    from .export.trt_check import check_onnx
 
-    report = check_trt_support(onnx_file)
-    click.echo(format_report(report))
-    if not report.ok:
+    result = check_onnx(onnx_file, use_parser=not table_only)
+    click.echo(result.markdown)
+    if not result.ok:
         raise click.ClickException("the graph will not build as is: see the errors above")
 
 
@@ -232,8 +243,11 @@ def check_trt(onnx_file):
               help="Save overlay + frame of every FAIL (file names carry this run's id).")
 @click.option("--max-frames", type=click.IntRange(min=1))
 @click.option("--reconnect-attempts", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--allow-engine-host-code", is_flag=True,
+              help="Load version-compatible TensorRT engines, which run host code embedded in the engine file "
+                   "(only engines you trust).")
 def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, overwrite, save_anomalies,
-        max_frames, reconnect_attempts):
+        max_frames, reconnect_attempts, allow_engine_host_code):
     """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle (no torch needed).
 
     Exits non-zero when no frame could be scored or an anomalous frame could not be saved."""
@@ -245,7 +259,8 @@ def run(bundle, source, camera, class_name, backend, precision, headless, output
         raise click.UsageError("give exactly one of SOURCE or --camera")
     try:
         summary = run_app(bundle, source if source is not None else camera, class_name, backend, headless, output_jsonl,
-                          save_anomalies, max_frames, reconnect_attempts, precision=precision, overwrite=overwrite)
+                          save_anomalies, max_frames, reconnect_attempts, precision=precision, overwrite=overwrite,
+                          allow_engine_host_code=allow_engine_host_code)
     except (HgadRuntimeError, SourceError, AppError) as exc:
         raise click.ClickException(str(exc)) from exc
     problems = run_problems(summary)

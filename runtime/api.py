@@ -100,12 +100,17 @@ def create(
     device: int = 0,
     precision: str = "auto",
     max_batch: int = 8,
+    allow_engine_host_code: bool = False,
 ) -> tuple[Status, Optional[int]]:
-    """Load a bundle on a backend ("auto", "tensorrt", "onnxruntime"); returns (status, handle)."""
+    """Load a bundle on a backend ("auto", "tensorrt", "onnxruntime"); returns (status, handle).
+
+    allow_engine_host_code=True lets TensorRT load version-compatible engines, which carry host code
+    that runs in this process: pass it only for engines you built or trust.
+    """
     try:
         _check_create_args(device, max_batch)
         loaded = load_bundle(bundle)
-        runner = create_runner(loaded, backend, int(device), precision, int(max_batch))
+        runner = create_runner(loaded, backend, int(device), precision, int(max_batch), bool(allow_engine_host_code))
     except HgadRuntimeError as err:
         return _fail(err.status, str(err)), None
     except Exception as err:

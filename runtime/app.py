@@ -334,6 +334,7 @@ def run_app(
     capture_factory: Optional[Callable[..., Any]] = None,
     print_summary: bool = True,
     on_record: Optional[Callable[[dict[str, Any]], None]] = None,
+    allow_engine_host_code: bool = False,
 ) -> dict[str, Any]:
     """Score `source` until it ends, `max_frames`, q/Esc in the window, or Ctrl-C; return the summary.
 
@@ -348,7 +349,8 @@ def run_app(
     if not headless:
         check_gui(window_name)
     _check_outputs(output_jsonl, save_anomalies)
-    with Detector(bundle, backend=backend, device=device, precision=precision, max_batch=1) as detector:
+    with Detector(bundle, backend=backend, device=device, precision=precision, max_batch=1,
+                  allow_engine_host_code=allow_engine_host_code) as detector:
         class_id = detector.class_id(class_name)
         frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
         anomaly_dir = _prepare_dir(save_anomalies)

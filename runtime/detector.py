@@ -33,9 +33,11 @@ class Detector:
         device: int = 0,
         precision: str = "auto",
         max_batch: int = 8,
+        allow_engine_host_code: bool = False,
     ) -> None:
         self._handle: Optional[int] = None
-        status, handle = api.create(bundle, backend=backend, device=device, precision=precision, max_batch=max_batch)
+        status, handle = api.create(bundle, backend=backend, device=device, precision=precision, max_batch=max_batch,
+                                    allow_engine_host_code=allow_engine_host_code)
         self._raise_unless_ok(status)
         self._handle = handle
         self._release = weakref.finalize(self, api.destroy, handle)  # frees GPU memory if close() is forgotten

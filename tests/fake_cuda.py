@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import weakref
 
 import numpy as np
 
@@ -80,6 +81,7 @@ class FakeCudart:
 
     def cudaFree(self, ptr):
         self.blocks.pop(ptr)
+        self.pinned.discard(ptr)  # the address may be handed out again
         return (self.ok,)
 
     cudaFreeHost = cudaFree
@@ -93,3 +95,95 @@ class FakeCudart:
     def cudaMemcpy(self, dst, src, nbytes, kind):
         ctypes.memmove(dst, src, nbytes)
         return (self.ok,)
+
+
+class FakePyCuda:
+    """pycuda.driver stand-in on the same model: host memory plays device memory, errors raise."""
+
+    class Error(Exception):
+        pass
+
+    def __init__(self, devices: int = 1, cc=(8, 6)) -> None:
+        self.devices, self.cc = devices, cc
+        self.blocks: dict[int, np.ndarray] = {}
+        self.pinned: set[int] = set()
+        self.copies: list[tuple[str, int]] = []
+        self.context_stack: list[int] = []
+        driver = self
+
+        class Device:
+            def __init__(self, index: int) -> None:
+                if not 0 <= index < driver.devices:
+                    raise driver.Error(f"invalid device ordinal {index}")
+                self.index = index
+
+            @staticmethod
+            def count() -> int:
+                return driver.devices
+
+            def compute_capability(self):
+                return driver.cc
+
+            def name(self) -> str:
+                return "Fake RTX"
+
+            def retain_primary_context(self):
+                index = self.index
+
+                class Context:
+                    def push(self) -> None:
+                        driver.context_stack.append(index)
+
+                    def pop(self) -> None:
+                        driver.context_stack.pop()
+
+                return Context()
+
+        class Allocation:
+            def __init__(self, ptr: int) -> None:
+                self.ptr = ptr
+
+            def __int__(self) -> int:
+                return self.ptr
+
+            def free(self) -> None:
+                driver.blocks.pop(self.ptr)
+
+        class Stream:
+            handle = 7
+
+            def synchronize(self) -> None:
+                pass
+
+        self.Device, self.Allocation, self.Stream = Device, Allocation, Stream
+
+    def init(self) -> None:
+        if not self.devices:
+            raise self.Error("cuInit failed: no CUDA-capable device is detected")
+
+    def _require_context(self) -> None:
+        if not self.context_stack:
+            raise self.Error("no current context (push the primary context first)")
+
+    def mem_alloc(self, nbytes: int):
+        self._require_context()
+        block = np.zeros(nbytes, np.uint8)
+        self.blocks[block.ctypes.data] = block
+        return self.Allocation(block.ctypes.data)
+
+    def pagelocked_empty(self, shape, dtype):
+        self._require_context()
+        array = np.zeros(shape, dtype)
+        self.pinned.add(array.ctypes.data)
+        weakref.finalize(array, self.pinned.discard, array.ctypes.data)  # like pycuda: freed with the array
+        return array
+
+    def memcpy_htod_async(self, dest: int, src: np.ndarray, stream) -> None:
+        assert isinstance(dest, int) and dest in self.blocks and src.flags.c_contiguous
+        ctypes.memmove(dest, src.ctypes.data, src.nbytes)
+        self.copies.append(("htod", src.nbytes))
+
+    def memcpy_dtoh_async(self, dest: np.ndarray, src: int, stream) -> None:
+        assert isinstance(src, int) and src in self.blocks and dest.flags.c_contiguous
+        ctypes.memmove(dest.ctypes.data, src, dest.nbytes)
+        self.copies.append(("dtoh", dest.nbytes))

@@ -33,14 +33,14 @@ from hgad_edge.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.imaging import resize_image
 from hgad_edge.runtime import Detector, Status, api, create, destroy, infer, last_error
 from hgad_edge.runtime.app import AppError, run_app
-from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, PRECISIONS, REGISTRY
+from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, PRECISIONS, REGISTRY, cuda_api
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
-from hgad_edge.runtime.errors import BundleError, EngineError, InvalidArgumentError, InvalidHandleError
+from hgad_edge.runtime.errors import BackendUnavailableError, BundleError, EngineError, InvalidArgumentError, InvalidHandleError
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
 
 from .conftest import NOT_IN_BASE_INSTALL
-from .fake_cuda import FakeCudart, FakeTrtModule
+from .fake_cuda import FakeCudart, FakePyCuda, FakeTrtModule
 
 H, W = 64, 96  # non-square so that an H/W swap anywhere fails
 CLASSES = ("a", "b")
@@ -340,18 +340,23 @@ class FakeTrt(FakeTrtModule):
     __version__ = "10.7.0.23"
     TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
 
-    def __init__(self, cudart: FakeCudart) -> None:
+    def __init__(self, cudart: FakeCudart, version: str = "10.7.0.23") -> None:
         self.cudart = cudart
+        self.__version__ = version
+        self.host_code = None
         self.runtimes = 0
         self.calls: list[str] = []
         trt = self
 
         class Runtime:
+            engine_host_code_allowed = False
+
             def __init__(self, logger) -> None:
                 trt.runtimes += 1
                 assert trt.cudart.devices, "a TensorRT object was built without a CUDA device"
 
             def deserialize_cuda_engine(self, data):
+                trt.host_code = self.engine_host_code_allowed
                 return FakeEngine(trt, data)
 
         self.Runtime = Runtime
@@ -418,21 +423,34 @@ class FakeContext:
         return True
 
 
-def bundle_with_engine(tmp_path: Path, **entry) -> Path:
+def bundle_with_engine(tmp_path: Path, name: str = "tiny_fp32.engine", **entry) -> Path:
     folder = make_bundle(tmp_path / "trt")
     sha = json.loads((folder / "metadata.json").read_text())["models"]["fp32"]["sha256"]
-    engine = {"precision": "fp32", "trt_version": "10.7.0", "compute_capability": "8.7", "onnx_sha256": sha, "batch": [1, 4, 8], **entry}
+    plan = (folder / "model_fp32.onnx").read_bytes()  # the fake's "engine" is the ONNX model
+    engine = {"precision": "fp32", "trt_version": "10.7.0", "compute_capability": "8.7", "onnx_sha256": sha, "batch": [1, 4, 8],
+              "sha256": hashlib.sha256(plan).hexdigest(), **entry}
     (folder / "engines").mkdir()
-    (folder / "engines" / "tiny_fp32.engine").write_bytes((folder / "model_fp32.onnx").read_bytes())
-    return make_bundle(folder, engines={"tiny_fp32.engine": engine})
+    (folder / "engines" / "tiny_fp32.engine").write_bytes(plan)
+    return make_bundle(folder, engines={name: engine})
+
+
+def install_fakes(monkeypatch, trt, cuda, target: str = "tensorrt") -> None:
+    """Fake `target` runtime module (other targets: not installed) and a fake CUDA adapter."""
+
+    def import_runtime(name):
+        if name != target:
+            raise BackendUnavailableError(f"{name} is not installed (test)")
+        return trt
+
+    monkeypatch.setattr(trtb, "import_runtime", import_runtime)
+    monkeypatch.setattr(trtb, "import_cuda", lambda: cuda)
 
 
 @pytest.fixture
 def fake_tensorrt(monkeypatch):
     cudart = FakeCudart()
     trt = FakeTrt(cudart)
-    monkeypatch.setattr(trtb, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(trtb, "import_cudart", lambda: cudart)
+    install_fakes(monkeypatch, trt, cuda_api.CudaPython(cudart))
     return trt
 
 
@@ -451,7 +469,15 @@ def test_tensorrt_runner_protocol_with_fakes(tmp_path, fake_tensorrt):
     copies = fake_tensorrt.cudart.copies
     assert ("cudaMemcpyHostToDevice", 3 * H * W * 3) in copies and ("cudaMemcpyDeviceToHost", 3 * H * W * 4) in copies
     assert infer(h, frames[:1])[0] == Status.OK
+    view = runner.infer(3)["anomaly_map"]  # a runner's results view its pinned output buffer
+    assert view.ctypes.data in fake_tensorrt.cudart.pinned
+    del runner
     assert destroy(h) == Status.OK
+    # after destroy the pinned buffer stays alive (never dangling) until its last view is dropped
+    assert fake_tensorrt.cudart.blocks and view.ctypes.data in fake_tensorrt.cudart.pinned
+    np.testing.assert_array_equal(view, ref[0])
+    del view, result
+    gc.collect()
     assert not fake_tensorrt.cudart.blocks  # every cudaMalloc / cudaMallocHost was freed
 
 
@@ -472,6 +498,103 @@ def test_tensorrt_stale_engine_is_reported(tmp_path, fake_tensorrt):
     assert status == Status.ENGINE_STALE
     assert "hgad-edge build" in last_error() and "compute capability 7.2" in last_error()
     assert fake_tensorrt.runtimes == 0
+
+
+def test_pycuda_runs_the_same_buffer_plan_when_cuda_python_is_missing(tmp_path, monkeypatch):
+    """Only pycuda installed: the same runner (pinned host + device buffers, one stream) on its driver API."""
+    driver = FakePyCuda(cc=(8, 7))
+    monkeypatch.setattr(cuda_api, "import_cudart", lambda: (_ for _ in ()).throw(BackendUnavailableError("cuda-python is not installed (test)")))
+    monkeypatch.setattr(cuda_api, "import_pycuda", lambda: driver)
+    cuda = cuda_api.import_cuda()
+    assert isinstance(cuda, cuda_api.PyCuda)
+    trt = FakeTrt(driver)
+    install_fakes(monkeypatch, trt, cuda)
+    folder = bundle_with_engine(tmp_path)
+    status, h = create(folder, backend="tensorrt", max_batch=4)
+    assert status == Status.OK, last_error()
+    assert "pycuda" in api._handles[h].runner.description and driver.context_stack == [0]
+    frames = rng_frames(2, seed=5)
+    status, result = infer(h, frames, [0, 1])
+    assert status == Status.OK, last_error(h)
+    ref = reference(folder, np.stack(frames), [0, 1])
+    np.testing.assert_array_equal(result.anomaly_map, ref[0])
+    assert ("htod", 2 * H * W * 3) in driver.copies and ("dtoh", 2 * H * W * 4) in driver.copies
+    assert destroy(h) == Status.OK
+    assert driver.context_stack == [] and not driver.blocks  # context popped, device memory freed
+    np.testing.assert_array_equal(result.score, ref[1])  # pinned results outlive destroy
+
+
+def test_pycuda_without_a_device_is_no_device():
+    cuda = cuda_api.PyCuda(FakePyCuda(devices=0))
+    with pytest.raises(BackendUnavailableError) as err:
+        trtb.require_device(cuda, 0)
+    assert err.value.status == Status.NO_DEVICE and "no CUDA-capable device" in str(err.value)
+
+
+def test_version_compatible_engine_needs_the_explicit_flag(tmp_path, fake_tensorrt):
+    folder = bundle_with_engine(tmp_path, version_compatible=True)
+    status, _ = create(folder, backend="tensorrt")
+    assert status == Status.ENGINE_STALE and "allow_engine_host_code=True" in last_error()
+    assert fake_tensorrt.runtimes == 0  # refused before any TensorRT object
+    status, h = create(folder, backend="tensorrt", allow_engine_host_code=True)
+    assert status == Status.OK, last_error()
+    assert fake_tensorrt.host_code is True
+    destroy(h)
+    plain = bundle_with_engine(tmp_path / "plain")
+    status, h = create(plain, backend="tensorrt", allow_engine_host_code=True)  # the flag alone never enables host code
+    assert status == Status.OK, last_error()
+    assert fake_tensorrt.host_code is False
+    destroy(h)
+
+
+@pytest.mark.parametrize("name", ["../model_fp32.onnx", "/etc/passwd", "sub/x.engine", "..", ""])
+def test_engine_names_must_be_bare_files_in_engines(tmp_path, fake_tensorrt, name):
+    folder = bundle_with_engine(tmp_path, name=name)
+    status, _ = create(folder, backend="tensorrt")
+    assert status == Status.BUNDLE_INCOMPATIBLE and "engine" in last_error()
+    assert fake_tensorrt.runtimes == 0
+
+
+def test_engine_symlink_out_of_the_bundle_is_refused(tmp_path, fake_tensorrt):
+    folder = bundle_with_engine(tmp_path)
+    outside = tmp_path / "elsewhere.engine"
+    outside.write_bytes((folder / "engines" / "tiny_fp32.engine").read_bytes())
+    (folder / "engines" / "tiny_fp32.engine").unlink()
+    (folder / "engines" / "tiny_fp32.engine").symlink_to(outside)
+    status, _ = create(folder, backend="tensorrt")
+    assert status == Status.BUNDLE_INCOMPATIBLE and "outside the bundle" in last_error()
+
+
+@pytest.mark.parametrize("tamper, words", [("bytes", "does not match the sha256"), ("no-sha", "records no sha256")])
+def test_engine_sha256_is_checked_before_deserialising(tmp_path, fake_tensorrt, tamper, words):
+    folder = bundle_with_engine(tmp_path)
+    if tamper == "bytes":
+        with open(folder / "engines" / "tiny_fp32.engine", "ab") as fh:
+            fh.write(b"\0")
+    else:
+        meta = json.loads((folder / "metadata.json").read_text())
+        del meta["engines"]["tiny_fp32.engine"]["sha256"]
+        (folder / "metadata.json").write_text(json.dumps(meta))
+    status, _ = create(folder, backend="tensorrt")
+    assert status == Status.ENGINE_STALE and words in last_error() and "hgad-edge build" in last_error()
+    assert fake_tensorrt.runtimes == 0
+
+
+def test_rtx_engine_runs_through_the_same_backend(tmp_path, monkeypatch):
+    """A TensorRT-RTX entry (a list of compute capabilities) loads with the rtx module, same runner."""
+    cudart = FakeCudart(cc=(8, 9))
+    trt = FakeTrt(cudart, version="1.7.1.116")
+    install_fakes(monkeypatch, trt, cuda_api.CudaPython(cudart), target="rtx")
+    folder = bundle_with_engine(tmp_path, target="rtx", trt_version="1.7.1.116", compute_capability=None, compute_capabilities=["8.6", "8.9"])
+    status, h = create(folder, backend="auto", max_batch=4)
+    assert status == Status.OK, last_error()
+    assert api._handles[h].runner.description.startswith("TensorRT-RTX 1.7.1.116 engine")
+    assert infer(h, rng_frames(1))[0] == Status.OK
+    destroy(h)
+    cudart.cc = (9, 0)  # Hopper: not an RTX target
+    status, _ = create(folder, backend="tensorrt")
+    assert status == Status.ENGINE_STALE and "compute capabilities 8.6, 8.9, this GPU is 9.0" in last_error()
+    assert "--target rtx" in last_error()
 
 
 def test_tensorrt_backend_unavailable_here(bundle):
@@ -499,7 +622,7 @@ def test_registered_backend_runs_or_says_why(bundle, backend):
 
 def _cuda_device_count() -> int:
     try:
-        return trtb.cuda_device_count(trtb.import_cudart())[0]
+        return cuda_api.import_cuda().device_count()[0]
     except Exception:
         return 0
 
@@ -525,9 +648,9 @@ def test_real_tensorrt_engine_matches_onnxruntime(tmp_path):
     plan = builder.build_serialized_network(network, config)
     assert plan is not None
     (folder / "engines" / "tiny_fp32.engine").write_bytes(bytes(plan))
-    cc = trtb.compute_capability(trtb.import_cudart(), 0)
+    cc = cuda_api.import_cuda().compute_capability(0)
     meta = json.loads((folder / "metadata.json").read_text())
-    meta["engines"]["tiny_fp32.engine"].update(trt_version=trt.__version__, compute_capability=cc)
+    meta["engines"]["tiny_fp32.engine"].update(trt_version=trt.__version__, compute_capability=cc, sha256=hashlib.sha256(bytes(plan)).hexdigest())
     (folder / "metadata.json").write_text(json.dumps(meta))
     status, h = create(folder, backend="tensorrt", max_batch=8)
     assert status == Status.OK, last_error()

@@ -19,6 +19,7 @@ from hgad_edge.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.export import calibration as calib
 from hgad_edge.export import trt_build as tb
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
+from hgad_edge.runtime.backends.cuda_api import CudaPython, import_cudart
 from hgad_edge.runtime.errors import EngineError
 
 from .fake_cuda import FakeCudart, FakeTrtModule
@@ -148,7 +149,11 @@ class FakeTrt(FakeTrtModule):
                     return False
                 model = onnx.load(path)
                 self.network.inputs = [FakeTensor(trt, v) for v in model.graph.input]
+                self.network.outputs = [FakeTensor(trt, v) for v in model.graph.output]
                 return True
+
+            def get_used_vc_plugin_libraries(self):
+                return []
 
             @property
             def num_errors(self):
@@ -187,8 +192,8 @@ class FakeTensor:
 
 class FakeLayer:
     def __init__(self, trt, kind, dtype) -> None:
-        self.type, self.num_outputs, self.precision = trt.LayerType[kind], 1, None
-        self._out = type("T", (), {"dtype": trt.DataType[dtype]})()
+        self.type, self.num_outputs, self.precision, self.name = trt.LayerType[kind], 1, None, kind.lower()
+        self._out = type("T", (), {"dtype": trt.DataType[dtype], "name": f"{kind.lower()}_out"})()
 
     def get_output(self, k):
         return self._out
@@ -199,7 +204,7 @@ class FakeLayer:
 
 class FakeNetwork:
     def __init__(self, trt, flags) -> None:
-        self.flags, self.inputs = flags, []
+        self.flags, self.inputs, self.outputs = flags, [], []
         self.layers = [FakeLayer(trt, k, d) for k, d in (("CONVOLUTION", "HALF"), ("ELEMENTWISE", "FLOAT"), ("MATRIX_MULTIPLY", "FLOAT"), ("SHAPE", "INT64"), ("CAST", "FLOAT"))]
 
     @property
@@ -208,6 +213,13 @@ class FakeNetwork:
 
     def get_input(self, i):
         return self.inputs[i]
+
+    @property
+    def num_outputs(self):
+        return len(self.outputs)
+
+    def get_output(self, i):
+        return self.outputs[i]
 
     @property
     def num_layers(self):
@@ -337,7 +349,7 @@ def test_no_gpu_is_a_build_error_before_any_tensorrt_object(tmp_path, monkeypatc
 def test_this_machine_without_gpu_is_reported():
     """Real cuda-python: on a machine without a GPU (like CI) the check says so cleanly."""
     pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
-    count, _ = trtb.cuda_device_count(trtb.import_cudart())
+    count, _ = CudaPython(import_cudart()).device_count()
     if count:
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(tb.BuildError, match="no CUDA device"):
@@ -522,7 +534,7 @@ def test_calibrator_feeds_both_inputs_by_name(tmp_path):
 def test_real_build_runs_in_the_runtime(tmp_path):
     """Builds fp32 and fp16 engines with real TensorRT, then runs them through the runtime."""
     cuda_rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
-    if trtb.cuda_device_count(cuda_rt)[0] == 0:
+    if CudaPython(cuda_rt).device_count()[0] == 0:
         pytest.skip("no CUDA device")
     pytest.importorskip("tensorrt", reason="TensorRT not installed")
     from hgad_edge.runtime import Status, create, destroy, infer, last_error

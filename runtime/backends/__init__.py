@@ -2,9 +2,9 @@
 
 REGISTRY maps a backend name to its factory and the precisions it runs; a new backend is one entry
 (the CLI's --backend choices and the parametrised tests derive from it). `backend="auto"` tries the
-AUTO_ORDER backends in turn (TensorRT: library importable, CUDA device present, an engine in the
-bundle that fits this TensorRT/GPU/model) and falls back to the next, logging why; the last one's
-error goes to the caller. An explicitly requested backend never falls back.
+AUTO_ORDER backends in turn (TensorRT or TensorRT-RTX: library importable, CUDA device present, an
+engine in the bundle that fits this TensorRT/GPU/model) and falls back to the next, logging why; the
+last one's error goes to the caller. An explicitly requested backend never falls back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ..bundle import OUTPUT_NAMES, Bundle
 from ..errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
 from .base import Runner, TensorSpec
 from .onnxruntime_backend import OnnxRuntimeRunner, SessionFromOnnx, available_providers, choose_providers, uses_gpu
-from .tensorrt_backend import CudaError, load_tensorrt_runner
+from .cuda_api import CudaError
+from .tensorrt_backend import load_tensorrt_runner
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "PRECISIONS", "REGISTRY", "BackendEntry", "Runner", "TensorSpec", "create_runner",
            "input_specs"]
@@ -48,7 +49,8 @@ def _ort_precision(bundle: Bundle, precision: str, gpu: bool) -> str:
     return "fp32" if "fp32" in bundle.models else "fp16"
 
 
-def _onnxruntime_runner(bundle: Bundle, device: int, precision: str, max_batch: int) -> Runner:
+def _onnxruntime_runner(bundle: Bundle, device: int, precision: str, max_batch: int,
+                        allow_engine_host_code: bool = False) -> Runner:
     providers = choose_providers(available_providers(), device)
     chosen = _ort_precision(bundle, precision, uses_gpu(providers))
     loader = SessionFromOnnx(bundle.model_path(chosen), providers)
@@ -57,9 +59,9 @@ def _onnxruntime_runner(bundle: Bundle, device: int, precision: str, max_batch: 
     return runner.activate()
 
 
-def _tensorrt_runner(bundle: Bundle, device: int, precision: str, max_batch: int) -> Runner:
+def _tensorrt_runner(bundle: Bundle, device: int, precision: str, max_batch: int, allow_engine_host_code: bool = False) -> Runner:
     try:
-        runner = load_tensorrt_runner(bundle, input_specs(bundle), list(OUTPUT_NAMES), device, precision, max_batch)
+        runner = load_tensorrt_runner(bundle, input_specs(bundle), list(OUTPUT_NAMES), device, precision, max_batch, allow_engine_host_code)
         return runner.activate()
     except CudaError as err:
         msg = f"CUDA device {device} is not usable ({err}); check the driver (nvidia-smi / tegrastats) or use backend='onnxruntime'"
@@ -68,15 +70,16 @@ def _tensorrt_runner(bundle: Bundle, device: int, precision: str, max_batch: int
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """A runtime backend: factory(bundle, device, precision, max_batch) -> active Runner."""
+    """A runtime backend: factory(bundle, device, precision, max_batch, allow_engine_host_code) -> active Runner."""
 
-    factory: Callable[[Bundle, int, str, int], Runner]
+    factory: Callable[[Bundle, int, str, int, bool], Runner]
     precisions: tuple[str, ...]  # what it runs besides "auto"
     summary: str
 
 
 REGISTRY: dict[str, BackendEntry] = {
-    "tensorrt": BackendEntry(_tensorrt_runner, ("fp32", "fp16", "int8"), "TensorRT engine built on this GPU (hgad-edge build)"),
+    "tensorrt": BackendEntry(_tensorrt_runner, ("fp32", "fp16", "int8"),
+                             "TensorRT or TensorRT-RTX engine in the bundle (hgad-edge build)"),
     "onnxruntime": BackendEntry(_onnxruntime_runner, ("fp32", "fp16"), "ONNX Runtime on CPU, or CUDA where available"),
 }
 AUTO_ORDER = ("tensorrt", "onnxruntime")  # what "auto" tries, in turn
@@ -84,20 +87,28 @@ BACKENDS = ("auto", *REGISTRY)
 PRECISIONS = ("auto", *dict.fromkeys(p for entry in REGISTRY.values() for p in entry.precisions))
 
 
-def create_runner(bundle: Bundle, backend: str = "auto", device: int = 0, precision: str = "auto", max_batch: int = 8) -> Runner:
-    """An active runner for `bundle`; see the module docstring for what "auto" does."""
+def create_runner(
+    bundle: Bundle, backend: str = "auto", device: int = 0, precision: str = "auto", max_batch: int = 8,
+    allow_engine_host_code: bool = False,
+) -> Runner:
+    """An active runner for `bundle`; see the module docstring for what "auto" does.
+
+    allow_engine_host_code: load version-compatible TensorRT engines, which run host code embedded
+    in the engine file (only for engines you built or trust; metadata alone never enables it).
+    """
     if backend not in BACKENDS:
         raise InvalidArgumentError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    args = (bundle, device, precision, max_batch, allow_engine_host_code)
     if backend != "auto":
-        return REGISTRY[backend].factory(bundle, device, precision, max_batch)
+        return REGISTRY[backend].factory(*args)
     *fallible, last = AUTO_ORDER
     for name in fallible:
         try:
-            return REGISTRY[name].factory(bundle, device, precision, max_batch)
+            return REGISTRY[name].factory(*args)
         except (EngineError, InferenceError) as err:
             log.warning("not using %s: %s", name, err)
         except BackendUnavailableError as err:
             log.info("not using %s: %s", name, err)
-    return REGISTRY[last].factory(bundle, device, precision, max_batch)
+    return REGISTRY[last].factory(*args)

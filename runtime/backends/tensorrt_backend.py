@@ -1,18 +1,25 @@
-"""TensorRT backend (TensorRT 10/11 tensor API, CUDA through cuda-python's runtime bindings).
+"""TensorRT backend: TensorRT 10/11 and TensorRT-RTX engines through one tensor API.
 
-Engines are tied to one TensorRT version, one GPU (compute capability) and one ONNX model, so
-`choose_engine` picks from the bundle's metadata before anything is deserialised and names the
-`hgad-edge build` command when nothing fits. The CUDA device is checked with cudaGetDeviceCount
-*before* any TensorRT object exists: constructing one without a GPU can crash the process.
-Buffers follow NVIDIA's samples: pinned host + device memory per tensor name, sized from the
-optimisation profile's max shape, one stream, execute_async_v3.
-`tensorrt` and `cuda-python` are imported lazily; this module imports without them.
+Engines are tied to one TensorRT version, to their GPUs (one compute capability for TensorRT, a
+list for TensorRT-RTX) and to one ONNX model, so `choose_engine` picks from the bundle's metadata
+before anything is deserialised and names the `hgad-edge build` command when nothing fits. The
+CUDA device is checked *before* any TensorRT object exists: constructing one without a GPU can
+crash the process. Buffers follow NVIDIA's samples: pinned host + device memory per tensor name,
+sized from the optimisation profile's max shape, one stream, execute_async_v3 (cuda-python, or
+pycuda where only it is installed: `cuda_api.py`).
+
+Trust: an engine file is opened only under a bare name inside the bundle's engines/ folder
+(`Bundle.engine_path`) and only if its bytes match the sha256 recorded at build time.
+Version-compatible engines embed host code that runs in this process, so they load only when the
+caller passes allow_engine_host_code=True, never because metadata says so.
+The TensorRT modules and the CUDA library are imported lazily; this module imports without them.
 """
 
 from __future__ import annotations
 
-import ctypes
+import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,43 +27,37 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
 from .base import Runner, TensorSpec
+from .cuda_api import CudaError, HostDeviceMem, import_cuda
+from .trt_common import TARGETS, cc_text, entry_target, import_target, make_logger, version_tuple
 
 __all__ = [
-    "CudaError",
     "EngineFromPath",
-    "HostDeviceMem",
     "TensorRTRunner",
+    "build_fix",
     "choose_engine",
-    "compute_capability",
-    "cuda_call",
-    "cuda_device_count",
     "engine_problems",
-    "import_cudart",
-    "import_tensorrt",
+    "import_runtime",
     "load_tensorrt_runner",
+    "require_device",
 ]
 
 log = logging.getLogger("hgad_edge.runtime")
 
-_TRT_HINT = "install TensorRT's Python package (JetPack ships it; on x86: pip install hgad-edge[tensorrt]) or use backend='onnxruntime'"
-_CUDA_HINT = "pip install cuda-python (NVIDIA's CUDA bindings) or use backend='onnxruntime'"
+HOST_CODE_FIX = "pass allow_engine_host_code=True to create() (hgad-edge run --allow-engine-host-code) if you trust it, or rebuild it without version compatibility"
+# Log lines of a deserialisation that failed for want of a GPU or driver (cudaError 35 / 100).
+_NO_GPU = re.compile(r"cudaError (35|100)|no CUDA-capable device|driver version is insufficient|cuInit", re.IGNORECASE)
 
 
 # ---- engine choice (pure: unit-tested without TensorRT) ------------------------------------------
-def _version_tuple(version: str, parts: int) -> tuple[int, ...]:
-    numbers = []
-    for piece in str(version).split(".")[:parts]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        numbers.append(int(digits) if digits else 0)
-    return tuple(numbers)
-
-
-def _cc(value: Any) -> str:
-    """Normalise a compute capability ("8.7", "87", 8.7, (8, 7)) to "8.7"."""
-    if isinstance(value, (tuple, list)):
-        return f"{int(value[0])}.{int(value[1])}"
-    text = str(value)
-    return text if "." in text else f"{text[:-1]}.{text[-1:]}"
+def _engine_capabilities(entry: dict[str, Any]) -> list[str]:
+    values = entry.get("compute_capabilities") or [entry.get("compute_capability", "?")]
+    out = []
+    for value in values:
+        try:
+            out.append(cc_text(value))
+        except (TypeError, ValueError):
+            out.append(str(value))
+    return out
 
 
 def engine_problems(
@@ -65,17 +66,23 @@ def engine_problems(
     trt_version: str,
     compute_capability: Any,
     max_batch: Optional[int] = None,
+    allow_host_code: bool = True,
 ) -> list[str]:
     """Why one engine (a metadata `engines` entry) cannot run here; empty when it fits."""
     problems = []
+    label = TARGETS.get(entry_target(entry), TARGETS["tensorrt"]).label
     built = str(entry.get("trt_version", "?"))
     if entry.get("version_compatible"):
-        if _version_tuple(built, 1) != _version_tuple(trt_version, 1) or _version_tuple(trt_version, 3) < _version_tuple(built, 3):
-            problems.append(f"built with TensorRT {built} (version-compatible), this runtime has {trt_version}")
-    elif _version_tuple(built, 3) != _version_tuple(trt_version, 3):
-        problems.append(f"built with TensorRT {built}, this runtime has {trt_version}")
-    if _cc(entry.get("compute_capability", "?")) != _cc(compute_capability):
-        problems.append(f"built for compute capability {entry.get('compute_capability')}, this GPU is {_cc(compute_capability)}")
+        if version_tuple(built, 1) != version_tuple(trt_version, 1) or version_tuple(trt_version, 3) < version_tuple(built, 3):
+            problems.append(f"built with {label} {built} (version-compatible), this runtime has {trt_version}")
+        if not allow_host_code:
+            problems.append(f"version-compatible: it embeds host code that would run in this process; {HOST_CODE_FIX}")
+    elif version_tuple(built, 3) != version_tuple(trt_version, 3):
+        problems.append(f"built with {label} {built}, this runtime has {trt_version}")
+    gpus = _engine_capabilities(entry)
+    if cc_text(compute_capability) not in gpus:
+        what = "compute capability" if len(gpus) == 1 else "compute capabilities"
+        problems.append(f"built for {what} {', '.join(gpus)}, this GPU is {cc_text(compute_capability)}")
     model_sha = (models.get(entry.get("model", entry.get("precision")), {}) or {}).get("sha256")  # int8 engines come from the fp32 ONNX
     if model_sha and entry.get("onnx_sha256") != model_sha:
         problems.append("built from another ONNX model (the bundle was re-exported since)")
@@ -85,6 +92,12 @@ def engine_problems(
     return problems
 
 
+def build_fix(bundle: Any, precision: str, target: str = "tensorrt") -> str:
+    """The command that builds the missing engine."""
+    extra = " --calib-dir NORMAL_IMAGES" if precision == "int8" else ""
+    return f"hgad-edge build {bundle} --precision {precision}" + ("" if target == "tensorrt" else f" --target {target}") + extra
+
+
 def choose_engine(
     metadata: dict[str, Any],
     trt_version: str,
@@ -92,88 +105,39 @@ def choose_engine(
     precision: str = "auto",
     max_batch: Optional[int] = None,
     bundle: Path | str = "<bundle>",
+    target: str = "tensorrt",
+    allow_host_code: bool = True,
 ) -> str:
-    """Name of the engine file to load; raises EngineError (ENGINE_NOT_FOUND / ENGINE_STALE).
+    """Name of the `target` engine file to load; raises EngineError (ENGINE_NOT_FOUND / ENGINE_STALE).
 
-    precision "auto" prefers fp16 and then fp32 engines; int8 engines are used only when asked for. Among fitting engines of one precision
-    the alphabetically first wins, so the choice is reproducible.
+    precision "auto" prefers fp16 and then fp32 engines; int8 engines are used only when asked for.
+    Among fitting engines of one precision the alphabetically first wins, so the choice is reproducible.
     """
     if precision not in ("auto", "fp16", "fp32", "int8"):
         raise InvalidArgumentError(f"precision must be 'auto', 'fp16', 'fp32' or 'int8', got {precision!r}")
     wanted = ["fp16", "fp32"] if precision == "auto" else [precision]
     models = metadata.get("models") or {}
-    engines = metadata.get("engines") or {}
+    engines = {n: e for n, e in (metadata.get("engines") or {}).items() if isinstance(e, dict) and entry_target(e) == target}
     build_precision = precision if precision != "auto" else ("fp16" if "fp16" in models else "fp32")
-    fix = f"hgad-edge build {bundle} --precision {build_precision}" + (" --calib-dir NORMAL_IMAGES" if precision == "int8" else "")
+    fix = build_fix(bundle, build_precision, target)
     candidates = sorted((n for n, e in engines.items() if e.get("precision") in wanted), key=lambda n: (wanted.index(engines[n]["precision"]), n))
+    label = TARGETS.get(target, TARGETS["tensorrt"]).label
     if not candidates:
-        msg = f"bundle {bundle} has no {'/'.join(wanted)} TensorRT engine; build one on this device: {fix}"
+        msg = f"bundle {bundle} has no {'/'.join(wanted)} {label} engine; build one: {fix}"
         raise EngineError(msg, Status.ENGINE_NOT_FOUND)
     reasons = []
     for name in candidates:
-        problems = engine_problems(engines[name], models, trt_version, compute_capability, max_batch)
+        problems = engine_problems(engines[name], models, trt_version, compute_capability, max_batch, allow_host_code)
         if not problems:
             return name
         reasons.append(f"{name}: {'; '.join(problems)}")
-    msg = f"no TensorRT engine in {bundle} fits this device ({' | '.join(reasons)}); rebuild it here: {fix}"
+    msg = f"no {label} engine in {bundle} fits this device ({' | '.join(reasons)}); rebuild it here: {fix}"
     raise EngineError(msg, Status.ENGINE_STALE)
 
 
-# ---- CUDA (cuda-python runtime API) --------------------------------------------------------------
-class CudaError(RuntimeError):
-    """A CUDA runtime call returned an error code."""
-
-
-def import_cudart() -> Any:
-    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6+/13) or the older `cuda.cudart`."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError as err:
-            raise BackendUnavailableError(f"cuda-python is not installed ({err}); {_CUDA_HINT}") from err
-    return cudart
-
-
-def _error_name(cudart: Any, err: Any) -> str:
-    try:
-        _, name = cudart.cudaGetErrorName(err)
-        return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:
-        return str(err)
-
-
-def cuda_call(result: Any, cudart: Any = None, what: str = "CUDA call") -> Any:
-    """Unpack cuda-python's `(err, *values)` tuple: raise CudaError on error, return the value(s)."""
-    err, values = result[0], tuple(result[1:])
-    if int(err) != 0:
-        raise CudaError(f"{what} failed: {_error_name(cudart, err) if cudart else err}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
-
-
-def cuda_device_count(cudart: Any) -> tuple[int, str]:
-    """(number of CUDA devices, reason when 0). No driver or no GPU both count as 0, never raise."""
-    result = cudart.cudaGetDeviceCount()
-    if int(result[0]) != 0:
-        return 0, _error_name(cudart, result[0])
-    count = int(result[1])
-    return count, "" if count else "cudaGetDeviceCount reports 0 devices"
-
-
-def compute_capability(cudart: Any, device: int) -> str:
-    """Compute capability of `device` as "major.minor" (e.g. "8.7" for Jetson Orin)."""
-    attr = cudart.cudaDeviceAttr
-    major = cuda_call(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), cudart)
-    minor = cuda_call(cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), cudart)
-    return f"{int(major)}.{int(minor)}"
-
-
-def require_device(cudart: Any, device: int) -> None:
+def require_device(cuda: Any, device: int) -> None:
     """Raise NO_DEVICE unless CUDA device `device` exists (call before any TensorRT object)."""
-    count, reason = cuda_device_count(cudart)
+    count, reason = cuda.device_count()
     if count == 0:
         msg = f"no CUDA device ({reason}); check the NVIDIA driver (nvidia-smi / tegrastats) or use backend='onnxruntime'"
         raise BackendUnavailableError(msg, Status.NO_DEVICE)
@@ -182,42 +146,10 @@ def require_device(cudart: Any, device: int) -> None:
         raise BackendUnavailableError(msg, Status.NO_DEVICE)
 
 
-class HostDeviceMem:
-    """Pinned host buffer (as a numpy array) paired with a device buffer of the same size."""
-
-    def __init__(self, cudart: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.cudart = cudart
-        self.dtype = np.dtype(dtype)
-        self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
-        self.row_bytes = self.nbytes // int(shape[0])
-        self.host_ptr = int(cuda_call(cudart.cudaMallocHost(self.nbytes), cudart, "cudaMallocHost"))
-        try:
-            self.device = int(cuda_call(cudart.cudaMalloc(self.nbytes), cudart, "cudaMalloc"))
-        except CudaError:
-            cudart.cudaFreeHost(self.host_ptr)
-            raise
-        raw = (ctypes.c_uint8 * self.nbytes).from_address(self.host_ptr)
-        self.host = np.frombuffer(raw, dtype=self.dtype).reshape(shape)
-
-    def free(self) -> None:
-        """Release both buffers; `host` must not be used afterwards."""
-        if self.host_ptr:
-            self.cudart.cudaFree(self.device)
-            self.cudart.cudaFreeHost(self.host_ptr)
-            self.host_ptr = self.device = 0
-
-
 # ---- TensorRT ------------------------------------------------------------------------------------
-def import_tensorrt() -> Any:
-    """The full `tensorrt` package, else the lean runtime (which runs version-compatible engines)."""
-    try:
-        import tensorrt as trt
-    except ImportError as err:
-        try:
-            import tensorrt_lean as trt
-        except ImportError:
-            raise BackendUnavailableError(f"TensorRT is not installed ({err}); {_TRT_HINT}") from err
-    return trt
+def import_runtime(target: str) -> Any:
+    """The module that runs `target` engines (tensorrt, else its lean runtime; tensorrt_rtx_bindings)."""
+    return import_target(target)
 
 
 def _np_dtype(trt: Any, trt_dtype: Any) -> np.dtype:
@@ -228,49 +160,53 @@ def _np_dtype(trt: Any, trt_dtype: Any) -> np.dtype:
     raise EngineError(f"engine tensor type {trt_dtype} has no numpy equivalent; re-export and rebuild the bundle")
 
 
-def _make_logger(trt: Any) -> Any:
-    """A TensorRT logger that forwards to Python logging and keeps errors for our messages."""
-    sev = trt.ILogger.Severity
-    levels = {sev.INTERNAL_ERROR: logging.CRITICAL, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING, sev.INFO: logging.DEBUG, sev.VERBOSE: logging.DEBUG}
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            level = levels.get(severity, logging.INFO)
-            if level >= logging.ERROR:
-                self.errors.append(msg)
-            log.log(level, "TensorRT: %s", msg)
-
-    return _Logger()
-
-
 class EngineFromPath:
-    """Loader: deserialise one engine file; returns (runtime, engine), the runtime must outlive it."""
+    """Loader: check the engine's sha256, deserialise it; returns (runtime, engine), the runtime must outlive it."""
 
-    def __init__(self, trt: Any, path: Path, fix: str, version_compatible: bool = False) -> None:
+    def __init__(self, trt: Any, path: Path, fix: str, sha256: Optional[str] = None, allow_host_code: bool = False) -> None:
         self.trt = trt
         self.path = Path(path)
         self.fix = fix
-        self.version_compatible = version_compatible
+        self.sha256 = sha256
+        self.allow_host_code = allow_host_code
+
+    def read(self) -> bytes:
+        """The engine's bytes, hashed in memory so the checked bytes are the deserialised bytes."""
+        if not self.path.is_file():
+            raise EngineError(f"engine {self.path} is listed in metadata.json but missing; rebuild it: {self.fix}", Status.ENGINE_NOT_FOUND)
+        data = self.path.read_bytes()
+        if not self.sha256:
+            raise EngineError(f"metadata.json records no sha256 for engine {self.path.name}, so it cannot be verified; rebuild it: {self.fix}", Status.ENGINE_STALE)
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            msg = f"engine {self.path} does not match the sha256 recorded when it was built (changed or damaged since); rebuild it: {self.fix}"
+            raise EngineError(msg, Status.ENGINE_STALE)
+        return data
 
     def __call__(self) -> tuple[Any, Any]:
-        logger = _make_logger(self.trt)
+        data = self.read()
+        logger = make_logger(self.trt)
+        mark = logger.count
         runtime = self.trt.Runtime(logger)
-        if self.version_compatible and hasattr(runtime, "engine_host_code_allowed"):
+        if self.allow_host_code and hasattr(runtime, "engine_host_code_allowed"):
             runtime.engine_host_code_allowed = True  # version-compatible plans embed the lean runtime
-        engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        engine = runtime.deserialize_cuda_engine(data)
         if engine is None:
-            detail = logger.errors[-1] if logger.errors else "no details"
+            errors = logger.errors_since(mark)
+            detail = errors[-1] if errors else "no details"
+            if any(_NO_GPU.search(e) for e in errors):
+                msg = f"TensorRT found no usable CUDA GPU/driver to load engine {self.path.name} ({detail}); run it on the target GPU or use backend='onnxruntime'"
+                raise BackendUnavailableError(msg, Status.NO_DEVICE)
             msg = f"TensorRT rejected engine {self.path} ({detail}); rebuild it on this device: {self.fix}"
             raise EngineError(msg, Status.ENGINE_STALE)
         return runtime, engine
 
 
 class TensorRTRunner(Runner):
-    """Runs one engine with pinned host / device buffers planned for max_batch at activation."""
+    """Runs one engine with pinned host / device buffers planned for max_batch at activation.
+
+    Result arrays view the pinned output buffers; after `deactivate` they stay readable (the
+    memory goes with the last view, see cuda_api.py) but are no longer updated.
+    """
 
     name = "tensorrt"
 
@@ -281,25 +217,23 @@ class TensorRTRunner(Runner):
         output_names: list[str],
         max_batch: int,
         device: int,
-        cudart: Any,
+        cuda: Any,
+        label: str = "tensorrt",
     ) -> None:
         super().__init__(input_specs, output_names, max_batch)
         self.loader = loader
         self.device = device
-        self.cudart = cudart
+        self.cuda = cuda
         self.trt = loader.trt
         self.runtime = self.engine = self.context = self.stream = None
         self.mems: dict[str, HostDeviceMem] = {}
         self._batch_shapes = 0
-        self.description = f"tensorrt {getattr(self.trt, '__version__', '?')} engine {loader.path.name}"
-
-    def _call(self, result: Any, what: str) -> Any:
-        return cuda_call(result, self.cudart, what)
+        self.description = f"{label} {getattr(self.trt, '__version__', '?')} engine {loader.path.name} ({cuda.name})"
 
     def activate_impl(self) -> None:
         try:
-            self._call(self.cudart.cudaSetDevice(self.device), "cudaSetDevice")
-            self.stream = self._call(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+            self.cuda.set_device(self.device)
+            self.stream = self.cuda.stream_create()
             self.runtime, self.engine = self.loader()
             self.context = self.engine.create_execution_context()
             if self.context is None:
@@ -331,7 +265,7 @@ class TensorRTRunner(Runner):
             shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise EngineError(f"output {name} has unresolved shape {shape}; rebuild the engine: {self.loader.fix}")
-            self.mems[name] = HostDeviceMem(self.cudart, shape, _np_dtype(self.trt, self.engine.get_tensor_dtype(name)))
+            self.mems[name] = HostDeviceMem(self.cuda, shape, _np_dtype(self.trt, self.engine.get_tensor_dtype(name)))
         self.outputs = {n: self.mems[n].host for n in self.output_names}
         for name, mem in self.mems.items():
             if not self.context.set_tensor_address(name, mem.device):
@@ -346,7 +280,7 @@ class TensorRTRunner(Runner):
         if dtype != spec.dtype or tuple(max_shape[1:]) != spec.shape:
             msg = f"engine input {spec.name} is {dtype}{list(max_shape[1:])}, the bundle says {spec.dtype}{list(spec.shape)}; rebuild: {self.loader.fix}"
             raise EngineError(msg, Status.ENGINE_STALE)
-        self.mems[spec.name] = HostDeviceMem(self.cudart, (self.max_batch, *spec.shape), dtype)
+        self.mems[spec.name] = HostDeviceMem(self.cuda, (self.max_batch, *spec.shape), dtype)
         self.inputs[spec.name] = self.mems[spec.name].host
 
     def _set_shapes(self, batch: int) -> None:
@@ -358,36 +292,42 @@ class TensorRTRunner(Runner):
         self._batch_shapes = batch
 
     def infer_impl(self, batch: int) -> None:
-        cudart, kinds = self.cudart, self.cudart.cudaMemcpyKind
+        cuda = self.cuda
         try:
             self._set_shapes(batch)
             for spec in self.input_specs:
-                mem = self.mems[spec.name]
-                self._call(cudart.cudaMemcpyAsync(mem.device, mem.host_ptr, mem.row_bytes * batch, kinds.cudaMemcpyHostToDevice, self.stream), "cudaMemcpyAsync H2D")
-            if not self.context.execute_async_v3(int(self.stream)):
+                cuda.copy_htod_async(self.mems[spec.name].device, self.inputs[spec.name][:batch], self.stream)
+            if not self.context.execute_async_v3(cuda.stream_handle(self.stream)):
                 raise InferenceError(f"TensorRT execute_async_v3 failed on a batch of {batch}; see the TensorRT log above")
             for name in self.output_names:
-                mem = self.mems[name]
-                self._call(cudart.cudaMemcpyAsync(mem.host_ptr, mem.device, mem.row_bytes * batch, kinds.cudaMemcpyDeviceToHost, self.stream), "cudaMemcpyAsync D2H")
-            self._call(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+                cuda.copy_dtoh_async(self.outputs[name][:batch], self.mems[name].device, self.stream)
+            cuda.synchronize(self.stream)
         except CudaError as err:
             raise InferenceError(f"TensorRT inference failed: {err}") from err
 
     def deactivate_impl(self) -> None:
         """Free in reverse order of creation; errors here are logged, never raised over the real one."""
         if self.stream is not None:
-            self.cudart.cudaStreamSynchronize(self.stream)
+            try:
+                self.cuda.synchronize(self.stream)
+            except CudaError as err:
+                log.warning("stream synchronize at release failed: %s", err)
         self.context = self.engine = self.runtime = None
         for mem in self.mems.values():
             mem.free()
         self.mems.clear()
         self.inputs, self.outputs = {}, {}
         if self.stream is not None:
-            result = self.cudart.cudaStreamDestroy(self.stream)
-            if int(result[0]) != 0:
-                log.warning("cudaStreamDestroy failed: %s", _error_name(self.cudart, result[0]))
+            self.cuda.stream_destroy(self.stream)
             self.stream = None
+        self.cuda.release()
         self._batch_shapes = 0
+
+
+def _bundle_targets(metadata: dict[str, Any]) -> list[str]:
+    """Targets with an engine in the bundle, in registry order; every target when there is none."""
+    present = {entry_target(e) for e in (metadata.get("engines") or {}).values() if isinstance(e, dict)}
+    return [t for t in TARGETS if t in present] or list(TARGETS)
 
 
 def load_tensorrt_runner(
@@ -397,21 +337,39 @@ def load_tensorrt_runner(
     device: int = 0,
     precision: str = "auto",
     max_batch: int = 8,
-    trt: Any = None,
-    cudart: Any = None,
+    allow_engine_host_code: bool = False,
+    cuda: Any = None,
 ) -> TensorRTRunner:
-    """Check libraries, device and engine choice, then return an (inactive) runner."""
-    trt = trt if trt is not None else import_tensorrt()
-    cudart = cudart if cudart is not None else import_cudart()
-    require_device(cudart, device)
-    capability = compute_capability(cudart, device)
-    name = choose_engine(bundle.metadata, trt.__version__, capability, precision, max_batch, bundle.path)
-    entry = bundle.metadata["engines"][name]
-    fix = f"hgad-edge build {bundle.path} --precision {entry['precision']}"
-    path = bundle.engine_path(name)  # a bare name under engines/, no link out of the bundle
-    if not path.is_file():
-        raise EngineError(f"engine {path} is listed in metadata.json but missing; rebuild it: {fix}", Status.ENGINE_NOT_FOUND)
-    loader = EngineFromPath(trt, path, fix, bool(entry.get("version_compatible")))
-    runner = TensorRTRunner(loader, input_specs, output_names, max_batch, device, cudart)
-    runner.precision = entry["precision"]
-    return runner
+    """Check the CUDA device, the TensorRT libraries and the engine choice; return an (inactive) runner.
+
+    Engines of every target the bundle has (TensorRT, TensorRT-RTX) are considered, in registry
+    order, each with its own runtime module; the first that fits this GPU wins.
+    """
+    cuda = cuda if cuda is not None else import_cuda()
+    require_device(cuda, device)
+    capability = cuda.compute_capability(device)
+    runtimes, missing = {}, []
+    for target in _bundle_targets(bundle.metadata):
+        try:
+            runtimes[target] = import_runtime(target)
+        except BackendUnavailableError as err:
+            missing.append(str(err))
+    if not runtimes:
+        raise BackendUnavailableError("; ".join(missing) + "; or use backend='onnxruntime'")
+    errors: list[EngineError] = []
+    for target, trt in runtimes.items():
+        try:
+            name = choose_engine(bundle.metadata, trt.__version__, capability, precision, max_batch, bundle.path, target, allow_engine_host_code)
+        except EngineError as err:
+            errors.append(err)
+            continue
+        entry = bundle.metadata["engines"][name]
+        path = bundle.engine_path(name)  # a bare name under engines/, no link out of the bundle (bundle.py)
+        loader = EngineFromPath(trt, path, build_fix(bundle.path, entry["precision"], target), entry.get("sha256"),
+                                allow_engine_host_code and bool(entry.get("version_compatible")))
+        loader.read()  # missing file or wrong sha256: refuse before any TensorRT object exists
+        runner = TensorRTRunner(loader, input_specs, output_names, max_batch, device, cuda, TARGETS[target].label)
+        runner.precision = entry["precision"]
+        return runner
+    status = Status.ENGINE_STALE if any(e.status == Status.ENGINE_STALE for e in errors) else Status.ENGINE_NOT_FOUND
+    raise EngineError(" | ".join(str(e) for e in errors + [BackendUnavailableError(m) for m in missing]), status)
