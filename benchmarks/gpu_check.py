@@ -8,6 +8,9 @@ every engine the benchmark knows (hgad_edge.bench.ENGINES: torch eager, torch re
 graph, and every runtime backend, e.g. TensorRT built for this GPU), FP32 and mixed FP16, a 270 s
 budget (stages past it are reported as skipped), at most 200 test images per class for accuracy
 and the FP16-vs-FP32 drift. A failing stage is written into the report and the rest goes on.
+Then TensorRT-RTX (hgad_edge.export.rtx_latency): its fp16 engine is built for this GPU and timed
+when TensorRT-RTX supports the GPU's compute capability, else it says why; written to
+OUT/<machine>/rtx.md beside report.md (give --bundle, or the report's own bundle is used).
 """
 
 from __future__ import annotations
@@ -27,10 +30,44 @@ def gpu_defaults() -> list[str]:
     return ["--backends", ",".join(BACKENDS), "--precisions", "fp32,fp16", "--budget-s", "270", "--max-images", "200"]
 
 
+def rtx_stage(args: list[str]) -> None:
+    """TensorRT-RTX engine latency beside the bench rows (a failure is written, never raised)."""
+    from hgad_edge.bench.machine import machine_info
+    from hgad_edge.export.rtx_latency import time_rtx_engine
+    from hgad_edge.files import atomic_write_text
+
+    folder = Path(_option(args, "--out", "benchmarks/results")) / machine_info()["name"]
+    bundle = Path(_option(args, "--bundle", str(folder / "bundle")))
+    try:
+        rtx = time_rtx_engine(bundle)
+        lines = [f"- {rtx.note}"] + [f"- {r.precision} batch {r.batch}: {r.batch / r.seconds:.1f} img/s "
+                                     f"({1e3 * r.seconds:.2f} ms per batch, {r.iters} iters)" for r in rtx.rows]
+    except Exception as err:  # noqa: BLE001 - a lent GPU's session must still leave a report
+        lines = [f"- TensorRT-RTX stage failed: {type(err).__name__}: {err}"]
+    text = "# TensorRT-RTX on this GPU\n\n" + "\n".join(lines) + "\n"
+    atomic_write_text(folder / "rtx.md", text)
+    print(text)
+
+
+def _option(args: list[str], name: str, default: str) -> str:
+    """The last value given for `--name VALUE` / `--name=VALUE` (the user's wins over the defaults)."""
+    value = default
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """The defaults come first: the same option given later (the user's) wins."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return run_verb(args if "--help" in args else [*gpu_defaults(), *args], "benchmarks/gpu_check.py")
+    if "--help" in args:
+        return run_verb(args, "benchmarks/gpu_check.py")
+    code = run_verb([*gpu_defaults(), *args], "benchmarks/gpu_check.py")
+    rtx_stage(args)
+    return code
 
 
 if __name__ == "__main__":

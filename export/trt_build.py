@@ -79,8 +79,10 @@ log = logging.getLogger("hgad_edge.export")
 
 ENGINES_DIR = "engines"
 TIMING_CACHE = "timing.cache"
-NO_DEVICE_FIX = ("TensorRT engines are built on the target GPU (Jetson / desktop): copy the bundle there and run hgad-edge build, "
-                 "or build a TensorRT-RTX engine here for RTX GPUs (--target rtx)")
+NO_DEVICE_FIX = (
+    "TensorRT engines are built on the target GPU (Jetson / desktop): copy the bundle there and run hgad-edge build, "
+    "or build a TensorRT-RTX engine here for RTX GPUs (--target rtx)"
+)
 NO_TRT_FIX = TARGETS["tensorrt"].install
 # Layer types that may run in INT8/FP16 in an int8 build; everything else is pinned to FP32.
 INT8_LAYER_TYPES = ("CONVOLUTION", "POOLING")
@@ -88,8 +90,11 @@ PLUGIN_LAYER_TYPES = ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
 # The ONNX parser tags every layer with the node it came from: "[ONNX Layer: node_Add_12]".
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 # Why a compute capability is not a TensorRT-RTX target, and what to use instead.
-_RTX_ELSEWHERE = {"8.7": "Jetson Orin: use --target tensorrt with JetPack's TensorRT", "7.2": "Jetson Xavier: use --target tensorrt",
-                  "9.0": "Hopper (data-centre): use --target tensorrt (TensorRT 10/11) or Triton"}
+_RTX_ELSEWHERE = {
+    "8.7": "Jetson Orin: use --target tensorrt with JetPack's TensorRT",
+    "7.2": "Jetson Xavier: use --target tensorrt",
+    "9.0": "Hopper (data-centre): use --target tensorrt (TensorRT 10/11) or Triton",
+}
 
 
 class BuildError(RuntimeError):
@@ -104,7 +109,9 @@ def _capability_list(capability: Any) -> list[str]:
     return [cc_text(capability)]
 
 
-def engine_name(trt_version: str, capability: Any, precision: str, version_compatible: bool = False, target: str = "tensorrt") -> str:
+def engine_name(
+    trt_version: str, capability: Any, precision: str, version_compatible: bool = False, target: str = "tensorrt"
+) -> str:
     """File name of an engine: `<trt|rtx><major.minor.patch>_sm<cc>[-<cc>...]_<precision>[_vc].engine`.
 
     e.g. "trt10.3.0_sm87_fp16.engine" (TensorRT 10.3 on Jetson Orin) or
@@ -131,7 +138,9 @@ def check_batch(batch: Sequence[int]) -> tuple[int, int, int]:
     if len(values) == 1:
         values = [1, values[0], values[0]]
     if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
-        raise BuildError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {tuple(batch) if not isinstance(batch, int) else batch}")
+        raise BuildError(
+            f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {tuple(batch) if not isinstance(batch, int) else batch}"
+        )
     return values[0], values[1], values[2]
 
 
@@ -242,7 +251,9 @@ def require_cuda_device(device: int = 0, cudart: Any = None) -> tuple[Any, str, 
         cuda.set_device(device)
         capability = cuda.compute_capability(device)
     except CudaError as err:
-        raise BuildError(f"CUDA device {device} is not usable ({err}); check the driver (nvidia-smi / tegrastats)") from err
+        raise BuildError(
+            f"CUDA device {device} is not usable ({err}); check the driver (nvidia-smi / tegrastats)"
+        ) from err
     return cudart, capability, cuda.device_name(device)
 
 
@@ -253,9 +264,13 @@ def import_tensorrt_builder() -> Any:
     except ImportError as err:
         raise BuildError(f"TensorRT is not installed ({err}): {NO_TRT_FIX}") from err
     if not hasattr(trt, "Builder"):
-        raise BuildError(f"this tensorrt package ({getattr(trt, '__version__', '?')}) is a runtime-only build without the builder: {NO_TRT_FIX}")
+        raise BuildError(
+            f"this tensorrt package ({getattr(trt, '__version__', '?')}) is a runtime-only build without the builder: {NO_TRT_FIX}"
+        )
     if trt_major(trt) < 10:
-        raise BuildError(f"hgad-edge builds with TensorRT 10 or newer, found {trt.__version__} (JetPack 6 ships 10.3): {NO_TRT_FIX}")
+        raise BuildError(
+            f"hgad-edge builds with TensorRT 10 or newer, found {trt.__version__} (JetPack 6 ships 10.3): {NO_TRT_FIX}"
+        )
     return trt
 
 
@@ -283,7 +298,9 @@ def target_capabilities(trt: Any, target: TrtTarget, requested: Optional[Sequenc
             raise BuildError(f"--compute-capability {value!r} is not a compute capability like 8.6") from None
         if cc not in every:
             why = _RTX_ELSEWHERE.get(cc, "not an RTX-class GPU")
-            raise BuildError(f"{target.label} cannot target compute capability {cc} ({why}); it supports {', '.join(every)}")
+            raise BuildError(
+                f"{target.label} cannot target compute capability {cc} ({why}); it supports {', '.join(every)}"
+            )
         wanted.append(cc)
     return sorted(set(wanted), key=lambda c: version_tuple(c, 2)), True
 
@@ -351,7 +368,9 @@ def _network_flags(trt: Any, precision: str, target: str = "tensorrt") -> tuple[
         return 0, False  # implicit INT8 calibration needs a weakly typed network
     if strongly is None:
         if precision == "fp16":
-            raise BuildError(f"TensorRT {trt.__version__} lacks STRONGLY_TYPED networks, needed for the mixed fp16 graph; install TensorRT >= 10")
+            raise BuildError(
+                f"TensorRT {trt.__version__} lacks STRONGLY_TYPED networks, needed for the mixed fp16 graph; install TensorRT >= 10"
+            )
         return 0, False
     return 1 << int(strongly), True
 
@@ -378,8 +397,10 @@ def parse_network(trt: Any, options: BuildOptions) -> ParsedNetwork:
     if network is None:
         raise BuildError("TensorRT could not create a network definition (out of memory?)")
     parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(options.onnx_path)) if hasattr(parser, "parse_from_file") else parser.parse(
-        options.onnx_path.read_bytes(), str(options.onnx_path)
+    parsed = (
+        parser.parse_from_file(str(options.onnx_path))
+        if hasattr(parser, "parse_from_file")
+        else parser.parse(options.onnx_path.read_bytes(), str(options.onnx_path))
     )
     if not parsed:
         raise BuildError(_parser_message(parser, options.onnx_path, logger.errors_since(mark)))
@@ -485,11 +506,15 @@ def network_facts(trt: Any, network: Any, parser: Any, onnx_model: Any) -> Netwo
             facts.fp32_policy_layers.append(name)
             if is_half:
                 node = next(n for n in nodes if n in policy)
-                facts.violations.append(f"layer {name} ({getattr(layer.type, 'name', layer.type)}) of head/scoring node {node} outputs HALF")
+                facts.violations.append(
+                    f"layer {name} ({getattr(layer.type, 'name', layer.type)}) of head/scoring node {node} outputs HALF"
+                )
     used = getattr(parser, "get_used_vc_plugin_libraries", lambda: [])()
     facts.plugins += [f"plugin library {lib}" for lib in (used or [])]
     facts.inputs = {network.get_input(i).name: _tensor_facts(network.get_input(i)) for i in range(network.num_inputs)}
-    facts.outputs = {network.get_output(i).name: _tensor_facts(network.get_output(i)) for i in range(network.num_outputs)}
+    facts.outputs = {
+        network.get_output(i).name: _tensor_facts(network.get_output(i)) for i in range(network.num_outputs)
+    }
     return facts
 
 
@@ -499,22 +524,30 @@ def _check_network(trt: Any, network: Any, facts: NetworkFacts, options: BuildOp
     found = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     wanted = {options.image_input: (trt.DataType.UINT8, 4), options.class_input: (trt.DataType.INT64, 1)}
     if set(found) != set(wanted):
-        raise BuildError(f"{options.onnx_path.name} has inputs {sorted(found)}, the bundle expects {sorted(wanted)}; re-export the bundle")
+        raise BuildError(
+            f"{options.onnx_path.name} has inputs {sorted(found)}, the bundle expects {sorted(wanted)}; re-export the bundle"
+        )
     for name, (dtype, rank) in wanted.items():
         tensor = found[name]
         if tensor.dtype != dtype or len(tensor.shape) != rank:
             msg = f"input {name} is {tensor.dtype} rank {len(tensor.shape)}, expected {dtype} rank {rank}; re-export the bundle"
             raise BuildError(msg)
     if options.outputs is not None and list(facts.outputs) != list(options.outputs):
-        raise BuildError(f"{options.onnx_path.name} has outputs {list(facts.outputs)}, metadata.json lists {list(options.outputs)}; re-export the bundle")
+        raise BuildError(
+            f"{options.onnx_path.name} has outputs {list(facts.outputs)}, metadata.json lists {list(options.outputs)}; re-export the bundle"
+        )
     static = [n for n, (_, shape) in {**facts.inputs, **facts.outputs}.items() if not shape or shape[0] != -1]
     if static:
         raise BuildError(f"{options.onnx_path.name}: tensors {static} have no dynamic batch axis; re-export the bundle")
     if facts.plugins:
-        raise BuildError(f"{options.onnx_path.name} needed TensorRT plugins ({'; '.join(facts.plugins)}); hgad-edge engines must not")
+        raise BuildError(
+            f"{options.onnx_path.name} needed TensorRT plugins ({'; '.join(facts.plugins)}); hgad-edge engines must not"
+        )
     if facts.violations:
         listed = "\n  ".join(facts.violations[:10])
-        raise BuildError(f"{options.onnx_path.name} breaks the precision policy (head and scoring FP32):\n  {listed}\nRe-export the bundle.")
+        raise BuildError(
+            f"{options.onnx_path.name} breaks the precision policy (head and scoring FP32):\n  {listed}\nRe-export the bundle."
+        )
 
 
 def _set_shapes(profile: Any, options: BuildOptions, batch: Sequence[int]) -> Any:
@@ -545,7 +578,9 @@ def _set_flags(trt: Any, config: Any, options: BuildOptions) -> None:
         config.set_flag(trt.BuilderFlag.INT8)
         if hasattr(trt.BuilderFlag, "FP16"):
             config.set_flag(trt.BuilderFlag.FP16)  # convolutions may fall back to FP16 where INT8 is slower
-        constraint = getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None) or getattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS")
+        constraint = getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None) or getattr(
+            trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS"
+        )
         config.set_flag(constraint)
 
 
@@ -555,7 +590,10 @@ def _set_capabilities(trt: Any, config: Any, options: BuildOptions) -> None:
         return
     config.num_compute_capabilities = len(options.capabilities)
     for index, cc in enumerate(options.capabilities):
-        _check(config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{sm_text(cc)}"), index), f"compute capability {cc}")
+        _check(
+            config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{sm_text(cc)}"), index),
+            f"compute capability {cc}",
+        )
 
 
 def _pin_fp32(trt: Any, network: Any) -> int:
@@ -658,14 +696,18 @@ def _onnx_for(bundle: Any, precision: str) -> tuple[Path, str]:
     """(ONNX path, sha256 recorded by the exporter) for an engine of `precision`; verified on disk."""
     key = source_model(precision)
     if key not in bundle.models:
-        raise BuildError(f"bundle {bundle.path} has no {key} ONNX model (needed for {precision}); re-export with --precision {key}")
+        raise BuildError(
+            f"bundle {bundle.path} has no {key} ONNX model (needed for {precision}); re-export with --precision {key}"
+        )
     path = bundle.path / bundle.models[key]["file"]
     if not path.is_file():
         raise BuildError(f"{path} is missing from the bundle; copy the whole bundle folder or re-export it")
     recorded = bundle.models[key].get("sha256")
     actual = sha256_file(path)
     if recorded and recorded != actual:
-        raise BuildError(f"{path.name} does not match the sha256 in metadata.json (changed after export?); re-export the bundle")
+        raise BuildError(
+            f"{path.name} does not match the sha256 in metadata.json (changed after export?); re-export the bundle"
+        )
     return path, actual
 
 
@@ -678,10 +720,14 @@ def _preflight(onnx_path: Path) -> None:
         log.warning("%s: %s", onnx_path.name, warning)
     if not report.ok:
         listed = "\n  ".join(report.errors)
-        raise BuildError(f"{onnx_path.name} fails the TensorRT support check:\n  {listed}\nFix the export (or pass check=False to try anyway).")
+        raise BuildError(
+            f"{onnx_path.name} fails the TensorRT support check:\n  {listed}\nFix the export (or pass check=False to try anyway)."
+        )
 
 
-def _make_calibrator(trt: Any, cudart: Any, bundle: Any, onnx_sha: str, calib_dir: Any, calib_batches: int, opt: int, force: bool) -> Any:
+def _make_calibrator(
+    trt: Any, cudart: Any, bundle: Any, onnx_sha: str, calib_dir: Any, calib_batches: int, opt: int, force: bool
+) -> Any:
     """Calibrator over calib_dir; without it, the cached scales of this ONNX model (engines/).
 
     A cache exists per ONNX sha256 and is reused unless `force` (then calib_dir is required).
@@ -691,7 +737,9 @@ def _make_calibrator(trt: Any, cudart: Any, bundle: Any, onnx_sha: str, calib_di
     if calib_dir is not None:
         batches = CalibrationBatches(find_images(calib_dir), bundle.input_size, opt, calib_batches)
     elif not cache.is_file() or force:
-        raise BuildError("int8 needs calibration images: pass calib_dir (--calib-dir) with normal images, e.g. <dataset>/<class>/train/good")
+        raise BuildError(
+            "int8 needs calibration images: pass calib_dir (--calib-dir) with normal images, e.g. <dataset>/<class>/train/good"
+        )
     names = (bundle.input_name, bundle.class_input_name)
     return make_entropy_calibrator(trt, cudart, batches, names, cache, use_cache=not force)
 
@@ -713,7 +761,9 @@ def _build_with_calibrator(trt: Any, options: BuildOptions, make_calibrator: Any
             calibrator.free()
 
 
-def _check_request(target: str, precision: str, compute_capabilities: Optional[Sequence[str]], version_compatible: bool) -> TrtTarget:
+def _check_request(
+    target: str, precision: str, compute_capabilities: Optional[Sequence[str]], version_compatible: bool
+) -> TrtTarget:
     """Bad option combinations fail before the bundle or any library is touched."""
     try:
         spec = get_target(target)
@@ -723,7 +773,9 @@ def _check_request(target: str, precision: str, compute_capabilities: Optional[S
         hint = " (INT8 calibration exists only in TensorRT 10: --target tensorrt)" if precision == "int8" else ""
         raise BuildError(f"--target {target} builds {'/'.join(spec.precisions)}, not {precision!r}{hint}")
     if compute_capabilities and not spec.selectable_capabilities:
-        raise BuildError(f"--compute-capability applies to ahead-of-time targets (--target rtx); {spec.label} builds for the GPU it runs on")
+        raise BuildError(
+            f"--compute-capability applies to ahead-of-time targets (--target rtx); {spec.label} builds for the GPU it runs on"
+        )
     if version_compatible and target != "tensorrt":
         raise BuildError(f"version-compatible engines are a TensorRT 10/11 feature, not {spec.label}'s")
     return spec
@@ -770,31 +822,63 @@ def build_engines(
     engines_dir = bundle.engines_dir()
     path = engines_dir / name
     recorded = (bundle.metadata.get("engines") or {}).get(name)
-    reasons = rebuild_reasons(recorded, path, precision, trt.__version__, capabilities, onnx_sha, batch3, version_compatible)
+    reasons = rebuild_reasons(
+        recorded, path, precision, trt.__version__, capabilities, onnx_sha, batch3, version_compatible
+    )
     where = gpu or f"sm{'/'.join(sm_text(c) for c in capabilities)} (ahead of time)"
     if not reasons and not force:
-        log.info("engine %s is up to date (%s %s, %s); pass force=True to rebuild", name, spec.label, trt.__version__, where)
+        log.info(
+            "engine %s is up to date (%s %s, %s); pass force=True to rebuild", name, spec.label, trt.__version__, where
+        )
         return path
     log.info("building %s for %s: %s", name, where, "; ".join(reasons) if not force else "forced")
     if check:
         _preflight(onnx_path)
     engines_dir.mkdir(parents=True, exist_ok=True)
     options = BuildOptions(
-        onnx_path=onnx_path, precision=precision, batch=batch3, input_size=bundle.input_size,
-        image_input=bundle.input_name, class_input=bundle.class_input_name, workspace_mb=workspace_mb,
-        timing_cache=engines_dir / TIMING_CACHE, version_compatible=version_compatible, allow_tf32=allow_tf32,
-        target=target, capabilities=capabilities if explicit else None, outputs=tuple(bundle.metadata.get("outputs") or ()) or None,
+        onnx_path=onnx_path,
+        precision=precision,
+        batch=batch3,
+        input_size=bundle.input_size,
+        image_input=bundle.input_name,
+        class_input=bundle.class_input_name,
+        workspace_mb=workspace_mb,
+        timing_cache=engines_dir / TIMING_CACHE,
+        version_compatible=version_compatible,
+        allow_tf32=allow_tf32,
+        target=target,
+        capabilities=capabilities if explicit else None,
+        outputs=tuple(bundle.metadata.get("outputs") or ()) or None,
     )
-    calibrate = (lambda: _make_calibrator(trt, cudart, bundle, onnx_sha, calib_dir, calib_batches, batch3[1], force)) if precision == "int8" else None
+    calibrate = (
+        (lambda: _make_calibrator(trt, cudart, bundle, onnx_sha, calib_dir, calib_batches, batch3[1], force))
+        if precision == "int8"
+        else None
+    )
     built = _build_with_calibrator(trt, options, calibrate)
     atomic_write_bytes(path, built.plan)
     facts = built.facts
     entry = engine_entry(
-        precision, trt.__version__, capabilities, onnx_path.name, onnx_sha, batch3, version_compatible, target,
-        sha256=sha256_file(path), size_bytes=len(built.plan), build_seconds=round(built.seconds, 2),
-        gpu=gpu or "none (built ahead of time on the CPU)", compute_capabilities_explicit=explicit,
-        strongly_typed=_network_flags(trt, precision, target)[1], tf32=allow_tf32, workspace_mb=workspace_mb,
-        layers=facts.layers, half_layers=len(facts.half_layers), fp32_policy_layers=len(facts.fp32_policy_layers), plugins=facts.plugins,
+        precision,
+        trt.__version__,
+        capabilities,
+        onnx_path.name,
+        onnx_sha,
+        batch3,
+        version_compatible,
+        target,
+        sha256=sha256_file(path),
+        size_bytes=len(built.plan),
+        build_seconds=round(built.seconds, 2),
+        gpu=gpu or "none (built ahead of time on the CPU)",
+        compute_capabilities_explicit=explicit,
+        strongly_typed=_network_flags(trt, precision, target)[1],
+        tf32=allow_tf32,
+        workspace_mb=workspace_mb,
+        layers=facts.layers,
+        half_layers=len(facts.half_layers),
+        fp32_policy_layers=len(facts.fp32_policy_layers),
+        plugins=facts.plugins,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     update_metadata(bundle.path / "metadata.json", name, entry)

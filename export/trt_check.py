@@ -51,10 +51,18 @@ class CheckResult:
     @property
     def markdown(self) -> str:
         if not self.used_parser and self.table is not None:
-            return format_report(self.table) + "".join(f"- {n}\n" for n in [f"checked with: {self.checker}", *self.notes])
+            return format_report(self.table) + "".join(
+                f"- {n}\n" for n in [f"checked with: {self.checker}", *self.notes]
+            )
         verdict = "OK" if self.ok else f"{len(self.failures)} node(s) fail"
-        lines = [f"## TensorRT ONNX-parser check: {verdict}", "", f"- model: `{self.source}`", f"- checked with: {self.checker}",
-                 f"- {self.nodes} nodes", *[f"- {n}" for n in self.notes]]
+        lines = [
+            f"## TensorRT ONNX-parser check: {verdict}",
+            "",
+            f"- model: `{self.source}`",
+            f"- checked with: {self.checker}",
+            f"- {self.nodes} nodes",
+            *[f"- {n}" for n in self.notes],
+        ]
         if self.failures:
             lines += ["", "| # | Node | Op | Why |", "|---:|---|---|---|"]
             lines += [f"| {f.index} | {f.name} | {f.op_type} | {f.reason.replace('|', '/')} |" for f in self.failures]
@@ -88,7 +96,11 @@ def _node_table(path: Path) -> tuple[list[Any], int]:
 
 
 def _known_problems(nodes: list[Any]) -> list[NodeFailure]:
-    return [NodeFailure(i, n.name, n.op_type, f"imports, but {KNOWN_PROBLEMS[n.op_type]}") for i, n in enumerate(nodes) if n.op_type in KNOWN_PROBLEMS]
+    return [
+        NodeFailure(i, n.name, n.op_type, f"imports, but {KNOWN_PROBLEMS[n.op_type]}")
+        for i, n in enumerate(nodes)
+        if n.op_type in KNOWN_PROBLEMS
+    ]
 
 
 def check_with_parser(onnx_path: Path | str, target: str) -> CheckResult:
@@ -117,24 +129,37 @@ def check_with_parser(onnx_path: Path | str, target: str) -> CheckResult:
         result.failures.append(NodeFailure(-1, "?", "?", "the parser failed without naming a node"))
     if parsed:
         used = list(parser.get_used_vc_plugin_libraries() or [])
-        plugin_types = {getattr(trt.LayerType, n) for n in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, n)}
-        plugins = [network.get_layer(i).name for i in range(network.num_layers) if network.get_layer(i).type in plugin_types]
-        result.failures += [NodeFailure(-1, n, "plugin", "imported as a TensorRT plugin: hgad-edge engines must not need one") for n in plugins + used]
-        result.notes.append(f"parsed into {network.num_layers} layers, no plugin" if not (plugins or used) else "plugins needed")
+        plugin_types = {
+            getattr(trt.LayerType, n) for n in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, n)
+        }
+        plugins = [
+            network.get_layer(i).name for i in range(network.num_layers) if network.get_layer(i).type in plugin_types
+        ]
+        result.failures += [
+            NodeFailure(-1, n, "plugin", "imported as a TensorRT plugin: hgad-edge engines must not need one")
+            for n in plugins + used
+        ]
+        result.notes.append(
+            f"parsed into {network.num_layers} layers, no plugin" if not (plugins or used) else "plugins needed"
+        )
     result.failures += _known_problems(nodes)
     return result
 
 
 def _agreement(result: CheckResult, table: Report) -> str:
     """One line: do the table's op-level errors match the op types the parser rejected?"""
-    parser_ops = sorted({f.op_type for f in result.failures if f.op_type not in KNOWN_PROBLEMS and f.op_type != "plugin"})
+    parser_ops = sorted(
+        {f.op_type for f in result.failures if f.op_type not in KNOWN_PROBLEMS and f.op_type != "plugin"}
+    )
     table_ops = sorted({o.op_type for o in table.ops if o.level == "error" and o.op_type not in KNOWN_PROBLEMS})
     graph_errors = [i.message for i in table.issues if i.level == "error"]
     if parser_ops == table_ops and not graph_errors:
         extra = f"; the table also warns: {'; '.join(table.warnings)}" if table.warnings else ""
         return f"the operator table ({TABLE_SOURCE}) agrees: it rejects {parser_ops or 'no'} op types{extra}"
-    return (f"the operator table DISAGREES with the parser: parser rejects {parser_ops or 'nothing'}, table rejects "
-            f"{table_ops or 'no op types'}{' and says ' + '; '.join(graph_errors) if graph_errors else ''}")
+    return (
+        f"the operator table DISAGREES with the parser: parser rejects {parser_ops or 'nothing'}, table rejects "
+        f"{table_ops or 'no op types'}{' and says ' + '; '.join(graph_errors) if graph_errors else ''}"
+    )
 
 
 def check_onnx(onnx_path: Path | str, use_parser: bool = True) -> CheckResult:

@@ -37,7 +37,9 @@ from hgad_edge.runtime.backends.trt_common import rtx_capabilities
 if os.environ.get("HGAD_EDGE_REQUIRE_RTX"):
     import tensorrt_rtx_bindings as trt
 else:
-    trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed: pip install 'hgad-edge[tensorrt-rtx]'")
+    trt = pytest.importorskip(
+        "tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed: pip install 'hgad-edge[tensorrt-rtx]'"
+    )
 
 BATCH = (1, 2, 4)
 GPUS = ["8.6", "8.9"]  # the fp16 engine names its GPUs; the fp32 one takes TensorRT-RTX's default set
@@ -49,7 +51,9 @@ def rtx_bundle(tiny_bundle, tmp_path_factory) -> Path:
     """A copy of the tiny bundle with real fp32 (CLI) and mixed fp16 (API) TensorRT-RTX engines."""
     folder = tmp_path_factory.mktemp("rtx") / "bundle"
     shutil.copytree(tiny_bundle.bundle, folder)
-    done = CliRunner().invoke(main, ["build", str(folder), "--target", "rtx", "--precision", "fp32", "--batch", "1:2:4"])
+    done = CliRunner().invoke(
+        main, ["build", str(folder), "--target", "rtx", "--precision", "fp32", "--batch", "1:2:4"]
+    )
     assert done.exit_code == 0, done.output
     assert "engine:" in done.output and "TensorRT-RTX" in done.output
     tb.build_engines(folder, "fp16", BATCH, target="rtx", compute_capabilities=GPUS)
@@ -61,13 +65,22 @@ def meta(folder: Path) -> dict:
 
 
 def entry_of(folder: Path, precision: str) -> tuple[str, dict]:
-    return next((n, e) for n, e in meta(folder)["engines"].items() if e["precision"] == precision and e["target"] == "rtx")
+    return next(
+        (n, e) for n, e in meta(folder)["engines"].items() if e["precision"] == precision and e["target"] == "rtx"
+    )
 
 
 def parsed(folder: Path, precision: str) -> tb.ParsedNetwork:
     bundle = meta(folder)
-    options = tb.BuildOptions(folder / bundle["models"][precision]["file"], precision, BATCH, tuple(bundle["input_size"]),
-                              "images", "class_id", target="rtx")
+    options = tb.BuildOptions(
+        folder / bundle["models"][precision]["file"],
+        precision,
+        BATCH,
+        tuple(bundle["input_size"]),
+        "images",
+        "class_id",
+        target="rtx",
+    )
     return tb.parse_network(trt, options)
 
 
@@ -109,7 +122,9 @@ def test_mixed_network_keeps_head_and_scoring_out_of_half(rtx_bundle):
     assert len(head) > 50  # the head and scoring are there, and mapped to the exporter's nodes
     assert not [layer.name for layer in head if any(outputs_half(layer))]
     assert sum(any(outputs_half(layer)) for layer, _ in tagged) > 50  # the body does run in HALF
-    facts = tb.network_facts(trt, net.network, net.parser, model)  # the build's own check agrees, untagged helpers included
+    facts = tb.network_facts(
+        trt, net.network, net.parser, model
+    )  # the build's own check agrees, untagged helpers included
     assert facts.violations == [] and facts.unmapped == [] and len(facts.fp32_policy_layers) >= len(head)
     fp32 = parsed(rtx_bundle, "fp32").network
     assert not any(any(outputs_half(fp32.get_layer(i))) for i in range(fp32.num_layers))
@@ -119,8 +134,12 @@ def test_precision_check_catches_a_half_layer_in_the_head(rtx_bundle):
     """Label one FP16 backbone node as mixture head: the network check must name it."""
     model = onnx.load(str(rtx_bundle / "model_fp16.onnx"))
     net = parsed(rtx_bundle, "fp16")
-    half_nodes = {n for layer, nodes in _onnx_layers(net.network) for n in nodes
-                  if any(layer.get_output(k).dtype == trt.DataType.HALF for k in range(layer.num_outputs))}
+    half_nodes = {
+        n
+        for layer, nodes in _onnx_layers(net.network)
+        for n in nodes
+        if any(layer.get_output(k).dtype == trt.DataType.HALF for k in range(layer.num_outputs))
+    }
     victim = next(node for node in model.graph.node if node.name in half_nodes and node.op_type == "Conv")
     prop = next((p for p in victim.metadata_props if p.key == HIERARCHY_KEY), None) or victim.metadata_props.add()
     prop.key, prop.value = HIERARCHY_KEY, f"['{HEAD_CLASS}']"
@@ -134,8 +153,10 @@ def test_network_io_and_no_plugin(rtx_bundle, precision):
     model = onnx.load(str(rtx_bundle / f"model_{precision}.onnx"), load_external_data=False)
     net = parsed(rtx_bundle, precision)
     network = net.network
-    for declared, count, get in ((model.graph.input, network.num_inputs, network.get_input),
-                                 (model.graph.output, network.num_outputs, network.get_output)):
+    for declared, count, get in (
+        (model.graph.input, network.num_inputs, network.get_input),
+        (model.graph.output, network.num_outputs, network.get_output),
+    ):
         tensors = [get(i) for i in range(count)]
         assert [t.name for t in tensors] == [v.name for v in declared]
         for tensor, value in zip(tensors, declared):
@@ -161,8 +182,10 @@ def test_rebuild_skips_current_engine_and_rebuilds_stale_one(rtx_bundle, tmp_pat
 
     with open(engine, "ab") as fh:  # a damaged or swapped engine file is not current
         fh.write(b"\0")
-    assert any("changed since it was built" in r for r in
-               tb.rebuild_reasons(entry, engine, "fp16", trt.__version__, GPUS, entry["onnx_sha256"], BATCH))
+    assert any(
+        "changed since it was built" in r
+        for r in tb.rebuild_reasons(entry, engine, "fp16", trt.__version__, GPUS, entry["onnx_sha256"], BATCH)
+    )
 
     model = onnx.load(str(folder / "model_fp16.onnx"))  # "re-export": same graph, new bytes, new sha256
     model.doc_string = "re-exported"
@@ -199,15 +222,29 @@ def test_check_trt_uses_the_parser_and_agrees_with_the_table(rtx_bundle, tmp_pat
     assert result.used_parser and result.ok and "TensorRT-RTX" in result.checker and "agrees" in result.markdown
     helper = onnx.helper
     f32 = onnx.TensorProto.FLOAT
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu0"), helper.make_node("Unique", ["r"], ["u"], name="uniq1"),
-             helper.make_node("Gelu2", ["r"], ["g"], name="custom2", domain="com.example"),
-             helper.make_node("ReduceLogSumExp", ["g"], ["y"], name="lse3", keepdims=0)]
-    graph = helper.make_graph(nodes, "bad", [helper.make_tensor_value_info("x", f32, ["B", 4])],
-                              [helper.make_tensor_value_info("u", f32, None), helper.make_tensor_value_info("y", f32, None)])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu0"),
+        helper.make_node("Unique", ["r"], ["u"], name="uniq1"),
+        helper.make_node("Gelu2", ["r"], ["g"], name="custom2", domain="com.example"),
+        helper.make_node("ReduceLogSumExp", ["g"], ["y"], name="lse3", keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bad",
+        [helper.make_tensor_value_info("x", f32, ["B", 4])],
+        [helper.make_tensor_value_info("u", f32, None), helper.make_tensor_value_info("y", f32, None)],
+    )
     bad = tmp_path / "bad.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)]), str(bad))
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)]),
+        str(bad),
+    )
     result = check_onnx(bad)
-    assert not result.ok and {(f.name, f.op_type) for f in result.failures} == {("uniq1", "Unique"), ("custom2", "Gelu2"), ("lse3", "ReduceLogSumExp")}
+    assert not result.ok and {(f.name, f.op_type) for f in result.failures} == {
+        ("uniq1", "Unique"),
+        ("custom2", "Gelu2"),
+        ("lse3", "ReduceLogSumExp"),
+    }
     assert "Plugin not found" in next(f.reason for f in result.failures if f.name == "custom2")
     table = check_onnx(bad, use_parser=False)
     assert not table.used_parser and "operator table" in table.checker and not table.ok
@@ -234,21 +271,27 @@ def test_without_gpu_deserialisation_is_no_device(rtx_bundle):
         import tensorrt_rtx_bindings as trt
         from hgad_edge.runtime.backends.tensorrt_backend import EngineFromPath
         from hgad_edge.runtime.errors import HgadRuntimeError
-        loader = EngineFromPath(trt, {str(rtx_bundle / 'engines' / name)!r}, "rebuild", {entry['sha256']!r})
+        loader = EngineFromPath(trt, {str(rtx_bundle / "engines" / name)!r}, "rebuild", {entry["sha256"]!r})
         try:
             loader()
         except HgadRuntimeError as err:
             print("STATUS", err.status.name, err)
     """)  # a subprocess: TensorRT objects without a GPU must not be able to take pytest down
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ.copy()
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "STATUS NO_DEVICE" in done.stdout and "backend='onnxruntime'" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "STATUS NO_DEVICE" in done.stdout and "backend='onnxruntime'" in done.stdout, (
+        done.stdout + done.stderr[-2000:]
+    )
 
 
 def test_rtx_engine_matches_onnxruntime_on_an_rtx_gpu(rtx_bundle):
     count, cc = _gpu()
     if not count:
-        pytest.skip("running a TensorRT-RTX engine needs a CUDA GPU (none here); the build and network checks above ran")
+        pytest.skip(
+            "running a TensorRT-RTX engine needs a CUDA GPU (none here); the build and network checks above ran"
+        )
     if cc not in entry_of(rtx_bundle, "fp32")[1]["compute_capabilities"]:
         pytest.skip(f"this GPU (compute capability {cc}) is not a TensorRT-RTX target")
     frames = list(np.random.default_rng(0).integers(0, 256, (3, *meta(rtx_bundle)["input_size"], 3), dtype=np.uint8))
@@ -261,3 +304,18 @@ def test_rtx_engine_matches_onnxruntime_on_an_rtx_gpu(rtx_bundle):
         results[backend] = result.copy()
         destroy(h)
     np.testing.assert_allclose(results["tensorrt"].score, results["onnxruntime"].score, rtol=1e-3, atol=1e-3)
+
+
+def test_gpu_check_rtx_stage_says_why_it_did_not_measure(rtx_bundle, monkeypatch):
+    from hgad_edge.export import rtx_latency
+    from hgad_edge.runtime.backends.cuda_api import CudaPython
+
+    from .fake_cuda import FakeCudart
+
+    if not _gpu()[0]:
+        result = rtx_latency.time_rtx_engine(rtx_bundle)
+        assert not result.rows and "no CUDA device" in result.note
+    monkeypatch.setattr(rtx_latency, "tensorrt_status", lambda target: (True, ""))
+    monkeypatch.setattr(rtx_latency, "import_cuda", lambda: CudaPython(FakeCudart(cc=(9, 0))))  # an H100/H200
+    result = rtx_latency.time_rtx_engine(rtx_bundle)
+    assert not result.rows and result.engine is None and "compute capability 9.0 (Hopper" in result.note

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..runtime.backends import REGISTRY as RUNTIME_BACKENDS
+from ..runtime.backends.trt_common import tensorrt_status
 from .context import Setup
 
 
@@ -152,19 +153,6 @@ class RunnerEngine:
         self.runner.deactivate()
 
 
-def tensorrt_status() -> tuple[bool, str]:
-    """Whether TensorRT can run here, checked without constructing any TensorRT object."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, "tensorrt is not installed (pip install hgad-edge[tensorrt] on a CUDA machine)"
-    try:
-        from ..runtime.backends.tensorrt_backend import cuda_device_count, import_cudart
-
-        count, reason = cuda_device_count(import_cudart())
-    except Exception as err:  # noqa: BLE001
-        return False, f"cuda-python unavailable ({err})"
-    return (True, "") if count > 0 else (False, f"no CUDA device ({reason})")
-
-
 def _torch_scorer(setup: Setup, precision: str):
     scorer = setup.scorer
     if precision == "fp16":  # mixed: backbone + flows FP16, heads FP32 (as the FP16 graph)
@@ -203,7 +191,7 @@ def _tensorrt_engine(setup: Setup, precision: str):
 
 def _tensorrt_needs(setup: Setup, precision: str) -> Optional[str]:
     if setup.trt_status is None:
-        setup.trt_status = tensorrt_status()
+        setup.trt_status = tensorrt_status("tensorrt")
     ok, reason = setup.trt_status
     if not ok:
         return f"TensorRT unavailable: {reason}"
@@ -221,13 +209,15 @@ def _build_trt(setup: Setup, precision: str) -> Path:
 
 def _int8_engine(setup: Setup, path: Path) -> RunnerEngine:
     from ..runtime.backends import input_specs
-    from ..runtime.backends.tensorrt_backend import EngineFromPath, TensorRTRunner, import_cudart, import_tensorrt
+    from ..runtime.backends.cuda_api import import_cuda
+    from ..runtime.backends.tensorrt_backend import EngineFromPath, TensorRTRunner, import_runtime
     from ..runtime.bundle import OUTPUT_NAMES, load_bundle
 
     bundle = load_bundle(setup.bundle)
-    trt, cudart = import_tensorrt(), import_cudart()
-    loader = EngineFromPath(trt, path, f"hgad-edge build {setup.bundle} --precision int8")
-    runner = TensorRTRunner(loader, input_specs(bundle), list(OUTPUT_NAMES), setup.max_batch, 0, cudart)
+    trt, cuda = import_runtime("tensorrt"), import_cuda()
+    sha = (bundle.metadata.get("engines") or {}).get(path.name, {}).get("sha256")
+    loader = EngineFromPath(trt, path, f"hgad-edge build {setup.bundle} --precision int8", sha)
+    runner = TensorRTRunner(loader, input_specs(bundle), list(OUTPUT_NAMES), setup.max_batch, 0, cuda)
     runner.precision = "int8"
     return RunnerEngine(runner.activate(), bundle.classes, "tensorrt", "int8")
 

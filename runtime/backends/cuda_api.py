@@ -27,7 +27,9 @@ __all__ = ["CudaError", "CudaPython", "HostDeviceMem", "PyCuda", "cuda_call", "i
 
 log = logging.getLogger("hgad_edge.runtime")
 
-CUDA_HINT = "pip install cuda-python (NVIDIA's CUDA bindings; pycuda also works where it is installed) or use backend='onnxruntime'"
+CUDA_HINT = (
+    "pip install cuda-python (NVIDIA's CUDA bindings; pycuda also works where it is installed) or use backend='onnxruntime'"
+)
 
 
 class CudaError(RuntimeError):
@@ -101,8 +103,12 @@ class CudaPython:
 
     def compute_capability(self, device: int) -> str:
         attr = self.cudart.cudaDeviceAttr
-        major = self._call(self.cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")
-        minor = self._call(self.cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute")
+        major = self._call(
+            self.cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute"
+        )
+        minor = self._call(
+            self.cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute"
+        )
         return f"{int(major)}.{int(minor)}"
 
     def device_name(self, device: int) -> str:
@@ -134,11 +140,15 @@ class CudaPython:
 
     def copy_htod_async(self, device: int, host: np.ndarray, stream: Any) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call(self.cudart.cudaMemcpyAsync(device, host.ctypes.data, host.nbytes, kind, stream), "cudaMemcpyAsync H2D")
+        self._call(
+            self.cudart.cudaMemcpyAsync(device, host.ctypes.data, host.nbytes, kind, stream), "cudaMemcpyAsync H2D"
+        )
 
     def copy_dtoh_async(self, host: np.ndarray, device: int, stream: Any) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call(self.cudart.cudaMemcpyAsync(host.ctypes.data, device, host.nbytes, kind, stream), "cudaMemcpyAsync D2H")
+        self._call(
+            self.cudart.cudaMemcpyAsync(host.ctypes.data, device, host.nbytes, kind, stream), "cudaMemcpyAsync D2H"
+        )
 
     def synchronize(self, stream: Any) -> None:
         self._call(self.cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
@@ -178,7 +188,9 @@ class PyCuda:
 
     def set_device(self, device: int) -> None:
         if self.context is None:
-            self.context = self._guard(lambda: self.drv.Device(device).retain_primary_context(), "retain_primary_context")
+            self.context = self._guard(
+                lambda: self.drv.Device(device).retain_primary_context(), "retain_primary_context"
+            )
             self.context.push()
 
     def compute_capability(self, device: int) -> str:

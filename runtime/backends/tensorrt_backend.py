@@ -73,7 +73,9 @@ def engine_problems(
     label = TARGETS.get(entry_target(entry), TARGETS["tensorrt"]).label
     built = str(entry.get("trt_version", "?"))
     if entry.get("version_compatible"):
-        if version_tuple(built, 1) != version_tuple(trt_version, 1) or version_tuple(trt_version, 3) < version_tuple(built, 3):
+        if version_tuple(built, 1) != version_tuple(trt_version, 1) or version_tuple(trt_version, 3) < version_tuple(
+            built, 3
+        ):
             problems.append(f"built with {label} {built} (version-compatible), this runtime has {trt_version}")
         if not allow_host_code:
             problems.append(f"version-compatible: it embeds host code that would run in this process; {HOST_CODE_FIX}")
@@ -83,19 +85,27 @@ def engine_problems(
     if cc_text(compute_capability) not in gpus:
         what = "compute capability" if len(gpus) == 1 else "compute capabilities"
         problems.append(f"built for {what} {', '.join(gpus)}, this GPU is {cc_text(compute_capability)}")
-    model_sha = (models.get(entry.get("model", entry.get("precision")), {}) or {}).get("sha256")  # int8 engines come from the fp32 ONNX
+    model_sha = (models.get(entry.get("model", entry.get("precision")), {}) or {}).get(
+        "sha256"
+    )  # int8 engines come from the fp32 ONNX
     if model_sha and entry.get("onnx_sha256") != model_sha:
         problems.append("built from another ONNX model (the bundle was re-exported since)")
     limits = entry.get("batch") or []
     if max_batch is not None and limits and int(limits[-1]) < max_batch:
-        problems.append(f"built for batch <= {limits[-1]}, max_batch={max_batch} was requested (pass max_batch<={limits[-1]})")
+        problems.append(
+            f"built for batch <= {limits[-1]}, max_batch={max_batch} was requested (pass max_batch<={limits[-1]})"
+        )
     return problems
 
 
 def build_fix(bundle: Any, precision: str, target: str = "tensorrt") -> str:
     """The command that builds the missing engine."""
     extra = " --calib-dir NORMAL_IMAGES" if precision == "int8" else ""
-    return f"hgad-edge build {bundle} --precision {precision}" + ("" if target == "tensorrt" else f" --target {target}") + extra
+    return (
+        f"hgad-edge build {bundle} --precision {precision}"
+        + ("" if target == "tensorrt" else f" --target {target}")
+        + extra
+    )
 
 
 def choose_engine(
@@ -117,10 +127,15 @@ def choose_engine(
         raise InvalidArgumentError(f"precision must be 'auto', 'fp16', 'fp32' or 'int8', got {precision!r}")
     wanted = ["fp16", "fp32"] if precision == "auto" else [precision]
     models = metadata.get("models") or {}
-    engines = {n: e for n, e in (metadata.get("engines") or {}).items() if isinstance(e, dict) and entry_target(e) == target}
+    engines = {
+        n: e for n, e in (metadata.get("engines") or {}).items() if isinstance(e, dict) and entry_target(e) == target
+    }
     build_precision = precision if precision != "auto" else ("fp16" if "fp16" in models else "fp32")
     fix = build_fix(bundle, build_precision, target)
-    candidates = sorted((n for n, e in engines.items() if e.get("precision") in wanted), key=lambda n: (wanted.index(engines[n]["precision"]), n))
+    candidates = sorted(
+        (n for n, e in engines.items() if e.get("precision") in wanted),
+        key=lambda n: (wanted.index(engines[n]["precision"]), n),
+    )
     label = TARGETS.get(target, TARGETS["tensorrt"]).label
     if not candidates:
         msg = f"bundle {bundle} has no {'/'.join(wanted)} {label} engine; build one: {fix}"
@@ -139,7 +154,9 @@ def require_device(cuda: Any, device: int) -> None:
     """Raise NO_DEVICE unless CUDA device `device` exists (call before any TensorRT object)."""
     count, reason = cuda.device_count()
     if count == 0:
-        msg = f"no CUDA device ({reason}); check the NVIDIA driver (nvidia-smi / tegrastats) or use backend='onnxruntime'"
+        msg = (
+            f"no CUDA device ({reason}); check the NVIDIA driver (nvidia-smi / tegrastats) or use backend='onnxruntime'"
+        )
         raise BackendUnavailableError(msg, Status.NO_DEVICE)
     if not 0 <= device < count:
         msg = f"CUDA device {device} does not exist (this machine has {count}); pass device=0..{count - 1}"
@@ -153,7 +170,15 @@ def import_runtime(target: str) -> Any:
 
 
 def _np_dtype(trt: Any, trt_dtype: Any) -> np.dtype:
-    table = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
+    table = {
+        "FLOAT": np.float32,
+        "HALF": np.float16,
+        "INT8": np.int8,
+        "INT32": np.int32,
+        "INT64": np.int64,
+        "BOOL": np.bool_,
+        "UINT8": np.uint8,
+    }
     for name, np_type in table.items():
         if getattr(trt.DataType, name, None) == trt_dtype:
             return np.dtype(np_type)
@@ -163,7 +188,9 @@ def _np_dtype(trt: Any, trt_dtype: Any) -> np.dtype:
 class EngineFromPath:
     """Loader: check the engine's sha256, deserialise it; returns (runtime, engine), the runtime must outlive it."""
 
-    def __init__(self, trt: Any, path: Path, fix: str, sha256: Optional[str] = None, allow_host_code: bool = False) -> None:
+    def __init__(
+        self, trt: Any, path: Path, fix: str, sha256: Optional[str] = None, allow_host_code: bool = False
+    ) -> None:
         self.trt = trt
         self.path = Path(path)
         self.fix = fix
@@ -173,10 +200,16 @@ class EngineFromPath:
     def read(self) -> bytes:
         """The engine's bytes, hashed in memory so the checked bytes are the deserialised bytes."""
         if not self.path.is_file():
-            raise EngineError(f"engine {self.path} is listed in metadata.json but missing; rebuild it: {self.fix}", Status.ENGINE_NOT_FOUND)
+            raise EngineError(
+                f"engine {self.path} is listed in metadata.json but missing; rebuild it: {self.fix}",
+                Status.ENGINE_NOT_FOUND,
+            )
         data = self.path.read_bytes()
         if not self.sha256:
-            raise EngineError(f"metadata.json records no sha256 for engine {self.path.name}, so it cannot be verified; rebuild it: {self.fix}", Status.ENGINE_STALE)
+            raise EngineError(
+                f"metadata.json records no sha256 for engine {self.path.name}, so it cannot be verified; rebuild it: {self.fix}",
+                Status.ENGINE_STALE,
+            )
         if hashlib.sha256(data).hexdigest() != self.sha256:
             msg = f"engine {self.path} does not match the sha256 recorded when it was built (changed or damaged since); rebuild it: {self.fix}"
             raise EngineError(msg, Status.ENGINE_STALE)
@@ -298,7 +331,9 @@ class TensorRTRunner(Runner):
             for spec in self.input_specs:
                 cuda.copy_htod_async(self.mems[spec.name].device, self.inputs[spec.name][:batch], self.stream)
             if not self.context.execute_async_v3(cuda.stream_handle(self.stream)):
-                raise InferenceError(f"TensorRT execute_async_v3 failed on a batch of {batch}; see the TensorRT log above")
+                raise InferenceError(
+                    f"TensorRT execute_async_v3 failed on a batch of {batch}; see the TensorRT log above"
+                )
             for name in self.output_names:
                 cuda.copy_dtoh_async(self.outputs[name][:batch], self.mems[name].device, self.stream)
             cuda.synchronize(self.stream)
@@ -359,14 +394,28 @@ def load_tensorrt_runner(
     errors: list[EngineError] = []
     for target, trt in runtimes.items():
         try:
-            name = choose_engine(bundle.metadata, trt.__version__, capability, precision, max_batch, bundle.path, target, allow_engine_host_code)
+            name = choose_engine(
+                bundle.metadata,
+                trt.__version__,
+                capability,
+                precision,
+                max_batch,
+                bundle.path,
+                target,
+                allow_engine_host_code,
+            )
         except EngineError as err:
             errors.append(err)
             continue
         entry = bundle.metadata["engines"][name]
         path = bundle.engine_path(name)  # a bare name under engines/, no link out of the bundle (bundle.py)
-        loader = EngineFromPath(trt, path, build_fix(bundle.path, entry["precision"], target), entry.get("sha256"),
-                                allow_engine_host_code and bool(entry.get("version_compatible")))
+        loader = EngineFromPath(
+            trt,
+            path,
+            build_fix(bundle.path, entry["precision"], target),
+            entry.get("sha256"),
+            allow_engine_host_code and bool(entry.get("version_compatible")),
+        )
         loader.read()  # missing file or wrong sha256: refuse before any TensorRT object exists
         runner = TensorRTRunner(loader, input_specs, output_names, max_batch, device, cuda, TARGETS[target].label)
         runner.precision = entry["precision"]

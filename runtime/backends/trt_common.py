@@ -69,14 +69,28 @@ TARGETS: dict[str, TrtTarget] = {
     t.name: t
     for t in (
         TrtTarget(
-            "tensorrt", "TensorRT", "tensorrt", ("tensorrt", "tensorrt_lean"), "trt", ("fp16", "fp32", "int8"),
-            builds_without_gpu=False, timing_cache=True, selectable_capabilities=False,
+            "tensorrt",
+            "TensorRT",
+            "tensorrt",
+            ("tensorrt", "tensorrt_lean"),
+            "trt",
+            ("fp16", "fp32", "int8"),
+            builds_without_gpu=False,
+            timing_cache=True,
+            selectable_capabilities=False,
             install="pip install 'hgad-edge[tensorrt]' (or JetPack's python3-libnvinfer on Jetson)",
             hardware="Jetson (JetPack TensorRT) and data-centre GPUs",
         ),
         TrtTarget(
-            "rtx", "TensorRT-RTX", "tensorrt_rtx_bindings", ("tensorrt_rtx_bindings",), "rtx", ("fp16", "fp32"),
-            builds_without_gpu=True, timing_cache=False, selectable_capabilities=True,
+            "rtx",
+            "TensorRT-RTX",
+            "tensorrt_rtx_bindings",
+            ("tensorrt_rtx_bindings",),
+            "rtx",
+            ("fp16", "fp32"),
+            builds_without_gpu=True,
+            timing_cache=False,
+            selectable_capabilities=True,
             install="pip install 'hgad-edge[tensorrt-rtx]'",
             hardware="RTX / RTX PRO GPUs (compute capability 7.5 opt-in, 8.0, 8.6, 8.9, 12.x)",
         ),
@@ -109,7 +123,7 @@ def version_tuple(version: Any, parts: int) -> tuple[int, ...]:
 
 
 def version3(version: Any) -> str:
-    """"major.minor.patch" of a version ("10.3" -> "10.3.0")."""
+    """ "major.minor.patch" of a version ("10.3" -> "10.3.0")."""
     return ".".join(str(n) for n in version_tuple(version, 3))
 
 
@@ -193,7 +207,13 @@ def make_logger(trt: Any) -> Any:
     if trt in _LOGGERS:
         return _LOGGERS[trt]
     sev = trt.ILogger.Severity
-    levels = {sev.INTERNAL_ERROR: logging.CRITICAL, sev.ERROR: logging.ERROR, sev.WARNING: logging.WARNING, sev.INFO: logging.DEBUG, sev.VERBOSE: logging.DEBUG}
+    levels = {
+        sev.INTERNAL_ERROR: logging.CRITICAL,
+        sev.ERROR: logging.ERROR,
+        sev.WARNING: logging.WARNING,
+        sev.INFO: logging.DEBUG,
+        sev.VERBOSE: logging.DEBUG,
+    }
 
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
