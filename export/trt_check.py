@@ -49,6 +49,13 @@ class CheckResult:
         return not self.failures and (self.used_parser or (self.table is not None and self.table.ok))
 
     @property
+    def problems(self) -> list[str]:
+        """One line per failure (the parser's), or the table's errors when no parser was used."""
+        if not self.used_parser and self.table is not None:
+            return list(self.table.errors)
+        return [f"{f.op_type} node {f.name}: {f.reason}" for f in self.failures]
+
+    @property
     def markdown(self) -> str:
         if not self.used_parser and self.table is not None:
             return format_report(self.table) + "".join(

@@ -1,5 +1,8 @@
 """Static check, on CPU, that TensorRT 10's ONNX parser can import every node of a graph.
 
+The fallback of `hgad-edge check-trt` (export/trt_check.py) when no TensorRT / TensorRT-RTX parser is
+importable; with one, the real parser answers and this table is only compared with it.
+
 Why: engines are built on the target GPU (a Jetson on the factory floor), so a graph that
 TensorRT cannot parse, or parses into something numerically wrong, should be caught on the
 training machine, before the bundle travels. Nothing here needs TensorRT or a GPU.

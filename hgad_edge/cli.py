@@ -164,7 +164,7 @@ def export_cmd(run, out, precisions, no_simplify):
     """Fused ONNX graphs (FP32 and mixed FP16) + metadata: the bundle the runtime and `build` use."""
     require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "export")
     from .export.onnx_export import ExportError, export_bundle
-    from .export.trt_support import check_trt_support
+    from .export.trt_check import check_onnx
 
     try:
         result = export_bundle(run, out, tuple(precisions) or ("fp32", "fp16"), simplify=not no_simplify)
@@ -172,10 +172,10 @@ def export_cmd(run, out, precisions, no_simplify):
         raise click.ClickException(str(exc)) from exc
     for precision, path in result.files.items():
         facts = result.metadata["models"][precision]
-        report = check_trt_support(path)
-        verdict = "all ops have TensorRT importers" if report.ok else "TensorRT support problems: " + "; ".join(report.errors)
+        check = check_onnx(path)
+        verdict = f"imports into TensorRT ({check.checker})" if check.ok else "TensorRT import problems: " + "; ".join(check.problems)
         click.echo(f"{path}: opset {facts['opset']}, {facts['nodes']} nodes, {facts['exporter']}; {verdict}")
-    click.echo(f"next: hgad-edge build {out} --precision fp16   (on the target GPU)")
+    click.echo(f"next: hgad-edge build {out} --precision fp16   (on the target GPU; --target rtx builds for RTX GPUs here)")
 
 
 @main.command()

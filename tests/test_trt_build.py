@@ -388,6 +388,8 @@ def test_fp16_build_records_engine_and_skips_when_current(tmp_path, fakes):
     meta = metadata(folder)
     entry = meta["engines"]["trt10.7.0_sm87_fp16.engine"]
     assert entry["onnx_sha256"] == meta["models"]["fp16"]["sha256"] and entry["gpu"] == "Fake Orin"
+    assert entry["target"] == "tensorrt" and entry["compute_capabilities"] == ["8.7"]
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and entry["plugins"] == []
     assert trtb.choose_engine(meta, "10.7.0.23", "8.7", "auto", max_batch=8) == path.name
 
     builders = fakes.builders
@@ -396,6 +398,9 @@ def test_fp16_build_records_engine_and_skips_when_current(tmp_path, fakes):
     tb.build_engines(folder, "fp16", batch=(1, 4, 8), force=True)
     assert fakes.builders == builders + 1
     assert (folder / "engines" / "timing.cache").read_bytes() == b"fresh++"  # the cache was reused
+    path.write_bytes(b"swapped")  # an engine file that is not the one recorded is rebuilt
+    tb.build_engines(folder, "fp16", batch=(1, 4, 8))
+    assert fakes.builders == builders + 2 and path.read_bytes() != b"swapped"
 
 
 def test_stale_engine_is_rebuilt_and_other_engines_kept(tmp_path, fakes):
