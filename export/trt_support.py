@@ -29,6 +29,8 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import onnx
 from onnx import TensorProto
 
+from hgad_edge.runtime.backends.trt_common import version_tuple
+
 __all__ = ["TABLE_SOURCE", "TRT_OPS", "Issue", "OpSupport", "Report", "check_trt_support", "format_report", "op_info"]
 
 TABLE_SOURCE = "onnx/onnx-tensorrt docs/operators.md (TensorRT 10.15; changelog for ops added within 10.x)"
@@ -527,13 +529,6 @@ _RULES = {
 
 
 # ---- the check -----------------------------------------------------------------------------------
-def _version_tuple(version: Optional[str]) -> Optional[tuple[int, int]]:
-    if not version:
-        return None
-    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in str(version).split(".")[:2]]
-    return (parts + [0])[0], (parts + [0, 0])[1]
-
-
 def _op_verdict(domain: str, op_type: str, trt_version: Optional[tuple[int, int]]) -> tuple[bool, str, str]:
     """(supported, level, note) for one op type, from the table and the known-problem list."""
     if domain not in ("", "ai.onnx"):
@@ -688,7 +683,7 @@ def check_trt_support(model: Union[str, Path, onnx.ModelProto], trt_version: Opt
     functions = {(f.domain, f.name): f for f in proto.functions}
     nodes = list(_walk(proto.graph.node, functions, set()))
     ctx = _Context(proto, opset)
-    ops = _check_nodes(nodes, ctx, functions, _version_tuple(trt_version))
+    ops = _check_nodes(nodes, ctx, functions, version_tuple(trt_version, 2) if trt_version else None)
     issues = _opset_issues(opset) + _io_issues(proto, nodes) + _type_issues(proto, nodes)
     return Report(source=source, opset=opset, ops=ops, issues=issues)
 
