@@ -139,7 +139,8 @@ def check_batch(batch: Sequence[int]) -> tuple[int, int, int]:
         values = [1, values[0], values[0]]
     if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
         raise BuildError(
-            f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {tuple(batch) if not isinstance(batch, int) else batch}"
+            "batch must be (min, opt, max) with 1 <= min <= opt <= max, "
+            f"got {tuple(batch) if not isinstance(batch, int) else batch}"
         )
     return values[0], values[1], values[2]
 
@@ -265,7 +266,8 @@ def import_tensorrt_builder() -> Any:
         raise BuildError(f"TensorRT is not installed ({err}): {NO_TRT_FIX}") from err
     if not hasattr(trt, "Builder"):
         raise BuildError(
-            f"this tensorrt package ({getattr(trt, '__version__', '?')}) is a runtime-only build without the builder: {NO_TRT_FIX}"
+            f"this tensorrt package ({getattr(trt, '__version__', '?')}) is a runtime-only build without the builder: "
+            f"{NO_TRT_FIX}"
         )
     if trt_major(trt) < 10:
         raise BuildError(
@@ -369,7 +371,8 @@ def _network_flags(trt: Any, precision: str, target: str = "tensorrt") -> tuple[
     if strongly is None:
         if precision == "fp16":
             raise BuildError(
-                f"TensorRT {trt.__version__} lacks STRONGLY_TYPED networks, needed for the mixed fp16 graph; install TensorRT >= 10"
+                f"TensorRT {trt.__version__} lacks STRONGLY_TYPED networks, needed for the mixed fp16 graph; "
+                "install TensorRT >= 10"
             )
         return 0, False
     return 1 << int(strongly), True
@@ -525,7 +528,8 @@ def _check_network(trt: Any, network: Any, facts: NetworkFacts, options: BuildOp
     wanted = {options.image_input: (trt.DataType.UINT8, 4), options.class_input: (trt.DataType.INT64, 1)}
     if set(found) != set(wanted):
         raise BuildError(
-            f"{options.onnx_path.name} has inputs {sorted(found)}, the bundle expects {sorted(wanted)}; re-export the bundle"
+            f"{options.onnx_path.name} has inputs {sorted(found)}, the bundle expects {sorted(wanted)}; "
+            "re-export the bundle"
         )
     for name, (dtype, rank) in wanted.items():
         tensor = found[name]
@@ -534,7 +538,8 @@ def _check_network(trt: Any, network: Any, facts: NetworkFacts, options: BuildOp
             raise BuildError(msg)
     if options.outputs is not None and list(facts.outputs) != list(options.outputs):
         raise BuildError(
-            f"{options.onnx_path.name} has outputs {list(facts.outputs)}, metadata.json lists {list(options.outputs)}; re-export the bundle"
+            f"{options.onnx_path.name} has outputs {list(facts.outputs)}, metadata.json lists {list(options.outputs)}; "
+            "re-export the bundle"
         )
     static = [n for n, (_, shape) in {**facts.inputs, **facts.outputs}.items() if not shape or shape[0] != -1]
     if static:
@@ -546,7 +551,8 @@ def _check_network(trt: Any, network: Any, facts: NetworkFacts, options: BuildOp
     if facts.violations:
         listed = "\n  ".join(facts.violations[:10])
         raise BuildError(
-            f"{options.onnx_path.name} breaks the precision policy (head and scoring FP32):\n  {listed}\nRe-export the bundle."
+            f"{options.onnx_path.name} breaks the precision policy (head and scoring FP32):\n  {listed}\n"
+            "Re-export the bundle."
         )
 
 
@@ -721,7 +727,8 @@ def _preflight(onnx_path: Path) -> None:
     if not report.ok:
         listed = "\n  ".join(report.errors)
         raise BuildError(
-            f"{onnx_path.name} fails the TensorRT support check:\n  {listed}\nFix the export (or pass check=False to try anyway)."
+            f"{onnx_path.name} fails the TensorRT support check:\n  {listed}\n"
+            "Fix the export (or pass check=False to try anyway)."
         )
 
 
@@ -738,7 +745,8 @@ def _make_calibrator(
         batches = CalibrationBatches(find_images(calib_dir), bundle.input_size, opt, calib_batches)
     elif not cache.is_file() or force:
         raise BuildError(
-            "int8 needs calibration images: pass calib_dir (--calib-dir) with normal images, e.g. <dataset>/<class>/train/good"
+            "int8 needs calibration images: pass calib_dir (--calib-dir) with normal images, "
+            "e.g. <dataset>/<class>/train/good"
         )
     names = (bundle.input_name, bundle.class_input_name)
     return make_entropy_calibrator(trt, cudart, batches, names, cache, use_cache=not force)
@@ -774,7 +782,8 @@ def _check_request(
         raise BuildError(f"--target {target} builds {'/'.join(spec.precisions)}, not {precision!r}{hint}")
     if compute_capabilities and not spec.selectable_capabilities:
         raise BuildError(
-            f"--compute-capability applies to ahead-of-time targets (--target rtx); {spec.label} builds for the GPU it runs on"
+            "--compute-capability applies to ahead-of-time targets (--target rtx); "
+            f"{spec.label} builds for the GPU it runs on"
         )
     if version_compatible and target != "tensorrt":
         raise BuildError(f"version-compatible engines are a TensorRT 10/11 feature, not {spec.label}'s")

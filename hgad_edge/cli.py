@@ -173,9 +173,10 @@ def export_cmd(run, out, precisions, no_simplify):
     for precision, path in result.files.items():
         facts = result.metadata["models"][precision]
         check = check_onnx(path)
-        verdict = f"imports into TensorRT ({check.checker})" if check.ok else "TensorRT import problems: " + "; ".join(check.problems)
+        problems = "TensorRT import problems: " + "; ".join(check.problems)
+        verdict = f"imports into TensorRT ({check.checker})" if check.ok else problems
         click.echo(f"{path}: opset {facts['opset']}, {facts['nodes']} nodes, {facts['exporter']}; {verdict}")
-    click.echo(f"next: hgad-edge build {out} --precision fp16   (on the target GPU; --target rtx builds for RTX GPUs here)")
+    click.echo(f"next: hgad-edge build {out} --precision fp16   (on the target GPU; --target rtx: for RTX GPUs, here)")
 
 
 @main.command()
@@ -204,17 +205,19 @@ def build(bundle, target, precision, capabilities, batch, workspace_mb, calib_di
         raise click.BadParameter("INT8 needs --calib-dir with normal images", param_hint="--calib-dir")
     gpus = [c.strip() for c in capabilities.split(",") if c.strip()] if capabilities else None
     try:
-        engine = build_engines(bundle, precision, parts, workspace_mb, calib_dir, force=force, target=target, compute_capabilities=gpus)
+        engine = build_engines(bundle, precision, parts, workspace_mb, calib_dir, force=force, target=target,
+                               compute_capabilities=gpus)
     except BuildError as exc:
         raise click.ClickException(str(exc)) from exc
     entry = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))["engines"][engine.name]
-    click.echo(f"engine: {engine} ({entry.get('size_bytes', 0) / 2**20:.1f} MB, {TARGETS[target].label} {entry['trt_version']}, "
-               f"compute capability {', '.join(entry['compute_capabilities'])}, {precision})")
+    click.echo(f"engine: {engine} ({entry.get('size_bytes', 0) / 2**20:.1f} MB, {TARGETS[target].label} "
+               f"{entry['trt_version']}, compute capability {', '.join(entry['compute_capabilities'])}, {precision})")
 
 
 @main.command(name="check-trt")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--table", "table_only", is_flag=True, help="Use the hand-kept operator table even if a TensorRT parser is installed.")
+@click.option("--table", "table_only", is_flag=True,
+              help="Use the hand-kept operator table even if a TensorRT parser is installed.")
 def check_trt(onnx_file, table_only):
     """Check (CPU) that every node of ONNX_FILE imports into TensorRT: with a real TensorRT / TensorRT-RTX
     parser where one is installed, else with onnx-tensorrt's operator table."""

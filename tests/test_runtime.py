@@ -36,7 +36,13 @@ from hgad_edge.runtime.app import AppError, run_app
 from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, PRECISIONS, REGISTRY, cuda_api
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
-from hgad_edge.runtime.errors import BackendUnavailableError, BundleError, EngineError, InvalidArgumentError, InvalidHandleError
+from hgad_edge.runtime.errors import (
+    BackendUnavailableError,
+    BundleError,
+    EngineError,
+    InvalidArgumentError,
+    InvalidHandleError,
+)
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
 
 from .conftest import NOT_IN_BASE_INSTALL
@@ -427,8 +433,8 @@ def bundle_with_engine(tmp_path: Path, name: str = "tiny_fp32.engine", **entry) 
     folder = make_bundle(tmp_path / "trt")
     sha = json.loads((folder / "metadata.json").read_text())["models"]["fp32"]["sha256"]
     plan = (folder / "model_fp32.onnx").read_bytes()  # the fake's "engine" is the ONNX model
-    engine = {"precision": "fp32", "trt_version": "10.7.0", "compute_capability": "8.7", "onnx_sha256": sha, "batch": [1, 4, 8],
-              "sha256": hashlib.sha256(plan).hexdigest(), **entry}
+    engine = {"precision": "fp32", "trt_version": "10.7.0", "compute_capability": "8.7", "onnx_sha256": sha,
+              "batch": [1, 4, 8], "sha256": hashlib.sha256(plan).hexdigest(), **entry}
     (folder / "engines").mkdir()
     (folder / "engines" / "tiny_fp32.engine").write_bytes(plan)
     return make_bundle(folder, engines={name: engine})
@@ -503,7 +509,10 @@ def test_tensorrt_stale_engine_is_reported(tmp_path, fake_tensorrt):
 def test_pycuda_runs_the_same_buffer_plan_when_cuda_python_is_missing(tmp_path, monkeypatch):
     """Only pycuda installed: the same runner (pinned host + device buffers, one stream) on its driver API."""
     driver = FakePyCuda(cc=(8, 7))
-    monkeypatch.setattr(cuda_api, "import_cudart", lambda: (_ for _ in ()).throw(BackendUnavailableError("cuda-python is not installed (test)")))
+    def no_cuda_python():
+        raise BackendUnavailableError("cuda-python is not installed (test)")
+
+    monkeypatch.setattr(cuda_api, "import_cudart", no_cuda_python)
     monkeypatch.setattr(cuda_api, "import_pycuda", lambda: driver)
     cuda = cuda_api.import_cuda()
     assert isinstance(cuda, cuda_api.PyCuda)
@@ -585,7 +594,9 @@ def test_rtx_engine_runs_through_the_same_backend(tmp_path, monkeypatch):
     cudart = FakeCudart(cc=(8, 9))
     trt = FakeTrt(cudart, version="1.7.1.116")
     install_fakes(monkeypatch, trt, cuda_api.CudaPython(cudart), target="rtx")
-    folder = bundle_with_engine(tmp_path, target="rtx", trt_version="1.7.1.116", compute_capability=None, compute_capabilities=["8.6", "8.9"])
+    gpus = ["8.6", "8.9"]
+    entry = {"target": "rtx", "trt_version": "1.7.1.116", "compute_capability": None, "compute_capabilities": gpus}
+    folder = bundle_with_engine(tmp_path, **entry)
     status, h = create(folder, backend="auto", max_batch=4)
     assert status == Status.OK, last_error()
     assert api._handles[h].runner.description.startswith("TensorRT-RTX 1.7.1.116 engine")
@@ -650,7 +661,8 @@ def test_real_tensorrt_engine_matches_onnxruntime(tmp_path):
     (folder / "engines" / "tiny_fp32.engine").write_bytes(bytes(plan))
     cc = cuda_api.import_cuda().compute_capability(0)
     meta = json.loads((folder / "metadata.json").read_text())
-    meta["engines"]["tiny_fp32.engine"].update(trt_version=trt.__version__, compute_capability=cc, sha256=hashlib.sha256(bytes(plan)).hexdigest())
+    sha = hashlib.sha256(bytes(plan)).hexdigest()
+    meta["engines"]["tiny_fp32.engine"].update(trt_version=trt.__version__, compute_capability=cc, sha256=sha)
     (folder / "metadata.json").write_text(json.dumps(meta))
     status, h = create(folder, backend="tensorrt", max_batch=8)
     assert status == Status.OK, last_error()

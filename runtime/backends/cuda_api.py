@@ -28,7 +28,8 @@ __all__ = ["CudaError", "CudaPython", "HostDeviceMem", "PyCuda", "cuda_call", "i
 log = logging.getLogger("hgad_edge.runtime")
 
 CUDA_HINT = (
-    "pip install cuda-python (NVIDIA's CUDA bindings; pycuda also works where it is installed) or use backend='onnxruntime'"
+    "pip install cuda-python (NVIDIA's CUDA bindings; pycuda also works where it is installed) "
+    "or use backend='onnxruntime'"
 )
 
 

@@ -43,7 +43,10 @@ __all__ = [
 
 log = logging.getLogger("hgad_edge.runtime")
 
-HOST_CODE_FIX = "pass allow_engine_host_code=True to create() (hgad-edge run --allow-engine-host-code) if you trust it, or rebuild it without version compatibility"
+HOST_CODE_FIX = (
+    "pass allow_engine_host_code=True to create() (hgad-edge run --allow-engine-host-code) if you trust it, "
+    "or rebuild it without version compatibility"
+)
 # Log lines of a deserialisation that failed for want of a GPU or driver (cudaError 35 / 100).
 _NO_GPU = re.compile(r"cudaError (35|100)|no CUDA-capable device|driver version is insufficient|cuInit", re.IGNORECASE)
 
@@ -207,11 +210,15 @@ class EngineFromPath:
         data = self.path.read_bytes()
         if not self.sha256:
             raise EngineError(
-                f"metadata.json records no sha256 for engine {self.path.name}, so it cannot be verified; rebuild it: {self.fix}",
+                f"metadata.json records no sha256 for engine {self.path.name}, so it cannot be verified; "
+                f"rebuild it: {self.fix}",
                 Status.ENGINE_STALE,
             )
         if hashlib.sha256(data).hexdigest() != self.sha256:
-            msg = f"engine {self.path} does not match the sha256 recorded when it was built (changed or damaged since); rebuild it: {self.fix}"
+            msg = (
+                f"engine {self.path} does not match the sha256 recorded when it was built (changed or damaged since); "
+                f"rebuild it: {self.fix}"
+            )
             raise EngineError(msg, Status.ENGINE_STALE)
         return data
 
@@ -227,7 +234,10 @@ class EngineFromPath:
             errors = logger.errors_since(mark)
             detail = errors[-1] if errors else "no details"
             if any(_NO_GPU.search(e) for e in errors):
-                msg = f"TensorRT found no usable CUDA GPU/driver to load engine {self.path.name} ({detail}); run it on the target GPU or use backend='onnxruntime'"
+                msg = (
+                    f"TensorRT found no usable CUDA GPU/driver to load engine {self.path.name} ({detail}); "
+                    "run it on the target GPU or use backend='onnxruntime'"
+                )
                 raise BackendUnavailableError(msg, Status.NO_DEVICE)
             msg = f"TensorRT rejected engine {self.path} ({detail}); rebuild it on this device: {self.fix}"
             raise EngineError(msg, Status.ENGINE_STALE)
