@@ -160,11 +160,11 @@ def import_target(target: str, build: bool = False) -> Any:
     """The module of `target` (builder module when `build`); BackendUnavailableError naming the install."""
     spec = get_target(target)
     names = (spec.builder_module,) if build else spec.runtime_modules
-    first_error: Optional[ImportError] = None
+    first_error: Optional[Exception] = None
     for name in names:
         try:
             return importlib.import_module(name)
-        except ImportError as err:
+        except (ImportError, OSError) as err:  # OSError: the wheel is there, its shared libraries are not
             first_error = first_error or err
     raise BackendUnavailableError(f"{spec.label} is not installed ({first_error}): {spec.install}")
 
