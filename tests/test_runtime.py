@@ -530,7 +530,7 @@ def test_pycuda_runs_the_same_buffer_plan_when_cuda_python_is_missing(tmp_path, 
     assert ("htod", 2 * H * W * 3) in driver.copies and ("dtoh", 2 * H * W * 4) in driver.copies
     assert destroy(h) == Status.OK
     assert driver.context_stack == [] and not driver.blocks  # context popped, device memory freed
-    np.testing.assert_array_equal(result.score, ref[1])  # pinned results outlive destroy
+    np.testing.assert_array_equal(result.score, ref[1])
 
 
 def test_pycuda_without_a_device_is_no_device():
