@@ -9,7 +9,6 @@ Detector. Each entry says which precisions it runs and why it cannot run here (N
 from __future__ import annotations
 
 import copy
-import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
