@@ -227,7 +227,7 @@ def build_engine(bundle_dir: Path, precision: str) -> tuple[Path | None, str]:
 
     try:
         with _working(f"engine: TensorRT build ({target})"):
-            engine = build_engines(bundle_dir, precision)
+            engine = build_engines(bundle_dir, precision, target=target)
     except BuildError as err:
         return None, f"skipped: {str(err).splitlines()[0]}"
     return engine, f"{engine} ({engine.stat().st_size / 1e6:.1f} MB, {precision}; {why})"

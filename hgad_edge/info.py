@@ -86,12 +86,7 @@ def tensorrt_facts() -> dict[str, dict[str, Any]]:
 
 def cuda_facts() -> dict[str, Any]:
     """cuda-python / pycuda versions and the CUDA devices with their compute capability."""
-    from hgad_edge.runtime.backends.tensorrt_backend import (
-        compute_capability,
-        cuda_call,
-        cuda_device_count,
-        import_cudart,
-    )
+    from hgad_edge.runtime.backends.cuda_api import import_cuda
     from hgad_edge.runtime.errors import BackendUnavailableError
 
     bindings = dist_version("cuda-python") or (
@@ -99,17 +94,16 @@ def cuda_facts() -> dict[str, Any]:
     )
     facts: dict[str, Any] = {"cuda_python": bindings, "pycuda": dist_version("pycuda"), "devices": [], "reason": ""}
     try:
-        cudart = import_cudart()
+        cuda = import_cuda()
     except BackendUnavailableError:
-        facts["reason"] = "cuda-python not importable"
+        facts["reason"] = "neither cuda-python nor pycuda is importable"
         return facts
-    count, facts["reason"] = cuda_device_count(cudart)
+    count, facts["reason"] = cuda.device_count()
     for index in range(count):
         device = {"index": index, "name": "unknown GPU", "compute_capability": "?"}
         try:
-            device["compute_capability"] = compute_capability(cudart, index)
-            name = cuda_call(cudart.cudaGetDeviceProperties(index), cudart, "cudaGetDeviceProperties").name
-            device["name"] = (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00")
+            device["compute_capability"] = cuda.compute_capability(index)
+            device["name"] = cuda.device_name(index)
         except Exception as err:  # noqa: BLE001 - a device that cannot be queried is still listed
             device["error"] = str(err)
         facts["devices"].append(device)
