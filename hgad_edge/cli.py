@@ -4,6 +4,7 @@ which extra to install when it is missing. Domain errors become ClickExceptions 
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import click
