@@ -18,6 +18,7 @@ def bootstrap_package() -> None:
     try:
         import hgad_edge.export  # noqa: F401
         import hgad_edge.runtime  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -29,7 +30,9 @@ def bootstrap_package() -> None:
         name = f"hgad_edge.{sub}"
         if name in sys.modules:
             continue
-        spec = importlib.util.spec_from_file_location(name, REPO / sub / "__init__.py", submodule_search_locations=[str(REPO / sub)])
+        spec = importlib.util.spec_from_file_location(
+            name, REPO / sub / "__init__.py", submodule_search_locations=[str(REPO / sub)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         setattr(hgad_edge, sub, module)

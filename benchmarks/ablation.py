@@ -39,7 +39,9 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
     out.mkdir(parents=True, exist_ok=True)
     results, cache = {}, None
     for mode in sorted(modes, key=lambda m: m == "knn"):  # the kNN last: it reuses the flows' cached features
-        overrides = ({"head": {"mode": mode}} if mode != "knn" else {}) | ({"train": {"epochs": epochs}} if epochs else {})
+        overrides = ({"head": {"mode": mode}} if mode != "knn" else {}) | (
+            {"train": {"epochs": epochs}} if epochs else {}
+        )
         cfg = load_config(config, overrides)
         if mode == "knn":
             metrics = evaluate_knn(cfg, dataset, cache)
@@ -57,7 +59,11 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
             cache = trainer.cache  # same backbone, seed and split: extract features once
             train_s = round(time.time() - t0, 1)
         done_eval = out / mode / "eval" / "metrics.json"
-        if reused and done_eval.is_file() and done_eval.stat().st_mtime > (out / mode / "model.safetensors").stat().st_mtime:
+        if (
+            reused
+            and done_eval.is_file()
+            and done_eval.stat().st_mtime > (out / mode / "model.safetensors").stat().st_mtime
+        ):
             metrics = json.loads(done_eval.read_text())  # evaluated after its last training: reuse
         else:
             scorer, _, _ = load_run(out / mode)
@@ -66,8 +72,14 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
         print(f"{mode}: mean image AUROC {metrics['mean']['image_auroc']:.4f}", flush=True)
     results = {m: results[m] for m in MODES if m in results}  # table: the bar, then the paper's row order
     fit, _ = split_calibration(dataset.samples("train"), cfg.train)
-    summary = {"data": [str(r) for r in roots], "classes": dataset.classes, "epochs": cfg.train.epochs,
-               "config": cfg.to_dict(), "n_fit_images": len(fit), "results": results}
+    summary = {
+        "data": [str(r) for r in roots],
+        "classes": dataset.classes,
+        "epochs": cfg.train.epochs,
+        "config": cfg.to_dict(),
+        "n_fit_images": len(fit),
+        "results": results,
+    }
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     (out / "ablation.md").write_text(ablation_table(summary))
     return summary
@@ -103,16 +115,22 @@ def _pct(v) -> str:
 
 def ablation_table(summary: dict) -> str:
     classes = summary["classes"]
-    head = "| head | mean image AUROC | mean pixel AUROC | mean AUPRO | " + " | ".join(f"{c} img/pix" for c in classes) + " |"
+    head = (
+        "| head | mean image AUROC | mean pixel AUROC | mean AUPRO | "
+        + " | ".join(f"{c} img/pix" for c in classes)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (4 + len(classes))]
-    for mode, r in summary["results"].items():
+    for _mode, r in summary["results"].items():
         cells = [r["label"], _pct(r["mean"]["image_auroc"]), _pct(r["mean"]["pixel_auroc"]), _pct(r["mean"]["aupro"])]
         for c in classes:
             m = r["classes"][c]
             cells.append(f"{_pct(m['image_auroc'])} / {_pct(m['pixel_auroc'])}")
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\nSame backbone ({summary['config']['backbone']['name']}), cached features, seed and budget "
-            f"({summary['epochs']} epochs) for every row; one unified model per row over {len(classes)} classes.\n")
+    note = (
+        f"\nSame backbone ({summary['config']['backbone']['name']}), cached features, seed and budget "
+        f"({summary['epochs']} epochs) for every row; one unified model per row over {len(classes)} classes.\n"
+    )
     return "\n".join(lines) + "\n" + note
 
 

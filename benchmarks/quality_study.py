@@ -16,8 +16,6 @@ with other scoring settings (no retraining): the SCORING sweep.
 
 from __future__ import annotations
 
-import _bootstrap  # noqa: F401  (repository root on sys.path when run from a checkout)
-
 import argparse
 import copy
 import dataclasses
@@ -27,9 +25,11 @@ import resource
 import time
 from pathlib import Path
 
+import _bootstrap  # noqa: F401  (repository root on sys.path when run from a checkout)
 import numpy as np
 import torch
 
+from hgad_edge.batching import iter_batches
 from hgad_edge.checkpoint import load_run
 from hgad_edge.config import HGADConfig, save_config
 from hgad_edge.data import load_mask, open_roots
@@ -38,7 +38,6 @@ from hgad_edge.files import atomic_write_json, atomic_write_text
 from hgad_edge.knn import fit_bank, knn_maps
 from hgad_edge.metrics import image_and_pixel_metrics
 from hgad_edge.model import HGADModel
-from hgad_edge.batching import iter_batches
 from hgad_edge.scoring import gaussian_kernel1d, image_score, level_weights
 from hgad_edge.train import FeatureCache, Trainer, extract_features, split_calibration
 
@@ -47,10 +46,16 @@ BASE = {
     "input_size": [256, 256],
     "backbone": {"name": "tf_efficientnet_lite0", "stages": [2, 3], "pyramid": [1.0], "pool": 1, "merge": "levels"},
     "flow": {"coupling_blocks": 8, "clamp": 1.9, "pos_dim": 256, "hidden_ratio": 2.0},
-    "head": {"mode": "full", "intra_centers": 10, "lambda1": 1.0, "lambda2": 1.0, "label_smoothing": 0.02,
-             "center_init": "data", "stage1_fraction": 0.3},
-    "train": {"epochs": 8, "batch_size": 16, "vectors_per_image": 128, "lr": 1e-3, "warmup_epochs": 1.0,
-              "seed": 0},
+    "head": {
+        "mode": "full",
+        "intra_centers": 10,
+        "lambda1": 1.0,
+        "lambda2": 1.0,
+        "label_smoothing": 0.02,
+        "center_init": "data",
+        "stage1_fraction": 0.3,
+    },
+    "train": {"epochs": 8, "batch_size": 16, "vectors_per_image": 128, "lr": 1e-3, "warmup_epochs": 1.0, "seed": 0},
     "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0},
 }
 
@@ -59,25 +64,49 @@ ROWS: dict[str, tuple[str, dict]] = {
     "landed": ("the landed default", {}),
     "knn_landed": ("kNN on the landed default's features (no pooling, 2 levels fused for the bank)", {}),
     "pool3": ("3x3 local aggregation of the backbone maps", {"backbone": {"pool": 3}}),
-    "knn_pool3": ("kNN on the pool3 row's features (each stage pooled, then fused for the bank)", {"backbone": {"pool": 3}}),
-    "knn_fuse_pool3": ("kNN on stage 3 upsampled into stage 2, then 3x3 pooled (the issue's reference kNN)",
-                       {"backbone": {"pool": 3, "merge": "fuse"}}),
-    "pool3_fuse": ("pooling + stage 3 fused into stage 2 (one 152-d level)", {"backbone": {"pool": 3, "merge": "fuse"}}),
+    "knn_pool3": (
+        "kNN on the pool3 row's features (each stage pooled, then fused for the bank)",
+        {"backbone": {"pool": 3}},
+    ),
+    "knn_fuse_pool3": (
+        "kNN on stage 3 upsampled into stage 2, then 3x3 pooled (the issue's reference kNN)",
+        {"backbone": {"pool": 3, "merge": "fuse"}},
+    ),
+    "pool3_fuse": (
+        "pooling + stage 3 fused into stage 2 (one 152-d level)",
+        {"backbone": {"pool": 3, "merge": "fuse"}},
+    ),
     "pool3_e24": ("pooling + 3x the training budget (24 epochs)", {"backbone": {"pool": 3}, "train": {"epochs": 24}}),
-    "pool3_v512": ("pooling + 4x vectors per image (same steps)", {"backbone": {"pool": 3}, "train": {"vectors_per_image": 512}}),
-    "pool3_fuse_e24": ("pooling + fuse + 24 epochs", {"backbone": {"pool": 3, "merge": "fuse"}, "train": {"epochs": 24}}),
-    "pool3_e24_b12": ("pooling + 24 epochs + 12 coupling blocks",
-                      {"backbone": {"pool": 3}, "train": {"epochs": 24}, "flow": {"coupling_blocks": 12}}),
-    "pool3_e24_h1": ("pooling + 24 epochs + narrower subnets (hidden ratio 1)",
-                     {"backbone": {"pool": 3}, "train": {"epochs": 24}, "flow": {"hidden_ratio": 1.0}}),
+    "pool3_v512": (
+        "pooling + 4x vectors per image (same steps)",
+        {"backbone": {"pool": 3}, "train": {"vectors_per_image": 512}},
+    ),
+    "pool3_fuse_e24": (
+        "pooling + fuse + 24 epochs",
+        {"backbone": {"pool": 3, "merge": "fuse"}, "train": {"epochs": 24}},
+    ),
+    "pool3_e24_b12": (
+        "pooling + 24 epochs + 12 coupling blocks",
+        {"backbone": {"pool": 3}, "train": {"epochs": 24}, "flow": {"coupling_blocks": 12}},
+    ),
+    "pool3_e24_h1": (
+        "pooling + 24 epochs + narrower subnets (hidden ratio 1)",
+        {"backbone": {"pool": 3}, "train": {"epochs": 24}, "flow": {"hidden_ratio": 1.0}},
+    ),
     "pool3_e24_lr3": ("pooling + 24 epochs, lr 3e-4", {"backbone": {"pool": 3}, "train": {"epochs": 24, "lr": 3e-4}}),
-    "lite1_pool3_e24": ("Lite1 backbone + pooling + 24 epochs",
-                        {"backbone": {"name": "tf_efficientnet_lite1", "pool": 3}, "train": {"epochs": 24}}),
-    "pool3_e24_320": ("pooling + 24 epochs at 320x320 input",
-                      {"input_size": [320, 320], "backbone": {"pool": 3}, "train": {"epochs": 24}}),
+    "lite1_pool3_e24": (
+        "Lite1 backbone + pooling + 24 epochs",
+        {"backbone": {"name": "tf_efficientnet_lite1", "pool": 3}, "train": {"epochs": 24}},
+    ),
+    "pool3_e24_320": (
+        "pooling + 24 epochs at 320x320 input",
+        {"input_size": [320, 320], "backbone": {"pool": 3}, "train": {"epochs": 24}},
+    ),
     "pool5_e24": ("5x5 local aggregation + 24 epochs", {"backbone": {"pool": 5}, "train": {"epochs": 24}}),
-    "stages123_pool3_e24": ("stages 1-3 (adds a stride-4 level) + pooling + 24 epochs",
-                            {"backbone": {"stages": [1, 2, 3], "pool": 3}, "train": {"epochs": 24}}),
+    "stages123_pool3_e24": (
+        "stages 1-3 (adds a stride-4 level) + pooling + 24 epochs",
+        {"backbone": {"stages": [1, 2, 3], "pool": 3}, "train": {"epochs": 24}},
+    ),
 }
 
 
@@ -97,8 +126,21 @@ def row_config(name: str) -> HGADConfig:
 
 def feature_key(cfg: HGADConfig) -> str:
     b = cfg.backbone
-    return json.dumps([b.name, b.weights, list(b.stages), list(b.pyramid), b.pool, b.merge, list(cfg.input_size),
-                       cfg.train.seed, cfg.train.calib_fraction, cfg.train.calib_min, cfg.train.calib_max])
+    return json.dumps(
+        [
+            b.name,
+            b.weights,
+            list(b.stages),
+            list(b.pyramid),
+            b.pool,
+            b.merge,
+            list(cfg.input_size),
+            cfg.train.seed,
+            cfg.train.calib_fraction,
+            cfg.train.calib_min,
+            cfg.train.calib_max,
+        ]
+    )
 
 
 class Features:
@@ -132,8 +174,13 @@ class Features:
                 for k, f in enumerate(model.features(model.preprocess(images))):
                     per_level[k].append(f)
             test[name] = [torch.cat(x) for x in per_level]
-        return {"key": feature_key(cfg), "train_levels": train.levels, "train_labels": train.labels,
-                "test_levels": test, "seconds": round(time.time() - t0, 1)}
+        return {
+            "key": feature_key(cfg),
+            "train_levels": train.levels,
+            "train_labels": train.labels,
+            "test_levels": test,
+            "seconds": round(time.time() - t0, 1),
+        }
 
 
 def class_truth(dataset, size) -> dict:
@@ -143,9 +190,15 @@ def class_truth(dataset, size) -> dict:
         samples = [s for s in dataset.samples("test") if s.class_name == name]
         masks = None
         if dataset.has_masks(name):
-            masks = np.stack([load_mask(s.mask_path, shape=size) if s.mask_path else np.zeros(size, bool) for s in samples])
-        out[name] = {"samples": samples, "labels": np.array([s.label for s in samples]), "masks": masks,
-                     "tune": tuning_half(samples)}
+            masks = np.stack(
+                [load_mask(s.mask_path, shape=size) if s.mask_path else np.zeros(size, bool) for s in samples]
+            )
+        out[name] = {
+            "samples": samples,
+            "labels": np.array([s.label for s in samples]),
+            "masks": masks,
+            "tune": tuning_half(samples),
+        }
     return out
 
 
@@ -158,14 +211,24 @@ def hgad_predictions(scorer, feats: list[torch.Tensor], truth: dict, class_id: i
         for key, val in scorer.evaluate_features([f[i : i + 16] for f in feats], cls).items():
             out.setdefault(key, []).append(val.numpy())
     cat = {k: np.concatenate(v) for k, v in out.items()}
-    return ClassPredictions(truth["samples"][0].class_name, truth["samples"], truth["labels"], cat["score"],
-                            cat["score_normalized"], cat["auto_class"], cat["min_loglik"],
-                            cat["anomaly_map"].astype(np.float32), truth["masks"])
+    return ClassPredictions(
+        truth["samples"][0].class_name,
+        truth["samples"],
+        truth["labels"],
+        cat["score"],
+        cat["score_normalized"],
+        cat["auto_class"],
+        cat["min_loglik"],
+        cat["anomaly_map"].astype(np.float32),
+        truth["masks"],
+    )
 
 
 def split_metrics(pred: ClassPredictions, class_id: int, tune: np.ndarray, metric_fn) -> dict:
-    return {part: metric_fn(subset(pred, keep), class_id)
-            for part, keep in (("tune", tune), ("report", ~tune), ("full", np.ones_like(tune)))}
+    return {
+        part: metric_fn(subset(pred, keep), class_id)
+        for part, keep in (("tune", tune), ("report", ~tune), ("full", np.ones_like(tune)))
+    }
 
 
 def knn_metrics(pred: ClassPredictions, class_id: int) -> dict:
@@ -198,11 +261,24 @@ def run_row(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
             n_img += levels[0].shape[0]
             tr = truth[cname]
             scores = np.concatenate(score)
-            pred = ClassPredictions(cname, tr["samples"], tr["labels"], scores, scores, np.full(len(scores), cid),
-                                    np.zeros((len(scores), 1)), np.concatenate(amap), tr["masks"])
+            pred = ClassPredictions(
+                cname,
+                tr["samples"],
+                tr["labels"],
+                scores,
+                scores,
+                np.full(len(scores), cid),
+                np.zeros((len(scores), 1)),
+                np.concatenate(amap),
+                tr["masks"],
+            )
             per_class[cname] = split_metrics(pred, cid, tr["tune"], knn_metrics)
-        result.update(per_class=per_class, train_seconds=round(bank.fit_seconds, 1),
-                      score_ms_per_image=round(1e3 * t_score / n_img, 1), bank_mb=round(bank.nbytes / 2**20, 1))
+        result.update(
+            per_class=per_class,
+            train_seconds=round(bank.fit_seconds, 1),
+            score_ms_per_image=round(1e3 * t_score / n_img, 1),
+            bank_mb=round(bank.nbytes / 2**20, 1),
+        )
     else:
         if (run_dir / "meta.json").is_file() and json.loads((run_dir / "meta.json").read_text()).get("calibrated"):
             scorer, _, meta = load_run(run_dir)
@@ -263,13 +339,25 @@ def rescore(name: str, dataset, work: Path, truth: dict, sweep: list[dict]) -> l
             maps = torch.cat([scorer.anomaly_map(lls, nhs, cls) for lls, nhs, cls in terms[cname]])
             scores = image_score(maps, scorer.cfg.topk).numpy()
             tr = truth[cname]
-            pred = ClassPredictions(cname, tr["samples"], tr["labels"], scores, scores, np.full(len(scores), cid),
-                                    np.zeros((len(scores), 1)), maps.numpy(), tr["masks"])
+            pred = ClassPredictions(
+                cname,
+                tr["samples"],
+                tr["labels"],
+                scores,
+                scores,
+                np.full(len(scores), cid),
+                np.zeros((len(scores), 1)),
+                maps.numpy(),
+                tr["masks"],
+            )
             per_class[cname] = split_metrics(pred, cid, tr["tune"], knn_metrics)
         rows.append({"row": name, "score": over, "per_class": per_class, "mean": mean_over_classes(per_class)})
         m = rows[-1]["mean"]
-        print(f"  {name} {over}: tune image {m['tune']['image_auroc']:.4f} pixel {m['tune']['pixel_auroc']:.4f} | "
-              f"full image {m['full']['image_auroc']:.4f} pixel {m['full']['pixel_auroc']:.4f}", flush=True)
+        print(
+            f"  {name} {over}: tune image {m['tune']['image_auroc']:.4f} pixel {m['tune']['pixel_auroc']:.4f} | "
+            f"full image {m['full']['image_auroc']:.4f} pixel {m['full']['pixel_auroc']:.4f}",
+            flush=True,
+        )
     return rows
 
 
@@ -296,20 +384,32 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
             lls, nhs = scorer.level_maps(scorer.model.terms_from_features(chunk), cls)
             for k in range(len(levels)):
                 s_l = standardize(lls[k], scorer.reference("loglik", k)[cls], scorer.tau_loglik[cls, k].view(-1, 1, 1))
-                s_e = standardize(nhs[k], scorer.reference("neg_entropy", k)[cls], scorer.tau_neg_entropy[cls, k].view(-1, 1, 1))
+                s_e = standardize(
+                    nhs[k], scorer.reference("neg_entropy", k)[cls], scorer.tau_neg_entropy[cls, k].view(-1, 1, 1)
+                )
                 crit = scorer.cfg.criterion if cfg.head.per_class else "loglik"
-                amap = torch.nn.functional.interpolate(combine(s_l, s_e, crit)[:, None], size=cfg.input_size,
-                                                       mode="bilinear", align_corners=False)[:, 0]
+                amap = torch.nn.functional.interpolate(
+                    combine(s_l, s_e, crit)[:, None], size=cfg.input_size, mode="bilinear", align_corners=False
+                )[:, 0]
                 per_level[k].append(image_score(gaussian_blur(amap, scorer.kernel), scorer.cfg.topk).numpy())
             hgad_scores.append(scorer.evaluate_features(chunk, cls)["score"].numpy())
             knn_scores.append(knn_maps(bank, chunk, cfg.input_size)[1].numpy())
         hgad, knn = np.concatenate(hgad_scores), np.concatenate(knn_scores)
-        report[cname] = {"levels": {lv.name: float(auroc(labels, np.concatenate(per_level[k])))
-                                    for k, lv in enumerate(scorer.model.levels)},
-                         "hgad": float(auroc(labels, hgad)), "knn": float(auroc(labels, knn))}
+        report[cname] = {
+            "levels": {
+                lv.name: float(auroc(labels, np.concatenate(per_level[k]))) for k, lv in enumerate(scorer.model.levels)
+            },
+            "hgad": float(auroc(labels, hgad)),
+            "knn": float(auroc(labels, knn)),
+        }
         for tag, vals in (("hgad", hgad), ("knn", knn)):
-            score_histogram(out / "diagnose" / f"{name}_{cname}_{tag}.png", vals[labels == 0], vals[labels == 1], None,
-                            title=f"{cname}: {tag} image scores ({name}), AUROC {100 * report[cname][tag]:.1f}")
+            score_histogram(
+                out / "diagnose" / f"{name}_{cname}_{tag}.png",
+                vals[labels == 0],
+                vals[labels == 1],
+                None,
+                title=f"{cname}: {tag} image scores ({name}), AUROC {100 * report[cname][tag]:.1f}",
+            )
         print(f"  {cname}: {report[cname]}", flush=True)
     atomic_write_json(out / "diagnose" / f"{name}.json", report)
     return report
@@ -320,15 +420,20 @@ def _pct(v) -> str:
 
 
 def study_table(rows: list[dict], classes: list[str]) -> str:
-    head = ("| row | what | tune img / pix | report img / pix | full img / pix | "
-            + " | ".join(f"{c} (full) img / pix" for c in classes) + " | train s | peak MB |")
+    head = (
+        "| row | what | tune img / pix | report img / pix | full img / pix | "
+        + " | ".join(f"{c} (full) img / pix" for c in classes)
+        + " | train s | peak MB |"
+    )
     lines = [head, "|" + "---|" * (7 + len(classes))]
     for r in rows:
         m = r["mean"]
         cells = [f"`{r['row']}`", r["what"]]
         cells += [f"{_pct(m[p]['image_auroc'])} / {_pct(m[p]['pixel_auroc'])}" for p in ("tune", "report", "full")]
-        cells += [f"{_pct(r['per_class'][c]['full']['image_auroc'])} / {_pct(r['per_class'][c]['full']['pixel_auroc'])}"
-                  for c in classes]
+        cells += [
+            f"{_pct(r['per_class'][c]['full']['image_auroc'])} / {_pct(r['per_class'][c]['full']['pixel_auroc'])}"
+            for c in classes
+        ]
         cells += [str(r.get("train_seconds")), str(r.get("peak_rss_mb"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -348,7 +453,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/quality_study"), help="models and feature caches")
     ap.add_argument("--rows", default="landed,knn_pool3")
     ap.add_argument("--rescore", help="trained row to re-evaluate over the scoring sweep")
-    ap.add_argument("--sweep", type=json.loads, help='with --rescore: JSON list of score overrides, e.g. [{"topk": 0.03}]')
+    ap.add_argument(
+        "--sweep", type=json.loads, help='with --rescore: JSON list of score overrides, e.g. [{"topk": 0.03}]'
+    )
     ap.add_argument("--diagnose", help="trained row to compare with the kNN per class and level")
     args = ap.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -358,12 +465,26 @@ def main() -> None:
     torch.set_num_threads(2)
     dataset = open_roots(args.data)
     if args.diagnose:
-        diagnose(args.diagnose, dataset, args.out, args.work, class_truth(dataset, tuple(row_config(args.diagnose).input_size)))
+        diagnose(
+            args.diagnose,
+            dataset,
+            args.out,
+            args.work,
+            class_truth(dataset, tuple(row_config(args.diagnose).input_size)),
+        )
         return
     if args.rescore:
         truth = class_truth(dataset, tuple(row_config(args.rescore).input_size))
-        sweep = [{}, {"topk": 0.001}, {"topk": 0.01}, {"topk": 0.03}, {"smooth_sigma": 2.0}, {"smooth_sigma": 8.0},
-                 {"criterion": "loglik"}, {"criterion": "entropy"}]
+        sweep = [
+            {},
+            {"topk": 0.001},
+            {"topk": 0.01},
+            {"topk": 0.03},
+            {"smooth_sigma": 2.0},
+            {"smooth_sigma": 8.0},
+            {"criterion": "loglik"},
+            {"criterion": "entropy"},
+        ]
         if len(row_config(args.rescore).backbone.stages) == 2 and row_config(args.rescore).backbone.merge == "levels":
             sweep += [{"level_weights": w} for w in ((1.0, 0.0), (0.0, 1.0), (2.0, 1.0), (1.0, 2.0))]
         tag = "" if args.sweep is None else "_" + hashlib.sha256(json.dumps(args.sweep).encode()).hexdigest()[:8]

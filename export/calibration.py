@@ -17,12 +17,14 @@ implicit quantization in favour of explicit Q/DQ nodes in the ONNX graph.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
-from hgad_edge.imaging import IMAGE_EXTENSIONS, find_images as _find_images, load_image, resize_image
+from hgad_edge.imaging import IMAGE_EXTENSIONS, load_image, resize_image
+from hgad_edge.imaging import find_images as _find_images
 from hgad_edge.runtime.backends.cuda_api import cuda_call
 
 __all__ = ["CalibrationBatches", "CalibrationError", "calibration_cache_path", "find_images", "make_entropy_calibrator"]
@@ -41,7 +43,9 @@ def find_images(folder: Path | str) -> list[Path]:
     """
     root = Path(folder)
     if not root.is_dir():
-        raise CalibrationError(f"calibration folder {root} does not exist; pass a folder of normal (defect-free) images")
+        raise CalibrationError(
+            f"calibration folder {root} does not exist; pass a folder of normal (defect-free) images"
+        )
     found = [p for p in _find_images(root) if p.is_file()]
     if not found:
         msg = f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; pass a folder of normal images, e.g. <dataset>/<class>/train/good"
@@ -63,7 +67,9 @@ class CalibrationBatches:
 
     def __init__(self, paths: Sequence[Path], input_size: tuple[int, int], batch_size: int, max_batches: int) -> None:
         if batch_size < 1 or max_batches < 1:
-            raise CalibrationError(f"calibration needs batch_size >= 1 and batches >= 1, got {batch_size} and {max_batches}")
+            raise CalibrationError(
+                f"calibration needs batch_size >= 1 and batches >= 1, got {batch_size} and {max_batches}"
+            )
         if not paths:
             raise CalibrationError("no calibration images given")
         self.paths = list(paths)
@@ -101,12 +107,16 @@ class _DeviceInputs:
         self.class_ids = np.full((batches.batch_size,), -1, dtype=np.int64)
         self.images = self.classes = 0
         self.images = int(cuda_call(cudart.cudaMalloc(self.image_bytes), cudart, "cudaMalloc (calibration images)"))
-        self.classes = int(cuda_call(cudart.cudaMalloc(self.class_ids.nbytes), cudart, "cudaMalloc (calibration class ids)"))
+        self.classes = int(
+            cuda_call(cudart.cudaMalloc(self.class_ids.nbytes), cudart, "cudaMalloc (calibration class ids)")
+        )
         self.copy(self.classes, self.class_ids)
 
     def copy(self, device: int, host: np.ndarray) -> None:
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        cuda_call(self.cudart.cudaMemcpy(device, host.ctypes.data, host.nbytes, kind), self.cudart, "cudaMemcpy (calibration)")
+        cuda_call(
+            self.cudart.cudaMemcpy(device, host.ctypes.data, host.nbytes, kind), self.cudart, "cudaMemcpy (calibration)"
+        )
 
     def free(self) -> None:
         for ptr in (self.images, self.classes):
@@ -118,7 +128,7 @@ class _DeviceInputs:
 def make_entropy_calibrator(
     trt: Any,
     cudart: Any,
-    batches: Optional[CalibrationBatches],
+    batches: CalibrationBatches | None,
     input_names: tuple[str, str],
     cache_path: Path,
     use_cache: bool = True,
@@ -146,13 +156,13 @@ def make_entropy_calibrator(
             self.image_name, self.class_name = input_names
             self.cache_path = Path(cache_path)
             self.index = 0
-            self.error: Optional[BaseException] = None
+            self.error: BaseException | None = None
             self.device = _DeviceInputs(cudart, batches) if batches is not None else None
 
         def get_batch_size(self) -> int:
             return 1  # explicit-batch network: the batch dimension is part of the input shape
 
-        def get_batch(self, names: list[str], *args: Any) -> Optional[list[int]]:
+        def get_batch(self, names: list[str], *args: Any) -> list[int] | None:
             if self.batches is None or self.index >= len(self.batches):
                 return None
             try:
@@ -166,7 +176,7 @@ def make_entropy_calibrator(
                 self.error = err
                 return None
 
-        def read_calibration_cache(self, *args: Any) -> Optional[bytes]:
+        def read_calibration_cache(self, *args: Any) -> bytes | None:
             if use_cache and self.cache_path.is_file():
                 log.info("using INT8 calibration cache %s", self.cache_path)
                 return self.cache_path.read_bytes()

@@ -10,9 +10,9 @@ plus the copies.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class LatencyRow:
 class RtxLatency:
     note: str  # what was done, or why nothing was
     rows: list[LatencyRow] = field(default_factory=list)
-    engine: Optional[Path] = None
+    engine: Path | None = None
 
 
 def time_rtx_engine(

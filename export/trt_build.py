@@ -29,9 +29,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from hgad_edge.files import atomic_write_bytes, atomic_write_json, sha256_file
 from hgad_edge.runtime.backends.cuda_api import CudaError, CudaPython, import_cudart
@@ -180,7 +181,7 @@ def engine_entry(
 
 
 def rebuild_reasons(
-    entry: Optional[dict[str, Any]],
+    entry: dict[str, Any] | None,
     engine_path: Path,
     precision: str,
     trt_version: str,
@@ -286,7 +287,7 @@ def import_builder(target: str) -> Any:
         raise BuildError(str(err)) from err
 
 
-def target_capabilities(trt: Any, target: TrtTarget, requested: Optional[Sequence[str]]) -> tuple[list[str], bool]:
+def target_capabilities(trt: Any, target: TrtTarget, requested: Sequence[str] | None) -> tuple[list[str], bool]:
     """(compute capabilities the engine is for, whether they were requested explicitly) of an
     ahead-of-time target; BuildError naming the supported list for anything else."""
     every, default = rtx_capabilities(trt)
@@ -332,13 +333,13 @@ class BuildOptions:
     input_size: tuple[int, int]
     image_input: str
     class_input: str
-    workspace_mb: Optional[int] = None
-    timing_cache: Optional[Path] = None
+    workspace_mb: int | None = None
+    timing_cache: Path | None = None
     version_compatible: bool = False
     allow_tf32: bool = False
     target: str = "tensorrt"
-    capabilities: Optional[list[str]] = None  # explicit TensorRT-RTX targets; None = its default set
-    outputs: Optional[tuple[str, ...]] = None  # the bundle's graph outputs (metadata), checked on the network
+    capabilities: list[str] | None = None  # explicit TensorRT-RTX targets; None = its default set
+    outputs: tuple[str, ...] | None = None  # the bundle's graph outputs (metadata), checked on the network
 
 
 @dataclass
@@ -584,8 +585,8 @@ def _set_flags(trt: Any, config: Any, options: BuildOptions) -> None:
         config.set_flag(trt.BuilderFlag.INT8)
         if hasattr(trt.BuilderFlag, "FP16"):
             config.set_flag(trt.BuilderFlag.FP16)  # convolutions may fall back to FP16 where INT8 is slower
-        constraint = getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None) or getattr(
-            trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS"
+        constraint = (
+            getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None) or trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS
         )
         config.set_flag(constraint)
 
@@ -625,7 +626,7 @@ def _pin_fp32(trt: Any, network: Any) -> int:
     return pinned
 
 
-def _load_timing_cache(config: Any, path: Optional[Path]) -> Any:
+def _load_timing_cache(config: Any, path: Path | None) -> Any:
     """Start from the bundle's timing cache (makes rebuilds minutes faster); a bad one is ignored."""
     data = path.read_bytes() if path is not None and path.is_file() else b""
     try:
@@ -640,7 +641,7 @@ def _load_timing_cache(config: Any, path: Optional[Path]) -> Any:
     return cache
 
 
-def _save_timing_cache(config: Any, path: Optional[Path]) -> None:
+def _save_timing_cache(config: Any, path: Path | None) -> None:
     if path is None:
         return
     cache = config.get_timing_cache()
@@ -770,7 +771,7 @@ def _build_with_calibrator(trt: Any, options: BuildOptions, make_calibrator: Any
 
 
 def _check_request(
-    target: str, precision: str, compute_capabilities: Optional[Sequence[str]], version_compatible: bool
+    target: str, precision: str, compute_capabilities: Sequence[str] | None, version_compatible: bool
 ) -> TrtTarget:
     """Bad option combinations fail before the bundle or any library is touched."""
     try:
@@ -794,13 +795,13 @@ def build_engines(
     bundle_dir: Path | str,
     precision: str = "fp16",
     batch: Sequence[int] = (1, 4, 8),
-    workspace_mb: Optional[int] = None,
-    calib_dir: Optional[Path | str] = None,
+    workspace_mb: int | None = None,
+    calib_dir: Path | str | None = None,
     calib_batches: int = 16,
     force: bool = False,
     *,
     target: str = "tensorrt",
-    compute_capabilities: Optional[Sequence[str]] = None,
+    compute_capabilities: Sequence[str] | None = None,
     device: int = 0,
     version_compatible: bool = False,
     allow_tf32: bool = False,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hgad_edge.runtime.backends.cuda_api import import_cuda
 from hgad_edge.runtime.backends.trt_common import TARGETS, import_target, importable, make_logger
@@ -41,7 +41,7 @@ class CheckResult:
     used_parser: bool
     failures: list[NodeFailure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    table: Optional[Report] = None
+    table: Report | None = None
     nodes: int = 0
 
     @property
@@ -76,7 +76,7 @@ class CheckResult:
         return "\n".join(lines) + "\n"
 
 
-def find_parser() -> tuple[Optional[str], list[str]]:
+def find_parser() -> tuple[str | None, list[str]]:
     """(target whose parser can run here, or None; why the others cannot)."""
     skipped = []
     for name, target in TARGETS.items():

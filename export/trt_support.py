@@ -22,9 +22,10 @@ says arrived later in 10.x carry the version that added them. Beyond the table t
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any
 
 import onnx
 from onnx import TensorProto
@@ -282,7 +283,7 @@ class OpInfo:
     supported: bool
     types: tuple[str, ...]
     restriction: str
-    since: Optional[tuple[int, int]] = None
+    since: tuple[int, int] | None = None
 
 
 def _parse_table(text: str) -> dict[str, OpInfo]:
@@ -297,7 +298,7 @@ def _parse_table(text: str) -> dict[str, OpInfo]:
 TRT_OPS: dict[str, OpInfo] = _parse_table(_TABLE)
 
 
-def op_info(op_type: str) -> Optional[OpInfo]:
+def op_info(op_type: str) -> OpInfo | None:
     """The table row of an ONNX op type (default domain), or None when onnx-tensorrt does not list it."""
     return TRT_OPS.get(op_type)
 
@@ -333,7 +334,7 @@ class Report:
     """Result of `check_trt_support`; `ok` is False as soon as one error-level finding exists."""
 
     source: str
-    opset: Optional[int]
+    opset: int | None
     ops: list[OpSupport]
     issues: list[Issue]
     table: str = TABLE_SOURCE
@@ -358,7 +359,7 @@ def _worse(a: str, b: str) -> str:
 
 
 # ---- graph walking --------------------------------------------------------------------------------
-def _load(model: Union[str, Path, onnx.ModelProto]) -> tuple[onnx.ModelProto, str]:
+def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         return model, model.graph.name or "<model>"
     path = Path(model)
@@ -390,7 +391,7 @@ def _walk(nodes: Iterable[onnx.NodeProto], functions: dict, seen: set) -> Iterat
             yield from _walk(graph.node, functions, seen)
 
 
-def _default_opset(model: onnx.ModelProto) -> Optional[int]:
+def _default_opset(model: onnx.ModelProto) -> int | None:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
@@ -424,9 +425,9 @@ _AXES_INPUT_SINCE = {  # op: opset from which `axes` is an input (index 1) inste
 class _Context:
     """What the rules need to know about the graph: constants and the opset."""
 
-    def __init__(self, model: onnx.ModelProto, opset: Optional[int]) -> None:
+    def __init__(self, model: onnx.ModelProto, opset: int | None) -> None:
         self.opset = opset or 0
-        self.constants: dict[str, Optional[onnx.TensorProto]] = {}
+        self.constants: dict[str, onnx.TensorProto | None] = {}
         for graph in _all_graphs(model.graph):
             for init in graph.initializer:
                 self.constants[init.name] = init
@@ -529,7 +530,7 @@ _RULES = {
 
 
 # ---- the check -----------------------------------------------------------------------------------
-def _op_verdict(domain: str, op_type: str, trt_version: Optional[tuple[int, int]]) -> tuple[bool, str, str]:
+def _op_verdict(domain: str, op_type: str, trt_version: tuple[int, int] | None) -> tuple[bool, str, str]:
     """(supported, level, note) for one op type, from the table and the known-problem list."""
     if domain not in ("", "ai.onnx"):
         return False, "error", f"custom domain {domain!r}: no TensorRT importer (would need a TensorRT plugin)"
@@ -550,7 +551,7 @@ def _op_verdict(domain: str, op_type: str, trt_version: Optional[tuple[int, int]
     return True, "ok", note
 
 
-def _opset_issues(opset: Optional[int]) -> list[Issue]:
+def _opset_issues(opset: int | None) -> list[Issue]:
     if opset is None:
         return [Issue("error", "the model imports no default (ai.onnx) opset")]
     low, high = OPSET_RANGE_LATEST
@@ -672,7 +673,7 @@ def _type_issues(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[Is
     return issues
 
 
-def check_trt_support(model: Union[str, Path, onnx.ModelProto], trt_version: Optional[str] = None) -> Report:
+def check_trt_support(model: str | Path | onnx.ModelProto, trt_version: str | None = None) -> Report:
     """Check every node of an ONNX model against TensorRT 10's ONNX parser support.
 
     `trt_version` ("10.3.0") turns "added in 10.x" ops into hard errors for older releases; without

@@ -84,8 +84,10 @@ def _match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         return {k: _same_shape(state[k], k, v, k, source) for k, v in target.items()}
     if common:  # the same naming scheme, but not the same architecture (e.g. Lite1 weights for Lite0)
         extra, missing = sorted(set(state) - common), sorted(set(target) - common)
-        msg = (f"{source}: names match timm's {type(model).__name__} but {len(extra)} tensor(s) are extra "
-               f"({', '.join(extra[:3])}) and {len(missing)} missing ({', '.join(missing[:3])}); is it the right architecture?")
+        msg = (
+            f"{source}: names match timm's {type(model).__name__} but {len(extra)} tensor(s) are extra "
+            f"({', '.join(extra[:3])}) and {len(missing)} missing ({', '.join(missing[:3])}); is it the right architecture?"
+        )
         raise BackboneError(msg)
     if len(state) != len(target):
         msg = f"{source}: {len(state)} tensors, but the timm model has {len(target)}; is it the right architecture?"
@@ -176,7 +178,9 @@ def aggregate(feat: torch.Tensor, k: int) -> torch.Tensor:
 def fuse_maps(maps: list[torch.Tensor]) -> torch.Tensor:
     """Deeper maps bilinearly upsampled to the first map's size and concatenated on channels."""
     size = maps[0].shape[-2:]
-    ups = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+    ups = [
+        m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps
+    ]
     return torch.cat(ups, 1)
 
 

@@ -45,7 +45,9 @@ def save_run(run_dir: Path, scorer, meta: dict[str, Any]) -> None:
 def read_meta(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / META_FILE
     if not path.is_file():
-        raise RunError(f"{run_dir} is not a trained run ({META_FILE} missing): run `hgad-edge train --out {run_dir}` first")
+        raise RunError(
+            f"{run_dir} is not a trained run ({META_FILE} missing): run `hgad-edge train --out {run_dir}` first"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -78,7 +80,9 @@ def load_run(run_dir: Path | str):
         raise RunError(msg) from err
     missing, unexpected = scorer.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise RunError(f"{run_dir / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RunError(
+            f"{run_dir / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if not bool(scorer.calibrated):
         raise RunError(f"{run_dir} was never calibrated (training stopped early): finish it with --resume")
     return scorer.eval(), cfg, meta

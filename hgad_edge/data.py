@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import csv
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 from .imaging import IMAGE_EXTENSIONS, DataError, load_image, load_mask, resize_image
 
@@ -46,7 +46,7 @@ class Sample:
     class_id: int
     label: int
     defect: str
-    mask_path: Optional[Path]
+    mask_path: Path | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def _mask_stem(mask: Path) -> str:
     return mask.stem[: -len("_mask")] if mask.stem.endswith("_mask") else mask.stem
 
 
-def _mask_index(folder: Optional[Path]) -> dict[str, Path]:
+def _mask_index(folder: Path | None) -> dict[str, Path]:
     """Image stem -> mask file; '_mask' names win over plain ones, then .png over other types."""
     index: dict[str, Path] = {}
     if folder is None:
@@ -119,8 +119,7 @@ def _check_orphan_masks(mask_dir: Path, image_dir: Path) -> None:
         stem = _mask_stem(mask)
         if stem not in stems:
             msg = (
-                f"mask {mask} has no matching test image {image_dir / stem}.<ext>; "
-                "restore the image or delete the mask"
+                f"mask {mask} has no matching test image {image_dir / stem}.<ext>; restore the image or delete the mask"
             )
             raise DataError(msg)
 
@@ -132,7 +131,7 @@ class _TestGroup:
     defect: str
     label: int
     image_dir: Path
-    mask_dir: Optional[Path]
+    mask_dir: Path | None
 
 
 def _require_images(folder: Path, expected: str) -> list[Path]:
@@ -217,7 +216,7 @@ class ADDataset:
         self._require_class(class_name)
         return self._masked[class_name]
 
-    def select(self, classes: Sequence[str]) -> "ADDataset":
+    def select(self, classes: Sequence[str]) -> ADDataset:
         """Copy keeping only `classes`, with class ids re-indexed 0..n-1 in sorted order."""
         wanted = set(classes)
         if not wanted:
@@ -457,11 +456,19 @@ def _class_has(sub: str) -> Callable[[Path], bool]:
 # train/good). A new layout is one entry here (and one maker in tests/test_data.py).
 LAYOUTS: dict[str, Layout] = {
     "visa": Layout("VisA", VisA, lambda root: (root / "split_csv" / "1cls.csv").is_file(), "<root>/split_csv/1cls.csv"),
-    "mvtec3d": Layout("MVTec 3D-AD", MVTec3DRGB, _class_has("train/good/rgb"),
-                      "<root>/<class>/train/good/rgb/*.png, test/<type>/rgb/*.png"),
+    "mvtec3d": Layout(
+        "MVTec 3D-AD",
+        MVTec3DRGB,
+        _class_has("train/good/rgb"),
+        "<root>/<class>/train/good/rgb/*.png, test/<type>/rgb/*.png",
+    ),
     "btad": Layout("BTAD", BTAD, _class_has("train/ok"), "<root>/<class>/train/ok/*, test/ok/*, test/ko/*"),
-    "mvtec": Layout("MVTec AD", MVTecAD, _class_has("train/good"),
-                    "<root>/<class>/train/good/*, <class>/test/<type>/*, optional <class>/ground_truth/<type>/<stem>_mask.png"),
+    "mvtec": Layout(
+        "MVTec AD",
+        MVTecAD,
+        _class_has("train/good"),
+        "<root>/<class>/train/good/*, <class>/test/<type>/*, optional <class>/ground_truth/<type>/<stem>_mask.png",
+    ),
 }
 
 
@@ -484,7 +491,7 @@ def open_dataset(root: Path | str, layout: str | None = None) -> ADDataset:
     raise DataError(msg)
 
 
-def open_roots(roots: Sequence[Path | str] | Path | str, classes: Optional[Sequence[str]] = None) -> ADDataset:
+def open_roots(roots: Sequence[Path | str] | Path | str, classes: Sequence[str] | None = None) -> ADDataset:
     """Open one root, or several as a UnionDataset, optionally keeping only `classes`."""
     if isinstance(roots, (str, Path)):
         roots = [roots]

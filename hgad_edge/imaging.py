@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -56,7 +56,7 @@ def max_image_pixels() -> int:
     return value
 
 
-def load_image(path: Path | str, max_pixels: Optional[int] = None, min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
+def load_image(path: Path | str, max_pixels: int | None = None, min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
     """Decode an image file to HxWx3 uint8 RGB, refusing truncated, oversized or unreadable files.
 
     Truncation is checked on the raw bytes because OpenCV silently decodes half a JPEG (grey
@@ -68,7 +68,7 @@ def load_image(path: Path | str, max_pixels: Optional[int] = None, min_side: int
     return _to_rgb8(decoded, path)
 
 
-def load_mask(path: Path | str, shape: Optional[Sequence[int]] = None, max_pixels: Optional[int] = None) -> np.ndarray:
+def load_mask(path: Path | str, shape: Sequence[int] | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Load a defect mask as HxW bool (any nonzero pixel is defect), so 0/1 and 0/255 masks agree.
 
     With `shape` (H, W) the mask is resized nearest-neighbour, keeping it binary.
@@ -122,7 +122,7 @@ def find_images(folder: Path | str) -> list[Path]:
 
 
 # ---- header ---------------------------------------------------------------------------------------
-def image_size(data: bytes) -> Optional[tuple[int, int]]:
+def image_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a PNG/JPEG/BMP/TIFF header without decoding; None if it cannot be read."""
     try:
         if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -138,7 +138,7 @@ def image_size(data: bytes) -> Optional[tuple[int, int]]:
     return None
 
 
-def _png_size(data: bytes) -> Optional[tuple[int, int]]:
+def _png_size(data: bytes) -> tuple[int, int] | None:
     if data[12:16] != b"IHDR":
         return None
     width, height = struct.unpack(">II", data[16:24])
@@ -148,7 +148,7 @@ def _png_size(data: bytes) -> Optional[tuple[int, int]]:
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """Walk the marker segments up to the first start-of-frame (baseline, progressive, lossless...)."""
     pos = 2
     while pos + 4 <= len(data):
@@ -170,7 +170,7 @@ def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
     return None
 
 
-def _bmp_size(data: bytes) -> Optional[tuple[int, int]]:
+def _bmp_size(data: bytes) -> tuple[int, int] | None:
     header = struct.unpack("<I", data[14:18])[0]
     if header == 12:  # BITMAPCOREHEADER (OS/2)
         width, height = struct.unpack("<HH", data[18:22])
@@ -179,7 +179,7 @@ def _bmp_size(data: bytes) -> Optional[tuple[int, int]]:
     return abs(height), abs(width)  # negative height = top-down rows
 
 
-def _tiff_size(data: bytes) -> Optional[tuple[int, int]]:
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
     """ImageWidth (256) / ImageLength (257) of the first IFD."""
     order = "<" if data[:2] == b"II" else ">"
     ifd = struct.unpack(order + "I", data[4:8])[0]
@@ -195,7 +195,7 @@ def _tiff_size(data: bytes) -> Optional[tuple[int, int]]:
     return found[257], found[256]
 
 
-def _check_size(path: Path, data: bytes, what: str, expected: str, max_pixels: Optional[int], min_side: int) -> None:
+def _check_size(path: Path, data: bytes, what: str, expected: str, max_pixels: int | None, min_side: int) -> None:
     """Refuse by the header, before decoding: unknown size, over the pixel cap, or too small."""
     size = image_size(data)
     if size is None:
@@ -216,7 +216,7 @@ def _check_size(path: Path, data: bytes, what: str, expected: str, max_pixels: O
 
 
 # ---- decoding -------------------------------------------------------------------------------------
-def _decode(path: Path, what: str, expected: str, max_pixels: Optional[int], min_side: int) -> np.ndarray:
+def _decode(path: Path, what: str, expected: str, max_pixels: int | None, min_side: int) -> np.ndarray:
     """Raw bytes -> completeness and size checks -> OpenCV decode at native bit depth; DataError otherwise."""
     data = _read_bytes(path, what, max_pixels)
     _check_complete(path, data)
@@ -228,7 +228,7 @@ def _decode(path: Path, what: str, expected: str, max_pixels: Optional[int], min
     return decoded
 
 
-def _read_bytes(path: Path, what: str, max_pixels: Optional[int]) -> bytes:
+def _read_bytes(path: Path, what: str, max_pixels: int | None) -> bytes:
     """Read a whole file, turning OS errors into a DataError that names the file."""
     if not path.exists():
         msg = f"{what} file {path} does not exist; check the dataset path or restore the file"

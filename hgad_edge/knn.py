@@ -64,7 +64,9 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
 
 
 @torch.no_grad()
-def knn_maps(bank: KnnBank, levels: list[torch.Tensor], input_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_maps(
+    bank: KnnBank, levels: list[torch.Tensor], input_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Test maps per level (B, C_k, h_k, w_k) -> anomaly maps (B, H, W) and image scores (B,)."""
     fused = fuse_maps([lv.float() for lv in levels])
     b, _, h, w = fused.shape
@@ -82,11 +84,11 @@ def evaluate_knn(cfg, dataset, cache=None, per_class: int = 20000) -> dict:
     """
     import numpy as np
 
+    from .batching import iter_batches
     from .data import load_mask
     from .evaluate import mean_metrics
     from .metrics import image_and_pixel_metrics
     from .model import HGADModel
-    from .batching import iter_batches
     from .train import extract_features, split_calibration
 
     model = HGADModel(cfg, dataset.classes)
@@ -109,10 +111,23 @@ def evaluate_knn(cfg, dataset, cache=None, per_class: int = 20000) -> dict:
         labels = np.array([s.label for s in samples])
         masks = None
         if dataset.has_masks(name):
-            masks = np.stack([load_mask(s.mask_path, shape=cfg.input_size) if s.mask_path
-                              else np.zeros(cfg.input_size, bool) for s in samples])
-        m = image_and_pixel_metrics(labels, np.concatenate(scores), masks, np.concatenate(maps) if masks is not None else None)
+            masks = np.stack(
+                [
+                    load_mask(s.mask_path, shape=cfg.input_size) if s.mask_path else np.zeros(cfg.input_size, bool)
+                    for s in samples
+                ]
+            )
+        m = image_and_pixel_metrics(
+            labels, np.concatenate(scores), masks, np.concatenate(maps) if masks is not None else None
+        )
         per_cls[name] = {k: (None if v is None else float(v)) for k, v in m.items()} | {
-            "n_test": len(samples), "level": "pixel" if masks is not None else "image"}
-    return {"classes": per_cls, "mean": mean_metrics(per_cls), "fit_seconds": round(bank.fit_seconds, 1),
-            "score_ms_per_image": round(1e3 * seconds / max(1, images), 2), "bank_mb": round(bank.nbytes / 2**20, 1)}
+            "n_test": len(samples),
+            "level": "pixel" if masks is not None else "image",
+        }
+    return {
+        "classes": per_cls,
+        "mean": mean_metrics(per_cls),
+        "fit_seconds": round(bank.fit_seconds, 1),
+        "score_ms_per_image": round(1e3 * seconds / max(1, images), 2),
+        "bank_mb": round(bank.nbytes / 2**20, 1),
+    }

@@ -9,8 +9,6 @@ by `np.searchsorted`, so time is O(n log n) and peak memory about one copy of th
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 _CHUNK = 1 << 22  # searchsorted needles per step; bounds the int64 temporaries to ~64 MB
@@ -146,7 +144,7 @@ def aupro(
     masks: np.ndarray,
     maps: np.ndarray,
     fpr_limit: float = 0.3,
-    num_thresholds: Optional[int] = None,
+    num_thresholds: int | None = None,
 ) -> float:
     """Normalised area under the per-region-overlap curve up to `fpr_limit` (MVTec AD).
 
@@ -215,14 +213,14 @@ def aupro(
 def image_and_pixel_metrics(
     labels: np.ndarray,
     image_scores: np.ndarray,
-    masks: Optional[np.ndarray] = None,
-    maps: Optional[np.ndarray] = None,
-) -> dict[str, Optional[float]]:
+    masks: np.ndarray | None = None,
+    maps: np.ndarray | None = None,
+) -> dict[str, float | None]:
     """The four numbers reported per class: image AUROC and F1-max, pixel AUROC and AUPRO.
 
     Pixel metrics pool all pixels of all images of the class; they are None without masks.
     """
-    result: dict[str, Optional[float]] = {
+    result: dict[str, float | None] = {
         "image_auroc": auroc(labels, image_scores),
         "f1_max": f1_max(labels, image_scores),
         "pixel_auroc": None,

@@ -83,7 +83,9 @@ class HGADModel(nn.Module):
 
         In the model (and so in the exported graph) so every backend sees identical inputs.
         """
-        x = images.to(torch.float32).permute(0, 3, 1, 2)  # Cast first: TensorRT wants uint8 inputs cast before any layer
+        x = images.to(torch.float32).permute(
+            0, 3, 1, 2
+        )  # Cast first: TensorRT wants uint8 inputs cast before any layer
         return (x - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()

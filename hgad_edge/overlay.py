@@ -6,8 +6,6 @@ Shared by the torch-free runtime (per frame in the camera app) and the evaluatio
 
 from __future__ import annotations
 
-from typing import Optional
-
 import cv2
 import numpy as np
 
@@ -43,8 +41,8 @@ def heatmap_overlay(
     vmin: float,
     vmax: float,
     alpha: float = 0.5,
-    mask: Optional[np.ndarray] = None,
-    label: Optional[str] = None,
+    mask: np.ndarray | None = None,
+    label: str | None = None,
 ) -> np.ndarray:
     """Blend a JET-coloured anomaly map over an RGB image; returns a new HxWx3 uint8 RGB array.
 

@@ -7,7 +7,8 @@ for TensorRT that buffer is pinned memory, so there is no extra copy before the 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

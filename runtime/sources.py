@@ -24,9 +24,10 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -34,13 +35,38 @@ import numpy as np
 from hgad_edge.imaging import IMAGE_EXTENSIONS, find_images, load_image
 from hgad_edge.redact import redact_text, redact_url
 
-__all__ = ["Frame", "FrameSource", "SourceError", "SourceSpec", "SourceStats", "check_supported", "open_source", "parse_source"]
+__all__ = [
+    "Frame",
+    "FrameSource",
+    "SourceError",
+    "SourceSpec",
+    "SourceStats",
+    "check_supported",
+    "open_source",
+    "parse_source",
+]
 
 log = logging.getLogger("hgad_edge.runtime")
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".flv", ".mjpeg", ".mjpg")
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".avi",
+    ".mkv",
+    ".mov",
+    ".webm",
+    ".m4v",
+    ".mpg",
+    ".mpeg",
+    ".wmv",
+    ".ts",
+    ".flv",
+    ".mjpeg",
+    ".mjpg",
+)
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "rtp://")
-SOURCE_FORMS = "a camera index (0), csi://0, v4l2:///dev/video0, rtsp://host/path, a video file, an image folder or a glob pattern"
+SOURCE_FORMS = (
+    "a camera index (0), csi://0, v4l2:///dev/video0, rtsp://host/path, a video file, an image folder or a glob pattern"
+)
 MAX_BAD_FRAMES = 50  # consecutive unusable frames before a live source counts as dropped
 
 _HINTS = {
@@ -62,10 +88,10 @@ class SourceSpec:
     kind: str
     name: str  # what the user passed, for messages
     uri: str  # normalised form, e.g. v4l2:///dev/video0
-    target: Union[int, str, None] = None
+    target: int | str | None = None
     api: int = cv2.CAP_ANY
     paths: tuple[Path, ...] = ()
-    root: Optional[Path] = None  # image folder: frames are named by their path relative to it
+    root: Path | None = None  # image folder: frames are named by their path relative to it
 
     @property
     def live(self) -> bool:
@@ -123,17 +149,17 @@ def csi_pipeline(sensor_id: int, width: int = 1280, height: int = 720, fps: int 
     )
 
 
-def _files_spec(paths: list[Path], name: str, what: str, root: Optional[Path] = None) -> SourceSpec:
-    images = sorted(p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
+def _files_spec(paths: list[Path], name: str, what: str, root: Path | None = None) -> SourceSpec:
+    images = sorted(
+        p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
     if not images:
         where = " or its sub-folders" if root is not None else ""
         raise SourceError(f"{what} {name}{where} holds no images ({', '.join(IMAGE_EXTENSIONS)}); pass {SOURCE_FORMS}")
     return SourceSpec("images", name, name, None, cv2.CAP_ANY, tuple(images), root)
 
 
-
-
-def parse_source(source: Union[int, str, Path]) -> SourceSpec:
+def parse_source(source: int | str | Path) -> SourceSpec:
     """Turn a jetson-inference style source name into a SourceSpec (raises SourceError if unknown)."""
     if isinstance(source, (int, np.integer)) and not isinstance(source, bool):
         return _camera_spec(int(source), str(source))
@@ -142,18 +168,18 @@ def parse_source(source: Union[int, str, Path]) -> SourceSpec:
     if text.isdigit():
         return _camera_spec(int(text), name)
     if text.startswith("csi://"):
-        sensor = text[len("csi://"):] or "0"
+        sensor = text[len("csi://") :] or "0"
         if not sensor.isdigit():
             raise SourceError(f"bad CSI source {name!r}: use csi://<sensor-id>, e.g. csi://0")
         return SourceSpec("csi", name, text, csi_pipeline(int(sensor)), cv2.CAP_GSTREAMER)
     if text.startswith("v4l2://"):
-        return _v4l2_spec(text[len("v4l2://"):], name)
+        return _v4l2_spec(text[len("v4l2://") :], name)
     if text.startswith("/dev/video") or text.startswith("/dev/v4l/"):
         return _v4l2_spec(text, name)
     if text.lower().startswith(STREAM_SCHEMES):
         shown = redact_url(text)
         return SourceSpec("stream", shown, shown, text, cv2.CAP_FFMPEG)
-    return _path_spec(text[len("file://"):] if text.startswith("file://") else text, redact_url(name))
+    return _path_spec(text[len("file://") :] if text.startswith("file://") else text, redact_url(name))
 
 
 def _path_spec(text: str, name: str) -> SourceSpec:
@@ -186,7 +212,7 @@ def check_supported(spec: SourceSpec) -> None:
         raise SourceError(msg)
 
 
-def to_rgb(image: Any) -> Optional[np.ndarray]:
+def to_rgb(image: Any) -> np.ndarray | None:
     """OpenCV frame (BGR, grey or BGRA) -> RGB uint8; None if it is empty or malformed."""
     if not isinstance(image, np.ndarray) or image.size == 0 or image.dtype != np.uint8:
         return None
@@ -214,8 +240,8 @@ class FrameSource:
         reconnect_attempts: int = 5,
         backoff_s: float = 0.5,
         backoff_max_s: float = 10.0,
-        capture_factory: Optional[Callable[..., Any]] = None,
-        drop_oldest: Optional[bool] = None,
+        capture_factory: Callable[..., Any] | None = None,
+        drop_oldest: bool | None = None,
     ) -> None:
         if queue_size < 1 or reconnect_attempts < 0 or backoff_s < 0:
             raise ValueError("queue_size must be >= 1, reconnect_attempts >= 0 and backoff_s >= 0")
@@ -229,15 +255,17 @@ class FrameSource:
         self.drop_oldest = spec.live if drop_oldest is None else drop_oldest
         self._queue: queue.Queue[Frame] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._index = 0
 
     # -- lifecycle --
-    def start(self) -> "FrameSource":
+    def start(self) -> FrameSource:
         if self._thread is None:
             target = self._read_images if self.spec.kind == "images" else self._read_capture
-            self._thread = threading.Thread(target=self._guard, args=(target,), name=f"capture {self.spec.label}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._guard, args=(target,), name=f"capture {self.spec.label}", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -247,7 +275,7 @@ class FrameSource:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def __enter__(self) -> "FrameSource":
+    def __enter__(self) -> FrameSource:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -312,7 +340,7 @@ class FrameSource:
         log.warning("%s", message)
 
     # -- cv2.VideoCapture sources --
-    def _open_once(self) -> Optional[Any]:
+    def _open_once(self) -> Any | None:
         kwargs = self._open_params()
         try:
             cap = self.capture_factory(self.spec.target, self.spec.api, *kwargs)
@@ -338,7 +366,7 @@ class FrameSource:
         verb = f"lost {what} and could not reconnect" if lost else f"cannot open {what}"
         return f"{verb} after {tries} attempt{'s' if tries != 1 else ''}: {_HINTS[self.spec.kind]}"
 
-    def _open_with_retry(self, lost: bool = False) -> Optional[Any]:
+    def _open_with_retry(self, lost: bool = False) -> Any | None:
         """Open the capture, retrying live sources with doubling waits; raise SourceError at the end."""
         attempts = self.reconnect_attempts if self.spec.live else 0
         delay = self.backoff_s
@@ -349,7 +377,9 @@ class FrameSource:
             if cap is not None:
                 return cap
             if attempt < attempts:
-                log.warning("cannot open %s (try %d/%d); retrying in %.2fs", self.spec.label, attempt + 1, attempts + 1, delay)
+                log.warning(
+                    "cannot open %s (try %d/%d); retrying in %.2fs", self.spec.label, attempt + 1, attempts + 1, delay
+                )
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff_max_s)
         raise SourceError(self._describe_failure(attempts + 1, lost))
@@ -389,7 +419,7 @@ class FrameSource:
         A video file's frame is delivered only once the next read succeeds, so that the last one
         can be checked by `_last_video_frame` (a truncated file ends in a half-decoded frame)."""
         bad = delivered = reads = 0
-        pending: Optional[np.ndarray] = None
+        pending: np.ndarray | None = None
         while not self._stop.is_set():
             try:
                 ok, image = cap.read()
@@ -433,7 +463,7 @@ class FrameSource:
         return 1
 
 
-def open_source(source: Union[int, str, Path, SourceSpec], **kwargs: Any) -> FrameSource:
+def open_source(source: int | str | Path | SourceSpec, **kwargs: Any) -> FrameSource:
     """Parse `source` and return an unstarted FrameSource (start it, or just iterate it)."""
     spec = source if isinstance(source, SourceSpec) else parse_source(source)
     return FrameSource(spec, **kwargs)

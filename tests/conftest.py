@@ -22,7 +22,11 @@ def _train_extra_modules() -> tuple[str, ...]:
 
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    names = [re.split(r"[<>=!~ ;\[]", line.strip())[0] for line in cfg["options.extras_require"]["train"].splitlines() if line.strip()]
+    names = [
+        re.split(r"[<>=!~ ;\[]", line.strip())[0]
+        for line in cfg["options.extras_require"]["train"].splitlines()
+        if line.strip()
+    ]
     import_names = {"pyyaml": "yaml"}
     return tuple(import_names.get(n.lower(), n.replace("-", "_")) for n in names)
 

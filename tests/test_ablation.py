@@ -22,7 +22,11 @@ def test_ablation_runs_modes_on_shared_features(tiny_data, tmp_path, monkeypatch
 
     extracted = []
     real = train.extract_features
-    monkeypatch.setattr(train, "extract_features", lambda model, samples, **kw: extracted.append(len(samples)) or real(model, samples, **kw))
+    monkeypatch.setattr(
+        train,
+        "extract_features",
+        lambda model, samples, **kw: extracted.append(len(samples)) or real(model, samples, **kw),
+    )
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(TINY_CONFIG))
     summary = _ablation_module().run_ablation([tiny_data], tmp_path / "abl", 2, ["full", "knn", "single"], cfg)

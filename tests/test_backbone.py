@@ -32,7 +32,9 @@ def test_shipped_lite0_weights_classify_a_real_photo(lite0):
     _load_pretrained(model, BackboneConfig())
     image = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     cfg = model.pretrained_cfg
-    x = (resize_image(image, cfg["input_size"][1:]).astype(np.float32) / 255 - np.array(cfg["mean"])) / np.array(cfg["std"])
+    x = (resize_image(image, cfg["input_size"][1:]).astype(np.float32) / 255 - np.array(cfg["mean"])) / np.array(
+        cfg["std"]
+    )
     with torch.no_grad():
         probs = model(torch.from_numpy(x).permute(2, 0, 1)[None].float()).softmax(1)[0]
     assert int(probs.argmax()) == MILITARY_UNIFORM and float(probs[MILITARY_UNIFORM]) > 0.3
@@ -51,7 +53,7 @@ def test_reordered_weights_fail_loudly(lite0):
     model, state, path = lite0
     keys = list(state)
     i = keys.index("_bn0.weight")
-    swapped = keys[:i] + [keys[i + 1], keys[i]] + keys[i + 2:]  # bias before weight: same shape (32,)
+    swapped = keys[:i] + [keys[i + 1], keys[i]] + keys[i + 2 :]  # bias before weight: same shape (32,)
     with pytest.raises(BackboneError, match=r"_bn0\.bias lines up with timm's bn1\.weight"):
         _match_state_dict(model, OrderedDict((k, state[k]) for k in swapped), path)
     rng = np.random.default_rng(0)

@@ -39,7 +39,10 @@ def test_machine_folder_name():
     assert bench.machine_name("Intel(R) Xeon(R) CPU @ 2.20GHz", 2) == "intel-xeon-2c"
     assert bench.machine_name("AMD EPYC", 16, "NVIDIA H200") == "amd-epyc-16c-nvidia-h200"
     assert bench.machine_name("AMD Ryzen 7 5800X 8-Core Processor", 16) == "amd-ryzen-7-5800x-16c"
-    assert bench.machine_name("NVIDIA Jetson Orin Nano Developer Kit", 6, "Orin") == "nvidia-jetson-orin-nano-developer-kit-6c-orin"
+    assert (
+        bench.machine_name("NVIDIA Jetson Orin Nano Developer Kit", 6, "Orin")
+        == "nvidia-jetson-orin-nano-developer-kit-6c-orin"
+    )
     assert bench.machine_name("", 4, None, hostname="Line-3.local") == "line-3-local-4c"
     assert bench.machine_name(None, 1) == "machine-1c"
     name = bench.machine_info()["name"]
@@ -69,7 +72,12 @@ def test_summarize_ort_profile():
         return {"cat": "Node", "name": f"{name}_kernel_time", "dur": dur, "args": {"op_name": op}}
 
     events = [{"cat": "Session", "name": "model_run", "dur": 1}] * 2
-    events += [node("conv1", "Conv", 3000), node("conv1", "Conv", 1000), node("mm", "MatMul", 2000), node("add", "Add", 2000)]
+    events += [
+        node("conv1", "Conv", 3000),
+        node("conv1", "Conv", 1000),
+        node("mm", "MatMul", 2000),
+        node("add", "Add", 2000),
+    ]
     events += [{"cat": "Node", "name": "conv1_fence_before", "dur": 99999, "args": {"op_name": "Conv"}}]
     s = bench.summarize_ort_profile(events, top=2)
     assert s["runs"] == 2 and s["kernel_ms_per_run"] == pytest.approx(4.0)
@@ -111,7 +119,9 @@ def test_flops_per_component_add_up(tiny_run):
     assert c.sum_components_flops == c.total_flops
     backbone, *flows, head = c.components
     assert backbone.learnable_params == 0  # frozen
-    learnable = sum(p.numel() for m in (*scorer.model.flows, scorer.model.heads) for p in m.parameters() if p.requires_grad)
+    learnable = sum(
+        p.numel() for m in (*scorer.model.flows, scorer.model.heads) for p in m.parameters() if p.requires_grad
+    )
     assert c.learnable_params == learnable == sum(x.learnable_params for x in c.components)
     assert c.params == sum(p.numel() for p in scorer.parameters()) and c.input_size == list(cfg.input_size)
     # what the one forward attributes to the backbone is what the backbone costs on its own
@@ -141,7 +151,9 @@ def test_component_clock_times_the_one_forward(tiny_run):
 
 # ---- the report -------------------------------------------------------------------------------------
 def test_report_written_even_when_the_budget_is_spent(tiny_run, tmp_path):
-    folder = bench.run_bench(tiny_run, tmp_path, backends=("torch",), precisions=("fp32",), batches=(1,), iters=1, official=False, budget_s=0)
+    folder = bench.run_bench(
+        tiny_run, tmp_path, backends=("torch",), precisions=("fp32",), batches=(1,), iters=1, official=False, budget_s=0
+    )
     assert folder.parent == tmp_path and folder.name == bench.machine_info()["name"]
     report = json.loads((folder / "report.json").read_text())
     assert report["schema"] == bench.SCHEMA and report["latency"] == [] and report["settings"]["budget_s"] == 0
@@ -182,8 +194,16 @@ def test_own_stale_bundle_is_re_exported(tiny_run, tiny_bundle, tmp_path):
     folder = tmp_path / "out" / bench.machine_info()["name"]
     shutil.copytree(tiny_bundle.bundle, folder / "bundle")
     assert bench.bundle_problem(folder / "bundle", other, ("fp32",))
-    bench.run_bench(other, tmp_path / "out", backends=("onnxruntime",), precisions=("fp32",), batches=(1,),
-                    warmup=0, iters=1, official=False)
+    bench.run_bench(
+        other,
+        tmp_path / "out",
+        backends=("onnxruntime",),
+        precisions=("fp32",),
+        batches=(1,),
+        warmup=0,
+        iters=1,
+        official=False,
+    )
     assert bench.bundle_problem(folder / "bundle", other, ("fp32",)) is None
 
 
@@ -192,31 +212,73 @@ def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
     """Export reused from the session bundle, ORT + torch timed with 2 iterations, accuracy on 4
     images per class, the small official-like configuration timed beside it."""
     folder = bench.run_bench(
-        tiny_run, tmp_path, data_roots=(tiny_data,), precisions=("fp32", "fp16", "int8"), batches=(1, 2),
-        warmup=1, iters=2, max_images=4, official=SMALL_OFFICIAL, bundle=tiny_bundle.bundle,
+        tiny_run,
+        tmp_path,
+        data_roots=(tiny_data,),
+        precisions=("fp32", "fp16", "int8"),
+        batches=(1, 2),
+        warmup=1,
+        iters=2,
+        max_images=4,
+        official=SMALL_OFFICIAL,
+        bundle=tiny_bundle.bundle,
     )
     for name in ("report.md", "report.json", "throughput.png", "breakdown.png"):
         assert (folder / name).is_file(), name
     r = json.loads((folder / "report.json").read_text())
-    required = {"schema", "machine", "run", "settings", "complexity", "latency", "official", "ratios", "accuracy", "breakdown", "targets", "skipped", "stages", "errors"}
+    required = {
+        "schema",
+        "machine",
+        "run",
+        "settings",
+        "complexity",
+        "latency",
+        "official",
+        "ratios",
+        "accuracy",
+        "breakdown",
+        "targets",
+        "skipped",
+        "stages",
+        "errors",
+    }
     assert required <= set(r) and r["errors"] == [], r["errors"]
-    assert {"name", "cpu_model", "cores", "gpu", "versions"} <= set(r["machine"]) and r["machine"]["versions"]["onnxruntime"]
+    assert {"name", "cpu_model", "cores", "gpu", "versions"} <= set(r["machine"]) and r["machine"]["versions"][
+        "onnxruntime"
+    ]
     rows = {(x["backend"], x["precision"], x["batch"]): x for x in r["latency"]}
     ok = rows[("onnxruntime", "fp32", 2)]
-    assert ok["status"] == "ok" and ok["iters"] == 2 and ok["e2e"]["p99_ms"] >= ok["e2e"]["p50_ms"] > 0 and ok["model"]["images_per_s"] > 0
+    assert (
+        ok["status"] == "ok"
+        and ok["iters"] == 2
+        and ok["e2e"]["p99_ms"] >= ok["e2e"]["p50_ms"] > 0
+        and ok["model"]["images_per_s"] > 0
+    )
     assert rows[("torch", "fp32", 1)]["status"] == "ok"
-    assert rows[("onnxruntime", "int8", 1)]["status"] == "skipped" and "TensorRT" in rows[("onnxruntime", "int8", 1)]["reason"]
+    assert (
+        rows[("onnxruntime", "int8", 1)]["status"] == "skipped"
+        and "TensorRT" in rows[("onnxruntime", "int8", 1)]["reason"]
+    )
     if not torch.cuda.is_available():
         assert "CPU half" in rows[("torch", "fp16", 1)]["reason"]
     assert r["official"]["random_weights"] and r["official"]["latency"]["e2e"]["images_per_s"] > 0
     assert r["complexity"]["paper_config"]["total_flops"] > 0 and r["ratios"]
     drift = {(d["backend"], d["precision"]): d for d in r["accuracy"]["drift"]}
-    assert drift[("onnxruntime", "fp32")]["max_abs_score_diff"] < 1e-3 and drift[("onnxruntime", "fp32")]["n_images"] == 8
+    assert (
+        drift[("onnxruntime", "fp32")]["max_abs_score_diff"] < 1e-3 and drift[("onnxruntime", "fp32")]["n_images"] == 8
+    )
     assert all(per["torch fp32"]["image_auroc"] is not None for per in r["accuracy"]["classes"].values())
     assert [t["status"] for t in r["targets"]][:2] == ["N/A", "N/A"]  # 64x64 is not the 256x256 default
     assert r["breakdown"]["torch_components"]["components"] and r["breakdown"]["ort_profile"]["top_ops"]
     md = (folder / "report.md").read_text()
-    for heading in ("## Targets", "## FLOPs and parameters", "## Latency and throughput", "## Accuracy and drift", "## Where the time goes", "RANDOM weights"):
+    for heading in (
+        "## Targets",
+        "## FLOPs and parameters",
+        "## Latency and throughput",
+        "## Accuracy and drift",
+        "## Where the time goes",
+        "RANDOM weights",
+    ):
         assert heading in md, heading
 
 
@@ -225,12 +287,17 @@ def test_script_front_ends_share_the_cli_options(script, tiny_run, tmp_path, cap
     """Both scripts are the `hgad-edge bench` verb: same options, same errors (exit 2, no traceback)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(script[:-3] + "_script", Path(__file__).resolve().parents[1] / "benchmarks" / script)
+    spec = importlib.util.spec_from_file_location(
+        script[:-3] + "_script", Path(__file__).resolve().parents[1] / "benchmarks" / script
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main([str(tiny_run), "--backends", "nope"]) == 2
     assert "choose from" in capsys.readouterr().err
-    assert module.main([str(tiny_run), "--out", str(tmp_path), "--backends", "torch", "--no-official", "--budget-s", "0"]) == 0
+    assert (
+        module.main([str(tiny_run), "--out", str(tmp_path), "--backends", "torch", "--no-official", "--budget-s", "0"])
+        == 0
+    )
     assert "report:" in capsys.readouterr().out
     (report,) = tmp_path.glob("*/report.json")
     settings = json.loads(report.read_text())["settings"]
@@ -242,9 +309,28 @@ def test_cli_bench_on_a_tiny_run(tiny_run, tiny_bundle, tmp_path):
 
     from hgad_edge.cli import main
 
-    res = CliRunner().invoke(main, ["bench", str(tiny_run), "--out", str(tmp_path), "--backends", "onnxruntime",
-                                    "--precisions", "fp32", "--batch", "1", "--warmup", "0", "--iters", "1",
-                                    "--no-official", "--bundle", str(tiny_bundle.bundle)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tiny_run),
+            "--out",
+            str(tmp_path),
+            "--backends",
+            "onnxruntime",
+            "--precisions",
+            "fp32",
+            "--batch",
+            "1",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--no-official",
+            "--bundle",
+            str(tiny_bundle.bundle),
+        ],
+    )
     assert res.exit_code == 0, res.output
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     rows = json.loads((folder / "report.json").read_text())["latency"]

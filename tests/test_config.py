@@ -90,7 +90,9 @@ def test_cli_refuses_bad_value_before_reading_data(key, value, tmp_path):
     path.write_text(yaml.safe_dump(_nested(key, value)))
     data = tmp_path / "data"
     data.mkdir()
-    res = CliRunner().invoke(main, ["train", "--config", str(path), "--data", str(data), "--out", str(tmp_path / "run")])
+    res = CliRunner().invoke(
+        main, ["train", "--config", str(path), "--data", str(data), "--out", str(tmp_path / "run")]
+    )
     assert res.exit_code == 2, res.output
     assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output
     assert f"{key}=" in res.output and "give " in res.output  # the key, the value and what is allowed

@@ -533,7 +533,9 @@ def test_btad_missing_mask(tmp_path: Path) -> None:
 
 def test_no_torch_import() -> None:
     """The runtime shares this module: it must import without any package of the train extra."""
-    code = f"import sys\nfor m in {NOT_IN_BASE_INSTALL!r}: sys.modules[m] = None\nimport hgad_edge.data, hgad_edge.overlay"
+    code = (
+        f"import sys\nfor m in {NOT_IN_BASE_INSTALL!r}: sys.modules[m] = None\nimport hgad_edge.data, hgad_edge.overlay"
+    )
     env_path = str(REPO)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=env_path, env={"PYTHONPATH": env_path})
 

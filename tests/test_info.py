@@ -124,7 +124,10 @@ def test_info_without_torch_tensorrt_or_cuda():
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(None, 1) for line in proc.stdout.splitlines())
     assert lines["tensorrt"].startswith("not installed")
-    assert lines["cuda"].startswith("cuda-python") and "devices: none (neither cuda-python nor pycuda is importable" in lines["cuda"]
+    assert (
+        lines["cuda"].startswith("cuda-python")
+        and "devices: none (neither cuda-python nor pycuda is importable" in lines["cuda"]
+    )
     assert lines["build"].startswith("no --target fits: no TensorRT here")
 
 

@@ -12,7 +12,9 @@ try:  # the reference implementation: only the comparisons against it need it (t
     from sklearn import metrics as sklearn_metrics
 except ImportError:
     sklearn_metrics = None
-needs_sklearn = pytest.mark.skipif(sklearn_metrics is None, reason="scikit-learn is the reference: pip install 'hgad-edge[test]'")
+needs_sklearn = pytest.mark.skipif(
+    sklearn_metrics is None, reason="scikit-learn is the reference: pip install 'hgad-edge[test]'"
+)
 
 
 def _sklearn_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:

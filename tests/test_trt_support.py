@@ -37,7 +37,11 @@ def test_table_comes_from_operators_md():
 
 
 def test_supported_graph_is_ok():
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "r"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Add", ["r", "r"], ["a"]),
+        helper.make_node("Sigmoid", ["a"], ["y"]),
+    ]
     report = check_trt_support(model(nodes))
     assert report.ok and report.opset == 18
     assert {o.op_type: o.count for o in report.ops} == {"Relu": 1, "Add": 1, "Sigmoid": 1}
@@ -69,14 +73,21 @@ def test_reduce_logsumexp_is_flagged_even_though_supported():
 
 
 def test_logsumexp_inside_a_local_function_is_found():
-    body = [helper.make_node("ReduceLogSumExp", ["a", "ax"], ["b"]), helper.make_node("Constant", [], ["ax"], value=axes("v", [1]))]
+    body = [
+        helper.make_node("ReduceLogSumExp", ["a", "ax"], ["b"]),
+        helper.make_node("Constant", [], ["ax"], value=axes("v", [1])),
+    ]
     fn = helper.make_function("local", "LSE", ["a"], ["b"], body, [helper.make_opsetid("", 18)])
-    report = check_trt_support(model([helper.make_node("LSE", ["x"], ["y"], domain="local")], functions=[fn], extra_opsets=[("local", 1)]))
+    report = check_trt_support(
+        model([helper.make_node("LSE", ["x"], ["y"], domain="local")], functions=[fn], extra_opsets=[("local", 1)])
+    )
     assert not report.ok and op(report, "ReduceLogSumExp").level == "error"
 
 
 def test_nodes_inside_if_branches_are_checked():
-    branch = helper.make_graph([helper.make_node("Unique", ["x"], ["u"])], "b", [], [helper.make_tensor_value_info("u", F, None)])
+    branch = helper.make_graph(
+        [helper.make_node("Unique", ["x"], ["u"])], "b", [], [helper.make_tensor_value_info("u", F, None)]
+    )
     cond = numpy_helper.from_array(np.array(True), "c")
     node = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)
     report = check_trt_support(model([node], inits=[cond]))
@@ -85,10 +96,16 @@ def test_nodes_inside_if_branches_are_checked():
 
 def test_uint8_input_must_go_straight_into_a_cast():
     images = [helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 8, 8, 3])]
-    good = [helper.make_node("Cast", ["images"], ["f"], to=F), helper.make_node("Transpose", ["f"], ["y"], perm=[0, 3, 1, 2])]
+    good = [
+        helper.make_node("Cast", ["images"], ["f"], to=F),
+        helper.make_node("Transpose", ["f"], ["y"], perm=[0, 3, 1, 2]),
+    ]
     report = check_trt_support(model(good, inputs=images))
     assert report.ok and any(i.level == "note" and "Cast" in i.message for i in report.issues)
-    bad = [helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2]), helper.make_node("Cast", ["t"], ["y"], to=F)]
+    bad = [
+        helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["t"], ["y"], to=F),
+    ]
     report = check_trt_support(model(bad, inputs=images))
     assert not report.ok and any("uint8" in e and "Transpose" in e for e in report.errors)
 

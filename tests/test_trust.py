@@ -31,7 +31,7 @@ from hgad_edge.runtime.app import AppError, run_app, run_problems
 from hgad_edge.runtime.bundle import load_bundle
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
 
-from .test_runtime import BGR, CLASSES, H, THRESHOLDS, W, fake_camera, make_bundle, read_jsonl, reference, rng_frames
+from .test_runtime import BGR, CLASSES, THRESHOLDS, H, W, fake_camera, make_bundle, read_jsonl, reference, rng_frames
 
 PASSWORDS = ["p@ss", "pa/ss", "a:b@c/d", "s3cr3t"]
 

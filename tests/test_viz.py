@@ -70,7 +70,13 @@ def test_overlay_grid_png(tmp_path: Path) -> None:
     image, amap, mask = _scene()
     items = [
         (f"{name} {s:.2f}", heatmap_overlay(image, amap * s, 0.0, 1.0, mask=mask, label=name))
-        for name, s in [("PASS", 0.2), ("FAIL", 0.9), ("FAIL", 1.0), ("PASS", 0.1), ("a long title that must shrink", 0.5)]
+        for name, s in [
+            ("PASS", 0.2),
+            ("FAIL", 0.9),
+            ("FAIL", 1.0),
+            ("PASS", 0.1),
+            ("a long title that must shrink", 0.5),
+        ]
     ]
     items.append(("small", image[:48, :64]))  # resized to the first tile
     path = tmp_path / "sub" / "grid.png"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -14,7 +15,7 @@ from .log import Budget
 from .rows import Drift
 
 
-def cap_samples(samples: Sequence[Any], n: Optional[int]) -> list[Any]:
+def cap_samples(samples: Sequence[Any], n: int | None) -> list[Any]:
     """At most n samples, normal and anomalous in their original proportion (at least one of each
     where both exist and n >= 2), picked evenly spaced so every defect type stays represented."""
     samples = list(samples)
@@ -48,7 +49,7 @@ def _predict(engine, images: np.ndarray, class_id: int, max_batch: int) -> tuple
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def _class_data(setup: Setup, dataset, name: str, max_images: Optional[int]):
+def _class_data(setup: Setup, dataset, name: str, max_images: int | None):
     from ..batching import load_batch
     from ..data import load_mask
 
@@ -69,12 +70,21 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, masks, maps: np.ndarray) ->
     out: dict[str, Any] = {"n": int(labels.size), "n_anomalous": int(labels.sum()), "finite": bool(finite)}
     both = 0 < labels.sum() < labels.size
     out["image_auroc"] = auroc(labels, np.nan_to_num(scores, nan=np.inf)) if both else None
-    out["pixel_auroc"] = auroc(masks, np.nan_to_num(maps, nan=np.inf)) if masks is not None and masks.any() and not masks.all() else None
+    out["pixel_auroc"] = (
+        auroc(masks, np.nan_to_num(maps, nan=np.inf)) if masks is not None and masks.any() and not masks.all() else None
+    )
     return out
 
 
-def bench_accuracy(setup: Setup, data_roots: Sequence[Path], backends, precisions, max_images: Optional[int], budget: Budget,
-                   classes: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def bench_accuracy(
+    setup: Setup,
+    data_roots: Sequence[Path],
+    backends,
+    precisions,
+    max_images: int | None,
+    budget: Budget,
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Per class image/pixel AUROC per backend and precision; drift against torch FP32.
     classes: only these classes of the data (default: every class the model knows)."""
     from ..data import open_roots
@@ -86,13 +96,21 @@ def bench_accuracy(setup: Setup, data_roots: Sequence[Path], backends, precision
     if not classes:
         raise ValueError(f"none of the data's classes {dataset.classes} is a class of the model {names}")
     engines = {("torch", "fp32"): TorchEngine(setup.scorer, setup.device)}
-    cases = [(b, p) for b in backends for p in precisions if (b, p) != ("torch", "fp32") and skip_reason(setup, b, p) is None]
+    cases = [
+        (b, p) for b in backends for p in precisions if (b, p) != ("torch", "fp32") and skip_reason(setup, b, p) is None
+    ]
     for case in cases:
         try:
             engines[case] = open_engine(setup, *case)
         except Exception as err:  # noqa: BLE001
             setup.log.skip(f"accuracy {case[0]} {case[1]}", f"{type(err).__name__}: {err}")
-    result: dict[str, Any] = {"data_roots": [str(r) for r in data_roots], "max_images": max_images, "classes": {}, "drift": {}, "unknown_classes": unknown}
+    result: dict[str, Any] = {
+        "data_roots": [str(r) for r in data_roots],
+        "max_images": max_images,
+        "classes": {},
+        "drift": {},
+        "unknown_classes": unknown,
+    }
     drift = {f"{b} {p}": Drift(b, p) for b, p in engines}
     try:
         for name in tqdm(classes, desc="accuracy", unit="class"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .log import Log
 
@@ -22,8 +22,8 @@ class Setup:
     warmup: int
     iters: int
     log: Log
-    calib_dir: Optional[Path] = None
-    trt_status: Optional[tuple[bool, str]] = None  # (usable, why not), checked once when first asked
+    calib_dir: Path | None = None
+    trt_status: tuple[bool, str] | None = None  # (usable, why not), checked once when first asked
 
     @property
     def max_batch(self) -> int:

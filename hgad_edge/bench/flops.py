@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .components import REST, component_modules, component_params
 from .rows import Complexity, Component
@@ -32,7 +32,9 @@ def count_complexity(scorer, batch: int = 1) -> Complexity:
     paths = {module: name for name, module in scorer.named_modules()}
     root = type(scorer).__name__
     total = int(counter.get_total_flops())
-    flops = {name: int(by_module.get(f"{root}.{paths[module]}", 0)) for name, module in component_modules(scorer).items()}
+    flops = {
+        name: int(by_module.get(f"{root}.{paths[module]}", 0)) for name, module in component_modules(scorer).items()
+    }
     flops[REST] = total - sum(flops.values())
     components = []
     for name, modules in component_params(scorer).items():
@@ -40,7 +42,14 @@ def count_complexity(scorer, batch: int = 1) -> Complexity:
         components.append(Component(name, flops[name], flops[name] / 2e9, params, learnable))
     params, learnable = _params([scorer])
     return Complexity(
-        counter="torch.utils.flop_counter.FlopCounterMode (FakeTensorMode)", input_size=[int(h), int(w)], batch=batch,
-        components=components, sum_components_flops=sum(c.flops for c in components), total_flops=total,
-        total_gflops=total / 1e9, total_gmacs=total / 2e9, params=params, learnable_params=learnable,
+        counter="torch.utils.flop_counter.FlopCounterMode (FakeTensorMode)",
+        input_size=[int(h), int(w)],
+        batch=batch,
+        components=components,
+        sum_components_flops=sum(c.flops for c in components),
+        total_flops=total,
+        total_gflops=total / 1e9,
+        total_gmacs=total / 2e9,
+        params=params,
+        learnable_params=learnable,
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -26,8 +27,14 @@ def latency_stats(ms: Sequence[float], batch: int = 1) -> LatencyStats:
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
     mean = float(values.mean())
     return LatencyStats(
-        n=int(values.size), mean_ms=mean, p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99),
-        min_ms=float(values.min()), max_ms=float(values.max()), images_per_s=batch * 1e3 / mean if mean > 0 else None,
+        n=int(values.size),
+        mean_ms=mean,
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        min_ms=float(values.min()),
+        max_ms=float(values.max()),
+        images_per_s=batch * 1e3 / mean if mean > 0 else None,
     )
 
 
@@ -49,7 +56,12 @@ def time_engine(engine, batch: int, warmup: int, iters: int, budget: Budget, des
         model.append(model_ms)
         if budget.spent():
             break
-    return {"e2e": latency_stats(e2e, batch), "model": latency_stats(model, batch), "iters": len(e2e), "truncated": len(e2e) < iters}
+    return {
+        "e2e": latency_stats(e2e, batch),
+        "model": latency_stats(model, batch),
+        "iters": len(e2e),
+        "truncated": len(e2e) < iters,
+    }
 
 
 def bench_latency(setup: Setup, backends: Sequence[str], precisions: Sequence[str], budget: Budget) -> list[LatencyRow]:
@@ -78,8 +90,15 @@ def _time_case(setup: Setup, backend: str, precision: str, budget: Budget) -> li
                 row.status, row.reason = "skipped", "time budget used up"
             else:
                 try:
-                    timed = time_engine(engine, batch, setup.warmup, setup.iters, budget, f"{backend} {precision} b{batch}")
-                    row.e2e, row.model, row.iters, row.truncated = timed["e2e"], timed["model"], timed["iters"], timed["truncated"]
+                    timed = time_engine(
+                        engine, batch, setup.warmup, setup.iters, budget, f"{backend} {precision} b{batch}"
+                    )
+                    row.e2e, row.model, row.iters, row.truncated = (
+                        timed["e2e"],
+                        timed["model"],
+                        timed["iters"],
+                        timed["truncated"],
+                    )
                 except Exception as err:  # noqa: BLE001
                     row.status, row.reason = "failed", f"{type(err).__name__}: {err}"
             rows.append(row)

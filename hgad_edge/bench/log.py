@@ -7,13 +7,13 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 class Budget:
     """Wall-clock allowance of the whole benchmark; None = unlimited."""
 
-    def __init__(self, seconds: Optional[float]) -> None:
+    def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
         self.start = time.perf_counter()
 

@@ -7,8 +7,9 @@ import os
 import platform
 import re
 import socket
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 
 def _read(path: str) -> str:
@@ -18,7 +19,7 @@ def _read(path: str) -> str:
         return ""
 
 
-def cpu_model(cpuinfo: Optional[str] = None) -> str:
+def cpu_model(cpuinfo: str | None = None) -> str:
     """CPU name from /proc/cpuinfo ('model name' on x86, 'Model'/'Hardware' on some ARM boards)."""
     cpuinfo = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
     for key in ("model name", "Model", "Hardware", "cpu model"):
@@ -28,7 +29,7 @@ def cpu_model(cpuinfo: Optional[str] = None) -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
-def board_model() -> Optional[str]:
+def board_model() -> str | None:
     """The board of an ARM SoC from the device tree (e.g. 'NVIDIA Jetson Orin Nano ...'); None on PCs."""
     return _read("/proc/device-tree/model").strip("\x00 \n") or None
 
@@ -40,7 +41,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def physical_cores(cpuinfo: Optional[str] = None) -> int:
+def physical_cores(cpuinfo: str | None = None) -> int:
     """Distinct (physical id, core id) pairs: what ONNX Runtime's default thread pool uses."""
     cpuinfo = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
     cores, phys = set(), "0"
@@ -54,7 +55,7 @@ def physical_cores(cpuinfo: Optional[str] = None) -> int:
     return len(cores) or usable_cores()
 
 
-def gpu_name() -> Optional[str]:
+def gpu_name() -> str | None:
     """Name of CUDA device 0 through torch, or None (no torch CUDA, no device)."""
     try:
         import torch
@@ -72,7 +73,7 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:limit].strip("-")
 
 
-def machine_name(cpu: Optional[str], cores: int, gpu: Optional[str] = None, hostname: Optional[str] = None) -> str:
+def machine_name(cpu: str | None, cores: int, gpu: str | None = None, hostname: str | None = None) -> str:
     """Report folder name: `<cpu-model-or-hostname>-<cores>c[-<gpu>]`, lower-case, [a-z0-9-] only.
 
     >>> machine_name("Intel(R) Xeon(R) CPU @ 2.20GHz", 2)
@@ -86,7 +87,7 @@ def machine_name(cpu: Optional[str], cores: int, gpu: Optional[str] = None, host
     return f"{name}-{gpu_part}" if gpu_part else name
 
 
-def _version(module: str) -> Optional[str]:
+def _version(module: str) -> str | None:
     if importlib.util.find_spec(module) is None:
         return None
     try:
@@ -112,14 +113,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def load_average() -> Optional[list[float]]:
+def load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
         return None
 
 
-def busy_warning(load_before: Optional[Sequence[float]], load_after: Optional[Sequence[float]], cores: int) -> Optional[str]:
+def busy_warning(load_before: Sequence[float] | None, load_after: Sequence[float] | None, cores: int) -> str | None:
     """A warning when other work was running: 1-minute load above half the cores before the
     benchmark started, or above the cores plus 1 at its end (the benchmark itself uses them all)."""
     if load_before and load_before[0] > 0.5 * cores:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .rows import OpCost
 
 
-def ort_op_profile(model_path: Path, input_size: Sequence[int], threads: int, warmup: int, iters: int, work_dir: Path, top: int = 10) -> dict[str, Any]:
+def ort_op_profile(
+    model_path: Path, input_size: Sequence[int], threads: int, warmup: int, iters: int, work_dir: Path, top: int = 10
+) -> dict[str, Any]:
     """ONNX Runtime's own profiler (SessionOptions.enable_profiling) at batch 1: kernel time per
     op type, averaged per run, top `top` plus the rest. The raw trace is deleted afterwards."""
     import onnxruntime as ort
@@ -22,7 +25,10 @@ def ort_op_profile(model_path: Path, input_size: Sequence[int], threads: int, wa
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
     h, w = input_size
-    feeds = {"images": np.random.default_rng(0).integers(0, 256, (1, h, w, 3), dtype=np.uint8), "class_id": np.full((1,), -1, np.int64)}
+    feeds = {
+        "images": np.random.default_rng(0).integers(0, 256, (1, h, w, 3), dtype=np.uint8),
+        "class_id": np.full((1,), -1, np.int64),
+    }
     for _ in range(warmup + iters):
         session.run(None, feeds)
     trace = Path(session.end_profiling())

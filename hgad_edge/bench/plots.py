@@ -47,9 +47,17 @@ def write_plots(report: dict, folder: Path) -> list[str]:
         for i, (key, data) in enumerate(panels):
             ax = fig.add_subplot(1, len(panels), i + 1)
             if key == "torch_components":
-                names, ms, title = [c["name"] for c in data["components"]], [c["p50_ms"] for c in data["components"]], "torch eager fp32, batch 1"
+                names, ms, title = (
+                    [c["name"] for c in data["components"]],
+                    [c["p50_ms"] for c in data["components"]],
+                    "torch eager fp32, batch 1",
+                )
             else:
-                names, ms, title = [o["op_type"] for o in data["top_ops"]], [o["ms_per_run"] for o in data["top_ops"]], "ONNX Runtime CPU, op types"
+                names, ms, title = (
+                    [o["op_type"] for o in data["top_ops"]],
+                    [o["ms_per_run"] for o in data["top_ops"]],
+                    "ONNX Runtime CPU, op types",
+                )
             ax.barh(np.arange(len(names)), ms)
             ax.set_yticks(np.arange(len(names)), names, fontsize=8)
             ax.invert_yaxis()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 SCHEMA = "hgad-edge-bench/1"
 
@@ -18,13 +18,13 @@ class LatencyStats:
     """Per-call latency percentiles (ms) and the throughput they imply; None when nothing was timed."""
 
     n: int
-    mean_ms: Optional[float] = None
-    p50_ms: Optional[float] = None
-    p90_ms: Optional[float] = None
-    p99_ms: Optional[float] = None
-    min_ms: Optional[float] = None
-    max_ms: Optional[float] = None
-    images_per_s: Optional[float] = None
+    mean_ms: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    images_per_s: float | None = None
 
 
 @dataclass
@@ -35,15 +35,15 @@ class LatencyRow:
     precision: str
     batch: int
     status: str
-    reason: Optional[str] = None
-    device: Optional[str] = None
-    description: Optional[str] = None
-    e2e: Optional[LatencyStats] = None
-    model: Optional[LatencyStats] = None
-    iters: Optional[int] = None
-    truncated: Optional[bool] = None
+    reason: str | None = None
+    device: str | None = None
+    description: str | None = None
+    e2e: LatencyStats | None = None
+    model: LatencyStats | None = None
+    iters: int | None = None
+    truncated: bool | None = None
 
-    def ips(self, timing: str = "e2e") -> Optional[float]:
+    def ips(self, timing: str = "e2e") -> float | None:
         stats = getattr(self, timing)
         return None if stats is None else stats.images_per_s
 
@@ -86,7 +86,7 @@ class Complexity:
 class ComponentTime:
     name: str
     p50_ms: float
-    share: Optional[float]
+    share: float | None
 
 
 @dataclass
@@ -95,7 +95,7 @@ class OpCost:
 
     op_type: str
     ms_per_run: float
-    share: Optional[float]
+    share: float | None
     nodes: int
 
 
@@ -123,10 +123,10 @@ class Ratio:
 @dataclass
 class Target:
     target: str
-    value: Optional[float]
+    value: float | None
     threshold: float
     status: str  # PASS, MISS or N/A
-    reason: Optional[str]
+    reason: str | None
     detail: str = ""
 
 
@@ -138,7 +138,7 @@ class OfficialResult:
     config: dict
     build_s: float
     latency: LatencyRow
-    complexity: Optional[Complexity] = None
+    complexity: Complexity | None = None
     random_weights: bool = True
 
     def to_dict(self) -> dict[str, Any]:

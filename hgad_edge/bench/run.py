@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 from ..files import atomic_write_json
 from .accuracy import bench_accuracy
@@ -37,7 +38,7 @@ def _torch_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _calib_dir(data_roots: Sequence[Path], classes: Sequence[str]) -> Optional[Path]:
+def _calib_dir(data_roots: Sequence[Path], classes: Sequence[str]) -> Path | None:
     """The folder of the first model class's normal training images (TensorRT int8 calibration)."""
     if not data_roots:
         return None
@@ -69,11 +70,11 @@ def run_bench(
     batches: Sequence[int] = (1, 8),
     warmup: int = 3,
     iters: int = 20,
-    max_images: Optional[int] = None,
+    max_images: int | None = None,
     official: bool | dict = True,
-    budget_s: Optional[float] = None,
-    bundle: Optional[Path | str] = None,
-    classes: Optional[Sequence[str]] = None,
+    budget_s: float | None = None,
+    bundle: Path | str | None = None,
+    classes: Sequence[str] | None = None,
 ) -> Path:
     """Benchmark a trained run on this machine; returns the report folder `<out_dir>/<machine>`.
 
@@ -102,10 +103,17 @@ def run_bench(
     if bundle and _needs_bundle(backends):
         problem = bundle_problem(Path(bundle), Path(run_dir), _bundle_precisions(precisions))
         if problem:
-            raise BenchError(f"bundle {bundle} does not match run {run_dir}: {problem}. Re-export it "
-                             f"(hgad-edge export {run_dir} --out {bundle}) or leave out --bundle.")
+            raise BenchError(
+                f"bundle {bundle} does not match run {run_dir}: {problem}. Re-export it "
+                f"(hgad-edge export {run_dir} --out {bundle}) or leave out --bundle."
+            )
     device = _torch_device()
-    previous = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    previous = (
+        torch.get_num_threads(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
     torch.set_num_threads(machine["cores"])
     # FP32 means FP32: no TF32 convolutions / matmuls in the reference (TensorRT builds without TF32 too)
     torch.backends.cudnn.benchmark = device.startswith("cuda")
@@ -116,8 +124,14 @@ def run_bench(
         "machine": machine,
         "run": _run_facts(Path(run_dir), cfg, meta, scorer),
         "settings": {
-            "backends": list(backends), "precisions": list(precisions), "batches": list(batches), "warmup": warmup,
-            "iters": iters, "max_images": max_images, "camera_frame_hw": list(CAMERA_FRAME), "budget_s": budget_s,
+            "backends": list(backends),
+            "precisions": list(precisions),
+            "batches": list(batches),
+            "warmup": warmup,
+            "iters": iters,
+            "max_images": max_images,
+            "camera_frame_hw": list(CAMERA_FRAME),
+            "budget_s": budget_s,
             "torch_device": device,
             "tf32": False,
             "threads": {
@@ -129,18 +143,44 @@ def run_bench(
             },
         },
         "load_average": {"before": load_average(), "after": None},
-        "complexity": {}, "latency": [], "official": None, "ratios": [], "accuracy": None, "breakdown": {}, "targets": [],
+        "complexity": {},
+        "latency": [],
+        "official": None,
+        "ratios": [],
+        "accuracy": None,
+        "breakdown": {},
+        "targets": [],
     }
     try:
-        setup = Setup(Path(run_dir), folder, Path(bundle) if bundle else folder / "bundle", scorer.to(device), cfg, meta, device,
-                      batches, warmup, iters, log)
+        setup = Setup(
+            Path(run_dir),
+            folder,
+            Path(bundle) if bundle else folder / "bundle",
+            scorer.to(device),
+            cfg,
+            meta,
+            device,
+            batches,
+            warmup,
+            iters,
+            log,
+        )
         _run_stages(setup, report, data_roots, backends, precisions, max_images, official, budget, classes)
     finally:
         torch.set_num_threads(previous[0])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous[1:]
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = (
+            previous[1:]
+        )
     report["load_average"]["after"] = load_average()
-    report["busy_warning"] = busy_warning(report["load_average"]["before"], report["load_average"]["after"], machine["cores"])
-    report.update(skipped=log.skipped, stages=log.stages, errors=log.errors, elapsed_s=round(time.perf_counter() - budget.start, 1))
+    report["busy_warning"] = busy_warning(
+        report["load_average"]["before"], report["load_average"]["after"], machine["cores"]
+    )
+    report.update(
+        skipped=log.skipped,
+        stages=log.stages,
+        errors=log.errors,
+        elapsed_s=round(time.perf_counter() - budget.start, 1),
+    )
     report = as_dict(report)
     with log.stage("plots") as ok:
         if ok:
@@ -163,7 +203,7 @@ def _bundle_precisions(precisions: Iterable[str]) -> tuple[str, ...]:
     return ("fp32", "fp16") if "fp16" in precisions else ("fp32",)
 
 
-def bundle_problem(bundle: Path, run_dir: Path, precisions: Sequence[str]) -> Optional[str]:
+def bundle_problem(bundle: Path, run_dir: Path, precisions: Sequence[str]) -> str | None:
     """Why `bundle` cannot stand for this run's model (None: it can). A bundle is identified by the
     sha256 of the checkpoint it was exported from: a report must never time or score old weights."""
     from ..checkpoint import WEIGHTS_FILE
@@ -181,8 +221,9 @@ def bundle_problem(bundle: Path, run_dir: Path, precisions: Sequence[str]) -> Op
     return None
 
 
-def _run_stages(setup: Setup, report: dict, data_roots, backends, precisions, max_images, official, budget: Budget,
-                classes=None) -> None:
+def _run_stages(
+    setup: Setup, report: dict, data_roots, backends, precisions, max_images, official, budget: Budget, classes=None
+) -> None:
     log = setup.log
     with log.stage("complexity: this run") as ok:
         if ok:
@@ -204,7 +245,11 @@ def _run_stages(setup: Setup, report: dict, data_roots, backends, precisions, ma
             report["latency"] = bench_latency(setup, backends, precisions, budget)
     off = None
     if official:
-        config, label = (PAPER_CONFIG, "official HGAD configuration") if official is True else (dict(official), "official-like configuration (overridden)")
+        config, label = (
+            (PAPER_CONFIG, "official HGAD configuration")
+            if official is True
+            else (dict(official), "official-like configuration (overridden)")
+        )
         with log.stage("official configuration") as ok:
             if ok:
                 off = report["official"] = bench_official(setup, config, label, budget)
@@ -212,7 +257,9 @@ def _run_stages(setup: Setup, report: dict, data_roots, backends, precisions, ma
         if official is True:
             with log.stage("complexity: official configuration at 256x256") as ok:
                 if ok:
-                    report["complexity"]["paper_config_tab5_input"] = count_complexity(build_scorer(paper_config_at(256))[0])
+                    report["complexity"]["paper_config_tab5_input"] = count_complexity(
+                        build_scorer(paper_config_at(256))[0]
+                    )
     else:
         log.skip("official configuration", "official=False")
     report["ratios"] = compute_ratios(report["latency"], off.latency if off else None)
@@ -220,7 +267,9 @@ def _run_stages(setup: Setup, report: dict, data_roots, backends, precisions, ma
     if data_roots:
         with log.stage("accuracy") as ok:
             if ok:
-                report["accuracy"] = bench_accuracy(setup, data_roots, backends, precisions, max_images, budget, classes)
+                report["accuracy"] = bench_accuracy(
+                    setup, data_roots, backends, precisions, max_images, budget, classes
+                )
     else:
         log.skip("accuracy", "no data root given (--data)")
     _where_time_goes(setup, report, backends, budget)
@@ -230,7 +279,9 @@ def _where_time_goes(setup: Setup, report: dict, backends, budget: Budget) -> No
     log = setup.log
     with log.stage("breakdown: torch eager components") as ok:
         if ok:
-            report["breakdown"]["torch_components"] = component_latency(setup.scorer, setup.device, setup.warmup, setup.iters, budget)
+            report["breakdown"]["torch_components"] = component_latency(
+                setup.scorer, setup.device, setup.warmup, setup.iters, budget
+            )
     if "onnxruntime" not in backends:
         return
     with log.stage("breakdown: ONNX Runtime op profile") as ok:
@@ -238,4 +289,6 @@ def _where_time_goes(setup: Setup, report: dict, backends, budget: Budget) -> No
             from ..runtime.bundle import load_bundle
 
             path = load_bundle(setup.bundle).model_path("fp32")
-            report["breakdown"]["ort_profile"] = ort_op_profile(path, setup.cfg.input_size, report["machine"]["cores"], setup.warmup, setup.iters, setup.folder)
+            report["breakdown"]["ort_profile"] = ort_op_profile(
+                path, setup.cfg.input_size, report["machine"]["cores"], setup.warmup, setup.iters, setup.folder
+            )

@@ -43,7 +43,7 @@ class Runner:
         self.precision = "fp32"
         self.is_active = False
 
-    def activate(self) -> "Runner":
+    def activate(self) -> Runner:
         if not self.is_active:
             self.activate_impl()
             self.is_active = True
@@ -63,7 +63,7 @@ class Runner:
             self.is_active = False
             self.deactivate_impl()
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self.activate()
 
     def __exit__(self, *exc: object) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def uses_gpu(providers: list[Any]) -> bool:
 class SessionFromOnnx:
     """Loader: an `onnxruntime.InferenceSession` for one ONNX file and provider list."""
 
-    def __init__(self, path: Path | str, providers: list[Any], threads: Optional[int] = None) -> None:
+    def __init__(self, path: Path | str, providers: list[Any], threads: int | None = None) -> None:
         self.path = Path(path)
         self.providers = providers
         self.threads = threads
@@ -74,7 +75,9 @@ class SessionFromOnnx:
     def __call__(self) -> Any:
         ort = _import_ort()
         if not self.path.is_file():
-            msg = f"model file {self.path} is missing from the bundle; copy the whole bundle folder again or re-export it"
+            msg = (
+                f"model file {self.path} is missing from the bundle; copy the whole bundle folder again or re-export it"
+            )
             raise BundleError(msg, Status.BUNDLE_NOT_FOUND)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # ORT warnings about EP fallbacks are noise on the edge
@@ -110,7 +113,9 @@ class OnnxRuntimeRunner(Runner):
         self._check_signature()
         self.inputs = {s.name: np.zeros((self.max_batch, *s.shape), s.dtype) for s in self.input_specs}
         reference = self._run_plain(1)
-        self.outputs = {n: np.empty((self.max_batch, *v.shape[1:]), v.dtype) for n, v in zip(self.output_names, reference)}
+        self.outputs = {
+            n: np.empty((self.max_batch, *v.shape[1:]), v.dtype) for n, v in zip(self.output_names, reference)
+        }
         self.use_io_binding = self._try_io_binding(reference)
         providers = ",".join(self.session.get_providers())
         how = "io_binding" if self.use_io_binding else "run+copy"
@@ -129,7 +134,9 @@ class OnnxRuntimeRunner(Runner):
                 raise BundleError(msg, Status.BUNDLE_INCOMPATIBLE)
         missing = [n for n in self.output_names if n not in outputs]
         if missing:
-            msg = f"the ONNX model lacks outputs {missing} (has {sorted(outputs)}); re-export it with `hgad-edge export`"
+            msg = (
+                f"the ONNX model lacks outputs {missing} (has {sorted(outputs)}); re-export it with `hgad-edge export`"
+            )
             raise BundleError(msg, Status.BUNDLE_INCOMPATIBLE)
 
     def _run_plain(self, batch: int) -> list[np.ndarray]:

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def engine_problems(
     models: dict[str, Any],
     trt_version: str,
     compute_capability: Any,
-    max_batch: Optional[int] = None,
+    max_batch: int | None = None,
     allow_host_code: bool = True,
 ) -> list[str]:
     """Why one engine (a metadata `engines` entry) cannot run here; empty when it fits."""
@@ -116,7 +116,7 @@ def choose_engine(
     trt_version: str,
     compute_capability: Any,
     precision: str = "auto",
-    max_batch: Optional[int] = None,
+    max_batch: int | None = None,
     bundle: Path | str = "<bundle>",
     target: str = "tensorrt",
     allow_host_code: bool = True,
@@ -192,7 +192,7 @@ class EngineFromPath:
     """Loader: check the engine's sha256, deserialise it; returns (runtime, engine), the runtime must outlive it."""
 
     def __init__(
-        self, trt: Any, path: Path, fix: str, sha256: Optional[str] = None, allow_host_code: bool = False
+        self, trt: Any, path: Path, fix: str, sha256: str | None = None, allow_host_code: bool = False
     ) -> None:
         self.trt = trt
         self.path = Path(path)

@@ -26,7 +26,7 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import BackendUnavailableError
 
@@ -160,7 +160,7 @@ def import_target(target: str, build: bool = False) -> Any:
     """The module of `target` (builder module when `build`); BackendUnavailableError naming the install."""
     spec = get_target(target)
     names = (spec.builder_module,) if build else spec.runtime_modules
-    first_error: Optional[Exception] = None
+    first_error: Exception | None = None
     for name in names:
         try:
             return importlib.import_module(name)
@@ -176,7 +176,7 @@ def importable(target: str, build: bool = False) -> bool:
     return any(importlib.util.find_spec(n) is not None for n in names)
 
 
-def tensorrt_status(target: Optional[str] = None) -> tuple[bool, str]:
+def tensorrt_status(target: str | None = None) -> tuple[bool, str]:
     """Whether TensorRT engines can run here, checked without constructing any TensorRT object.
 
     `target` None: any target. Returns (ok, reason when not).
@@ -194,7 +194,7 @@ def tensorrt_status(target: Optional[str] = None) -> tuple[bool, str]:
 
 
 # ---- logger ----------------------------------------------------------------------------------------
-_LOGGERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_LOGGERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def make_logger(trt: Any) -> Any:
