@@ -4,7 +4,8 @@ backbone, features, seed and training budget; writes DIR/ablation.json and DIR/a
     python benchmarks/ablation.py --data ROOT [--data ROOT2] --out DIR [--epochs N] [--modes knn,single,full]
 
 Modes: knn (the bar: a unified PatchCore-style nearest-neighbour scorer on the same backbone
-features, no flows; hgad_edge/knn.py), single (one N(0, I) centre: the CFLOW-style unified baseline), fixed (fixed centre per class),
+features, no flows; hgad_edge/knn.py), single (one N(0, I) centre: the CFLOW-style unified baseline),
+fixed (fixed centre per class),
 gmm (+ learnable inter-class mixture, L_g), mi (+ mutual information and entropy), full (+ intra-class
 centres: HGAD).
 """

@@ -9,7 +9,8 @@ images and reported on the other half (`hgad_edge.evaluate.tuning_half`).
 Rows are named in ROWS below: overrides of BASE (the default of commit cc2a7f1, written out in
 full so the study reproduces after the defaults change). Each finished row leaves its model in
 WORK/runs/ROW, its full config in OUT/configs/ROW.yaml and its metrics in OUT/rows/ROW.json; the
-table OUT/study.md is rebuilt from every finished row. Backbone features of the training and test images are computed once per
+table OUT/study.md is rebuilt from every finished row. Backbone features of the training and test images are
+computed once per
 feature setting and reused by every row that shares it. `--rescore` re-evaluates a trained row
 with other scoring settings (no retraining): the SCORING sweep.
 """

@@ -48,7 +48,10 @@ def find_images(folder: Path | str) -> list[Path]:
         )
     found = [p for p in _find_images(root) if p.is_file()]
     if not found:
-        msg = f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; pass a folder of normal images, e.g. <dataset>/<class>/train/good"
+        msg = (
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; "
+            "pass a folder of normal images, e.g. <dataset>/<class>/train/good"
+        )
         raise CalibrationError(msg)
     return found
 
@@ -142,7 +145,8 @@ def make_entropy_calibrator(
     base = getattr(trt, "IInt8EntropyCalibrator2", None)
     if base is None:
         msg = (
-            f"TensorRT {getattr(trt, '__version__', '?')} has no IInt8EntropyCalibrator2: implicit INT8 calibration is gone "
+            f"TensorRT {getattr(trt, '__version__', '?')} has no IInt8EntropyCalibrator2: "
+            "implicit INT8 calibration is gone "
             "(TensorRT 11); quantize the ONNX model explicitly with Q/DQ nodes (TensorRT Model Optimizer) or build fp16"
         )
         raise CalibrationError(msg)

@@ -315,7 +315,8 @@ def trt_major(trt: Any) -> int:
 def _require_int8_support(trt: Any) -> None:
     if trt_major(trt) >= 11 or not hasattr(trt, "IInt8EntropyCalibrator2") or not hasattr(trt.BuilderFlag, "INT8"):
         msg = (
-            f"TensorRT {trt.__version__} removed implicit INT8 calibration (IInt8EntropyCalibrator2 / BuilderFlag.INT8): "
+            f"TensorRT {trt.__version__} removed implicit INT8 calibration "
+            "(IInt8EntropyCalibrator2 / BuilderFlag.INT8): "
             "INT8 needs explicit quantization, i.e. Q/DQ nodes in the ONNX graph (NVIDIA TensorRT Model Optimizer); "
             "build --precision fp16 instead"
         )
@@ -535,7 +536,10 @@ def _check_network(trt: Any, network: Any, facts: NetworkFacts, options: BuildOp
     for name, (dtype, rank) in wanted.items():
         tensor = found[name]
         if tensor.dtype != dtype or len(tensor.shape) != rank:
-            msg = f"input {name} is {tensor.dtype} rank {len(tensor.shape)}, expected {dtype} rank {rank}; re-export the bundle"
+            msg = (
+                f"input {name} is {tensor.dtype} rank {len(tensor.shape)}, expected {dtype} rank {rank}; "
+                "re-export the bundle"
+            )
             raise BuildError(msg)
     if options.outputs is not None and list(facts.outputs) != list(options.outputs):
         raise BuildError(

@@ -86,7 +86,8 @@ def _match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         extra, missing = sorted(set(state) - common), sorted(set(target) - common)
         msg = (
             f"{source}: names match timm's {type(model).__name__} but {len(extra)} tensor(s) are extra "
-            f"({', '.join(extra[:3])}) and {len(missing)} missing ({', '.join(missing[:3])}); is it the right architecture?"
+            f"({', '.join(extra[:3])}) and {len(missing)} missing ({', '.join(missing[:3])}); "
+            "is it the right architecture?"
         )
         raise BackboneError(msg)
     if len(state) != len(target):
@@ -95,7 +96,10 @@ def _match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     mapped = {}
     for (tk, tv), (sk, sv) in zip(target.items(), state.items()):
         if sk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1]:
-            msg = f"{source}: tensor {sk} lines up with timm's {tk} (another kind of tensor): the file's order differs from the architecture's"
+            msg = (
+                f"{source}: tensor {sk} lines up with timm's {tk} (another kind of tensor): "
+                "the file's order differs from the architecture's"
+            )
             raise BackboneError(msg)
         mapped[tk] = _same_shape(sv, sk, tv, tk, source)
     return mapped
@@ -103,7 +107,10 @@ def _match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: 
 
 def _same_shape(value: torch.Tensor, name: str, expected: torch.Tensor, timm_name: str, source: Path) -> torch.Tensor:
     if tuple(value.shape) != tuple(expected.shape):
-        msg = f"{source}: tensor {name} has shape {tuple(value.shape)}, timm's {timm_name} expects {tuple(expected.shape)}"
+        msg = (
+            f"{source}: tensor {name} has shape {tuple(value.shape)}, "
+            f"timm's {timm_name} expects {tuple(expected.shape)}"
+        )
         raise BackboneError(msg)
     return value
 

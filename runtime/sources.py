@@ -70,8 +70,13 @@ SOURCE_FORMS = (
 MAX_BAD_FRAMES = 50  # consecutive unusable frames before a live source counts as dropped
 
 _HINTS = {
-    "camera": "check the cable, that no other program holds the camera, and permissions (sudo usermod -aG video $USER, then log in again)",
-    "csi": "check the ribbon cable and sensor-id, and restart the camera daemon (sudo systemctl restart nvargus-daemon)",
+    "camera": (
+        "check the cable, that no other program holds the camera, "
+        "and permissions (sudo usermod -aG video $USER, then log in again)"
+    ),
+    "csi": (
+        "check the ribbon cable and sensor-id, and restart the camera daemon (sudo systemctl restart nvargus-daemon)"
+    ),
     "stream": "check the URL, credentials and network (open it with ffplay or VLC to compare)",
     "video": "check that the file is a complete video OpenCV's FFmpeg can decode",
 }
@@ -407,7 +412,10 @@ class FrameSource:
     def _check_not_dead(self, empty_in_row: int) -> None:
         """A source that opens but never delivers a frame must not spin in a reconnect loop."""
         if empty_in_row > self.reconnect_attempts:
-            msg = f"{self.spec.label} ({self.spec.uri}) opens but delivers no frames ({empty_in_row} tries): {_HINTS[self.spec.kind]}"
+            msg = (
+                f"{self.spec.label} ({self.spec.uri}) opens but delivers no frames ({empty_in_row} tries): "
+                f"{_HINTS[self.spec.kind]}"
+            )
             raise SourceError(msg)
         if empty_in_row:
             self._stop.wait(min(self.backoff_s * 2 ** (empty_in_row - 1), self.backoff_max_s))

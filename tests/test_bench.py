@@ -50,7 +50,10 @@ def test_machine_folder_name():
 
 
 def test_cpu_model_and_physical_cores_from_cpuinfo():
-    x86 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nphysical id\t: 0\ncore id\t: 0\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\nphysical id\t: 0\ncore id\t: 0\n"
+    x86 = (
+        "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nphysical id\t: 0\ncore id\t: 0\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 7B13\nphysical id\t: 0\ncore id\t: 0\n"
+    )
     assert bench.cpu_model(x86) == "AMD EPYC 7B13"
     assert bench.physical_cores(x86) == 1  # two hyper-threads of one core
     arm = "processor\t: 0\nBogoMIPS\t: 62.50\nCPU implementer\t: 0x41\n\nHardware\t: tegra\n"

@@ -124,9 +124,15 @@ def busy_warning(load_before: Sequence[float] | None, load_after: Sequence[float
     """A warning when other work was running: 1-minute load above half the cores before the
     benchmark started, or above the cores plus 1 at its end (the benchmark itself uses them all)."""
     if load_before and load_before[0] > 0.5 * cores:
-        return f"the machine was busy before the benchmark started (1-min load {load_before[0]} on {cores} cores): numbers are not representative"
+        return (
+            f"the machine was busy before the benchmark started (1-min load {load_before[0]} on {cores} cores): "
+            "numbers are not representative"
+        )
     if load_after and load_after[0] > cores + 1:
-        return f"other work ran during the benchmark (1-min load {load_after[0]} on {cores} cores at the end): numbers are not representative"
+        return (
+            f"other work ran during the benchmark (1-min load {load_after[0]} on {cores} cores at the end): "
+            "numbers are not representative"
+        )
     return None
 
 

@@ -76,7 +76,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"# hgad-edge benchmark: {m['name']}",
         "",
         f"Run `{run['path']}` ({run['backbone']}, input {run['input_size']}, "
-        f"{run['levels']} levels, {run['coupling_blocks']} couplings, {len(run['classes'])} classes), {report['created']}.",
+        f"{run['levels']} levels, {run['coupling_blocks']} couplings, {len(run['classes'])} classes), "
+        f"{report['created']}.",
         "",
     ]
     if report.get("busy_warning"):
@@ -84,15 +85,20 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["## Machine", ""]
     board = f" on {m['board']}" if m.get("board") else ""
     lines += [
-        f"- CPU: {m['cpu_model']}{board}, {m['cores']} usable cores ({m['physical_cores']} physical); GPU: {m['gpu'] or 'none'}",
-        f"- host {m['hostname']}, {m['platform']}, Python {m['python']}; 1/5/15-min load before {report['load_average']['before']}, "
+        f"- CPU: {m['cpu_model']}{board}, {m['cores']} usable cores ({m['physical_cores']} physical); "
+        f"GPU: {m['gpu'] or 'none'}",
+        f"- host {m['hostname']}, {m['platform']}, Python {m['python']}; "
+        f"1/5/15-min load before {report['load_average']['before']}, "
         f"after {report['load_average']['after']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
-        f"- threads: torch {s['threads']['torch']}; ONNX Runtime intra-op: runtime Detector {s['threads']['onnxruntime_detector_intra_op']} "
-        f"(ORT default: {s['threads']['onnxruntime_default_means']}), op profile session {s['threads']['onnxruntime_profile_intra_op']}; "
+        f"- threads: torch {s['threads']['torch']}; "
+        f"ONNX Runtime intra-op: runtime Detector {s['threads']['onnxruntime_detector_intra_op']} "
+        f"(ORT default: {s['threads']['onnxruntime_default_means']}), "
+        f"op profile session {s['threads']['onnxruntime_profile_intra_op']}; "
         f"TF32 {'on' if s['tf32'] else 'off'}",
         f"- timing: {s['warmup']} warm-up + {s['iters']} timed calls per case; end to end = host resize of a "
-        f"{s['camera_frame_hw'][1]}x{s['camera_frame_hw'][0]} RGB frame + inference + outputs on the host; model only = the inference call",
+        f"{s['camera_frame_hw'][1]}x{s['camera_frame_hw'][0]} RGB frame + inference + outputs on the host; "
+        "model only = the inference call",
         "",
     ]
     lines += _targets_md(report) + _complexity_section(report) + _latency_section(report)
@@ -130,7 +136,10 @@ def _complexity_section(report: dict) -> list[str]:
         lines += _complexity_md(cx["ours"], "This run")
     official = report.get("official") or {}
     titles = {
-        "paper_config": f"{official.get('label', 'official configuration')} at its real input ({_config_text(official.get('config'))}; random weights)",
+        "paper_config": (
+            f"{official.get('label', 'official configuration')} at its real input "
+            f"({_config_text(official.get('config'))}; random weights)"
+        ),
         "paper_config_tab5_input": "official HGAD configuration at 256x256 (the input of the paper's Tab. 5)",
     }
     for key, title in titles.items():
@@ -138,8 +147,10 @@ def _complexity_section(report: dict) -> list[str]:
             lines += _complexity_md(cx[key], title[0].upper() + title[1:])
     t5 = PAPER_TAB5
     lines += [
-        f"Paper Tab. 5 (HGAD, at 256x256): {t5['gflops']} GFLOPs, {t5['learnable_params_m']}M learnable parameters, {t5['fps']} fps. "
-        "Our counts of the official configuration above are at its real input unless labelled 256x256; the paper does not "
+        f"Paper Tab. 5 (HGAD, at 256x256): {t5['gflops']} GFLOPs, {t5['learnable_params_m']}M learnable parameters, "
+        f"{t5['fps']} fps. "
+        "Our counts of the official configuration above are at its real input unless labelled 256x256; "
+        "the paper does not "
         "say whether its 'FLOPs' are multiply-adds.",
         "",
     ]
@@ -151,7 +162,8 @@ def _config_text(config: dict | None) -> str:
         return "?"
     bb, flow = config.get("backbone", {}), config.get("flow", {})
     return (
-        f"{bb.get('name', 'tf_efficientnet_lite0')} stages {bb.get('stages', '?')}, pyramid {bb.get('pyramid', [1.0])}, "
+        f"{bb.get('name', 'tf_efficientnet_lite0')} stages {bb.get('stages', '?')}, "
+        f"pyramid {bb.get('pyramid', [1.0])}, "
         f"{flow.get('coupling_blocks', 8)} couplings"
     )
 
@@ -217,7 +229,8 @@ def _accuracy_section(report: dict) -> list[str]:
     if not acc:
         return lines + ["No data root given (--data): accuracy not measured.", ""]
     lines += [
-        f"Data: {', '.join(acc['data_roots'])}; at most {acc['max_images'] or 'all'} test images per class, class id given (not auto).",
+        f"Data: {', '.join(acc['data_roots'])}; at most {acc['max_images'] or 'all'} test images per class, "
+        "class id given (not auto).",
         "",
     ]
     cases = sorted({k for per in acc["classes"].values() for k in per})
@@ -260,7 +273,8 @@ def _breakdown_section(report: dict) -> list[str]:
     prof = bd.get("ort_profile")
     if prof:
         lines += [
-            f"ONNX Runtime profile of {prof['model']} (CPU, batch 1, {prof['intra_op_threads']} intra-op threads, {prof['runs']} runs, "
+            f"ONNX Runtime profile of {prof['model']} (CPU, batch 1, {prof['intra_op_threads']} intra-op threads, "
+            f"{prof['runs']} runs, "
             f"{prof['kernel_ms_per_run']:.3g} ms kernel time per run), top op types:",
             "",
         ]

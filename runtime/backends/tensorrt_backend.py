@@ -295,7 +295,10 @@ class TensorRTRunner(Runner):
         wanted = {s.name: True for s in self.input_specs} | {n: False for n in self.output_names}
         wrong = [n for n, is_input in wanted.items() if io.get(n) is not is_input]
         if wrong:
-            msg = f"engine {self.loader.path.name} does not have the bundle's tensors {wrong} (has {sorted(io)}); rebuild it: {self.loader.fix}"
+            msg = (
+                f"engine {self.loader.path.name} does not have the bundle's tensors {wrong} (has {sorted(io)}); "
+                f"rebuild it: {self.loader.fix}"
+            )
             raise EngineError(msg, Status.ENGINE_STALE)
 
     def _allocate(self) -> None:
@@ -317,11 +320,17 @@ class TensorRTRunner(Runner):
     def _allocate_input(self, spec: TensorSpec) -> None:
         max_shape = tuple(int(d) for d in self.engine.get_tensor_profile_shape(spec.name, 0)[2])
         if max_shape[0] < self.max_batch:
-            msg = f"engine {self.loader.path.name} takes batches up to {max_shape[0]}; create with max_batch<={max_shape[0]} or rebuild: {self.loader.fix}"
+            msg = (
+                f"engine {self.loader.path.name} takes batches up to {max_shape[0]}; "
+                f"create with max_batch<={max_shape[0]} or rebuild: {self.loader.fix}"
+            )
             raise EngineError(msg, Status.ENGINE_STALE)
         dtype = _np_dtype(self.trt, self.engine.get_tensor_dtype(spec.name))
         if dtype != spec.dtype or tuple(max_shape[1:]) != spec.shape:
-            msg = f"engine input {spec.name} is {dtype}{list(max_shape[1:])}, the bundle says {spec.dtype}{list(spec.shape)}; rebuild: {self.loader.fix}"
+            msg = (
+                f"engine input {spec.name} is {dtype}{list(max_shape[1:])}, "
+                f"the bundle says {spec.dtype}{list(spec.shape)}; rebuild: {self.loader.fix}"
+            )
             raise EngineError(msg, Status.ENGINE_STALE)
         self.mems[spec.name] = HostDeviceMem(self.cuda, (self.max_batch, *spec.shape), dtype)
         self.inputs[spec.name] = self.mems[spec.name].host
