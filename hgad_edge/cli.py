@@ -161,7 +161,9 @@ def info():
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16"]),
               help="Graphs to export (default both: FP32 and the mixed FP16 graph).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
-def export_cmd(run, out, precisions, no_simplify):
+@click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a Triton model repository of the bundle here (see `hgad-edge triton-repo`).")
+def export_cmd(run, out, precisions, no_simplify, triton_repo):
     """Fused ONNX graphs (FP32 and mixed FP16) + metadata: the bundle the runtime and `build` use."""
     require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "export")
     from .export.onnx_export import ExportError, export_bundle
@@ -177,7 +179,64 @@ def export_cmd(run, out, precisions, no_simplify):
         problems = "TensorRT import problems: " + "; ".join(check.problems)
         verdict = f"imports into TensorRT ({check.checker})" if check.ok else problems
         click.echo(f"{path}: opset {facts['opset']}, {facts['nodes']} nodes, {facts['exporter']}; {verdict}")
+    if triton_repo is not None:
+        _write_triton_repo(out, triton_repo)
     click.echo(f"next: hgad-edge build {out} --precision fp16   (on the target GPU; --target rtx: for RTX GPUs, here)")
+
+
+def _write_triton_repo(bundle: Path, repo: Path, **options) -> None:
+    from .export.triton_repo import RepositoryError, write_repository
+    from .runtime.errors import HgadRuntimeError
+
+    try:
+        models = write_repository(bundle, repo, **options)
+    except (RepositoryError, HgadRuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for model in models:
+        click.echo(f"{model.path}: {model.platform} ({model.precision}, max batch {model.max_batch})")
+        for note in model.notes:
+            click.echo(f"  note: {note}")
+    click.echo(f"serve it on the GPU server: tritonserver --model-repository {repo}   (NVIDIA's Triton container)")
+    click.echo(f"then score from a station: hgad-edge run grpc://SERVER:8001/{models[0].name} SOURCE --headless")
+
+
+@main.command(name="triton-repo")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="max_batch_size of the ONNX models (TensorRT models take their engine's profile).")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="How long the dynamic batcher may hold a request to fill a batch.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances per GPU.")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True, help="Instance kind of the ONNX models.")
+@click.option("--prefix", default="hgad", show_default=True, help="Model names: PREFIX_onnx_fp32, PREFIX_trt_fp16, ...")
+def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix):
+    """Write a Triton Inference Server model repository (ONNX Runtime + TensorRT models) from a bundle."""
+    _write_triton_repo(bundle, repo, max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, kind=kind, prefix=prefix)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Largest batch the dynamic batcher forms.")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances (runtimes) in the server.")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+def serve(bundle, grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend, precision):
+    """Serve a bundle with an embedded Triton Inference Server (PyTriton) for many camera stations."""
+    require("serve", ("pytriton", "tritonclient.grpc"), "serve")
+    from .runtime.errors import HgadRuntimeError
+    from .serve import ServeError, ServeOptions, serve_forever
+
+    options = ServeOptions(grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend, precision)
+    try:
+        serve_forever(bundle, options, announce=lambda line: click.echo(line))
+    except (ServeError, HgadRuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
@@ -230,12 +289,23 @@ def check_trt(onnx_file, table_only):
         raise click.ClickException("the graph will not build as is: see the errors above")
 
 
+def _bundle_or_server(ctx, param, value: str):
+    """A bundle folder, or an inference server's grpc://host:port[/model] URL."""
+    if value.startswith("grpc://"):
+        return value
+    path = Path(value)
+    if not path.is_dir():
+        raise click.BadParameter(f"{value} is neither a bundle folder nor a server URL (grpc://host:8001)")
+    return path
+
+
 @main.command()
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle", callback=_bundle_or_server)
 @click.argument("source", required=False)
 @click.option("--camera", type=str, help="Camera index or device (same as SOURCE): 0, csi://0, v4l2:///dev/video0.")
 @click.option("--class", "class_name", default="auto", show_default=True, help="Product class name, or auto.")
-@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="auto", show_default=True,
+              help="triton: BUNDLE is a server URL, grpc://host:8001[/model] (auto picks it for such URLs).")
 @click.option("--precision", type=click.Choice(RUNTIME_PRECISIONS), default="auto", show_default=True,
               help="Engine/graph precision; int8 needs a TensorRT engine built with --calib-dir.")
 @click.option("--headless", is_flag=True, help="No window; print JSON lines / summary only.")
@@ -252,7 +322,8 @@ def check_trt(onnx_file, table_only):
                    "(only engines you trust).")
 def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, overwrite, save_anomalies,
         max_frames, reconnect_attempts, allow_engine_host_code):
-    """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle (no torch needed).
+    """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle or an
+    inference server's grpc:// URL (no torch needed).
 
     Exits non-zero when no frame could be scored or an anomalous frame could not be saved."""
     from .runtime.app import AppError, run_app, run_problems

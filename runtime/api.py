@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .backends import create_runner
+from .backends import create_runner, is_server_url, open_server
 from .backends.base import Runner
 from .bundle import Bundle, load_bundle
 from .errors import HgadRuntimeError, InvalidArgumentError, Status
@@ -102,15 +102,19 @@ def create(
     max_batch: int = 8,
     allow_engine_host_code: bool = False,
 ) -> tuple[Status, Optional[int]]:
-    """Load a bundle on a backend ("auto", "tensorrt", "onnxruntime"); returns (status, handle).
+    """Load a bundle on a backend ("auto", "tensorrt", "onnxruntime"), or connect to an inference
+    server (bundle="grpc://host:8001[/model]", backend "triton" or "auto"); returns (status, handle).
 
     allow_engine_host_code=True lets TensorRT load version-compatible engines, which carry host code
     that runs in this process: pass it only for engines you built or trust.
     """
     try:
         _check_create_args(device, max_batch)
-        loaded = load_bundle(bundle)
-        runner = create_runner(loaded, backend, int(device), precision, int(max_batch), bool(allow_engine_host_code))
+        if is_server_url(bundle):
+            loaded, runner = open_server(bundle, backend, precision, int(max_batch))
+        else:
+            loaded = load_bundle(bundle)
+            runner = create_runner(loaded, backend, int(device), precision, int(max_batch), bool(allow_engine_host_code))
     except HgadRuntimeError as err:
         return _fail(err.status, str(err)), None
     except Exception as err:
@@ -204,5 +208,5 @@ def info(handle: int) -> tuple[Status, Optional[dict[str, Any]]]:
         "thresholds": list(bundle.thresholds),
         "normalized_threshold": bundle.normalized_threshold,
         "display_range": tuple(bundle.display_range),
-        "bundle": str(bundle.path),
+        "bundle": getattr(runner, "url", str(bundle.path)),
     }

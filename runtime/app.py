@@ -7,6 +7,9 @@ Outputs never lose what was there: `--output` is opened only once bundle, source
 checked, appended to when it exists (replaced only with overwrite=True, and then written aside and
 renamed at the end); saved anomalies carry the run id in their names. `run_problems` says which
 summaries must end in a non-zero exit (nothing scored, every frame corrupt, evidence not saved).
+Scoring on an inference server (BUNDLE = grpc://...) survives the server going away: a live frame
+that cannot be scored is lost and counted, a file or folder frame waits for the server
+(--reconnect-attempts with backoff), and the summary says how many frames were lost.
 The click command only maps flags onto `run_app`; everything testable lives here.
 """
 
@@ -32,6 +35,7 @@ from hgad_edge.files import atomic_path
 from hgad_edge.overlay import heatmap_overlay
 
 from .detector import Detector
+from .errors import BackendUnavailableError
 from .sources import Frame, FrameSource, SourceError, check_supported, parse_source
 
 __all__ = ["AppError", "format_summary", "run_app", "run_problems"]
@@ -43,6 +47,10 @@ DISPLAY_MAX_SIDE = 1280  # overlays for the window are drawn at most this large 
 
 class AppError(RuntimeError):
     """A problem with how the app was started (no GUI, unwritable output); the message says the fix."""
+
+
+class ServerLostError(AppError):
+    """The inference server stayed away longer than --reconnect-attempts allow for a file frame."""
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -250,6 +258,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['dropped_frames']} dropped, {summary['skipped_corrupt']} corrupt skipped, "
         f"{summary['reconnects']} reconnects, backend {summary['backend']}"
         + (f", {summary['save_failures']} anomalies NOT saved" if summary["save_failures"] else "")
+        + (f", server away {summary['server_outages']}x: {summary['lost_to_server']} frames lost, "
+           f"{summary['server_reconnects']} reconnects" if summary["server_outages"] else "")
         + (" (interrupted)" if summary["interrupted"] else "")
     )
 
@@ -262,6 +272,8 @@ def run_problems(summary: dict[str, Any]) -> list[str]:
         detail = "the source delivered no frame"
         if corrupt:
             detail = f"all {corrupt} frames/files were corrupt or unusable (see the warnings above)"
+        if summary.get("lost_to_server"):
+            detail = f"all {summary['lost_to_server']} frames were lost: the inference server was unreachable"
         problems.append(f"no frame was scored: {detail}; check the source {summary['source']}")
     if summary["save_failures"]:
         problems.append(
@@ -280,6 +292,19 @@ class _Counters:
         self.fps: Optional[float] = None
         self.started = time.perf_counter()
         self.last = self.started
+        self.lost_to_server = 0  # live frames not scored because the inference server was away
+        self.server_outages = 0
+        self.server_reconnects = 0
+        self.server_down = False
+
+    def server_failed(self, err: Exception) -> None:
+        if not self.server_down:
+            self.server_down, self.server_outages = True, self.server_outages + 1
+            log.warning("%s", err)
+
+    def server_answered(self) -> None:
+        if self.server_down:
+            self.server_down, self.server_reconnects = False, self.server_reconnects + 1
 
     def tick(self, record: dict[str, Any]) -> None:
         now = time.perf_counter()
@@ -306,6 +331,9 @@ def _summary(
         "skipped_corrupt": stats.skipped_corrupt,
         "reconnects": stats.reconnects,
         "save_failures": counters.save_failures,
+        "lost_to_server": counters.lost_to_server,
+        "server_outages": counters.server_outages,
+        "server_reconnects": counters.server_reconnects,
         "anomaly_dir": None if anomaly_dir is None else str(anomaly_dir),
         "interrupted": interrupted,
         "backend": backend,
@@ -357,8 +385,9 @@ def run_app(
         window = None if headless else _Window(window_name)
         jsonl = None if output_jsonl is None else _JsonLines(output_jsonl, overwrite)  # opened last: nothing truncated
         try:
+            retry = (0 if frames.spec.live else reconnect_attempts, backoff_s)
             return _run_loop(
-                detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary, on_record
+                detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary, on_record, retry
             )
         finally:
             if jsonl is not None:
@@ -375,6 +404,7 @@ def _run_loop(
     max_frames: Optional[int],
     print_summary: bool,
     on_record: Optional[Callable[[dict[str, Any]], None]] = None,
+    retry: tuple[int, float] = (0, 0.5),
 ) -> dict[str, Any]:
     counters, interrupted, error = _Counters(), False, None
     vrange = tuple(detector.info["display_range"])
@@ -382,13 +412,16 @@ def _run_loop(
     try:
         with _SigtermAsInterrupt(), frames:
             for frame in frames:
-                if not _process(detector, frame, class_id, jsonl, saver, window, counters, vrange, on_record):
+                result = _score(detector, frame, class_id, counters, *retry)
+                if result is None:
+                    continue
+                if not _process(result, frame, jsonl, saver, window, counters, vrange, on_record):
                     break
                 if max_frames is not None and counters.frames >= max_frames:
                     break
     except KeyboardInterrupt:
         interrupted = True
-    except SourceError as err:
+    except (SourceError, ServerLostError) as err:
         error = err
     finally:
         if window is not None:
@@ -404,10 +437,32 @@ def _run_loop(
     return summary
 
 
+def _score(detector: Detector, frame: Frame, class_id: int, counters: _Counters, attempts: int, backoff_s: float) -> Any:
+    """The frame's Result; None when it is lost because the inference server is away (live sources).
+
+    Local backends never raise BackendUnavailableError once created; the triton backend does while
+    its server is unreachable. Frames of files and folders are not perishable: they wait.
+    """
+    for failures in itertools.count():
+        try:
+            result = detector.infer(frame.image, class_id)
+        except BackendUnavailableError as err:
+            counters.server_failed(err)
+            if attempts == 0:
+                counters.lost_to_server += 1
+                return None
+            if failures >= attempts:
+                msg = f"{err}; gave up on frame {frame.index} after {attempts} retries (raise --reconnect-attempts)"
+                raise ServerLostError(msg) from err
+            time.sleep(backoff_s * 2**failures)
+            continue
+        counters.server_answered()
+        return result
+
+
 def _process(
-    detector: Detector,
+    result: Any,
     frame: Frame,
-    class_id: int,
     jsonl: Optional[_JsonLines],
     saver: Optional[tuple[Path, str]],
     window: Optional[_Window],
@@ -415,8 +470,7 @@ def _process(
     vrange: tuple[float, float],
     on_record: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> bool:
-    """Score one frame and emit its outputs; False when the user asked to quit."""
-    result = detector.infer(frame.image, class_id)
+    """Emit one scored frame's outputs; False when the user asked to quit."""
     record = _record(frame, result)
     counters.tick(record)
     if jsonl is not None:

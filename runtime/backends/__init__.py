@@ -5,13 +5,15 @@ REGISTRY maps a backend name to its factory and the precisions it runs; a new ba
 AUTO_ORDER backends in turn (TensorRT or TensorRT-RTX: library importable, CUDA device present, an
 engine in the bundle that fits this TensorRT/GPU/model) and falls back to the next, logging why; the
 last one's error goes to the caller. An explicitly requested backend never falls back.
+A remote backend ("triton") has `connect` instead of `factory`: it scores on an inference server
+named by a URL (grpc://host:8001[/model]) in place of a bundle folder, see `open_server`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -21,9 +23,10 @@ from .base import Runner, TensorSpec
 from .onnxruntime_backend import OnnxRuntimeRunner, SessionFromOnnx, available_providers, choose_providers, uses_gpu
 from .cuda_api import CudaError
 from .tensorrt_backend import load_tensorrt_runner
+from .triton_backend import is_server_url
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "PRECISIONS", "REGISTRY", "BackendEntry", "Runner", "TensorSpec", "create_runner",
-           "input_specs"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "LOCAL_BACKENDS", "PRECISIONS", "REGISTRY", "BackendEntry", "Runner",
+           "TensorSpec", "create_runner", "input_specs", "is_server_url", "open_server"]
 
 log = logging.getLogger("hgad_edge.runtime")
 
@@ -68,23 +71,47 @@ def _tensorrt_runner(bundle: Bundle, device: int, precision: str, max_batch: int
         raise BackendUnavailableError(msg, Status.NO_DEVICE) from err
 
 
+def _triton_connect(url: str, precision: str, max_batch: int) -> tuple[Bundle, Runner]:
+    from . import triton_backend  # tritonclient is imported only when a server is used
+
+    return triton_backend.connect(url, input_specs, list(OUTPUT_NAMES), precision, max_batch)
+
+
 @dataclass(frozen=True)
 class BackendEntry:
-    """A runtime backend: factory(bundle, device, precision, max_batch, allow_engine_host_code) -> active Runner."""
+    """A runtime backend: factory(bundle, device, precision, max_batch, allow_engine_host_code) -> active
+    Runner, or for a remote one connect(url, precision, max_batch) -> (Bundle the server describes, Runner)."""
 
-    factory: Callable[[Bundle, int, str, int, bool], Runner]
+    factory: Callable[[Bundle, int, str, int, bool], Runner] | None
     precisions: tuple[str, ...]  # what it runs besides "auto"
     summary: str
+    connect: Callable[[str, str, int], tuple[Bundle, Runner]] | None = None
 
 
 REGISTRY: dict[str, BackendEntry] = {
     "tensorrt": BackendEntry(_tensorrt_runner, ("fp32", "fp16", "int8"),
                              "TensorRT or TensorRT-RTX engine in the bundle (hgad-edge build)"),
     "onnxruntime": BackendEntry(_onnxruntime_runner, ("fp32", "fp16"), "ONNX Runtime on CPU, or CUDA where available"),
+    "triton": BackendEntry(None, ("fp32", "fp16", "int8"), "client of a Triton Inference Server (hgad-edge serve): "
+                           "BUNDLE is its URL, grpc://host:8001[/model]", connect=_triton_connect),
 }
-AUTO_ORDER = ("tensorrt", "onnxruntime")  # what "auto" tries, in turn
+AUTO_ORDER = ("tensorrt", "onnxruntime")  # what "auto" tries, in turn, for a bundle folder
 BACKENDS = ("auto", *REGISTRY)
+LOCAL_BACKENDS = ("auto", *(name for name, entry in REGISTRY.items() if entry.factory is not None))  # need a bundle
 PRECISIONS = ("auto", *dict.fromkeys(p for entry in REGISTRY.values() for p in entry.precisions))
+
+
+def open_server(url: str, backend: str = "auto", precision: str = "auto", max_batch: int = 8) -> tuple[Bundle, Runner]:
+    """(Bundle the server describes, runner sending to it) for a server URL; "auto" picks the remote backend."""
+    remote = [name for name, entry in REGISTRY.items() if entry.connect is not None]
+    if backend == "auto":
+        backend = remote[0]
+    if backend not in remote:
+        msg = f"{url} is an inference server: use backend={remote[0]!r} (or 'auto'), not {backend!r}"
+        raise InvalidArgumentError(msg)
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return REGISTRY[backend].connect(url, precision, max_batch)
 
 
 def create_runner(
@@ -101,8 +128,13 @@ def create_runner(
     if precision not in PRECISIONS:
         raise InvalidArgumentError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     args = (bundle, device, precision, max_batch, allow_engine_host_code)
-    if backend != "auto":
-        return REGISTRY[backend].factory(*args)
+    entry = REGISTRY.get(backend)
+    if entry is not None and entry.factory is None:
+        msg = (f"backend {backend!r} scores on an inference server: pass its URL (grpc://host:8001) instead of the "
+               f"bundle {bundle.path}, serving the bundle there with `hgad-edge serve`")
+        raise InvalidArgumentError(msg)
+    if entry is not None:
+        return entry.factory(*args)
     *fallible, last = AUTO_ORDER
     for name in fallible:
         try:
