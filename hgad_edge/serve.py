@@ -21,8 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
 import sysconfig
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,7 +38,17 @@ from .runtime.backends import create_runner
 from .runtime.backends.triton_backend import MODEL_CANDIDATES, model_parameters
 from .runtime.bundle import Bundle, load_bundle
 
-__all__ = ["SERVE_HINT", "ServeOptions", "ServeError", "python_library_env", "serve_forever", "start_server"]
+__all__ = [
+    "SERVE_HINT",
+    "RunningServer",
+    "ServeError",
+    "ServeOptions",
+    "ServeProcess",
+    "free_ports",
+    "python_library_env",
+    "serve_forever",
+    "start_server",
+]
 
 log = logging.getLogger("hgad_edge.serve")
 
@@ -111,14 +125,44 @@ def _check_options(options: ServeOptions) -> None:
         raise ServeError("--max-batch and --instances must be >= 1 and --queue-delay-us >= 0")
 
 
-def start_server(bundle_path: Path | str, options: ServeOptions = ServeOptions()) -> Any:
-    """Start Triton with the bundle bound as model `hgad`; returns the running pytriton Triton object."""
+@dataclass
+class RunningServer:
+    """A started server: PyTriton's Triton object and the runtimes behind its model instances."""
+
+    triton: Any
+    instances: list[_ModelInstance]
+    options: ServeOptions
+    description: str
+
+    def is_alive(self) -> bool:
+        return bool(self.triton.is_alive())
+
+    def stop(self) -> None:
+        """Stop taking requests, answer those in flight, then release the runtimes."""
+        self.triton.stop()
+        for instance in self.instances:
+            instance.runner.deactivate()
+
+
+def start_server(bundle_path: Path | str, options: ServeOptions = ServeOptions()) -> RunningServer:
+    """Start Triton with the bundle bound as model `hgad` (returns once it is ready)."""
     _check_options(options)
-    triton_module, batch, DynamicBatcher, ModelConfig, Tensor = _import_pytriton()
+    _import_pytriton()  # a missing extra fails before the bundle is read
     bundle = load_bundle(bundle_path)  # bad bundles fail before the server starts
     precision_file = bundle.model_path("fp32" if "fp32" in bundle.models else "fp16")
     signature = read_signature(precision_file)
-    instances = [_ModelInstance(bundle, signature, options) for _ in range(options.instances)]
+    instances: list[_ModelInstance] = []
+    try:
+        return _start(bundle, signature, options, instances)
+    except BaseException:
+        for instance in instances:
+            instance.runner.deactivate()
+        raise
+
+
+def _start(bundle: Bundle, signature: Signature, options: ServeOptions, instances: list[_ModelInstance]) -> RunningServer:
+    triton_module, batch, DynamicBatcher, ModelConfig, Tensor = _import_pytriton()
+    instances.extend(_ModelInstance(bundle, signature, options) for _ in range(options.instances))
     precision = instances[0].runner.precision
     os.environ.update(python_library_env())  # read by PyTriton when it launches tritonserver (module doc)
     config = triton_module.TritonConfig(
@@ -146,9 +190,8 @@ def start_server(bundle_path: Path | str, options: ServeOptions = ServeOptions()
         server.stop()
         msg = f"Triton did not start ({type(err).__name__}: {err}); is a port of {options.grpc_port}/{options.http_port}/{options.metrics_port} taken? pick others"
         raise ServeError(msg) from err
-    server.hgad_instances = instances
-    server.hgad_description = f"{instances[0].runner.description}, {precision}, max batch {options.max_batch}, {options.instances} instance(s)"
-    return server
+    description = f"{instances[0].runner.description}, {precision}, max batch {options.max_batch}, {options.instances} instance(s)"
+    return RunningServer(server, instances, options, description)
 
 
 def _add_parameters(server: Any, parameters: dict[str, str]) -> None:
@@ -165,12 +208,6 @@ def _add_parameters(server: Any, parameters: dict[str, str]) -> None:
     raise ServeError(f"PyTriton lost the bound model {MODEL_NAME!r}; this PyTriton version is not supported ({SERVE_HINT})")
 
 
-def _stop(server: Any) -> None:
-    server.stop()
-    for instance in getattr(server, "hgad_instances", []):
-        instance.runner.deactivate()
-
-
 def serve_forever(bundle_path: Path | str, options: ServeOptions = ServeOptions(),
                   announce: Callable[[str], None] = print) -> None:
     """Serve until SIGTERM / Ctrl-C (or the server dies), then stop cleanly (module doc)."""
@@ -180,7 +217,7 @@ def serve_forever(bundle_path: Path | str, options: ServeOptions = ServeOptions(
         server = start_server(bundle_path, options)
         shown = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
         announce(
-            f"hgad-edge serve: model {MODEL_NAME!r} ({server.hgad_description}) ready\n"
+            f"hgad-edge serve: model {MODEL_NAME!r} ({server.description}) ready\n"
             f"  gRPC    grpc://{shown}:{options.grpc_port}   camera stations: hgad-edge run grpc://<this host>:{options.grpc_port} SOURCE\n"
             f"  HTTP    http://{shown}:{options.http_port}   health: /v2/health/ready, config: /v2/models/{MODEL_NAME}/config\n"
             f"  metrics http://{shown}:{options.metrics_port}/metrics (Prometheus)\n"
@@ -192,8 +229,106 @@ def serve_forever(bundle_path: Path | str, options: ServeOptions = ServeOptions(
                     raise ServeError("the Triton server process ended unexpectedly; see its log above")
         finally:
             announce("hgad-edge serve: stopping (answering requests in flight)")
-            _stop(server)
+            server.stop()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     announce("hgad-edge serve: stopped")
+
+
+# ---- `hgad-edge serve` as a child process (tests, benchmarks, scripts) -----------------------------
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports the OS reports free right now."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class ServeProcess:
+    """`hgad-edge serve BUNDLE` in a child process on loopback ports; `start` returns once it is ready.
+
+    A server process (not a thread) keeps Triton's clients and the served runtime off one GIL, as in
+    production, and can be killed and started again on the same ports.
+    """
+
+    def __init__(self, bundle: Path | str, log_dir: Path | str, max_batch: int = 16, extra_args: tuple[str, ...] = ()) -> None:
+        self.bundle, self.log_dir = Path(bundle), Path(log_dir)
+        self.max_batch, self.extra_args = int(max_batch), tuple(extra_args)
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+        self.url = f"grpc://127.0.0.1:{self.grpc_port}"
+        self.proc: Optional[subprocess.Popen] = None
+        self.starts = 0
+        self.log = self.log_dir / "serve_0.log"
+
+    def ports_free(self) -> bool:
+        for port in (self.grpc_port, self.http_port, self.metrics_port):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+        return True
+
+    def start(self, timeout_s: float = 120.0) -> "ServeProcess":
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout_s
+        while not self.ports_free():  # a previous server on these ports may still be shutting down
+            if time.monotonic() > deadline:
+                raise ServeError(f"ports {self.grpc_port}/{self.http_port}/{self.metrics_port} stay taken")
+            time.sleep(0.2)
+        self.starts += 1
+        self.log = self.log_dir / f"serve_{self.starts}.log"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "hgad_edge.cli", "serve", str(self.bundle), "--host", "127.0.0.1",
+               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),
+               "--max-batch", str(self.max_batch), *self.extra_args]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise ServeError(f"hgad-edge serve exited with {self.proc.returncode}:\n{self.tail()}")
+                try:
+                    if client.is_model_ready(MODEL_NAME):
+                        return self
+                except grpcclient.InferenceServerException:
+                    pass
+                time.sleep(0.2)
+        finally:
+            client.close()
+        self.stop()
+        raise ServeError(f"hgad-edge serve not ready after {timeout_s:.0f} s:\n{self.tail()}")
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        """The child imports the same hgad_edge as this process (a checkout or site-packages)."""
+        home = str(Path(__file__).resolve().parents[1])
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH", "")) if p)}
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 45.0) -> None:
+        """SIGTERM (requests in flight are answered), SIGKILL if it does not end in time."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

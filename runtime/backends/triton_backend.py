@@ -214,12 +214,13 @@ class TritonRunner(Runner):
         if self.failures and now < self.retry_at:
             msg = f"inference server {self.url} is unreachable ({self.last_failure}); next attempt in {self.retry_at - now:.1f} s"
             raise ServerUnavailableError(msg)
+        grpc = _import_client()
         try:
             if self.failures:  # a fresh channel: gRPC's own reconnect backoff would wait far longer
                 self._reopen()
             answer = self.client.infer(self.model, self._request(batch), outputs=self._requested, client_timeout=self.timeout_s)
-        except Exception as err:
-            if _import_client().InferenceServerException is not type(err) or _code(err) in TRANSIENT_CODES or not _code(err):
+        except grpc.InferenceServerException as err:
+            if _code(err) in TRANSIENT_CODES or not _code(err):
                 self._failed(err)
                 raise ServerUnavailableError(f"inference server {self.url} is unreachable: {self.last_failure}") from err
             raise InferenceError(f"the server refused a batch of {batch} for model {self.model!r}: {err}") from err
@@ -264,8 +265,11 @@ class TritonRunner(Runner):
 def _ready_model(client: Any, url: str, model: Optional[str], timeout_s: float) -> str:
     names = (model,) if model else MODEL_CANDIDATES
     for name in names:
-        if client.is_model_ready(name, client_timeout=timeout_s):
-            return name
+        try:
+            if client.is_model_ready(name, client_timeout=timeout_s):
+                return name
+        except _import_client().InferenceServerException:  # unknown to this server
+            continue
     if model:
         msg = f"the server at {url} has no ready model {model!r}; list them with curl http://HOST:8000/v2/repository/index or drop the /model part of the URL"
     else:
@@ -299,6 +303,7 @@ def connect(url: str, input_specs_of: Any, output_names: list[str], precision: s
         client.close()
         raise InvalidArgumentError(f"model {name!r} at {url} runs {served}, precision={precision!r} was asked; pass precision='auto' or pick another model in the URL")
     served_batch = int(config.get("max_batch_size", 0)) or 1
-    runner = TritonRunner(url, name, bundle, config, input_specs_of(bundle), output_names, min(max_batch, served_batch), timeout_s)
+    resolved = f"{SCHEME}{address}/{name}"  # what info()["bundle"] and messages show: the model actually used
+    runner = TritonRunner(resolved, name, bundle, config, input_specs_of(bundle), output_names, min(max_batch, served_batch), timeout_s)
     runner.client, runner.precision = client, served
     return bundle, runner.activate()
