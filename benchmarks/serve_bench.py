@@ -20,7 +20,6 @@ of the server path, not what a GPU server with stations elsewhere reaches.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re

@@ -93,7 +93,9 @@ class _ModelInstance:
 
     def __init__(self, bundle: Bundle, signature: Signature, options: ServeOptions) -> None:
         self.runner = create_runner(bundle, options.backend, options.device, options.precision, options.max_batch)
-        self.signature = signature
+        # serve what the runtime reads from the graph (a newer graph may carry more outputs)
+        outputs = tuple(t for t in signature.outputs if t.name in self.runner.output_names)
+        self.signature = Signature(signature.inputs, outputs)
         self.classes = len(bundle.classes)
         self.runner.infer(self.runner.max_batch)  # warm-up at the largest batch before the first request
 
@@ -164,6 +166,7 @@ def _start(bundle: Bundle, signature: Signature, options: ServeOptions, instance
     triton_module, batch, DynamicBatcher, ModelConfig, Tensor = _import_pytriton()
     instances.extend(_ModelInstance(bundle, signature, options) for _ in range(options.instances))
     precision = instances[0].runner.precision
+    signature = instances[0].signature
     os.environ.update(python_library_env())  # read by PyTriton when it launches tritonserver (module doc)
     config = triton_module.TritonConfig(
         grpc_port=options.grpc_port, http_port=options.http_port, metrics_port=options.metrics_port,

@@ -7,10 +7,12 @@ tests kill and restart it, so they run last. Teardown stops whatever is still ru
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import signal
+import sysconfig
 import threading
 import time
 import urllib.request
@@ -21,9 +23,9 @@ import numpy as np
 import pytest
 
 from hgad_edge.data import load_image, open_roots
-from hgad_edge.runtime import BackendUnavailableError, Detector
+from hgad_edge.runtime import BackendUnavailableError, BundleError, Detector
 from hgad_edge.runtime.app import run_app
-from hgad_edge.serve import ServeProcess
+from hgad_edge.serve import ServeProcess, python_library_env
 
 try:
     import pytriton.triton  # noqa: F401
@@ -181,6 +183,29 @@ def test_serve_bench_reports_streams_beside_local(server, tiny_bundle, tiny_data
     assert "Per-frame overhead of the server path" in (out / "report.md").read_text()
 
 
+def test_a_server_back_with_another_model_is_an_error(server):
+    from hgad_edge.runtime.backends import input_specs
+    from hgad_edge.runtime.backends.triton_backend import connect
+    from hgad_edge.runtime.bundle import OUTPUT_NAMES
+
+    bundle, runner = connect(server.url, input_specs, list(OUTPUT_NAMES), max_batch=1)
+    try:
+        runner.infer(1)
+        runner.bundle = dataclasses.replace(bundle, classes=tuple(reversed(bundle.classes)))  # what this client started with
+        runner.failures, runner.retry_at = 1, 0.0  # as after an outage: the next answer is a reconnect
+        with pytest.raises(BundleError, match="came back with another model"):
+            runner.infer(1)
+    finally:
+        runner.deactivate()
+
+
+def test_python_library_env_leads_with_this_interpreter():
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env = python_library_env({"LD_LIBRARY_PATH": f"/opt/x:{libdir}"})
+    assert env["LD_LIBRARY_PATH"] == f"{libdir}:/opt/x"
+    assert python_library_env({})["LD_LIBRARY_PATH"] == libdir
+
+
 class ReplayCamera:
     """A camera stand-in (cv2.VideoCapture interface) replaying real images at a fixed frame rate."""
 
@@ -226,6 +251,8 @@ def test_server_killed_mid_stream_client_reconnects(server, frames, tmp_path):
     assert _count_lines(out) >= 10, failures
     kill_triton(server)
     assert server.wait(60) != 0  # serve reports the dead server and exits
+    for region in Path("/dev/shm").glob(f"pytrtion{server.proc.pid}-*"):  # a killed tritonserver cannot remove its own
+        region.unlink()
     scored_while_down = _count_lines(out)
     server.start()  # same ports
     station.join(90)

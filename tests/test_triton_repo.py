@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from hgad_edge.cli import main
 from hgad_edge.export.triton_repo import RepositoryError, write_repository
 from hgad_edge.export.trt_build import engine_entry
-from hgad_edge.runtime.backends.triton_backend import METADATA_PARAMETER, SHAPES_PARAMETER, bundle_from_config
+from hgad_edge.runtime.backends.triton_backend import METADATA_PARAMETER, SHAPES_PARAMETER, bundle_from_config, parse_url
+from hgad_edge.runtime.errors import BundleError, InvalidArgumentError
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed: pip install '.[serve]'")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -131,3 +132,35 @@ def test_cli_triton_repo(tiny_bundle, tmp_path):
     assert res.exit_code == 0, res.output
     assert "tritonserver --model-repository" in res.output
     assert parse(tmp_path / "repo" / "hgad_onnx_fp32" / "config.pbtxt").max_batch_size == 4
+
+
+def served_config(tiny_bundle, tmp_path) -> dict:
+    write_repository(tiny_bundle.bundle, tmp_path / "repo", kind="cpu")
+    config = parse(tmp_path / "repo" / "hgad_onnx_fp32" / "config.pbtxt")
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def _with_metadata(config: dict, **changes) -> dict:
+    meta = {**json.loads(config["parameters"][METADATA_PARAMETER]["string_value"]), **changes}
+    params = {**config["parameters"], METADATA_PARAMETER: {"string_value": json.dumps(meta)}}
+    return {**config, "parameters": params}
+
+
+def test_client_refuses_a_model_that_does_not_match(tiny_bundle, tmp_path):
+    config = served_config(tiny_bundle, tmp_path)
+    bare = {**config, "parameters": {}}
+    with pytest.raises(BundleError, match="carries no hgad-edge metadata.*hgad-edge serve"):
+        bundle_from_config(bare, "grpc://h:1/m")
+    with pytest.raises(BundleError, match="major versions differ"):
+        bundle_from_config(_with_metadata(config, package_version="99.0.0"), "grpc://h:1/m")
+    with pytest.raises(BundleError, match=r"does not take uint8 images \[32, 32, 3\]"):
+        bundle_from_config(_with_metadata(config, input_size=[32, 32]), "grpc://h:1/m")
+    with pytest.raises(BundleError, match="thresholds for"):
+        bundle_from_config(_with_metadata(config, classes=["a", "b", "c"]), "grpc://h:1/m")
+
+
+def test_server_urls():
+    assert parse_url("grpc://10.0.0.5:9001/hgad_trt_fp16") == ("10.0.0.5:9001", "hgad_trt_fp16")
+    assert parse_url("grpc://server") == ("server:8001", None)
+    with pytest.raises(InvalidArgumentError, match="grpc://host:port"):
+        parse_url("grpc://a:b:c")
