@@ -24,7 +24,8 @@ import pytest
 
 from hgad_edge.data import load_image, open_roots
 from hgad_edge.runtime import BackendUnavailableError, BundleError, Detector
-from hgad_edge.runtime.app import run_app
+from hgad_edge.runtime.app import ServerLostError, _Counters, _score, run_app
+from hgad_edge.runtime.sources import Frame
 from hgad_edge.serve import ServeProcess, python_library_env
 
 try:
@@ -280,6 +281,7 @@ def test_sigterm_answers_requests_in_flight(server, frames):
                 except Exception as err:  # anything else is a failed answer
                     outcomes.append((sent, time.monotonic(), repr(err)))
 
+    station = Detector(server.url, backend="triton", max_batch=1)  # scores a folder after the server is gone
     threads = [threading.Thread(target=stream, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
@@ -297,3 +299,12 @@ def test_sigterm_answers_requests_in_flight(server, frames):
     bad = [o for o in outcomes if o[2] not in ("ok", "unavailable")]
     assert not bad, bad[:3]  # requests were answered or refused as unavailable, never broken
     assert all(o[2] == "ok" for o in outcomes if o[0] < signalled - 0.005)  # sent before the signal: answered
+    # a file/folder frame is not perishable: it waits (bounded retries), and giving up is a clear error, not a crash
+    counters = _Counters()
+    frame = Frame(0, frames[0], "shots/000.png", 0.0)
+    with pytest.raises(ServerLostError, match="gave up on frame 0 after 2 retries"):
+        _score(station, frame, -1, counters, attempts=2, backoff_s=0.01)
+    assert (counters.server_outages, counters.lost_to_server, counters.server_reconnects) == (1, 0, 0)
+    assert _score(station, frame, -1, counters, attempts=0, backoff_s=0.01) is None  # a live frame is lost, counted
+    assert counters.lost_to_server == 1
+    station.close()
