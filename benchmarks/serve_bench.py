@@ -43,7 +43,11 @@ def machine_name() -> str:
     """e.g. amd-epyc-2c: CPU vendor and family from /proc/cpuinfo, and the core count."""
     model = platform.processor() or ""
     try:
-        model = next(line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1]
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     words = re.findall(r"[a-z0-9]+", model.lower())[:2] or ["cpu"]
@@ -51,7 +55,9 @@ def machine_name() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("bundle", type=Path, help="bundle folder (hgad-edge export --out)")
     p.add_argument("--images", type=Path, required=True, help="folder with test images (searched recursively)")
     p.add_argument("--max-images", type=int, default=64, help="distinct frames to cycle through")
@@ -84,7 +90,11 @@ def load_frames(folder: Path, limit: int) -> list[np.ndarray]:
 
 def percentiles(latencies_ms: list[float]) -> dict[str, float]:
     values = np.asarray(latencies_ms, dtype=np.float64)
-    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)), "mean_ms": float(values.mean())}
+    return {
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": float(values.mean()),
+    }
 
 
 def time_local(bundle: Path, frames: list[np.ndarray], n: int, warmup: int, batch: int) -> dict[str, Any]:
@@ -102,8 +112,15 @@ def time_local(bundle: Path, frames: list[np.ndarray], n: int, warmup: int, batc
             latencies.append((time.perf_counter() - t0) * 1e3)
         wall = time.perf_counter() - start
         description = det.info["description"]
-    return {"mode": f"local batch {batch}", "streams": 1, "frames": n, "fps": n / wall, **percentiles(latencies),
-            "latency_is": "per call" if batch > 1 else "per frame", "backend": description}
+    return {
+        "mode": f"local batch {batch}",
+        "streams": 1,
+        "frames": n,
+        "fps": n / wall,
+        **percentiles(latencies),
+        "latency_is": "per call" if batch > 1 else "per frame",
+        "backend": description,
+    }
 
 
 def server_stats(url: str) -> tuple[int, int, dict[int, int]]:
@@ -160,10 +177,24 @@ def time_streams(url: str, frames: list[np.ndarray], streams: int, n: int, warmu
         det.close()
     done = sum(len(x) for x in latencies)
     inferences, executions = after[0] - before[0], after[1] - before[1]
-    batches = {size: count - before[2].get(size, 0) for size, count in sorted(after[2].items()) if count > before[2].get(size, 0)}
-    return {"mode": "server", "streams": streams, "frames": done, "fps": done / wall, **percentiles(sum(latencies, [])),
-            "latency_is": "per frame", "server_inferences": inferences, "server_executions": executions,
-            "mean_server_batch": inferences / executions if executions else 0.0, "server_batches": batches, "errors": errors}
+    batches = {
+        size: count - before[2].get(size, 0)
+        for size, count in sorted(after[2].items())
+        if count > before[2].get(size, 0)
+    }
+    return {
+        "mode": "server",
+        "streams": streams,
+        "frames": done,
+        "fps": done / wall,
+        **percentiles(sum(latencies, [])),
+        "latency_is": "per frame",
+        "server_inferences": inferences,
+        "server_executions": executions,
+        "mean_server_batch": inferences / executions if executions else 0.0,
+        "server_batches": batches,
+        "errors": errors,
+    }
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -173,30 +204,41 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"Bundle `{report['bundle']}` ({', '.join(report['classes'])}; input {report['input_size'][0]}x{report['input_size'][1]}), "
-        f"{report['n_images']} real frames cycled; server: {report['server']}; load average at start {report['load_at_start']}.",
+        f"Bundle `{report['bundle']}` ({', '.join(report['classes'])}; "
+        f"input {report['input_size'][0]}x{report['input_size'][1]}), "
+        f"{report['n_images']} real frames cycled; server: {report['server']}; "
+        f"load average at start {report['load_at_start']}.",
         "",
-        "| mode | streams | frames | throughput (frames/s) | p50 ms | p99 ms | mean server batch | batches formed (size: count) |",
+        "| mode | streams | frames | throughput (frames/s) | p50 ms | p99 ms | mean server batch "
+        "| batches formed (size: count) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         batches = ", ".join(f"{k}: {v}" for k, v in r.get("server_batches", {}).items()) or "-"
         mean_batch = f"{r['mean_server_batch']:.2f}" if "mean_server_batch" in r else "-"
-        lines.append(f"| {r['mode']} | {r['streams']} | {r['frames']} | {r['fps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {mean_batch} | {batches} |")
+        lines.append(
+            f"| {r['mode']} | {r['streams']} | {r['frames']} | {r['fps']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {mean_batch} | {batches} |"
+        )
     o = report["overhead"]
     lines += [
         "",
         f"**Per-frame overhead of the server path** (1 stream vs the local runtime at batch 1, p50): "
         f"{o['p50_ms']:+.1f} ms ({o['ratio']:.2f}x the local latency): gRPC round trip, uint8 tensors in and "
         "out, the dynamic batcher's queue delay, the Python backend's shared-memory hand-off.",
-        f"**16 streams** (or the largest count run): {o['largest_streams']} streams reach {o['largest_fps']:.1f} frames/s "
+        f"**16 streams** (or the largest count run): {o['largest_streams']} streams reach "
+        f"{o['largest_fps']:.1f} frames/s "
         f"({o['largest_fps'] / o['local_fps']:.2f}x one local stream) at p99 {o['largest_p99_ms']:.1f} ms per frame, "
         f"in batches of {o['largest_mean_batch']:.2f} on average.",
     ]
     if any(r.get("errors") for r in rows):
         lines += ["", "Errors: " + "; ".join(e for r in rows for e in r.get("errors", []))]
     if report["busy"]:
-        lines += ["", f"Warning: the machine was busy (load average {report['load_at_start']} on {os.cpu_count()} cores); figures are pessimistic."]
+        lines += [
+            "",
+            f"Warning: the machine was busy (load average {report['load_at_start']} on {os.cpu_count()} cores); "
+            "figures are pessimistic.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -211,17 +253,23 @@ def main(argv: list[str] | None = None) -> Path:
     frames = load_frames(args.images, args.max_images)
     out = args.out or REPO / "benchmarks" / "results" / f"serve-{machine_name()}"
     load = os.getloadavg()[0]
-    rows = [time_local(args.bundle, frames, args.frames, args.warmup, 1),
-            time_local(args.bundle, frames, args.frames * 2, args.warmup, args.max_batch)]
+    rows = [
+        time_local(args.bundle, frames, args.frames, args.warmup, 1),
+        time_local(args.bundle, frames, args.frames * 2, args.warmup, args.max_batch),
+    ]
     with tempfile.TemporaryDirectory(prefix="serve_bench_") as logs:
         server = None
         if args.server is None:
-            server = ServeProcess(args.bundle, logs, max_batch=args.max_batch, extra_args=("--queue-delay-us", str(args.queue_delay_us)))
+            server = ServeProcess(
+                args.bundle, logs, max_batch=args.max_batch, extra_args=("--queue-delay-us", str(args.queue_delay_us))
+            )
         try:
             url = server.start().url if server is not None else args.server
             for streams in args.streams:
                 rows.append(time_streams(url, frames, streams, args.frames, args.warmup))
-                print(f"{streams:3d} streams: {rows[-1]['fps']:.1f} frames/s, p99 {rows[-1]['p99_ms']:.1f} ms", flush=True)
+                print(
+                    f"{streams:3d} streams: {rows[-1]['fps']:.1f} frames/s, p99 {rows[-1]['p99_ms']:.1f} ms", flush=True
+                )
         finally:
             if server is not None:
                 server.stop()
@@ -235,7 +283,9 @@ def main(argv: list[str] | None = None) -> Path:
         "classes": list(bundle.classes),
         "input_size": list(bundle.input_size),
         "n_images": len(frames),
-        "server": args.server or f"hgad-edge serve --max-batch {args.max_batch} --queue-delay-us {args.queue_delay_us} (PyTriton, ONNX Runtime CPU)",
+        "server": args.server
+        or f"hgad-edge serve --max-batch {args.max_batch} --queue-delay-us {args.queue_delay_us} "
+        "(PyTriton, ONNX Runtime CPU)",
         "load_at_start": round(load, 2),
         "busy": load > 0.5 * (os.cpu_count() or 1),
         "rows": rows,

@@ -45,8 +45,14 @@ MODEL_PREFIX = "hgad"  # runtime/backends/triton_backend.py MODEL_CANDIDATES lis
 MAX_BATCH = 16  # ONNX graphs have a free batch axis; this caps what the dynamic batcher forms
 QUEUE_DELAY_US = 2000  # how long a request may wait for others to fill a batch (2 ms << one frame)
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
-_ONNX_TYPES = {"tensor(uint8)": "TYPE_UINT8", "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32",
-               "tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(bool)": "TYPE_BOOL"}
+_ONNX_TYPES = {
+    "tensor(uint8)": "TYPE_UINT8",
+    "tensor(int64)": "TYPE_INT64",
+    "tensor(int32)": "TYPE_INT32",
+    "tensor(float)": "TYPE_FP32",
+    "tensor(float16)": "TYPE_FP16",
+    "tensor(bool)": "TYPE_BOOL",
+}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -97,12 +103,19 @@ def _tensor(node: Any, path: Path) -> TritonTensor:
     data_type = _ONNX_TYPES.get(node.type)
     dims = list(node.shape)
     if data_type is None:
-        raise RepositoryError(f"{path}: tensor {node.name!r} has type {node.type}, which this writer does not map; re-export the bundle")
+        raise RepositoryError(
+            f"{path}: tensor {node.name!r} has type {node.type}, which this writer does not map; re-export the bundle"
+        )
     if not dims or isinstance(dims[0], int):
-        raise RepositoryError(f"{path}: tensor {node.name!r} has no dynamic batch axis (shape {dims}); re-export the bundle with `hgad-edge export`")
+        raise RepositoryError(
+            f"{path}: tensor {node.name!r} has no dynamic batch axis (shape {dims}); "
+            "re-export the bundle with `hgad-edge export`"
+        )
     rest = dims[1:]
     if not all(isinstance(d, int) and d > 0 for d in rest):
-        raise RepositoryError(f"{path}: tensor {node.name!r} has dynamic dims besides the batch ({dims}); re-export the bundle")
+        raise RepositoryError(
+            f"{path}: tensor {node.name!r} has dynamic dims besides the batch ({dims}); re-export the bundle"
+        )
     return TritonTensor(node.name, data_type, tuple(rest))
 
 
@@ -117,7 +130,9 @@ def read_signature(onnx_path: Path | str) -> Signature:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only the signature is needed
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    return Signature(tuple(_tensor(n, path) for n in session.get_inputs()), tuple(_tensor(n, path) for n in session.get_outputs()))
+    return Signature(
+        tuple(_tensor(n, path) for n in session.get_inputs()), tuple(_tensor(n, path) for n in session.get_outputs())
+    )
 
 
 # ---- config.pbtxt (protobuf text format of Triton's ModelConfig) ----------------------------------
@@ -130,7 +145,11 @@ def _list(values: Sequence[int]) -> str:
 
 
 def _tensor_block(tensor: TritonTensor) -> str:
-    lines = [f"    name: {_quote(tensor.name)}", f"    data_type: {tensor.data_type}", f"    dims: {_list(tensor.dims)}"]
+    lines = [
+        f"    name: {_quote(tensor.name)}",
+        f"    data_type: {tensor.data_type}",
+        f"    dims: {_list(tensor.dims)}",
+    ]
     if tensor.reshaped:
         lines.append("    reshape: { shape: [ ] }")
     return "  {\n" + "\n".join(lines) + "\n  }"
@@ -140,7 +159,9 @@ def _warmup_block(signature: Signature, batch: int) -> str:
     """Random images and class id 0 (a random int64 class id would index out of range)."""
     inputs = []
     for tensor in signature.inputs:
-        data = "random_data: true" if tensor.data_type in ("TYPE_UINT8", "TYPE_FP32", "TYPE_FP16") else "zero_data: true"
+        data = (
+            "random_data: true" if tensor.data_type in ("TYPE_UINT8", "TYPE_FP32", "TYPE_FP16") else "zero_data: true"
+        )
         inputs.append(
             f"    inputs {{\n      key: {_quote(tensor.name)}\n      value: {{ data_type: {tensor.data_type} "
             f"dims: {_list(tensor.dims)} {data} }}\n    }}"
@@ -167,7 +188,8 @@ def config_text(
         f"max_batch_size: {int(max_batch)}",
         "input [\n" + ",\n".join(_tensor_block(t) for t in signature.inputs) + "\n]",
         "output [\n" + ",\n".join(_tensor_block(t) for t in signature.outputs) + "\n]",
-        f"dynamic_batching {{\n  preferred_batch_size: {_list(preferred)}\n  max_queue_delay_microseconds: {int(queue_delay_us)}\n}}",
+        f"dynamic_batching {{\n  preferred_batch_size: {_list(preferred)}\n"
+        f"  max_queue_delay_microseconds: {int(queue_delay_us)}\n}}",
         f"instance_group [\n  {{\n    count: {int(instances)}\n    kind: {INSTANCE_KINDS[kind]}\n  }}\n]",
         "model_warmup [\n" + ",\n".join(_warmup_block(signature, b) for b in sorted({1, int(max_batch)})) + "\n]",
     ]
@@ -190,7 +212,7 @@ def _engine_groups(bundle: Bundle) -> tuple[dict[str, dict[str, str]], list[str]
     engines = bundle.metadata.get("engines") or {}
     for name in sorted(engines, key=lambda n: _version_key(engines[n].get("trt_version", "0"))):
         entry = engines[name]
-        if not (bundle.engines_dir() / name).is_file():
+        if not bundle.engine_path(name).is_file():
             notes.append(f"engine {name} is listed in the metadata but missing from {bundle.engines_dir()}; skipped")
             continue
         cc_files = groups.setdefault(entry["precision"], {})
@@ -205,7 +227,9 @@ def _check_options(repo: Path, prefix: str, max_batch: int, queue_delay_us: int,
     if not _NAME.fullmatch(prefix):
         raise RepositoryError(f"model name prefix {prefix!r} may hold only letters, digits, '_', '.', '-'")
     if max_batch < 1 or instances < 1 or queue_delay_us < 0:
-        raise RepositoryError(f"need max_batch >= 1, instances >= 1, queue_delay_us >= 0 (got {max_batch}, {instances}, {queue_delay_us})")
+        raise RepositoryError(
+            f"need max_batch >= 1, instances >= 1, queue_delay_us >= 0 (got {max_batch}, {instances}, {queue_delay_us})"
+        )
     if kind not in INSTANCE_KINDS:
         raise RepositoryError(f"instance kind must be one of {sorted(INSTANCE_KINDS)}, got {kind!r}")
     if repo.exists() and not repo.is_dir():
@@ -241,7 +265,9 @@ def write_repository(
     for precision, signature in signatures.items():
         name = f"{prefix}_onnx_{precision}"
         params = model_parameters(bundle.metadata, precision, signature.shapes)
-        config = config_text(name, "onnxruntime_onnx", signature, max_batch, (max_batch,), queue_delay_us, instances, kind, params)
+        config = config_text(
+            name, "onnxruntime_onnx", signature, max_batch, (max_batch,), queue_delay_us, instances, kind, params
+        )
         path = _write_model(repo, name, config, {"model.onnx": bundle.model_path(precision)})
         written.append(RepositoryModel(name, "onnxruntime_onnx", precision, path, max_batch))
     groups, notes = _engine_groups(bundle)
@@ -249,14 +275,18 @@ def write_repository(
     for precision, cc_files in sorted(groups.items()):
         entries = [engines[f] for f in cc_files.values()]
         source = entries[0].get("model", "fp16" if precision == "fp16" else "fp32")
-        signature = signatures.get(source) or read_signature(bundle.path / engines[next(iter(cc_files.values()))]["onnx"])
+        signature = signatures.get(source) or next(iter(signatures.values()))  # same tensors in every graph
         profile_max = min(int(e["batch"][-1]) for e in entries)
         preferred = sorted({min(int(e["batch"][1]) for e in entries), profile_max})
         name = f"{prefix}_trt_{precision}"
         params = model_parameters(bundle.metadata, precision, signature.shapes)
-        params["hgad_edge.trt_versions"] = json.dumps({cc: engines[f]["trt_version"] for cc, f in sorted(cc_files.items())})
-        config = config_text(name, "tensorrt_plan", signature, profile_max, preferred, queue_delay_us, instances, "gpu", params, cc_files)
-        path = _write_model(repo, name, config, {f: bundle.engines_dir() / f for f in cc_files.values()})
+        params["hgad_edge.trt_versions"] = json.dumps(
+            {cc: engines[f]["trt_version"] for cc, f in sorted(cc_files.items())}
+        )
+        config = config_text(
+            name, "tensorrt_plan", signature, profile_max, preferred, queue_delay_us, instances, "gpu", params, cc_files
+        )
+        path = _write_model(repo, name, config, {f: bundle.engine_path(f) for f in cc_files.values()})
         model = RepositoryModel(name, "tensorrt_plan", precision, path, profile_max, list(notes))
         if kind != "gpu":
             model.notes.append("TensorRT plans run only on GPU instances: its instance_group is KIND_GPU")

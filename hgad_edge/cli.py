@@ -208,11 +208,13 @@ def _write_triton_repo(bundle: Path, repo: Path, **options) -> None:
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
               help="How long the dynamic batcher may hold a request to fill a batch.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances per GPU.")
-@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True, help="Instance kind of the ONNX models.")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Instance kind of the ONNX models.")
 @click.option("--prefix", default="hgad", show_default=True, help="Model names: PREFIX_onnx_fp32, PREFIX_trt_fp16, ...")
 def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix):
     """Write a Triton Inference Server model repository (ONNX Runtime + TensorRT models) from a bundle."""
-    _write_triton_repo(bundle, repo, max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, kind=kind, prefix=prefix)
+    _write_triton_repo(bundle, repo, max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, kind=kind,
+                       prefix=prefix)
 
 
 @main.command()
@@ -220,10 +222,13 @@ def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Largest batch the dynamic batcher forms.")
+@click.option("--host", default="0.0.0.0", show_default=True,
+              help="Address to listen on (127.0.0.1: this machine only).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Largest batch the dynamic batcher forms.")
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True)
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances (runtimes) in the server.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances (runtimes) in the server.")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
 def serve(bundle, grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend, precision):
@@ -232,7 +237,8 @@ def serve(bundle, grpc_port, http_port, metrics_port, host, max_batch, queue_del
     from .runtime.errors import HgadRuntimeError
     from .serve import ServeError, ServeOptions, serve_forever
 
-    options = ServeOptions(grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend, precision)
+    options = ServeOptions(grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend,
+                           precision)
     try:
         serve_forever(bundle, options, announce=lambda line: click.echo(line))
     except (ServeError, HgadRuntimeError) as exc:

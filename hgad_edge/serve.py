@@ -57,8 +57,14 @@ MODEL_NAME = MODEL_CANDIDATES[0]  # what a bare grpc://host:port URL asks for
 EXIT_TIMEOUT_S = 30  # how long a stopping server waits for requests in flight
 # Admin endpoints PyTriton guards with a random token; statistics stay open (read-only, for monitoring).
 RESTRICTED_ENDPOINTS = ["shared-memory", "model-repository", "trace", "logging"]
-_NUMPY = {"TYPE_UINT8": np.uint8, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32,
-          "TYPE_FP16": np.float16, "TYPE_BOOL": np.bool_}
+_NUMPY = {
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT64": np.int64,
+    "TYPE_INT32": np.int32,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP16": np.float16,
+    "TYPE_BOOL": np.bool_,
+}
 
 
 class ServeError(RuntimeError):
@@ -162,22 +168,31 @@ def start_server(bundle_path: Path | str, options: ServeOptions = ServeOptions()
         raise
 
 
-def _start(bundle: Bundle, signature: Signature, options: ServeOptions, instances: list[_ModelInstance]) -> RunningServer:
+def _start(
+    bundle: Bundle, signature: Signature, options: ServeOptions, instances: list[_ModelInstance]
+) -> RunningServer:
     triton_module, batch, DynamicBatcher, ModelConfig, Tensor = _import_pytriton()
     instances.extend(_ModelInstance(bundle, signature, options) for _ in range(options.instances))
     precision = instances[0].runner.precision
     signature = instances[0].signature
     os.environ.update(python_library_env())  # read by PyTriton when it launches tritonserver (module doc)
     config = triton_module.TritonConfig(
-        grpc_port=options.grpc_port, http_port=options.http_port, metrics_port=options.metrics_port,
-        grpc_address=options.host, http_address=options.host, metrics_address=options.host,
-        exit_timeout_secs=EXIT_TIMEOUT_S, log_verbose=0,
+        grpc_port=options.grpc_port,
+        http_port=options.http_port,
+        metrics_port=options.metrics_port,
+        grpc_address=options.host,
+        http_address=options.host,
+        metrics_address=options.host,
+        exit_timeout_secs=EXIT_TIMEOUT_S,
+        log_verbose=0,
     )
     security = triton_module.TritonSecurityConfig(restricted_endpoints=list(RESTRICTED_ENDPOINTS))
     server = triton_module.Triton(config=config, security_config=security)
     tensors = [Tensor(name=t.name, dtype=_NUMPY[t.data_type], shape=t.dims) for t in signature.inputs]
     outputs = [Tensor(name=t.name, dtype=_NUMPY[t.data_type], shape=t.dims) for t in signature.outputs]
-    batcher = DynamicBatcher(max_queue_delay_microseconds=options.queue_delay_us, preferred_batch_size=[options.max_batch])
+    batcher = DynamicBatcher(
+        max_queue_delay_microseconds=options.queue_delay_us, preferred_batch_size=[options.max_batch]
+    )
     server.bind(
         model_name=MODEL_NAME,
         infer_func=[batch(instance) for instance in instances],
@@ -191,9 +206,11 @@ def _start(bundle: Bundle, signature: Signature, options: ServeOptions, instance
         server.run()
     except Exception as err:
         server.stop()
-        msg = f"Triton did not start ({type(err).__name__}: {err}); is a port of {options.grpc_port}/{options.http_port}/{options.metrics_port} taken? pick others"
+        ports = f"{options.grpc_port}/{options.http_port}/{options.metrics_port}"
+        msg = f"Triton did not start ({type(err).__name__}: {err}); is a port of {ports} taken? pick others"
         raise ServeError(msg) from err
-    description = f"{instances[0].runner.description}, {precision}, max batch {options.max_batch}, {options.instances} instance(s)"
+    runtime = instances[0].runner.description
+    description = f"{runtime}, {precision}, max batch {options.max_batch}, {options.instances} instance(s)"
     return RunningServer(server, instances, options, description)
 
 
@@ -208,11 +225,14 @@ def _add_parameters(server: Any, parameters: dict[str, str]) -> None:
         if model.model_name == MODEL_NAME:
             model._get_triton_model_config().backend_parameters.update(parameters)
             return
-    raise ServeError(f"PyTriton lost the bound model {MODEL_NAME!r}; this PyTriton version is not supported ({SERVE_HINT})")
+    raise ServeError(
+        f"PyTriton lost the bound model {MODEL_NAME!r}; this PyTriton version is not supported ({SERVE_HINT})"
+    )
 
 
-def serve_forever(bundle_path: Path | str, options: ServeOptions = ServeOptions(),
-                  announce: Callable[[str], None] = print) -> None:
+def serve_forever(
+    bundle_path: Path | str, options: ServeOptions = ServeOptions(), announce: Callable[[str], None] = print
+) -> None:
     """Serve until SIGTERM / Ctrl-C (or the server dies), then stop cleanly (module doc)."""
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -221,8 +241,10 @@ def serve_forever(bundle_path: Path | str, options: ServeOptions = ServeOptions(
         shown = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
         announce(
             f"hgad-edge serve: model {MODEL_NAME!r} ({server.description}) ready\n"
-            f"  gRPC    grpc://{shown}:{options.grpc_port}   camera stations: hgad-edge run grpc://<this host>:{options.grpc_port} SOURCE\n"
-            f"  HTTP    http://{shown}:{options.http_port}   health: /v2/health/ready, config: /v2/models/{MODEL_NAME}/config\n"
+            f"  gRPC    grpc://{shown}:{options.grpc_port}   "
+            f"camera stations: hgad-edge run grpc://<this host>:{options.grpc_port} SOURCE\n"
+            f"  HTTP    http://{shown}:{options.http_port}   "
+            f"health: /v2/health/ready, config: /v2/models/{MODEL_NAME}/config\n"
             f"  metrics http://{shown}:{options.metrics_port}/metrics (Prometheus)\n"
             "  stop with Ctrl-C or SIGTERM (requests in flight are answered)"
         )
@@ -259,7 +281,9 @@ class ServeProcess:
     production, and can be killed and started again on the same ports.
     """
 
-    def __init__(self, bundle: Path | str, log_dir: Path | str, max_batch: int = 16, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, bundle: Path | str, log_dir: Path | str, max_batch: int = 16, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.bundle, self.log_dir = Path(bundle), Path(log_dir)
         self.max_batch, self.extra_args = int(max_batch), tuple(extra_args)
         self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
@@ -288,9 +312,24 @@ class ServeProcess:
         self.starts += 1
         self.log = self.log_dir / f"serve_{self.starts}.log"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "hgad_edge.cli", "serve", str(self.bundle), "--host", "127.0.0.1",
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),
-               "--max-batch", str(self.max_batch), *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "hgad_edge.cli",
+            "serve",
+            str(self.bundle),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(self.grpc_port),
+            "--http-port",
+            str(self.http_port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--max-batch",
+            str(self.max_batch),
+            *self.extra_args,
+        ]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")

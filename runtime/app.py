@@ -437,7 +437,9 @@ def _run_loop(
     return summary
 
 
-def _score(detector: Detector, frame: Frame, class_id: int, counters: _Counters, attempts: int, backoff_s: float) -> Any:
+def _score(
+    detector: Detector, frame: Frame, class_id: int, counters: _Counters, attempts: int, backoff_s: float
+) -> Any:
     """The frame's Result; None when it is lost because the inference server is away (live sources).
 
     Local backends never raise BackendUnavailableError once created; the triton backend does while

@@ -32,7 +32,9 @@ try:
     import pytriton.triton  # noqa: F401
     import tritonclient.grpc as grpcclient
 except ImportError as err:  # the only reason to skip: the wheel does not install on this platform
-    pytest.skip(f"nvidia-pytriton / tritonclient cannot be imported ({err}); pip install '.[serve]'", allow_module_level=True)
+    pytest.skip(
+        f"nvidia-pytriton / tritonclient cannot be imported ({err}); pip install '.[serve]'", allow_module_level=True
+    )
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +50,11 @@ def _children(pid: int) -> set[int]:
 def kill_triton(server: ServeProcess) -> None:
     """SIGKILL the tritonserver process and its Python-backend stubs (a crash of the server itself);
     `serve` notices, cleans up and exits."""
-    triton = [c for c in _children(server.proc.pid) if b"tritonserver" in Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[0]]
+    triton = [
+        c
+        for c in _children(server.proc.pid)
+        if b"tritonserver" in Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[0]
+    ]
     assert len(triton) == 1, f"expected one tritonserver child of {server.proc.pid}, found {triton}"
     stubs = _children(triton[0])
     for pid in (triton[0], *stubs):
@@ -104,7 +110,11 @@ def test_served_model_describes_the_bundle(server, tiny_bundle):
 def test_parity_with_local_onnxruntime(server, local, frames):
     with Detector(server.url, backend="triton") as remote:
         assert remote.backend == "triton" and remote.classes == local.classes and remote.input_size == local.input_size
-        for batch in (frames[:1], frames[:5], [cv2.resize(frames[7], (150, 90))]):  # any frame size: resized on the client
+        for batch in (
+            frames[:1],
+            frames[:5],
+            [cv2.resize(frames[7], (150, 90))],
+        ):  # any frame size: resized on the client
             assert_same(remote.infer(batch), local.infer(batch))
         for class_id in ("auto", local.classes[1]):
             assert_same(remote.infer(frames[3], class_id), local.infer(frames[3], class_id))
@@ -116,7 +126,14 @@ def test_run_scores_a_folder_through_the_server(server, tiny_bundle, frames, tmp
     for i, frame in enumerate(frames[:6]):
         cv2.imwrite(str(folder / f"{i:02d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     remote = run_app(server.url, folder, headless=True, output_jsonl=tmp_path / "remote.jsonl", print_summary=False)
-    here = run_app(tiny_bundle.bundle, folder, backend="onnxruntime", headless=True, output_jsonl=tmp_path / "local.jsonl", print_summary=False)
+    here = run_app(
+        tiny_bundle.bundle,
+        folder,
+        backend="onnxruntime",
+        headless=True,
+        output_jsonl=tmp_path / "local.jsonl",
+        print_summary=False,
+    )
     assert remote["backend"] == "triton" and remote["frames"] == here["frames"] == 6 and remote["lost_to_server"] == 0
     lines = [[json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("remote", "local")]
     for r, h in zip(*lines, strict=True):
@@ -135,7 +152,11 @@ def _batch_stats(server) -> tuple[int, int, dict[int, int]]:
 def test_concurrent_clients_are_batched_and_answered_once(server, local, frames):
     clients, per_client = 8, 12
     # every (client, i) frame is distinct: a real image shifted by its own offset
-    work = {(c, i): np.roll(frames[(c * per_client + i) % len(frames)], c * per_client + i, axis=1) for c in range(clients) for i in range(per_client)}
+    work = {
+        (c, i): np.roll(frames[(c * per_client + i) % len(frames)], c * per_client + i, axis=1)
+        for c in range(clients)
+        for i in range(per_client)
+    }
     expected = {key: local.infer(frame) for key, frame in work.items()}
     answers: dict[tuple[int, int], list] = {key: [] for key in work}
     errors = []
@@ -162,17 +183,38 @@ def test_concurrent_clients_are_batched_and_answered_once(server, local, frames)
         assert_same(results[0], expected[key])  # and with its own frame's result
     after = _batch_stats(server)
     inferences, executions = after[0] - before[0], after[1] - before[1]
-    merged = {size: n - before[2].get(size, 0) for size, n in after[2].items() if size > 1 and n > before[2].get(size, 0)}
+    merged = {
+        size: n - before[2].get(size, 0) for size, n in after[2].items() if size > 1 and n > before[2].get(size, 0)
+    }
     assert inferences == clients * per_client
-    assert merged and executions < inferences, f"no request was batched with another: {after}"  # every request was of 1 frame
+    assert merged and executions < inferences, (
+        f"no request was batched with another: {after}"
+    )  # every request was of 1 frame
 
 
 def test_serve_bench_reports_streams_beside_local(server, tiny_bundle, tiny_data, tmp_path):
     spec = importlib.util.spec_from_file_location("serve_bench", REPO / "benchmarks" / "serve_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main([str(tiny_bundle.bundle), "--images", str(tiny_data), "--streams", "1,4", "--frames", "6", "--warmup", "1",
-                      "--max-batch", "8", "--server", server.url, "--out", str(tmp_path / "report")])
+    out = bench.main(
+        [
+            str(tiny_bundle.bundle),
+            "--images",
+            str(tiny_data),
+            "--streams",
+            "1,4",
+            "--frames",
+            "6",
+            "--warmup",
+            "1",
+            "--max-batch",
+            "8",
+            "--server",
+            server.url,
+            "--out",
+            str(tmp_path / "report"),
+        ]
+    )
     report = json.loads((out / "report.json").read_text())
     rows = {(r["mode"], r["streams"]): r for r in report["rows"]}
     assert set(rows) == {("local batch 1", 1), ("local batch 8", 1), ("server", 1), ("server", 4)}
@@ -192,7 +234,9 @@ def test_a_server_back_with_another_model_is_an_error(server):
     bundle, runner = connect(server.url, input_specs, list(OUTPUT_NAMES), max_batch=1)
     try:
         runner.infer(1)
-        runner.bundle = dataclasses.replace(bundle, classes=tuple(reversed(bundle.classes)))  # what this client started with
+        runner.bundle = dataclasses.replace(
+            bundle, classes=tuple(reversed(bundle.classes))
+        )  # what this client started with
         runner.failures, runner.retry_at = 1, 0.0  # as after an outage: the next answer is a reconnect
         with pytest.raises(BundleError, match="came back with another model"):
             runner.infer(1)
@@ -239,8 +283,18 @@ def test_server_killed_mid_stream_client_reconnects(server, frames, tmp_path):
 
     def camera_station() -> None:
         try:
-            summary.update(run_app(server.url, 0, headless=True, output_jsonl=out, max_frames=60, reconnect_attempts=0,
-                                   capture_factory=lambda *a: ReplayCamera(frames, fps=25), print_summary=False))
+            summary.update(
+                run_app(
+                    server.url,
+                    0,
+                    headless=True,
+                    output_jsonl=out,
+                    max_frames=60,
+                    reconnect_attempts=0,
+                    capture_factory=lambda *a: ReplayCamera(frames, fps=25),
+                    print_summary=False,
+                )
+            )
         except Exception as err:  # the station must never crash: reported below
             failures.append(repr(err))
 

@@ -30,7 +30,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..bundle import Bundle, _to_bundle, check_compatible
+from ...bundle_schema import BundleMetadata, SchemaError
+from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError, InferenceError, InvalidArgumentError, Status
 from .base import Runner, TensorSpec
 
@@ -65,8 +66,14 @@ BACKOFF_S, BACKOFF_MAX_S = 0.25, 5.0  # between reconnect attempts while the ser
 # gRPC status codes that mean "the server is not there (yet)" rather than "this request is wrong".
 TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND", "RESOURCE_EXHAUSTED")
 _CLIENT_HINT = "pip install 'tritonclient[grpc]' (or hgad-edge[serve])"
-_DTYPES = {"TYPE_UINT8": np.uint8, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32, "TYPE_FP16": np.float16,
-           "TYPE_BOOL": np.bool_, "TYPE_INT32": np.int32}
+_DTYPES = {
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP16": np.float16,
+    "TYPE_BOOL": np.bool_,
+    "TYPE_INT32": np.int32,
+}
 
 
 class ServerUnavailableError(BackendUnavailableError):
@@ -81,17 +88,23 @@ def parse_url(url: str) -> tuple[str, Optional[str]]:
     """grpc://host[:port][/model] -> ("host:port", model or None)."""
     match = re.fullmatch(r"grpc://([^/:]+|\[[^\]]+\])(?::(\d+))?(?:/([A-Za-z0-9_.-]*))?/?", url.strip())
     if not match:
-        raise InvalidArgumentError(f"bad server URL {url!r}: use grpc://host:port or grpc://host:port/model, e.g. grpc://127.0.0.1:8001")
+        raise InvalidArgumentError(
+            f"bad server URL {url!r}: use grpc://host:port or grpc://host:port/model, e.g. grpc://127.0.0.1:8001"
+        )
     host, port, model = match.groups()
     return f"{host}:{port or DEFAULT_PORT}", model or None
 
 
-def model_parameters(metadata: dict[str, Any], precision: str, graph_shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+def model_parameters(
+    metadata: dict[str, Any], precision: str, graph_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, str]:
     """Config `parameters` that make a served model self-describing (string values, JSON inside)."""
     params = {
         METADATA_PARAMETER: json.dumps(metadata, sort_keys=True, separators=(",", ":")),
         PRECISION_PARAMETER: precision,
-        SHAPES_PARAMETER: json.dumps({name: list(shape) for name, shape in graph_shapes.items()}, separators=(",", ":")),
+        SHAPES_PARAMETER: json.dumps(
+            {name: list(shape) for name, shape in graph_shapes.items()}, separators=(",", ":")
+        ),
     }
     for key in READABLE_KEYS:  # for people reading the config (curl .../config); clients use METADATA_PARAMETER
         if key in metadata:
@@ -120,16 +133,24 @@ def bundle_from_config(config: dict[str, Any], url: str) -> tuple[Bundle, str]:
     if METADATA_PARAMETER not in params:
         msg = (
             f"model {name!r} at {url} carries no hgad-edge metadata (config parameter {METADATA_PARAMETER!r}); "
-            "serve the bundle with `hgad-edge serve BUNDLE` or write the repository with `hgad-edge triton-repo BUNDLE REPO`"
+            "serve the bundle with `hgad-edge serve BUNDLE` or write the repository with "
+            "`hgad-edge triton-repo BUNDLE REPO`"
         )
         raise BundleError(msg, Status.BUNDLE_INCOMPATIBLE)
     try:
         meta = json.loads(params[METADATA_PARAMETER])
     except json.JSONDecodeError as err:
-        raise BundleError(f"model {name!r} at {url}: damaged {METADATA_PARAMETER} ({err}); rewrite its repository", Status.BUNDLE_INCOMPATIBLE) from err
+        raise BundleError(
+            f"model {name!r} at {url}: damaged {METADATA_PARAMETER} ({err}); rewrite its repository",
+            Status.BUNDLE_INCOMPATIBLE,
+        ) from err
     where = f"model {name!r} at {url}"
-    check_compatible(meta, where)
-    bundle = _to_bundle(Path(where), meta)
+    try:
+        schema = BundleMetadata.from_json(meta)
+    except SchemaError as err:
+        msg = f"{where}: its bundle metadata is not usable here ({err}); serve a bundle of this hgad-edge version"
+        raise BundleError(msg, Status.BUNDLE_INCOMPATIBLE) from err
+    bundle = Bundle(Path(where), meta, schema)  # no files: the model lives on the server
     _check_tensors(config, bundle, where)
     return bundle, params.get(PRECISION_PARAMETER, "fp32")
 
@@ -142,19 +163,33 @@ def _check_tensors(config: dict[str, Any], bundle: Bundle, where: str) -> None:
     images = inputs.get(bundle.input_name)
     if images is None or _dims(images) != want or images.get("data_type") != "TYPE_UINT8":
         got = (_dims(images), images.get("data_type")) if images else "no such input"
-        msg = f"{where} does not take uint8 images {list(want)} as {bundle.input_name!r} (it has {got}); its metadata and model disagree: rewrite the repository from one bundle"
+        msg = (
+            f"{where} does not take uint8 images {list(want)} as {bundle.input_name!r} (it has {got}); "
+            "its metadata and model disagree: rewrite the repository from one bundle"
+        )
         raise BundleError(msg, Status.BUNDLE_INCOMPATIBLE)
     if bundle.class_input_name not in inputs:
-        raise BundleError(f"{where} has no class input {bundle.class_input_name!r}; rewrite the repository from the bundle", Status.BUNDLE_INCOMPATIBLE)
-    missing = [n for n in bundle.metadata.get("outputs", []) if n not in outputs]
+        raise BundleError(
+            f"{where} has no class input {bundle.class_input_name!r}; rewrite the repository from the bundle",
+            Status.BUNDLE_INCOMPATIBLE,
+        )
+    missing = [n for n in bundle.schema.outputs if n not in outputs]
     missing += [n for n in (*inputs, *outputs) if n not in graph_shapes(config)]
     if missing:
-        raise BundleError(f"{where} lacks outputs {missing} its metadata names; rewrite the repository from the bundle", Status.BUNDLE_INCOMPATIBLE)
+        raise BundleError(
+            f"{where} lacks outputs {missing} its metadata names; rewrite the repository from the bundle",
+            Status.BUNDLE_INCOMPATIBLE,
+        )
 
 
 def identity(bundle: Bundle) -> tuple[Any, ...]:
     """What must not change across a reconnect: the model's classes, input size and weights."""
-    return (bundle.classes, bundle.input_size, bundle.metadata.get("checkpoint_sha256"), bundle.metadata.get("package_version"))
+    return (
+        bundle.classes,
+        bundle.input_size,
+        bundle.metadata.get("checkpoint_sha256"),
+        bundle.metadata.get("package_version"),
+    )
 
 
 def _import_client() -> Any:
@@ -175,8 +210,17 @@ class TritonRunner(Runner):
 
     name = "triton"
 
-    def __init__(self, url: str, model: str, bundle: Bundle, config: dict[str, Any], input_specs: list[TensorSpec],
-                 output_names: list[str], max_batch: int, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        bundle: Bundle,
+        config: dict[str, Any],
+        input_specs: list[TensorSpec],
+        output_names: list[str],
+        max_batch: int,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         super().__init__(input_specs, output_names, max_batch)
         self.url, self.model, self.bundle, self.config = url, model, bundle, config
         self.address, _ = parse_url(url)
@@ -188,7 +232,9 @@ class TritonRunner(Runner):
         self.last_failure = ""
         self._shapes = graph_shapes(config)
         self._input_dims = {t["name"]: _dims(t) for t in config.get("input", [])}
-        self._input_types = {t["name"]: str(t.get("data_type", "")).replace("TYPE_", "") for t in config.get("input", [])}
+        self._input_types = {
+            t["name"]: str(t.get("data_type", "")).replace("TYPE_", "") for t in config.get("input", [])
+        }
 
     def activate_impl(self) -> None:
         grpc = _import_client()
@@ -212,17 +258,22 @@ class TritonRunner(Runner):
     def infer_impl(self, batch: int) -> None:
         now = time.monotonic()
         if self.failures and now < self.retry_at:
-            msg = f"inference server {self.url} is unreachable ({self.last_failure}); next attempt in {self.retry_at - now:.1f} s"
+            wait = self.retry_at - now
+            msg = f"inference server {self.url} is unreachable ({self.last_failure}); next attempt in {wait:.1f} s"
             raise ServerUnavailableError(msg)
         grpc = _import_client()
         try:
             if self.failures:  # a fresh channel: gRPC's own reconnect backoff would wait far longer
                 self._reopen()
-            answer = self.client.infer(self.model, self._request(batch), outputs=self._requested, client_timeout=self.timeout_s)
+            answer = self.client.infer(
+                self.model, self._request(batch), outputs=self._requested, client_timeout=self.timeout_s
+            )
         except grpc.InferenceServerException as err:
             if _code(err) in TRANSIENT_CODES or not _code(err):
                 self._failed(err)
-                raise ServerUnavailableError(f"inference server {self.url} is unreachable: {self.last_failure}") from err
+                raise ServerUnavailableError(
+                    f"inference server {self.url} is unreachable: {self.last_failure}"
+                ) from err
             raise InferenceError(f"the server refused a batch of {batch} for model {self.model!r}: {err}") from err
         if self.failures:
             self._back()
@@ -234,7 +285,9 @@ class TritonRunner(Runner):
         self.last_failure = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else _code(err)}"
         self.retry_at = time.monotonic() + min(BACKOFF_S * 2 ** (self.failures - 1), BACKOFF_MAX_S)
         if self.failures == 1:
-            log.warning("inference server %s went away (%s); frames are dropped until it is back", self.url, self.last_failure)
+            log.warning(
+                "inference server %s went away (%s); frames are dropped until it is back", self.url, self.last_failure
+            )
 
     def _reopen(self) -> None:
         try:
@@ -249,7 +302,8 @@ class TritonRunner(Runner):
         bundle, _ = bundle_from_config(config, self.url)
         if identity(bundle) != identity(self.bundle):
             msg = (
-                f"inference server {self.url} came back with another model {self.model!r} (classes {list(bundle.classes)}, "
+                f"inference server {self.url} came back with another model {self.model!r} "
+                f"(classes {list(bundle.classes)}, "
                 f"input {bundle.input_size}); restart this client to use it, or serve the previous bundle again"
             )
             raise BundleError(msg, Status.BUNDLE_INCOMPATIBLE)
@@ -271,14 +325,23 @@ def _ready_model(client: Any, url: str, model: Optional[str], timeout_s: float) 
         except _import_client().InferenceServerException:  # unknown to this server
             continue
     if model:
-        msg = f"the server at {url} has no ready model {model!r}; list them with curl http://HOST:8000/v2/repository/index or drop the /model part of the URL"
+        msg = (
+            f"the server at {url} has no ready model {model!r}; list them with "
+            "curl http://HOST:8000/v2/repository/index or drop the /model part of the URL"
+        )
     else:
         msg = f"the server at {url} serves none of {list(MODEL_CANDIDATES)}; name the model: {url.rstrip('/')}/MODEL"
     raise BundleError(msg, Status.BUNDLE_NOT_FOUND)
 
 
-def connect(url: str, input_specs_of: Any, output_names: list[str], precision: str = "auto", max_batch: int = 8,
-            timeout_s: float = TIMEOUT_S) -> tuple[Bundle, TritonRunner]:
+def connect(
+    url: str,
+    input_specs_of: Any,
+    output_names: list[str],
+    precision: str = "auto",
+    max_batch: int = 8,
+    timeout_s: float = TIMEOUT_S,
+) -> tuple[Bundle, TritonRunner]:
     """Check the server and its model, then return (Bundle from the server, active runner)."""
     address, model = parse_url(url)
     grpc = _import_client()
@@ -291,7 +354,10 @@ def connect(url: str, input_specs_of: Any, output_names: list[str], precision: s
         else:
             reason = "not ready (still loading its models?)"
         if not live:
-            msg = f"no Triton server answers at {url} ({reason}); start one with `hgad-edge serve BUNDLE` or check host and port"
+            msg = (
+                f"no Triton server answers at {url} ({reason}); "
+                "start one with `hgad-edge serve BUNDLE` or check host and port"
+            )
             raise ServerUnavailableError(msg, Status.BACKEND_UNAVAILABLE)
         name = _ready_model(client, url, model, timeout_s)
         config = client.get_model_config(name, as_json=True, client_timeout=timeout_s)["config"]
@@ -301,9 +367,14 @@ def connect(url: str, input_specs_of: Any, output_names: list[str], precision: s
     bundle, served = bundle_from_config(config, url)
     if precision not in ("auto", served):
         client.close()
-        raise InvalidArgumentError(f"model {name!r} at {url} runs {served}, precision={precision!r} was asked; pass precision='auto' or pick another model in the URL")
+        raise InvalidArgumentError(
+            f"model {name!r} at {url} runs {served}, precision={precision!r} was asked; "
+            "pass precision='auto' or pick another model in the URL"
+        )
     served_batch = int(config.get("max_batch_size", 0)) or 1
     resolved = f"{SCHEME}{address}/{name}"  # what info()["bundle"] and messages show: the model actually used
-    runner = TritonRunner(resolved, name, bundle, config, input_specs_of(bundle), output_names, min(max_batch, served_batch), timeout_s)
+    runner = TritonRunner(
+        resolved, name, bundle, config, input_specs_of(bundle), output_names, min(max_batch, served_batch), timeout_s
+    )
     runner.client, runner.precision = client, served
     return bundle, runner.activate()
