@@ -101,7 +101,7 @@ def time_local(bundle: Path, frames: list[np.ndarray], n: int, warmup: int, batc
     """The runtime in this process: n frames in calls of `batch` frames."""
     from hgad_edge.runtime import Detector
 
-    with Detector(bundle, backend="onnxruntime", max_batch=batch, copy=False) as det:
+    with Detector(bundle, backend="onnxruntime", max_batch=batch) as det:
         for i in range(warmup):
             det.infer(frames[i % len(frames)])
         latencies, start = [], time.perf_counter()
@@ -143,7 +143,7 @@ def time_streams(url: str, frames: list[np.ndarray], streams: int, n: int, warmu
     """`streams` camera stations, each its own handle and thread, closed loop."""
     from hgad_edge.runtime import Detector
 
-    detectors = [Detector(url, backend="triton", max_batch=1, copy=False) for _ in range(streams)]
+    detectors = [Detector(url, backend="triton", max_batch=1) for _ in range(streams)]
     served = detectors[0].info["bundle"]  # grpc://host:port/model: the model the handles use
     latencies: list[list[float]] = [[] for _ in range(streams)]
     errors: list[str] = []

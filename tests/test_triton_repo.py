@@ -181,8 +181,8 @@ def test_client_refuses_a_model_that_does_not_match(tiny_bundle, tmp_path):
         bundle_from_config(bare, "grpc://h:1/m")
     with pytest.raises(BundleError, match="major versions differ"):
         bundle_from_config(_with_metadata(config, package_version="99.0.0"), "grpc://h:1/m")
-    with pytest.raises(BundleError, match=r"does not take uint8 images \[32, 32, 3\]"):
-        bundle_from_config(_with_metadata(config, input_size=[32, 32]), "grpc://h:1/m")
+    with pytest.raises(BundleError, match=r"does not take uint8 images \[128, 128, 3\]"):
+        bundle_from_config(_with_metadata(config, input_size=[128, 128]), "grpc://h:1/m")
     with pytest.raises(BundleError, match="one per class"):
         bundle_from_config(_with_metadata(config, classes=["a", "b", "c"]), "grpc://h:1/m")
 
