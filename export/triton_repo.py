@@ -20,9 +20,10 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from hgad_edge.files import atomic_dir
 from hgad_edge.runtime.backends.triton_backend import model_parameters
@@ -179,7 +180,7 @@ def config_text(
     instances: int,
     kind: str,
     parameters: dict[str, str],
-    cc_model_filenames: Optional[dict[str, str]] = None,
+    cc_model_filenames: dict[str, str] | None = None,
 ) -> str:
     """A complete config.pbtxt; tests parse it with Triton's own ModelConfig schema."""
     parts = [

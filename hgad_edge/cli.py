@@ -10,12 +10,13 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import HEAD_MODES
-from .runtime.backends import BACKENDS as RUNTIME_BACKENDS
-from .runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
 from .bench.engines import BACKENDS as BENCH_BACKENDS
 from .bench.engines import DEFAULT_BACKENDS as BENCH_DEFAULT_BACKENDS
 from .bench.engines import PRECISIONS as BENCH_PRECISIONS
+from .config import HEAD_MODES
+from .runtime.backends import BACKENDS as RUNTIME_BACKENDS
+from .runtime.backends import LOCAL_BACKENDS, is_server_url
+from .runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
 from .runtime.backends.trt_common import ENGINE_PRECISIONS, TARGETS
 
 TRAIN_MODULES = ("torch", "timm", "FrEIA", "yaml", "safetensors")
@@ -229,8 +230,8 @@ def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True)
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances (runtimes) in the server.")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(LOCAL_BACKENDS), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(RUNTIME_PRECISIONS), default="auto", show_default=True)
 def serve(bundle, grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend, precision):
     """Serve a bundle with an embedded Triton Inference Server (PyTriton) for many camera stations."""
     require("serve", ("pytriton", "tritonclient.grpc"), "serve")
@@ -297,7 +298,7 @@ def check_trt(onnx_file, table_only):
 
 def _bundle_or_server(ctx, param, value: str):
     """A bundle folder, or an inference server's grpc://host:port[/model] URL."""
-    if value.startswith("grpc://"):
+    if is_server_url(value):
         return value
     path = Path(value)
     if not path.is_dir():

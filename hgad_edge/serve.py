@@ -27,9 +27,10 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ class ServeOptions:
     device: int = 0
 
 
-def python_library_env(environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+def python_library_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Environment whose LD_LIBRARY_PATH starts with this interpreter's libpython folder (module doc)."""
     env = dict(os.environ if environ is None else environ)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -288,7 +289,7 @@ class ServeProcess:
         self.max_batch, self.extra_args = int(max_batch), tuple(extra_args)
         self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
         self.url = f"grpc://127.0.0.1:{self.grpc_port}"
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.log = self.log_dir / "serve_0.log"
 
@@ -301,7 +302,7 @@ class ServeProcess:
                     return False
         return True
 
-    def start(self, timeout_s: float = 120.0) -> "ServeProcess":
+    def start(self, timeout_s: float = 120.0) -> ServeProcess:
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + timeout_s

@@ -33,7 +33,7 @@ from hgad_edge.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.imaging import resize_image
 from hgad_edge.runtime import Detector, Status, api, create, destroy, infer, last_error
 from hgad_edge.runtime.app import AppError, run_app
-from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, PRECISIONS, REGISTRY, cuda_api
+from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, LOCAL_BACKENDS, PRECISIONS, REGISTRY, cuda_api
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from hgad_edge.runtime.errors import (
@@ -629,6 +629,26 @@ def test_registered_backend_runs_or_says_why(bundle, backend):
         assert h is None and last_error()
     assert set(AUTO_ORDER) <= set(REGISTRY) and BACKENDS == ("auto", *REGISTRY)
     assert set(REGISTRY[backend].precisions) <= set(PRECISIONS)
+
+
+def test_remote_backends_take_a_url_and_local_ones_a_bundle(bundle):
+    """A remote entry (connect, no factory) is asked for with a server URL; the CLI offers it to `run`
+    and not to `serve` (which serves a bundle locally); each wrong pairing names the fix."""
+    from hgad_edge.cli import main
+
+    remote = [name for name, entry in REGISTRY.items() if entry.factory is None]
+    assert remote and all(REGISTRY[name].connect is not None for name in remote)
+    assert LOCAL_BACKENDS == ("auto", *(name for name in REGISTRY if name not in remote))
+    for name in remote:
+        status, h = create(bundle, backend=name)
+        assert status == Status.INVALID_ARGUMENT and h is None and "grpc://host:8001" in last_error()
+    for name in LOCAL_BACKENDS[1:]:
+        status, h = create("grpc://127.0.0.1:9/hgad", backend=name)
+        assert status == Status.INVALID_ARGUMENT and h is None and f"backend={remote[0]!r}" in last_error()
+    choices = {
+        cmd: next(p.type.choices for p in main.commands[cmd].params if p.name == "backend") for cmd in ("run", "serve")
+    }
+    assert tuple(choices["run"]) == BACKENDS and tuple(choices["serve"]) == LOCAL_BACKENDS
 
 
 def _cuda_device_count() -> int:

@@ -2,8 +2,8 @@
 `run(frames, class_ids) -> (maps, scores, model-only ms)`; wall time around run() is end to end.
 
 ENGINES is the registry the benchmark's backend choices come from: torch eager, torch replaying a
-CUDA graph, and every runtime backend (hgad_edge.runtime.backends.REGISTRY) through the runtime's
-Detector. Each entry says which precisions it runs and why it cannot run here (None: it can).
+CUDA graph, and every local runtime backend (hgad_edge.runtime.backends.REGISTRY) through the
+runtime's Detector. Each entry says which precisions it runs and why it cannot run here (None: it can).
 """
 
 from __future__ import annotations
@@ -241,7 +241,8 @@ ENGINES: dict[str, EngineKind] = {
     "torch": EngineKind(lambda s, p: TorchEngine(_torch_scorer(s, p), s.device, p), ("fp32", "fp16"), _torch_needs, True),
     "torch-cudagraph": EngineKind(lambda s, p: TorchGraphEngine(_torch_scorer(s, p), s.device, p), ("fp32", "fp16"),
                                   _graph_needs, True),
-    **{name: _runtime_kind(name) for name in RUNTIME_BACKENDS},
+    # A remote backend (triton) scores on a server, not on the bench's bundle: benchmarks/serve_bench.py measures it.
+    **{name: _runtime_kind(name) for name, entry in RUNTIME_BACKENDS.items() if entry.factory is not None},
 }
 BACKENDS = tuple(ENGINES)
 PRECISIONS = tuple(dict.fromkeys(p for kind in ENGINES.values() for p in kind.precisions))

@@ -26,7 +26,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +84,7 @@ def is_server_url(target: Any) -> bool:
     return isinstance(target, str) and target.startswith(SCHEME)
 
 
-def parse_url(url: str) -> tuple[str, Optional[str]]:
+def parse_url(url: str) -> tuple[str, str | None]:
     """grpc://host[:port][/model] -> ("host:port", model or None)."""
     match = re.fullmatch(r"grpc://([^/:]+|\[[^\]]+\])(?::(\d+))?(?:/([A-Za-z0-9_.-]*))?/?", url.strip())
     if not match:
@@ -316,7 +316,7 @@ class TritonRunner(Runner):
             self.client = None
 
 
-def _ready_model(client: Any, url: str, model: Optional[str], timeout_s: float) -> str:
+def _ready_model(client: Any, url: str, model: str | None, timeout_s: float) -> str:
     names = (model,) if model else MODEL_CANDIDATES
     for name in names:
         try:
