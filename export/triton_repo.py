@@ -207,12 +207,19 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 
 def _engine_groups(bundle: Bundle) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """{precision: {compute capability: engine file}}; of two engines for one GPU the newer TensorRT wins."""
+    """{precision: {compute capability: engine file}} of the TensorRT engines (TensorRT-RTX ones are noted and
+    skipped); of two engines for one GPU the newer TensorRT wins."""
     groups: dict[str, dict[str, str]] = {}
     notes = []
     engines = bundle.metadata.get("engines") or {}
     for name in sorted(engines, key=lambda n: _version_key(engines[n].get("trt_version", "0"))):
         entry = engines[name]
+        if entry.get("target", "tensorrt") != "tensorrt":
+            notes.append(
+                f"engine {name} is a {entry['target']} engine: Triton's tensorrt_plan backend runs TensorRT engines "
+                "only; skipped (the ONNX models serve the bundle, or `hgad-edge serve` runs it)"
+            )
+            continue
         if not bundle.engine_path(name).is_file():
             notes.append(f"engine {name} is listed in the metadata but missing from {bundle.engines_dir()}; skipped")
             continue

@@ -20,6 +20,10 @@ from .runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
 from .runtime.backends.trt_common import ENGINE_PRECISIONS, TARGETS
 
 TRAIN_MODULES = ("torch", "timm", "FrEIA", "yaml", "safetensors")
+allow_engine_host_code_option = click.option(  # run and serve
+    "--allow-engine-host-code", is_flag=True,
+    help="Load version-compatible TensorRT engines, which run host code embedded in the engine file (only engines you "
+         "trust).")
 
 
 def require(extra: str, modules: tuple[str, ...], verb: str) -> None:
@@ -232,14 +236,16 @@ def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix
               help="Model instances (runtimes) in the server.")
 @click.option("--backend", type=click.Choice(LOCAL_BACKENDS), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(RUNTIME_PRECISIONS), default="auto", show_default=True)
-def serve(bundle, grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend, precision):
+@allow_engine_host_code_option
+def serve(bundle, grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend, precision,
+          allow_engine_host_code):
     """Serve a bundle with an embedded Triton Inference Server (PyTriton) for many camera stations."""
     require("serve", ("pytriton", "tritonclient.grpc"), "serve")
     from .runtime.errors import HgadRuntimeError
     from .serve import ServeError, ServeOptions, serve_forever
 
     options = ServeOptions(grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend,
-                           precision)
+                           precision, allow_engine_host_code=allow_engine_host_code)
     try:
         serve_forever(bundle, options, announce=lambda line: click.echo(line))
     except (ServeError, HgadRuntimeError) as exc:
@@ -324,9 +330,7 @@ def _bundle_or_server(ctx, param, value: str):
               help="Save overlay + frame of every FAIL (file names carry this run's id).")
 @click.option("--max-frames", type=click.IntRange(min=1))
 @click.option("--reconnect-attempts", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--allow-engine-host-code", is_flag=True,
-              help="Load version-compatible TensorRT engines, which run host code embedded in the engine file "
-                   "(only engines you trust).")
+@allow_engine_host_code_option
 def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, overwrite, save_anomalies,
         max_frames, reconnect_attempts, allow_engine_host_code):
     """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle or an

@@ -84,6 +84,7 @@ class ServeOptions:
     backend: str = "auto"
     precision: str = "auto"
     device: int = 0
+    allow_engine_host_code: bool = False  # TensorRT version-compatible engines run host code: trusted engines only
 
 
 def python_library_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -99,7 +100,10 @@ class _ModelInstance:
     """One model instance: a runtime runner fed from Triton's batches (one call at a time)."""
 
     def __init__(self, bundle: Bundle, signature: Signature, options: ServeOptions) -> None:
-        self.runner = create_runner(bundle, options.backend, options.device, options.precision, options.max_batch)
+        self.runner = create_runner(
+            bundle, options.backend, options.device, options.precision, options.max_batch,
+            options.allow_engine_host_code,
+        )
         # serve what the runtime reads from the graph (a newer graph may carry more outputs)
         outputs = tuple(t for t in signature.outputs if t.name in self.runner.output_names)
         self.signature = Signature(signature.inputs, outputs)

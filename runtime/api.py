@@ -114,7 +114,8 @@ def create(
             loaded, runner = open_server(bundle, backend, precision, int(max_batch))
         else:
             loaded = load_bundle(bundle)
-            runner = create_runner(loaded, backend, int(device), precision, int(max_batch), bool(allow_engine_host_code))
+            host_code = bool(allow_engine_host_code)
+            runner = create_runner(loaded, backend, int(device), precision, int(max_batch), host_code)
     except HgadRuntimeError as err:
         return _fail(err.status, str(err)), None
     except Exception as err:

@@ -111,6 +111,9 @@ def test_tensorrt_models_get_one_plan_per_compute_capability(tiny_bundle, tmp_pa
     ):
         (bundle / "engines" / name).write_bytes(name.encode())
         meta["engines"][name] = engine_entry("fp16", trt, cc, "model_fp16.onnx", sha, batch)
+    rtx = "rtx1.7.1_sm89_fp16.engine"  # Triton's tensorrt backend cannot run TensorRT-RTX engines
+    (bundle / "engines" / rtx).write_bytes(b"rtx")
+    meta["engines"][rtx] = engine_entry("fp16", "1.7.1", ["8.9"], "model_fp16.onnx", sha, (1, 4, 8), target="rtx")
     (bundle / "metadata.json").write_text(json.dumps(meta))
     repo = tmp_path / "repo"
     models = {m.name: m for m in write_repository(bundle, repo)}
@@ -120,6 +123,7 @@ def test_tensorrt_models_get_one_plan_per_compute_capability(tiny_bundle, tmp_pa
     # of two engines for sm87 the newer TensorRT wins, and the writer says so
     assert dict(config.cc_model_filenames) == {"8.7": "trt10.3.0_sm87_fp16.engine", "9.0": "trt10.8.0_sm90_fp16.engine"}
     assert any("replaced" in note for note in trt.notes)
+    assert any(note.startswith(f"engine {rtx} is a rtx engine") for note in trt.notes)
     assert sorted(p.name for p in (repo / "hgad_trt_fp16" / "1").iterdir()) == [
         "trt10.3.0_sm87_fp16.engine",
         "trt10.8.0_sm90_fp16.engine",

@@ -20,8 +20,8 @@ import numpy as np
 from ..bundle import OUTPUT_NAMES, Bundle
 from ..errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
 from .base import Runner, TensorSpec
-from .onnxruntime_backend import OnnxRuntimeRunner, SessionFromOnnx, available_providers, choose_providers, uses_gpu
 from .cuda_api import CudaError
+from .onnxruntime_backend import OnnxRuntimeRunner, SessionFromOnnx, available_providers, choose_providers, uses_gpu
 from .tensorrt_backend import load_tensorrt_runner
 from .triton_backend import is_server_url
 
