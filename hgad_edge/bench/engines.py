@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -160,13 +160,13 @@ def _torch_scorer(setup: Setup, precision: str):
     return scorer
 
 
-def _torch_needs(setup: Setup, precision: str) -> Optional[str]:
+def _torch_needs(setup: Setup, precision: str) -> str | None:
     if precision == "fp16" and not setup.device.startswith("cuda"):
         return "torch fp16 on CPU skipped: CPU half precision is not a deployment target"
     return None
 
 
-def _graph_needs(setup: Setup, precision: str) -> Optional[str]:
+def _graph_needs(setup: Setup, precision: str) -> str | None:
     return None if setup.device.startswith("cuda") else "CUDA graphs need a CUDA device"
 
 
@@ -188,7 +188,7 @@ def _tensorrt_engine(setup: Setup, precision: str):
     return _runtime_engine("tensorrt")(setup, precision)
 
 
-def _tensorrt_needs(setup: Setup, precision: str) -> Optional[str]:
+def _tensorrt_needs(setup: Setup, precision: str) -> str | None:
     if setup.trt_status is None:
         setup.trt_status = tensorrt_status("tensorrt")
     ok, reason = setup.trt_status
@@ -203,7 +203,12 @@ def _build_trt(setup: Setup, precision: str) -> Path:
     from ..export.trt_build import build_engines
 
     top = setup.max_batch
-    return build_engines(setup.bundle, precision, batch=(1, max(1, top // 2), top), calib_dir=setup.calib_dir if precision == "int8" else None)
+    return build_engines(
+        setup.bundle,
+        precision,
+        batch=(1, max(1, top // 2), top),
+        calib_dir=setup.calib_dir if precision == "int8" else None,
+    )
 
 
 def _int8_engine(setup: Setup, path: Path) -> RunnerEngine:
@@ -227,7 +232,7 @@ class EngineKind:
 
     open: Callable[[Setup, str], object]
     precisions: tuple[str, ...]
-    needs: Callable[[Setup, str], Optional[str]] = lambda setup, precision: None
+    needs: Callable[[Setup, str], str | None] = lambda setup, precision: None
     torch: bool = False  # runs the PyTorch model in-process (needs no bundle)
 
 
@@ -238,9 +243,12 @@ def _runtime_kind(name: str) -> EngineKind:
 
 
 ENGINES: dict[str, EngineKind] = {
-    "torch": EngineKind(lambda s, p: TorchEngine(_torch_scorer(s, p), s.device, p), ("fp32", "fp16"), _torch_needs, True),
-    "torch-cudagraph": EngineKind(lambda s, p: TorchGraphEngine(_torch_scorer(s, p), s.device, p), ("fp32", "fp16"),
-                                  _graph_needs, True),
+    "torch": EngineKind(
+        lambda s, p: TorchEngine(_torch_scorer(s, p), s.device, p), ("fp32", "fp16"), _torch_needs, True
+    ),
+    "torch-cudagraph": EngineKind(
+        lambda s, p: TorchGraphEngine(_torch_scorer(s, p), s.device, p), ("fp32", "fp16"), _graph_needs, True
+    ),
     # A remote backend (triton) scores on a server, not on the bench's bundle: benchmarks/serve_bench.py measures it.
     **{name: _runtime_kind(name) for name, entry in RUNTIME_BACKENDS.items() if entry.factory is not None},
 }
@@ -249,11 +257,14 @@ PRECISIONS = tuple(dict.fromkeys(p for kind in ENGINES.values() for p in kind.pr
 DEFAULT_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
-def skip_reason(setup: Setup, backend: str, precision: str) -> Optional[str]:
+def skip_reason(setup: Setup, backend: str, precision: str) -> str | None:
     """Why (backend, precision) is not measured here, or None when it is."""
     kind = ENGINES[backend]
     if precision not in kind.precisions:
-        return f"no {precision} path for {backend} (it runs {', '.join(kind.precisions)}); int8 runs only as a calibrated TensorRT engine"
+        return (
+            f"no {precision} path for {backend} (it runs {', '.join(kind.precisions)}); "
+            "int8 runs only as a calibrated TensorRT engine"
+        )
     return kind.needs(setup, precision)
 
 

@@ -25,8 +25,20 @@ from .onnxruntime_backend import OnnxRuntimeRunner, SessionFromOnnx, available_p
 from .tensorrt_backend import load_tensorrt_runner
 from .triton_backend import is_server_url
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "LOCAL_BACKENDS", "PRECISIONS", "REGISTRY", "BackendEntry", "Runner",
-           "TensorSpec", "create_runner", "input_specs", "is_server_url", "open_server"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "LOCAL_BACKENDS",
+    "PRECISIONS",
+    "REGISTRY",
+    "BackendEntry",
+    "Runner",
+    "TensorSpec",
+    "create_runner",
+    "input_specs",
+    "is_server_url",
+    "open_server",
+]
 
 log = logging.getLogger("hgad_edge.runtime")
 
@@ -43,7 +55,10 @@ def input_specs(bundle: Bundle) -> list[TensorSpec]:
 def _ort_precision(bundle: Bundle, precision: str, gpu: bool) -> str:
     """fp32 on CPU (ORT's CPU kernels gain nothing from fp16); fp16 on GPU when exported."""
     if precision == "int8":
-        msg = "INT8 runs only as a TensorRT engine (hgad-edge build BUNDLE --precision int8 --calib-dir DIR); use fp32 or fp16 with ONNX Runtime"
+        msg = (
+            "INT8 runs only as a TensorRT engine (hgad-edge build BUNDLE --precision int8 --calib-dir DIR); "
+            "use fp32 or fp16 with ONNX Runtime"
+        )
         raise InvalidArgumentError(msg)
     if precision != "auto":
         return precision
@@ -52,8 +67,9 @@ def _ort_precision(bundle: Bundle, precision: str, gpu: bool) -> str:
     return "fp32" if "fp32" in bundle.models else "fp16"
 
 
-def _onnxruntime_runner(bundle: Bundle, device: int, precision: str, max_batch: int,
-                        allow_engine_host_code: bool = False) -> Runner:
+def _onnxruntime_runner(
+    bundle: Bundle, device: int, precision: str, max_batch: int, allow_engine_host_code: bool = False
+) -> Runner:
     providers = choose_providers(available_providers(), device)
     chosen = _ort_precision(bundle, precision, uses_gpu(providers))
     loader = SessionFromOnnx(bundle.model_path(chosen), providers)
@@ -62,12 +78,19 @@ def _onnxruntime_runner(bundle: Bundle, device: int, precision: str, max_batch: 
     return runner.activate()
 
 
-def _tensorrt_runner(bundle: Bundle, device: int, precision: str, max_batch: int, allow_engine_host_code: bool = False) -> Runner:
+def _tensorrt_runner(
+    bundle: Bundle, device: int, precision: str, max_batch: int, allow_engine_host_code: bool = False
+) -> Runner:
     try:
-        runner = load_tensorrt_runner(bundle, input_specs(bundle), list(OUTPUT_NAMES), device, precision, max_batch, allow_engine_host_code)
+        runner = load_tensorrt_runner(
+            bundle, input_specs(bundle), list(OUTPUT_NAMES), device, precision, max_batch, allow_engine_host_code
+        )
         return runner.activate()
     except CudaError as err:
-        msg = f"CUDA device {device} is not usable ({err}); check the driver (nvidia-smi / tegrastats) or use backend='onnxruntime'"
+        msg = (
+            f"CUDA device {device} is not usable ({err}); check the driver (nvidia-smi / tegrastats) "
+            "or use backend='onnxruntime'"
+        )
         raise BackendUnavailableError(msg, Status.NO_DEVICE) from err
 
 
@@ -89,11 +112,16 @@ class BackendEntry:
 
 
 REGISTRY: dict[str, BackendEntry] = {
-    "tensorrt": BackendEntry(_tensorrt_runner, ("fp32", "fp16", "int8"),
-                             "TensorRT or TensorRT-RTX engine in the bundle (hgad-edge build)"),
+    "tensorrt": BackendEntry(
+        _tensorrt_runner, ("fp32", "fp16", "int8"), "TensorRT or TensorRT-RTX engine in the bundle (hgad-edge build)"
+    ),
     "onnxruntime": BackendEntry(_onnxruntime_runner, ("fp32", "fp16"), "ONNX Runtime on CPU, or CUDA where available"),
-    "triton": BackendEntry(None, ("fp32", "fp16", "int8"), "client of a Triton Inference Server (hgad-edge serve): "
-                           "BUNDLE is its URL, grpc://host:8001[/model]", connect=_triton_connect),
+    "triton": BackendEntry(
+        None,
+        ("fp32", "fp16", "int8"),
+        "client of a Triton Inference Server (hgad-edge serve): BUNDLE is its URL, grpc://host:8001[/model]",
+        connect=_triton_connect,
+    ),
 }
 AUTO_ORDER = ("tensorrt", "onnxruntime")  # what "auto" tries, in turn, for a bundle folder
 BACKENDS = ("auto", *REGISTRY)
@@ -115,7 +143,11 @@ def open_server(url: str, backend: str = "auto", precision: str = "auto", max_ba
 
 
 def create_runner(
-    bundle: Bundle, backend: str = "auto", device: int = 0, precision: str = "auto", max_batch: int = 8,
+    bundle: Bundle,
+    backend: str = "auto",
+    device: int = 0,
+    precision: str = "auto",
+    max_batch: int = 8,
     allow_engine_host_code: bool = False,
 ) -> Runner:
     """An active runner for `bundle`; see the module docstring for what "auto" does.
@@ -130,8 +162,10 @@ def create_runner(
     args = (bundle, device, precision, max_batch, allow_engine_host_code)
     entry = REGISTRY.get(backend)
     if entry is not None and entry.factory is None:
-        msg = (f"backend {backend!r} scores on an inference server: pass its URL (grpc://host:8001) instead of the "
-               f"bundle {bundle.path}, serving the bundle there with `hgad-edge serve`")
+        msg = (
+            f"backend {backend!r} scores on an inference server: pass its URL (grpc://host:8001) instead of the "
+            f"bundle {bundle.path}, serving the bundle there with `hgad-edge serve`"
+        )
         raise InvalidArgumentError(msg)
     if entry is not None:
         return entry.factory(*args)
