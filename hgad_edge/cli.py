@@ -64,6 +64,22 @@ def parse_classes(value: str | None) -> list[str] | None:
     return names
 
 
+def parse_thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
+    """`--threshold NAME=VALUE` pairs -> {name: value}; the runtime checks the names against the bundle."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not sep or not name.strip() or number != number or number in (float("inf"), float("-inf")):
+            raise click.BadParameter(f"{item!r}: use NAME=VALUE with a finite number, e.g. --threshold bottle=1.25",
+                                     param_hint="--threshold")
+        out[name.strip()] = number
+    return out or None
+
+
 @click.group()
 @click.version_option(__version__, prog_name="hgad-edge")
 def main() -> None:
@@ -331,8 +347,10 @@ def _bundle_or_server(ctx, param, value: str):
 @click.option("--max-frames", type=click.IntRange(min=1))
 @click.option("--reconnect-attempts", type=click.IntRange(min=0), default=5, show_default=True)
 @allow_engine_host_code_option
+@click.option("--threshold", "threshold_overrides", multiple=True, metavar="NAME=VALUE",
+              help="Score threshold for class NAME for this run only (the bundle is not changed); repeatable.")
 def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, overwrite, save_anomalies,
-        max_frames, reconnect_attempts, allow_engine_host_code):
+        max_frames, reconnect_attempts, allow_engine_host_code, threshold_overrides):
     """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle or an
     inference server's grpc:// URL (no torch needed).
 
@@ -346,12 +364,93 @@ def run(bundle, source, camera, class_name, backend, precision, headless, output
     try:
         summary = run_app(bundle, source if source is not None else camera, class_name, backend, headless, output_jsonl,
                           save_anomalies, max_frames, reconnect_attempts, precision=precision, overwrite=overwrite,
-                          allow_engine_host_code=allow_engine_host_code)
+                          allow_engine_host_code=allow_engine_host_code,
+                          thresholds=parse_thresholds(threshold_overrides))
     except (HgadRuntimeError, SourceError, AppError) as exc:
         raise click.ClickException(str(exc)) from exc
     problems = run_problems(summary)
     if problems:
         raise click.ClickException("; ".join(problems))
+
+
+def policy_options(command):
+    """One option per threshold policy of the registry: --max, --quantile Q, --target-fpr F, ..."""
+    from .thresholds import POLICIES
+
+    for name, policy in reversed(POLICIES.items()):
+        dest = "policy_" + name.replace("-", "_")
+        if policy.param_range is None:
+            command = click.option(f"--{name}", dest, is_flag=True, help=policy.help)(command)
+        else:
+            lo, hi = policy.param_range
+            kind = click.FloatRange(lo, hi, min_open=True, max_open=True)
+            command = click.option(f"--{name}", dest, type=kind, metavar=name.split("-")[-1][0].upper(), help=policy.help)(command)
+    return command
+
+
+def chosen_policy(options: dict) -> tuple[str, float | None]:
+    from .thresholds import POLICIES
+
+    chosen = []
+    for name, policy in POLICIES.items():
+        value = options["policy_" + name.replace("-", "_")]
+        if (policy.param_range is None and value) or (policy.param_range is not None and value is not None):
+            chosen.append((name, None if policy.param_range is None else float(value)))
+    if len(chosen) != 1:
+        flags = ", ".join(f"--{n}" + ("" if p.param_range is None else " X") for n, p in POLICIES.items())
+        raise click.UsageError(f"choose exactly one threshold policy: {flags}")
+    return chosen[0]
+
+
+@main.command(name="calibrate")
+@click.argument("target", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--normal", type=click.Path(path_type=Path), help="Folder of normal (good) images from the line.")
+@click.option("--defects", type=click.Path(path_type=Path), help="Folder of labelled defect images (target-recall, f1-max).")
+@click.option("--class", "class_name", help="Class the images show (needed when the model knows several).")
+@policy_options
+@click.option("--refit-statistics", is_flag=True, help="Run folders only (needs torch): also refit the per-position "
+              "normal statistics from the normal images (half of them; the other half sets the threshold).")
+@click.option("--undo", is_flag=True, help="Restore the thresholds from before the last calibration.")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True,
+              help="Backend scoring a bundle's images (its own runtime).")
+def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, backend, **options):
+    """New PASS/FAIL threshold for one class of a bundle or run folder, from new normal images.
+
+    A bundle is scored with its own runtime backend (no torch needed) and only its metadata.json
+    changes: graphs and TensorRT engines stay valid. The write is atomic; --undo restores."""
+    from .recalibration import CalibrationError, calibrate_target, target_kind, undo_target
+    from .runtime.errors import HgadRuntimeError
+    from .thresholds import PolicyError
+
+    errors: tuple = (CalibrationError, PolicyError, HgadRuntimeError)
+    try:
+        kind = target_kind(target)
+    except CalibrationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if kind == "run":
+        require("train", TRAIN_MODULES, "calibrate RUN")
+        errors = (*errors, *user_errors())
+    if undo:
+        try:
+            record = undo_target(target)
+        except errors as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"{target}: restored the thresholds from before the calibration of {record['date']} ({record['policy']})")
+        return
+    if normal is None:
+        raise click.UsageError("give --normal DIR (a folder of normal images), or --undo")
+    policy, param = chosen_policy(options)
+    try:
+        result = calibrate_target(target, normal, policy, param, defects, class_name, backend, refit_statistics=refit_statistics)
+    except errors as exc:
+        raise click.ClickException(str(exc)) from exc
+    exp = result.record["expected"]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in (("FPR", exp["fpr"]), ("recall", exp["recall"])) if v is not None)
+    click.echo(f"{target} class {result.class_name}: threshold {result.previous_threshold:.6g} -> {result.threshold:.6g} "
+               f"({policy}{'' if param is None else ' ' + str(param)}, {result.record['images']['count']} normal images; "
+               f"expected {shown}); undo with: hgad-edge calibrate {target} --undo")
+    if kind == "run":
+        click.echo(f"re-export to deploy it: hgad-edge export {target} --out BUNDLE")
 
 
 def _csv(kind: type, allowed: tuple[str, ...] | None = None):

@@ -300,11 +300,22 @@ class ScoreConfig:
     topk: float = 0.03
     # Weight of each level's standardised map in the average over levels (empty: equal weights).
     level_weights: tuple[float, ...] = ()
-    threshold_quantile: float = 1.0  # quantile of held-out normal image scores used as threshold
+    # Threshold from the held-out normal images' scores: a policy of hgad_edge.thresholds.POLICIES
+    # that needs no defects ("max", "quantile" q, "target-fpr" f) and its parameter (None for "max").
+    threshold_policy: str = "max"
+    threshold_param: float | None = None
+    threshold_quantile: float | None = None  # deprecated (runs before policies): 1.0 = "max", else "quantile"
     CRITERIA = ("loglik", "entropy", "product")
     # smooth_sigma 0: no smoothing; topk 0: the map's max
     LIMITS = {"criterion": OneOf(CRITERIA), "smooth_sigma": Limit(0), "topk": Limit(0, 1), "threshold_quantile": Limit(0, 1),
-              "level_weights": Limit(0, min_items=0)}
+              "threshold_param": Limit(0, 1, lo_open=True), "level_weights": Limit(0, min_items=0)}
+
+    def policy(self) -> tuple[str, float | None]:
+        """(policy name, parameter), reading the deprecated threshold_quantile of older runs."""
+        q = self.threshold_quantile
+        if q is not None and self.threshold_policy == "max" and self.threshold_param is None:
+            return ("max", None) if q >= 1.0 else ("quantile", float(q))
+        return self.threshold_policy, self.threshold_param
 
 
 @dataclass
@@ -338,6 +349,7 @@ class HGADConfig:
             msg = (f"score.level_weights={list(weights)}: give {levels} non-negative weights, one per level "
                    f"(backbone stages x pyramid scales), not all 0; or [] for equal weights")
             raise ConfigError(msg)
+        _check_threshold_policy(self.score)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -347,6 +359,20 @@ class HGADConfig:
     def from_dict(cls, data: dict[str, Any]) -> HGADConfig:
         """Build from a (possibly partial) nested dict; unknown keys are errors, not silently dropped."""
         return _from_dict(cls, data or {}, "").validate()
+
+
+def _check_threshold_policy(score: ScoreConfig) -> None:
+    from .thresholds import POLICIES, PolicyError, check_policy
+
+    name, param = score.policy()
+    try:
+        policy = check_policy(name, param)
+    except PolicyError as err:
+        raise ConfigError(f"score.threshold_policy / score.threshold_param: {err}") from err
+    if policy.needs_defects:
+        usable = ", ".join(n for n, p in POLICIES.items() if not p.needs_defects)
+        msg = f"score.threshold_policy={name!r} needs labelled defects, which training has not: choose {usable}, "
+        raise ConfigError(msg + f"or set it later with `hgad-edge calibrate RUN --normal DIR --defects DIR --{name}`")
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import ADDataset, DataError, Sample, load_image, load_mask, resize_image
-from .metrics import image_and_pixel_metrics
 from .batching import iter_batches
+from .data import ADDataset, DataError, Sample, load_image, load_mask, resize_image
+from .files import atomic_write_json, atomic_write_text
+from .metrics import image_and_pixel_metrics
+from .thresholds import confusion, fpr_at_recall, recall_at_fpr
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+# Operating points (test set, empirical): recall at a rejection rate of good parts, and the reverse.
+RECALL_AT_FPR = (0.01, 0.05)
+FPR_AT_RECALL = (0.90, 0.95)
+OPERATING_KEYS = (*(f"recall_at_fpr_{round(100 * f)}" for f in RECALL_AT_FPR), *(f"fpr_at_recall_{round(100 * r)}" for r in FPR_AT_RECALL))
+COUNT_KEYS = ("tp", "fp", "tn", "fn")
 
 
 @dataclass
@@ -63,21 +69,26 @@ def _mask_for(sample: Sample, size: tuple[int, int]) -> np.ndarray:
     return load_mask(sample.mask_path, shape=size)
 
 
-def class_metrics(pred: ClassPredictions, class_id: int) -> dict:
+def class_metrics(pred: ClassPredictions, class_id: int, threshold: float) -> dict:
     if len(set(pred.labels.tolist())) < 2:
         msg = f"class {pred.name}: the test set needs both normal and anomalous images to be evaluated"
         raise DataError(msg)
     m = image_and_pixel_metrics(pred.labels, pred.scores, pred.masks, pred.maps if pred.masks is not None else None)
-    flagged = pred.normalized >= 0.5
     normal, anomalous = pred.labels == 0, pred.labels == 1
+    good, bad = pred.scores[normal], pred.scores[anomalous]
+    counts = confusion(good, bad, threshold)  # what the line sees at the saved threshold
     m.update(
         n_test=int(len(pred.labels)),
         n_anomalous=int(anomalous.sum()),
         level="pixel" if pred.masks is not None else "image",
         auto_class_accuracy=float(np.mean(pred.auto_class == class_id)),
         # What the line sees with the calibrated threshold (no test data used to set it).
-        threshold_fpr=float(flagged[normal].mean()),
-        threshold_tpr=float(flagged[anomalous].mean()),
+        threshold=float(threshold),
+        threshold_fpr=counts["fp"] / len(good),
+        threshold_tpr=counts["tp"] / len(bad),
+        **counts,
+        **{f"recall_at_fpr_{round(100 * f)}": recall_at_fpr(good, bad, f) for f in RECALL_AT_FPR},
+        **{f"fpr_at_recall_{round(100 * r)}": fpr_at_recall(good, bad, r) for r in FPR_AT_RECALL},
     )
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in m.items()}
 
@@ -111,17 +122,19 @@ def subset(pred: ClassPredictions, keep: np.ndarray) -> ClassPredictions:
 
 
 def mean_metrics(per_class: dict[str, dict]) -> dict:
-    keys = [*METRIC_KEYS, "auto_class_accuracy", "threshold_fpr", "threshold_tpr"]
+    keys = [*METRIC_KEYS, "auto_class_accuracy", "threshold_fpr", "threshold_tpr", *OPERATING_KEYS]
     out = {}
     for k in keys:
         vals = [c[k] for c in per_class.values() if c.get(k) is not None]
         out[k] = float(np.mean(vals)) if vals else None
     out["n_test"] = int(sum(c["n_test"] for c in per_class.values()))
+    out.update({k: int(sum(c[k] for c in per_class.values())) for k in COUNT_KEYS})
     return out
 
 
 def evaluate(scorer, dataset: ADDataset, out_dir: Path, pictures: bool = False, batch_size: int = 16) -> dict:
-    """Evaluate every model class present in dataset; writes out_dir/metrics.json and metrics.md."""
+    """Evaluate every model class present in dataset; writes out_dir/metrics.json and metrics.md and,
+    per class, out_dir/operating_points/<class>.png (score histograms, threshold, ROC)."""
     names = scorer.model.class_names
     missing = [c for c in dataset.classes if c not in names]
     if missing:
@@ -134,13 +147,23 @@ def evaluate(scorer, dataset: ADDataset, out_dir: Path, pictures: bool = False, 
         samples = [s for s in test if s.class_name == name]
         class_id = names.index(name)
         pred = predict_class(scorer, samples, class_id, dataset.has_masks(name), batch_size)
-        per_class[name] = class_metrics(pred, class_id)
+        threshold = float(scorer.threshold[class_id])
+        per_class[name] = class_metrics(pred, class_id, threshold)
+        write_operating_point(pred, threshold, out_dir / "operating_points")
         if pictures:
-            write_pictures(pred, float(scorer.threshold[class_id]), scorer.model.cfg.input_size, out_dir / "pictures")
+            write_pictures(pred, threshold, scorer.model.cfg.input_size, out_dir / "pictures")
     result = {"classes": per_class, "mean": mean_metrics(per_class)}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "metrics.md").write_text(metrics_table(result))
+    atomic_write_json(out_dir / "metrics.json", result)
+    atomic_write_text(out_dir / "metrics.md", metrics_table(result))
     return result
+
+
+def write_operating_point(pred: ClassPredictions, threshold: float, out: Path) -> None:
+    from .viz import operating_point_plot
+
+    normal, anomalous = pred.labels == 0, pred.labels == 1
+    operating_point_plot(out / f"{pred.name}.png", pred.scores[normal], pred.scores[anomalous], threshold,
+                         title=f"{pred.name}: test scores and the saved threshold")
 
 
 def _fmt(v) -> str:
@@ -148,13 +171,20 @@ def _fmt(v) -> str:
 
 
 def metrics_table(result: dict) -> str:
-    """Markdown table, percentages; 'n/a' where a class has no pixel masks."""
+    """Markdown table, percentages; 'n/a' where a class has no pixel masks. Then the operating points:
+    at the saved threshold (FPR, recall, counts) and what other thresholds would give on the test set."""
     head = "| class | level | n_test | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | auto-class acc | FPR@thr | TPR@thr |"
     lines = [head, "|" + "---|" * 10]
     rows = list(result["classes"].items()) + [("**mean**", result["mean"])]
     for name, m in rows:
         cells = [name, m.get("level", ""), str(m["n_test"])]
         cells += [_fmt(m.get(k)) for k in (*METRIC_KEYS, "auto_class_accuracy", "threshold_fpr", "threshold_tpr")]
+        lines.append("| " + " | ".join(cells) + " |")
+    ops = [f"recall@FPR {round(100 * f)}%" for f in RECALL_AT_FPR] + [f"FPR@recall {round(100 * r)}%" for r in FPR_AT_RECALL]
+    lines += ["", "| class | threshold | TP | FP | TN | FN | " + " | ".join(ops) + " |", "|" + "---|" * (6 + len(ops))]
+    for name, m in rows:
+        thr = f"{m['threshold']:.4g}" if m.get("threshold") is not None else ""
+        cells = [name, thr, *(str(m.get(k, "")) for k in COUNT_KEYS), *(_fmt(m.get(k)) for k in OPERATING_KEYS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -174,7 +204,7 @@ def write_pictures(pred: ClassPredictions, threshold: float, size: tuple[int, in
         s = pred.samples[i]
         image = resize_image(load_image(s.path), size)
         mask = pred.masks[i] if pred.masks is not None else None
-        verdict = "FAIL" if pred.normalized[i] >= 0.5 else "PASS"
+        verdict = "FAIL" if pred.scores[i] >= threshold else "PASS"
         label = f"{verdict} {pred.scores[i]:.3f}"
         items.append((f"{s.defect}/{s.path.name}", heatmap_overlay(image, pred.maps[i], vmin, vmax, mask=mask, label=label)))
     save_overlay_grid(out / f"{pred.name}_overlays.png", items, cols=4)

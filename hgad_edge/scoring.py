@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import thresholds as decision
 from .config import ScoreConfig
 from .model import HGADModel
 
@@ -94,8 +95,9 @@ def gather_class(maps: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 # ---- the fused module ---------------------------------------------------------------------------
 class AnomalyScorer(nn.Module):
     """uint8 frames (B, H, W, 3) RGB at the model input size + class_id (B,) int64 (-1 = auto) ->
-    anomaly_map (B, H, W), score (B,), score_normalized (B,) (0.5 at the calibrated threshold),
-    class_pred (B,) int64."""
+    anomaly_map (B, H, W), score (B,), class_pred (B,) int64: the exported graph. The per-class
+    `threshold` / `scale` buffers are not used in it: the PASS/FAIL decision happens after the graph
+    (hgad_edge.thresholds), so thresholds can be recalibrated without re-exporting."""
 
     def __init__(self, model: HGADModel, cfg: ScoreConfig):
         super().__init__()
@@ -147,15 +149,17 @@ class AnomalyScorer(nn.Module):
         return getattr(self, f"ref_{name}_{level}")
 
     def normalize(self, score: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid((score - self.threshold[cls]) / self.scale[cls])
+        """score_normalized (0.5 at the class threshold): the runtime's host-side formula, evaluated here."""
+        idx = cls.numpy()
+        value = decision.normalize(score.numpy(), self.threshold.numpy()[idx], self.scale.numpy()[idx])
+        return torch.from_numpy(value)
 
     def forward(self, images: torch.Tensor, class_id: torch.Tensor):
         terms = self.model.level_terms(self.model.preprocess(images))
         cls, _ = self.select_class(terms, class_id)
         lls, nhs = self.level_maps(terms, cls)
         amap = self.anomaly_map(lls, nhs, cls)
-        score = image_score(amap, self.cfg.topk)
-        return amap, score, self.normalize(score, cls), cls
+        return amap, image_score(amap, self.cfg.topk), cls
 
     @torch.no_grad()
     def evaluate_batch(self, images: torch.Tensor, class_id: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -192,15 +196,20 @@ def calibrate(
     scorer: AnomalyScorer,
     batches_by_class: dict[int, Iterable[torch.Tensor]],
     position_batches_by_class: dict[int, Iterable[torch.Tensor]] | None = None,
+    policy: tuple[str, float | None] | None = None,
 ) -> dict:
     """Fit the scoring constants on normal images; batches yield uint8 (B, H, W, 3).
 
     Per class and level: the per-position normal mean of log-likelihood and negative entropy from
     position_batches (many normal images, e.g. training images; default: the held-out ones), the
     std of the centred values on the held-out images, and from the held-out images' scores the
-    threshold (configured quantile) and scale, so score_normalized = sigmoid((s - thr) / scale)
-    is 0.5 at the threshold. Held-out images are never trained on, so std and threshold are honest.
+    threshold (the configured policy, hgad_edge.thresholds) and scale, so score_normalized =
+    sigmoid((s - thr) / scale) is 0.5 at the threshold. Held-out images are never trained on, so
+    std and threshold are honest. Returns the constants and, per class, the held-out scores.
+    Only the classes in batches_by_class change; `policy` (name, parameter) defaults to the config's.
     """
+    policy, param = policy or scorer.cfg.policy()
+    held_out_scores: dict[str, list[float]] = {}
     model = scorer.model
     k_levels = len(model.levels)
     for y, batches in batches_by_class.items():
@@ -218,12 +227,15 @@ def calibrate(
                 getattr(scorer, f"tau_{name}")[y, k] = tau.clamp_min(TAU_MIN)
         scores = torch.cat([image_score(scorer.anomaly_map(lls, nhs, cls), scorer.cfg.topk) for lls, nhs, cls in held_out])
         s = scores.numpy().astype(np.float64)
-        scorer.threshold[y] = float(np.quantile(s, scorer.cfg.threshold_quantile))
-        spread = float(s.std()) if s.size > 1 else 0.0
-        scorer.scale[y] = max(spread, 1e-3 * max(abs(float(s.mean())), 1e-6), 1e-6)
+        name = model.class_names[y]
+        scorer.threshold[y] = decision.choose_threshold(policy, param, s, what=f"class {name}").threshold
+        scorer.scale[y] = decision.score_scale(s)
+        held_out_scores[name] = s.tolist()
     scorer.calibrated.fill_(True)
     return {
         "threshold": scorer.threshold.tolist(),
         "scale": scorer.scale.tolist(),
+        "threshold_policy": [policy, param],
+        "held_out_scores": held_out_scores,
         **{f"tau_{n}": getattr(scorer, f"tau_{n}").tolist() for n in ("loglik", "neg_entropy")},
     }

@@ -25,6 +25,7 @@ from .config import HGADConfig, TrainConfig
 from .data import ADDataset, Sample
 from .model import HGADModel
 from .scoring import AnomalyScorer, calibrate
+from .thresholds import POLICIES
 
 
 class TrainingError(RuntimeError):
@@ -57,6 +58,21 @@ def split_calibration(samples: Sequence[Sample], cfg: TrainConfig) -> tuple[list
         calib.extend(sorted(items[:n], key=lambda s: s.path))
         fit.extend(sorted(items[n:], key=lambda s: s.path))
     return fit, calib
+
+
+def check_calibration_size(calib: Sequence[Sample], cfg: HGADConfig) -> None:
+    """Before training: enough held-out images per class for the configured threshold policy."""
+    name, param = cfg.score.policy()
+    need = POLICIES[name].min_normal(param)
+    counts: dict[str, int] = {}
+    for s in calib:
+        counts[s.class_name] = counts.get(s.class_name, 0) + 1
+    short = {c: n for c, n in counts.items() if n < need}
+    if short:
+        msg = (f"threshold policy {name} {param if param is not None else ''} needs {need} held-out normal images per class, "
+               f"these classes get fewer: {short}; raise train.calib_min / calib_max / calib_fraction, add images, "
+               "or choose another score.threshold_policy (or calibrate later with `hgad-edge calibrate`)")
+        raise TrainingError(msg)
 
 
 @dataclass
@@ -120,6 +136,7 @@ class Trainer:
         model = HGADModel(cfg, self.dataset.classes)
         scorer = AnomalyScorer(model, cfg.score)
         fit, calib = split_calibration(self.dataset.samples("train"), tcfg)
+        check_calibration_size(calib, cfg)
         params = [p for p in list(model.flows.parameters()) + list(model.heads.parameters()) if p.requires_grad]
         optim = torch.optim.Adam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         steps_per_epoch = math.ceil(len(fit) / tcfg.batch_size)

@@ -131,3 +131,48 @@ def score_histogram(
 ) -> None:
     """Image-score histograms with the PASS/FAIL threshold, to see which parts it misjudges."""
     _write_histograms(path, normal_scores, anomalous_scores, title, "image anomaly score", threshold=threshold)
+
+
+def operating_point_plot(
+    path: PathLike,
+    normal_scores: np.ndarray,
+    anomalous_scores: np.ndarray,
+    threshold: float,
+    title: str,
+) -> None:
+    """Two panels: normal / defect score histograms with the threshold line, and the ROC curve
+    with the saved threshold's (FPR, recall) marked: where PASS/FAIL sits and what moving it buys."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .thresholds import rates, roc_points
+
+    normal, anomalous = _finite(normal_scores), _finite(anomalous_scores)
+    if normal.size == 0 or anomalous.size == 0:
+        raise ValueError("operating_point_plot needs finite normal and anomalous scores")
+    edges = np.histogram_bin_edges(np.concatenate((normal, anomalous, [threshold])), bins=int(np.clip(np.sqrt(normal.size + anomalous.size), 10, 60)))
+    fig = Figure(figsize=(10.0, 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    hist, roc = fig.subplots(1, 2)
+    hist.hist(normal, bins=edges, alpha=0.5, color="tab:blue", label=f"normal (n={normal.size})")
+    hist.hist(anomalous, bins=edges, alpha=0.5, color="tab:red", label=f"defect (n={anomalous.size})")
+    hist.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold = {threshold:.4g}")
+    hist.set_xlabel("image anomaly score")
+    hist.set_ylabel("images")
+    hist.legend(fontsize="small")
+    fpr, tpr, _ = roc_points(normal, anomalous)
+    point = rates(normal, anomalous, threshold)
+    roc.plot(np.r_[fpr, 1.0], np.r_[tpr, 1.0], color="tab:purple", drawstyle="steps-post", label="ROC")
+    roc.plot([point["fpr"]], [point["recall"]], "o", color="black",
+             label=f"threshold: FPR {100 * point['fpr']:.1f} %, recall {100 * point['recall']:.1f} %")
+    roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+    roc.set_xlabel("false-positive rate (good parts rejected)")
+    roc.set_ylabel("recall (defects caught)")
+    roc.set_xlim(-0.01, 1.01)
+    roc.set_ylim(-0.01, 1.01)
+    roc.legend(fontsize="small", loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")

@@ -1,7 +1,8 @@
 """Torch-free edge runtime: C-style API, backends, frame sources and the camera app.
 
 Everything runs on the CPU against a tiny ONNX model built here with the bundle's exact signature
-(uint8 NHWC images + int64 class ids -> anomaly_map, score, score_normalized, class_pred).
+(uint8 NHWC images + int64 class ids -> anomaly_map, score, class_pred); score_normalized and the
+PASS/FAIL flag are computed on the host from the metadata's per-class thresholds and scales.
 The TensorRT runner is exercised against in-process fakes of `tensorrt` and cuda-python's runtime
 (which check the TensorRT 10/11 call protocol); the real-TensorRT test skips without a GPU.
 """
@@ -51,11 +52,12 @@ from .fake_cuda import FakeCudart, FakePyCuda, FakeTrtModule
 H, W = 64, 96  # non-square so that an H/W swap anywhere fails
 CLASSES = ("a", "b")
 THRESHOLDS = (0.41, 0.37)
+SCALES = (0.1, 0.2)
 
 
 # ---- tiny bundle ---------------------------------------------------------------------------------
 def tiny_model() -> bytes:
-    """map = mean_c(images/255); score = max(map); score_n = sigmoid(10 (score - thr[c])); c = max(id, 0)."""
+    """map = mean_c(images/255); score = max(map); c = max(id, 0)."""
     f32 = TensorProto.FLOAT
     nodes = [
         helper.make_node("Cast", ["images"], ["xf"], to=f32),
@@ -64,16 +66,10 @@ def tiny_model() -> bytes:
         helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2], keepdims=0),
         helper.make_node("GreaterOrEqual", ["class_id", "zero"], ["given"]),
         helper.make_node("Where", ["given", "class_id", "zero"], ["class_pred"]),
-        helper.make_node("Gather", ["thr", "class_pred"], ["t"], axis=0),
-        helper.make_node("Sub", ["score", "t"], ["d"]),
-        helper.make_node("Mul", ["d", "ten"], ["z"]),
-        helper.make_node("Sigmoid", ["z"], ["score_normalized"]),
     ]
     consts = [
         numpy_helper.from_array(np.array(255, np.float32), "c255"),
         numpy_helper.from_array(np.array(0, np.int64), "zero"),
-        numpy_helper.from_array(np.array(THRESHOLDS, np.float32), "thr"),
-        numpy_helper.from_array(np.array(10, np.float32), "ten"),
     ]
     inputs = [
         helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", H, W, 3]),
@@ -82,7 +78,6 @@ def tiny_model() -> bytes:
     outputs = [
         helper.make_tensor_value_info("anomaly_map", f32, ["B", H, W]),
         helper.make_tensor_value_info("score", f32, ["B"]),
-        helper.make_tensor_value_info("score_normalized", f32, ["B"]),
         helper.make_tensor_value_info("class_pred", TensorProto.INT64, ["B"]),
     ]
     model = helper.make_model(helper.make_graph(nodes, "tiny", inputs, outputs, consts), opset_imports=[helper.make_opsetid("", 17)])
@@ -102,8 +97,8 @@ def make_bundle(folder: Path, **overrides) -> Path:
         "classes": list(CLASSES), "input_size": [H, W],
         "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
         "class_input": {"name": "class_id", "dtype": "int64", "auto": -1},
-        "outputs": ["anomaly_map", "score", "score_normalized", "class_pred"],
-        "thresholds": list(THRESHOLDS), "normalized_threshold": 0.5, "checkpoint_sha256": "0" * 64,
+        "outputs": ["anomaly_map", "score", "class_pred"],
+        "thresholds": list(THRESHOLDS), "scales": list(SCALES), "normalized_threshold": 0.5, "checkpoint_sha256": "0" * 64,
         "models": {"fp32": {"file": "model_fp32.onnx", "sha256": hashlib.sha256(data).hexdigest()}},
         "engines": {},
     }
@@ -131,6 +126,12 @@ def reference(bundle: Path, images: np.ndarray, class_ids) -> list[np.ndarray]:
     return session.run(None, {"images": images, "class_id": np.asarray(class_ids, np.int64)})
 
 
+def expected_decision(score, class_pred, thresholds=THRESHOLDS, scales=SCALES):
+    """score_normalized and the FAIL flag as the docs define them, written out independently."""
+    thr, scale = np.asarray(thresholds)[class_pred], np.asarray(scales)[class_pred]
+    return 1.0 / (1.0 + np.exp(-(score.astype(np.float64) - thr) / scale)), score >= thr
+
+
 def rng_frames(n: int, shape=(H, W), seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for _ in range(n)]
@@ -147,7 +148,8 @@ def test_missing_bundle_is_bundle_not_found(tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    [{"format_version": 2}, {"package_version": "1.0.0"}, {"format": "something-else"}, {"thresholds": [0.1]}],
+    [{"format_version": 2}, {"package_version": "1.0.0"}, {"format": "something-else"}, {"thresholds": [0.1]},
+     {"scales": [0.1, 0.0]}, {"scales": None}, {"thresholds": [0.1, float("nan")]}],
 )
 def test_incompatible_metadata_is_bundle_incompatible(tmp_path, override):
     folder = make_bundle(tmp_path / "b", **override)
@@ -225,10 +227,12 @@ def test_outputs_equal_direct_onnxruntime(bundle, handle):
     status, result = infer(handle, frames, [0, "b", "auto"])
     assert status == Status.OK
     ref = reference(bundle, np.stack(frames), [0, 1, -1])
-    for got, want in zip((result.anomaly_map, result.score, result.score_normalized, result.class_pred), ref):
+    for got, want in zip((result.anomaly_map, result.score, result.class_pred), ref):
         np.testing.assert_array_equal(got, want)
     assert result.class_names == ["a", "b", "a"]
-    np.testing.assert_array_equal(result.anomalous, ref[2] >= 0.5)
+    normalized, anomalous = expected_decision(ref[1], ref[2])
+    np.testing.assert_allclose(result.score_normalized, normalized, rtol=1e-6)
+    np.testing.assert_array_equal(result.anomalous, anomalous)
     assert set(result.latency_ms) == {"preprocess", "model", "total"}
 
 
@@ -373,7 +377,6 @@ TENSORS = {  # name: (is_input, dtype name, per-sample shape)
     "class_id": (True, "INT64", ()),
     "anomaly_map": (False, "FLOAT", (H, W)),
     "score": (False, "FLOAT", ()),
-    "score_normalized": (False, "FLOAT", ()),
     "class_pred": (False, "INT64", ()),
 }
 NP = {"UINT8": np.uint8, "INT64": np.int64, "FLOAT": np.float32}
@@ -424,7 +427,7 @@ class FakeContext:
         self.engine.trt.calls.append("execute_async_v3")
         arrays = {n: _device_array(self.addresses[n], NP[t], (self.batch, *s)) for n, (_, t, s) in TENSORS.items()}
         outs = self.engine.session.run(None, {"images": arrays["images"], "class_id": arrays["class_id"]})
-        for name, value in zip(("anomaly_map", "score", "score_normalized", "class_pred"), outs):
+        for name, value in zip(("anomaly_map", "score", "class_pred"), outs):
             arrays[name][...] = value
         return True
 
@@ -471,7 +474,7 @@ def test_tensorrt_runner_protocol_with_fakes(tmp_path, fake_tensorrt):
     assert status == Status.OK, last_error(h)
     ref = reference(folder, np.stack([resize_image(f, (H, W)) for f in frames]), [1, -1, 0])
     np.testing.assert_array_equal(result.anomaly_map, ref[0])
-    np.testing.assert_array_equal(result.class_pred, ref[3])
+    np.testing.assert_array_equal(result.class_pred, ref[2])
     copies = fake_tensorrt.cudart.copies
     assert ("cudaMemcpyHostToDevice", 3 * H * W * 3) in copies and ("cudaMemcpyDeviceToHost", 3 * H * W * 4) in copies
     assert infer(h, frames[:1])[0] == Status.OK
@@ -485,6 +488,38 @@ def test_tensorrt_runner_protocol_with_fakes(tmp_path, fake_tensorrt):
     del view, result
     gc.collect()
     assert not fake_tensorrt.cudart.blocks  # every cudaMalloc / cudaMallocHost was freed
+
+
+def test_tensorrt_threshold_path_after_recalibration(tmp_path, fake_tensorrt):
+    """New thresholds in metadata.json (what `calibrate` writes) apply to the same engine, unrebuilt;
+    a create() override applies on top, for that handle only."""
+    folder = bundle_with_engine(tmp_path)
+    engine_bytes = (folder / "engines" / "tiny_fp32.engine").read_bytes()
+    frames = rng_frames(4, seed=21)
+    ref = reference(folder, np.stack(frames), [0, 1, 0, 1])
+    new_thr = [float(ref[1][0]), float(ref[1][1]) + 1e-3]  # image 0 exactly at its threshold, image 1 just below
+    meta = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps({**meta, "thresholds": new_thr, "scales": [0.05, 0.5]}))
+    for overrides, thr in ((None, new_thr), ({"b": 0.0}, [new_thr[0], 0.0])):
+        status, h = create(folder, backend="tensorrt", max_batch=4, thresholds=overrides)
+        assert status == Status.OK, last_error()
+        assert api._handles[h].runner.name == "tensorrt"
+        status, result = infer(h, frames, [0, 1, 0, 1])
+        assert status == Status.OK, last_error(h)
+        normalized, anomalous = expected_decision(ref[1], ref[2], thr, [0.05, 0.5])
+        np.testing.assert_allclose(result.score_normalized, normalized, rtol=1e-6)
+        np.testing.assert_array_equal(result.anomalous, anomalous)
+        assert bool(result.anomalous[0]) and bool(result.anomalous[1]) == (overrides is not None)
+        assert api.info(h)[1]["thresholds"] == thr and api.info(h)[1]["bundle_thresholds"] == new_thr
+        assert destroy(h) == Status.OK
+    assert (folder / "engines" / "tiny_fp32.engine").read_bytes() == engine_bytes
+
+
+@pytest.mark.parametrize("overrides, words", [({"nope": 1.0}, "unknown class 'nope'"), ({"a": float("nan")}, "finite"),
+                                              ({"a": "high"}, "finite"), (["a", 1.0], "dict")])
+def test_bad_threshold_override(bundle, overrides, words):
+    status, h = create(bundle, backend="onnxruntime", thresholds=overrides)
+    assert status == Status.INVALID_ARGUMENT and h is None and words in last_error()
 
 
 def test_tensorrt_checks_device_before_any_tensorrt_object(tmp_path, fake_tensorrt):
@@ -691,7 +726,8 @@ def test_real_tensorrt_engine_matches_onnxruntime(tmp_path):
     assert status == Status.OK, last_error(h)
     ref = reference(folder, np.stack(frames), [0, 1, -1, 0, 1])
     np.testing.assert_allclose(result.anomaly_map, ref[0], atol=1e-5)
-    np.testing.assert_allclose(result.score_normalized, ref[2], atol=1e-5)
+    np.testing.assert_allclose(result.score, ref[1], atol=1e-5)
+    np.testing.assert_array_equal(result.class_pred, ref[2])
     assert destroy(h) == Status.OK
 
 

@@ -24,7 +24,8 @@ def _torch_scores(run, frames_rgb: list[np.ndarray], class_id: int = -1):
     scorer, cfg, _ = load_run(run)
     images = torch.from_numpy(np.stack([resize_image(f, cfg.input_size) for f in frames_rgb]))
     with torch.no_grad():
-        _, score, norm, cls = scorer(images, torch.full((len(frames_rgb),), class_id, dtype=torch.long))
+        _, score, cls = scorer(images, torch.full((len(frames_rgb),), class_id, dtype=torch.long))
+        norm = scorer.normalize(score, cls)
     return score.numpy(), norm.numpy(), cls.numpy()
 
 

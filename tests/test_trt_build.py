@@ -40,7 +40,6 @@ def tiny_graph(half: bool = False, lse: bool = False) -> bytes:
         helper.make_node("ReduceMean", ["f", "ax3"], ["m"], keepdims=0),
         helper.make_node("Cast", ["m"], ["anomaly_map"], to=TensorProto.FLOAT),
         helper.make_node("ReduceLogSumExp" if lse else "ReduceMax", ["anomaly_map", "ax12"], ["score"], keepdims=0),
-        helper.make_node("Sigmoid", ["score"], ["score_normalized"]),
         helper.make_node("Identity", ["class_id"], ["class_pred"]),
     ]
     inputs = [
@@ -51,7 +50,6 @@ def tiny_graph(half: bool = False, lse: bool = False) -> bytes:
     outputs = [
         helper.make_tensor_value_info("anomaly_map", f32, ["B", H, W]),
         helper.make_tensor_value_info("score", f32, ["B"]),
-        helper.make_tensor_value_info("score_normalized", f32, ["B"]),
         helper.make_tensor_value_info("class_pred", TensorProto.INT64, ["B"]),
     ]
     graph = helper.make_graph(nodes, "tiny", inputs, outputs, [ax("ax3", [3]), ax("ax12", [1, 2])])
@@ -75,8 +73,8 @@ def make_bundle(folder: Path, lse: bool = False) -> Path:
         "classes": ["a", "b"], "input_size": [H, W],
         "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
         "class_input": {"name": "class_id", "dtype": "int64", "auto": -1},
-        "outputs": ["anomaly_map", "score", "score_normalized", "class_pred"],
-        "thresholds": [0.5, 0.5], "models": models, "engines": {},
+        "outputs": ["anomaly_map", "score", "class_pred"],
+        "thresholds": [0.5, 0.5], "scales": [1.0, 1.0], "models": models, "engines": {},
     }
     (folder / "metadata.json").write_text(json.dumps(meta))
     return folder
