@@ -5,13 +5,15 @@ bundle/
   model_fp16.onnx   mixed precision in the graph: backbone + flows FP16, explicit casts to FP32
                     before the mixture head (TensorRT 11 networks are strongly typed: precision
                     has to be in the graph, not in builder flags)
-  metadata.json     classes, input size, thresholds, versions, checksums (also in metadata_props)
+  metadata.json     classes, input size, thresholds + scales, versions, checksums (the exported
+                    values are also in metadata_props; `hgad-edge calibrate` rewrites only this file)
 
 Graph I/O: `images` uint8 (B, H, W, 3) RGB at input_size, `class_id` int64 (B,) with -1 = auto;
-outputs `anomaly_map` (B, H, W), `score` (B,), `score_normalized` (B,) (anomalous iff >= 0.5),
-`class_pred` (B,) int64. Resize of camera frames to (H, W) happens on the host (runtime), the
-rest (cast, normalisation, NHWC->NCHW, pyramid, backbone, flows, head, scoring, upsampling,
-smoothing, calibrated normalisation) is inside the graph.
+outputs `anomaly_map` (B, H, W), `score` (B,), `class_pred` (B,) int64. Resize of camera frames to
+(H, W) happens on the host (runtime), the rest (cast, normalisation, NHWC->NCHW, pyramid, backbone,
+flows, head, scoring, upsampling, smoothing) is inside the graph. The PASS/FAIL decision is not:
+the runtime applies the metadata's per-class thresholds and scales on the host
+(hgad_edge.thresholds), so recalibrating never changes the graph or a TensorRT engine built from it.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ def export_bundle(run_dir: Path | str, out: Path | str, precisions: tuple[str, .
         classes=tuple(scorer.model.class_names),
         input_size=tuple(int(v) for v in cfg.input_size),
         thresholds=tuple(float(t) for t in scorer.threshold),
+        scales=tuple(float(v) for v in scorer.scale),
         models={},
         display_range=_display_range(scorer),
         package_version=__version__,

@@ -6,9 +6,11 @@ file name inside the bundle, and the exporter writes a copy of the deciding valu
 file's own `metadata_props` (see `onnx_metadata_props`) so that an edited metadata.json is caught
 (`check_onnx_copy`). Problems raise `SchemaError` naming the field; callers add the fix.
 
-Score semantics: per class c, `thresholds[c]` is in score units and `scales[c]` > 0;
+Score semantics: the graph outputs `anomaly_map`, `score` and `class_pred` only; the PASS/FAIL
+decision is made on the host from this metadata (hgad_edge.thresholds), so recalibrating never
+changes a graph or an engine. Per class c, `thresholds[c]` is in score units and `scales[c]` > 0;
 score_normalized = sigmoid((score - thresholds[c]) / scales[c]), anomalous iff it is >=
-`normalized_threshold`. A `calibration` record (written by a deliberate recalibration) allows
+`normalized_threshold`. A `calibration` record (written by `hgad-edge calibrate`) allows
 thresholds and scales to differ from the ONNX copy; classes and input size never may.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
 from . import __version__ as PACKAGE_VERSION
+from .thresholds import NORMALIZED_THRESHOLD
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -51,7 +54,7 @@ FORMAT_VERSIONS = (1,)  # what this runtime reads
 METADATA_FILE = "metadata.json"
 ENGINES_DIR = "engines"
 INPUT_NAMES = ("images", "class_id")  # uint8 (B, H, W, 3) RGB; int64 (B,) with -1 = auto
-OUTPUT_NAMES = ("anomaly_map", "score", "score_normalized", "class_pred")  # graph outputs, in order
+OUTPUT_NAMES = ("anomaly_map", "score", "class_pred")  # graph outputs, in order (score_normalized is host-side)
 MODEL_FILES = {"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx"}
 PRECISIONS = tuple(MODEL_FILES)
 INPUT_STRIDE, MIN_INPUT_SIDE = 32, 64  # the backbone downsamples by 32; below 64 px there is no feature map
@@ -122,7 +125,8 @@ def _input_size(value: Any) -> tuple[int, int]:
 def _normalized_threshold(value: Any) -> float:
     number = _number(value, "'normalized_threshold'")
     if not 0.0 < number < 1.0:
-        msg = f"'normalized_threshold' must lie between 0 and 1 (0.5: the calibrated threshold), got {value!r}"
+        msg = (f"'normalized_threshold' must lie between 0 and 1 ({NORMALIZED_THRESHOLD}: the calibrated threshold), "
+               f"got {value!r}")
         raise SchemaError(msg)
     return number
 
@@ -231,9 +235,9 @@ class BundleMetadata:
     classes: tuple[str, ...]
     input_size: tuple[int, int]
     thresholds: tuple[float, ...]
+    scales: tuple[float, ...]  # sigmoid slope per class (score units), see the module docstring
     models: dict[str, ModelFile]
-    scales: Optional[tuple[float, ...]] = None  # None: the graph normalises (exports before calibration moved out)
-    normalized_threshold: float = 0.5
+    normalized_threshold: float = NORMALIZED_THRESHOLD
     display_range: tuple[float, float] = (0.0, 1.0)
     calibration: Optional[dict[str, Any]] = None  # {policy, images, date, expected rates} of `hgad-edge calibrate`
     outputs: tuple[str, ...] = OUTPUT_NAMES
@@ -249,11 +253,10 @@ class BundleMetadata:
         if not isinstance(meta, dict):
             raise SchemaError(f"metadata must be a JSON object, got {type(meta).__name__}")
         check_compatible(meta)
-        for key in ("classes", "input_size", "thresholds", "models"):
+        for key in ("classes", "input_size", "thresholds", "scales", "models"):
             if key not in meta:
                 raise SchemaError(f"no {key!r} entry")
         classes = _classes(meta["classes"])
-        scales = meta.get("scales")
         calibration = meta.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise SchemaError(f"'calibration' must be an object (policy, images, date, rates), got {calibration!r}")
@@ -261,9 +264,9 @@ class BundleMetadata:
             classes=classes,
             input_size=_input_size(meta["input_size"]),
             thresholds=_numbers(meta["thresholds"], "'thresholds'", len(classes)),
+            scales=_numbers(meta["scales"], "'scales'", len(classes), positive=True),
             models=_models(meta["models"]),
-            scales=None if scales is None else _numbers(scales, "'scales'", len(classes), positive=True),
-            normalized_threshold=_normalized_threshold(meta.get("normalized_threshold", 0.5)),
+            normalized_threshold=_normalized_threshold(meta.get("normalized_threshold", NORMALIZED_THRESHOLD)),
             display_range=_display_range(meta.get("display_range", [0.0, 1.0])),
             calibration=None if calibration is None else dict(calibration),
             outputs=_outputs(meta.get("outputs", list(OUTPUT_NAMES))),
@@ -286,14 +289,13 @@ class BundleMetadata:
             "class_input": {"name": self.class_input_name, "dtype": "int64", "auto": -1},
             "outputs": list(self.outputs),
             "thresholds": list(self.thresholds),
+            "scales": list(self.scales),
             "normalized_threshold": self.normalized_threshold,
             "display_range": list(self.display_range),
             "models": {p: m.to_json() for p, m in self.models.items()},
             "engines": dict(self.engines),
             **self.extra,
         }
-        if self.scales is not None:
-            meta["scales"] = list(self.scales)
         if self.calibration is not None:
             meta["calibration"] = dict(self.calibration)
         BundleMetadata.from_json(json.loads(json.dumps(meta)))
@@ -304,8 +306,7 @@ class BundleMetadata:
         classes = _classes(list(self.classes))
         _input_size(list(self.input_size))
         _numbers(list(self.thresholds), "'thresholds'", len(classes))
-        if self.scales is not None:
-            _numbers(list(self.scales), "'scales'", len(classes), positive=True)
+        _numbers(list(self.scales), "'scales'", len(classes), positive=True)
         _normalized_threshold(self.normalized_threshold)
         _display_range(list(self.display_range))
 
@@ -323,7 +324,7 @@ def onnx_metadata_props(meta: BundleMetadata, precision: str) -> dict[str, str]:
         "classes": list(meta.classes),
         "input_size": list(meta.input_size),
         "thresholds": list(meta.thresholds),
-        "scales": None if meta.scales is None else list(meta.scales),
+        "scales": list(meta.scales),
         "normalized_threshold": meta.normalized_threshold,
         "checkpoint_sha256": meta.extra.get("checkpoint_sha256"),
         "precision": precision,

@@ -48,6 +48,14 @@ def is_anomalous(score, threshold, out: Optional[np.ndarray] = None) -> np.ndarr
     return np.greater_equal(np.asarray(score, np.float64), np.asarray(threshold, np.float64), out=out)
 
 
+def decision_threshold(threshold, scale, normalized_threshold: float = NORMALIZED_THRESHOLD) -> np.ndarray:
+    """Score at which score_normalized reaches `normalized_threshold`: threshold + scale * logit(it).
+
+    At the default 0.5 the logit is exactly 0, so the cut is the threshold itself (no sigmoid rounding)."""
+    logit = math.log(normalized_threshold / (1.0 - normalized_threshold))
+    return np.asarray(threshold, np.float64) + np.asarray(scale, np.float64) * logit
+
+
 def score_scale(normal_scores) -> float:
     """Sigmoid slope: the spread of the normal scores, floored so a constant class stays finite."""
     s = np.asarray(normal_scores, np.float64)

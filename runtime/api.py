@@ -15,6 +15,11 @@ output buffers are planned in `create` for `max_batch` and reused by each call, 
 the outputs into fresh arrays *before* it releases the lock: no later call, from this thread or
 another, and no `destroy` can change a Result already returned (copying a map costs microseconds,
 inference milliseconds). Separate handles run in parallel.
+
+The graph returns anomaly_map, score and class_pred; PASS/FAIL happens here on the host with the
+bundle's per-class thresholds and scales (hgad_edge.thresholds), or with the per-class
+`thresholds={name: value}` given to `create`, which override the bundle without touching it.
+score_normalized and anomalous are computed into fresh arrays per call, so they too are the caller's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import thresholds as decision
 from .backends import create_runner, is_server_url, open_server
 from .backends.base import Runner
 from .bundle import Bundle, load_bundle
@@ -45,7 +51,7 @@ class Result:
 
     anomaly_map: np.ndarray  # (B, H, W) float32, in the model's input resolution
     score: np.ndarray  # (B,) float32 image score (max of the map)
-    score_normalized: np.ndarray  # (B,) float32, 0.5 at the class's calibrated threshold
+    score_normalized: np.ndarray  # (B,) float32, 0.5 at the class's threshold
     anomalous: np.ndarray  # (B,) bool: score_normalized >= the bundle's normalized_threshold
     class_pred: np.ndarray  # (B,) int64 class used for scoring (given or predicted)
     class_names: list[str]
@@ -65,6 +71,9 @@ class _Handle:
     bundle: Bundle
     runner: Runner
     packer: BatchPacker
+    thresholds: np.ndarray  # (classes,) in effect: the bundle's, with the create() overrides; read-only
+    scales: np.ndarray  # (classes,)
+    cuts: np.ndarray  # (classes,) score at which score_normalized reaches the normalized threshold
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_error: str = ""
 
@@ -94,6 +103,24 @@ def _check_create_args(device: Any, max_batch: Any) -> None:
             raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def effective_thresholds(bundle: Bundle, overrides: Optional[dict[str, float]]) -> np.ndarray:
+    """The bundle's per-class thresholds with `overrides` ({class name: threshold}) applied."""
+    values = np.array(bundle.thresholds, np.float64)
+    if overrides is None:
+        return values
+    if not isinstance(overrides, dict):
+        raise InvalidArgumentError(f"thresholds must be a dict {{class name: threshold}}, got {type(overrides).__name__}")
+    for name, value in overrides.items():
+        if name not in bundle.classes:
+            known = ", ".join(bundle.classes)
+            raise InvalidArgumentError(f"threshold for unknown class {name!r}; the bundle's classes are {known}")
+        finite = isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value)
+        if isinstance(value, bool) or not finite:
+            raise InvalidArgumentError(f"threshold for class {name!r} must be a finite number, got {value!r}")
+        values[bundle.classes.index(name)] = float(value)
+    return values
+
+
 def create(
     bundle: Any,
     backend: str = "auto",
@@ -101,12 +128,14 @@ def create(
     precision: str = "auto",
     max_batch: int = 8,
     allow_engine_host_code: bool = False,
+    thresholds: Optional[dict[str, float]] = None,
 ) -> tuple[Status, Optional[int]]:
     """Load a bundle on a backend ("auto", "tensorrt", "onnxruntime"), or connect to an inference
     server (bundle="grpc://host:8001[/model]", backend "triton" or "auto"); returns (status, handle).
 
     allow_engine_host_code=True lets TensorRT load version-compatible engines, which carry host code
     that runs in this process: pass it only for engines you built or trust.
+    thresholds: optional {class name: score threshold} used instead of the bundle's for those classes.
     """
     try:
         _check_create_args(device, max_batch)
@@ -116,13 +145,16 @@ def create(
             loaded = load_bundle(bundle)
             host_code = bool(allow_engine_host_code)
             runner = create_runner(loaded, backend, int(device), precision, int(max_batch), host_code)
+        effective = effective_thresholds(loaded, thresholds)
     except HgadRuntimeError as err:
         return _fail(err.status, str(err)), None
     except Exception as err:
         return _fail(Status.INTERNAL_ERROR, _unexpected(err)), None
     specs = runner.input_specs
     packer = BatchPacker(runner.inputs[specs[0].name], runner.inputs[specs[1].name], loaded.classes)
-    state = _Handle(loaded, runner, packer)
+    scales = np.array(loaded.scales, np.float64)
+    cuts = decision.decision_threshold(effective, scales, loaded.normalized_threshold)
+    state = _Handle(loaded, runner, packer, effective, scales, cuts)
     with _handles_lock:
         handle = next(_next_id)
         _handles[handle] = state
@@ -162,12 +194,14 @@ def _infer_locked(state: _Handle, frames: Any, class_id: Any) -> Result:
     packed = time.perf_counter()
     out = {name: np.array(value, copy=True) for name, value in state.runner.infer(batch).items()}
     ran = time.perf_counter()
-    anomalous = out["score_normalized"] >= state.bundle.normalized_threshold
     classes = state.bundle.classes
+    cls = np.clip(out["class_pred"], 0, len(classes) - 1)
+    normalized = decision.normalize(out["score"], state.thresholds[cls], state.scales[cls])
+    anomalous = decision.is_anomalous(out["score"], state.cuts[cls])
     names = [classes[c] if 0 <= c < len(classes) else "unknown" for c in out["class_pred"].tolist()]
     done = time.perf_counter()
     latency = {"preprocess": (packed - start) * 1e3, "model": (ran - packed) * 1e3, "total": (done - start) * 1e3}
-    return Result(out["anomaly_map"], out["score"], out["score_normalized"], anomalous, out["class_pred"], names, latency)
+    return Result(out["anomaly_map"], out["score"], normalized, anomalous, out["class_pred"], names, latency)
 
 
 def destroy(handle: int) -> Status:
@@ -206,7 +240,9 @@ def info(handle: int) -> tuple[Status, Optional[dict[str, Any]]]:
         "max_batch": runner.max_batch,
         "classes": list(bundle.classes),
         "input_size": tuple(bundle.input_size),
-        "thresholds": list(bundle.thresholds),
+        "thresholds": state.thresholds.tolist(),
+        "bundle_thresholds": list(bundle.thresholds),
+        "scales": state.scales.tolist(),
         "normalized_threshold": bundle.normalized_threshold,
         "display_range": tuple(bundle.display_range),
         "bundle": getattr(runner, "url", str(bundle.path)),

@@ -363,6 +363,7 @@ def run_app(
     print_summary: bool = True,
     on_record: Optional[Callable[[dict[str, Any]], None]] = None,
     allow_engine_host_code: bool = False,
+    thresholds: Optional[dict[str, float]] = None,
 ) -> dict[str, Any]:
     """Score `source` until it ends, `max_frames`, q/Esc in the window, or Ctrl-C; return the summary.
 
@@ -371,6 +372,7 @@ def run_app(
     Raises HgadRuntimeError (bundle/backend problems), SourceError (source cannot be opened or was
     lost for good) or AppError (no GUI, unwritable outputs); each message names the fix. A summary
     can still describe a failed run: see `run_problems`.
+    thresholds: {class name: score threshold} overriding the bundle's for this run only.
     """
     spec = parse_source(source)  # a typo in the source fails before the model loads
     check_supported(spec)
@@ -378,7 +380,7 @@ def run_app(
         check_gui(window_name)
     _check_outputs(output_jsonl, save_anomalies)
     with Detector(bundle, backend=backend, device=device, precision=precision, max_batch=1,
-                  allow_engine_host_code=allow_engine_host_code) as detector:
+                  allow_engine_host_code=allow_engine_host_code, thresholds=thresholds) as detector:
         class_id = detector.class_id(class_name)
         frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
         anomaly_dir = _prepare_dir(save_anomalies)

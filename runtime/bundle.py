@@ -8,7 +8,9 @@ lives in `hgad_edge.bundle_schema`. On load, before any backend is touched:
   3. every ONNX model's sha256 equals the one recorded at export;
   4. classes, input size (and, unless metadata.json records a recalibration, thresholds and scales)
      equal the copy the exporter wrote into each ONNX file's own metadata_props.
-Any failure is a BundleError that says how to get a good bundle again.
+Any failure is a BundleError that says how to get a good bundle again. Thresholds and scales are
+read from metadata.json, never from a graph: the graphs output scores, the runtime decides PASS/FAIL
+on the host, so `hgad-edge calibrate` rewrites metadata.json and graphs and engines stay byte-identical.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class Bundle:
         return self.schema.thresholds
 
     @property
-    def scales(self) -> Optional[tuple[float, ...]]:
+    def scales(self) -> tuple[float, ...]:
+        """Per-class sigmoid slopes of score_normalized (the host-side decision, hgad_edge.thresholds)."""
         return self.schema.scales
 
     @property

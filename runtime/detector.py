@@ -23,7 +23,8 @@ class Detector:
     """One loaded bundle on one backend. Raises `HgadRuntimeError` subclasses carrying `.status`.
 
     `infer` returns a Result that owns its arrays; one Detector may be shared by threads (calls
-    are serialised, see `api`).
+    are serialised, see `api`). `thresholds={class name: value}` overrides the bundle's
+    thresholds for this detector only.
     """
 
     def __init__(
@@ -34,10 +35,11 @@ class Detector:
         precision: str = "auto",
         max_batch: int = 8,
         allow_engine_host_code: bool = False,
+        thresholds: Optional[dict[str, float]] = None,
     ) -> None:
         self._handle: Optional[int] = None
         status, handle = api.create(bundle, backend=backend, device=device, precision=precision, max_batch=max_batch,
-                                    allow_engine_host_code=allow_engine_host_code)
+                                    allow_engine_host_code=allow_engine_host_code, thresholds=thresholds)
         self._raise_unless_ok(status)
         self._handle = handle
         self._release = weakref.finalize(self, api.destroy, handle)  # frees GPU memory if close() is forgotten

@@ -84,7 +84,7 @@ def tiny_model() -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model)
     # the copy of the deciding values an export writes into the ONNX file (checked on load)
-    helper.set_model_props(model, onnx_metadata_props(BundleMetadata(CLASSES, (H, W), THRESHOLDS, {}), "fp32"))
+    helper.set_model_props(model, onnx_metadata_props(BundleMetadata(CLASSES, (H, W), THRESHOLDS, SCALES, {}), "fp32"))
     return model.SerializeToString()
 
 
