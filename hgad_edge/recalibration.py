@@ -243,6 +243,13 @@ def calibrate_target(
     try:
         y = _class_index(scorer.classes, class_name)
         name = scorer.classes[y]
+        if kind == "bundle":
+            meta = _read_json(target / "metadata.json")
+            thresholds, scales, previous = list(meta["thresholds"]), list(meta["scales"]), meta.get("calibration")
+        else:  # read before a refit changes them
+            meta = scorer.meta
+            thresholds, scales = scorer.scorer.threshold.tolist(), scorer.scorer.scale.tolist()
+            previous = meta.get(RUN_RECORD_KEY)
         normal_images = normal_set.images
         if refit_statistics:
             _check_counts(policy, param, len(normal_images[1::2]), defect_set, name, " (half of them: the other half refits the statistics)")
@@ -253,13 +260,6 @@ def calibrate_target(
         defect_scores = scorer.scores(defect_set.images, y) if defect_set else np.zeros(0)
         choice = choose_threshold(policy, param, normal_scores, defect_scores, what=f"class {name}")
         scale = score_scale(normal_scores)
-        if kind == "bundle":
-            meta = _read_json(target / "metadata.json")
-            thresholds, scales, previous = list(meta["thresholds"]), list(meta["scales"]), meta.get("calibration")
-        else:
-            meta = scorer.meta
-            thresholds, scales = scorer.scorer.threshold.tolist(), scorer.scorer.scale.tolist()
-            previous = meta.get(RUN_RECORD_KEY)
         record = {
             "policy": policy, "params": {} if param is None else {policy: param}, "class": name,
             "method": choice.method, "scored_with": scorer.description,
@@ -267,7 +267,7 @@ def calibrate_target(
             "refit_statistics": refit_statistics,
             "date": date or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "expected": {"fpr": choice.expected_fpr, "recall": choice.expected_recall},
-            "previous": {"thresholds": thresholds, "scales": scales, "calibration": previous},
+            "previous": {"thresholds": list(thresholds), "scales": list(scales), "calibration": previous},
         }
         old_threshold = float(thresholds[y])
         thresholds[y], scales[y] = choice.threshold, scale

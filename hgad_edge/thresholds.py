@@ -81,11 +81,15 @@ def rates(normal_scores, defect_scores, threshold: float) -> dict[str, Optional[
 def roc_points(normal_scores, defect_scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, recall, thresholds) for every distinct score as threshold, from the strictest down;
     starts at (0, 0) with threshold +inf."""
-    n, d = np.asarray(normal_scores, np.float64), np.asarray(defect_scores, np.float64)
+    n, d = np.sort(np.asarray(normal_scores, np.float64)), np.sort(np.asarray(defect_scores, np.float64))
     thr = np.unique(np.concatenate([n, d]))[::-1]
-    fpr = (n[None, :] >= thr[:, None]).mean(1) if n.size else np.zeros(thr.size)
-    tpr = (d[None, :] >= thr[:, None]).mean(1) if d.size else np.zeros(thr.size)
-    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, thr]
+
+    def share_at_or_above(sorted_scores: np.ndarray) -> np.ndarray:
+        if not sorted_scores.size:
+            return np.zeros(thr.size)
+        return 1.0 - np.searchsorted(sorted_scores, thr, side="left") / sorted_scores.size
+
+    return np.r_[0.0, share_at_or_above(n)], np.r_[0.0, share_at_or_above(d)], np.r_[np.inf, thr]
 
 
 def recall_at_fpr(normal_scores, defect_scores, max_fpr: float) -> float:
