@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 
 import click
@@ -72,8 +73,8 @@ def parse_thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
         try:
             number = float(value)
         except ValueError:
-            number = float("nan")
-        if not sep or not name.strip() or number != number or number in (float("inf"), float("-inf")):
+            number = math.nan
+        if not sep or not name.strip() or not math.isfinite(number):
             raise click.BadParameter(f"{item!r}: use NAME=VALUE with a finite number, e.g. --threshold bottle=1.25",
                                      param_hint="--threshold")
         out[name.strip()] = number

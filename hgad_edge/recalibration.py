@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +173,7 @@ def target_kind(folder: Path | str) -> str:
     raise CalibrationError(msg)
 
 
-def _class_index(classes: Sequence[str], name: Optional[str]) -> int:
+def _class_index(classes: Sequence[str], name: str | None) -> int:
     if name is None:
         if len(classes) == 1:
             return 0
@@ -192,7 +192,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 # ---- the bundle's metadata (one function: the bundle schema's home may take it over) ------------
 def bundle_with_thresholds(meta: dict[str, Any], thresholds: Sequence[float], scales: Sequence[float],
-                           record: Optional[dict[str, Any]]) -> dict[str, Any]:
+                           record: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of bundle metadata with new per-class thresholds/scales and calibration record
     (None: no record, i.e. back to the exported thresholds)."""
     out = {**meta, "thresholds": [float(t) for t in thresholds], "scales": [float(s) for s in scales]}
@@ -217,13 +217,13 @@ def calibrate_target(
     target: Path | str,
     normal: Path | str,
     policy: str,
-    param: Optional[float] = None,
-    defects: Optional[Path | str] = None,
-    class_name: Optional[str] = None,
+    param: float | None = None,
+    defects: Path | str | None = None,
+    class_name: str | None = None,
     backend: str = "auto",
     precision: str = "auto",
     refit_statistics: bool = False,
-    date: Optional[str] = None,
+    date: str | None = None,
 ) -> CalibrationResult:
     """Score `normal` (and `defects`) images, choose the class's threshold with `policy`, write it.
     Every check (folders, images, class, policy and image counts) runs before anything is written."""
@@ -265,7 +265,7 @@ def calibrate_target(
             "method": choice.method, "scored_with": scorer.description,
             "images": normal_set.record(), "defect_images": defect_set.record() if defect_set else None,
             "refit_statistics": refit_statistics,
-            "date": date or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": date or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "expected": {"fpr": choice.expected_fpr, "recall": choice.expected_recall},
             "previous": {"thresholds": list(thresholds), "scales": list(scales), "calibration": previous},
         }
@@ -334,7 +334,7 @@ def _load_statistics(scorer, path: Path) -> None:
 
 
 def _write_run(folder: Path, scorer: RunScorer, thresholds, scales, meta: dict[str, Any],
-               statistics_backup: Optional[dict[str, Any]], drop_backup: bool = False) -> None:
+               statistics_backup: dict[str, Any] | None, drop_backup: bool = False) -> None:
     """Stage the whole run folder (other files hard-linked, not copied) and swap it in one go."""
     import torch
     from safetensors.torch import save_file

@@ -150,9 +150,9 @@ class AnomalyScorer(nn.Module):
 
     def normalize(self, score: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         """score_normalized (0.5 at the class threshold): the runtime's host-side formula, evaluated here."""
-        idx = cls.numpy()
-        value = decision.normalize(score.numpy(), self.threshold.numpy()[idx], self.scale.numpy()[idx])
-        return torch.from_numpy(value)
+        idx = cls.detach().cpu().numpy()
+        thr, scale = self.threshold.detach().cpu().numpy()[idx], self.scale.detach().cpu().numpy()[idx]
+        return torch.from_numpy(decision.normalize(score.detach().cpu().numpy(), thr, scale)).to(score.device)
 
     def forward(self, images: torch.Tensor, class_id: torch.Tensor):
         terms = self.model.level_terms(self.model.preprocess(images))

@@ -16,8 +16,8 @@ just the largest score, while the fitted tail extrapolates. It is trusted down t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class PolicyError(ValueError):
 
 
 # ---- the decision (both sides) -----------------------------------------------------------------
-def normalize(score, threshold, scale, out: Optional[np.ndarray] = None) -> np.ndarray:
+def normalize(score, threshold, scale, out: np.ndarray | None = None) -> np.ndarray:
     """sigmoid((score - threshold) / scale), written as 0.5 (1 + tanh(z / 2)): no overflow for large |z|."""
     z = (np.asarray(score, np.float64) - np.asarray(threshold, np.float64)) / np.asarray(scale, np.float64)
     value = 0.5 * (1.0 + np.tanh(0.5 * z))
@@ -43,7 +43,7 @@ def normalize(score, threshold, scale, out: Optional[np.ndarray] = None) -> np.n
     return out
 
 
-def is_anomalous(score, threshold, out: Optional[np.ndarray] = None) -> np.ndarray:
+def is_anomalous(score, threshold, out: np.ndarray | None = None) -> np.ndarray:
     """FAIL iff score >= threshold (the same as normalized >= 0.5, without the rounding of the sigmoid)."""
     return np.greater_equal(np.asarray(score, np.float64), np.asarray(threshold, np.float64), out=out)
 
@@ -71,7 +71,7 @@ def confusion(normal_scores, defect_scores, threshold: float) -> dict[str, int]:
     return {"tp": tp, "fp": fp, "tn": int(n.size - fp), "fn": int(d.size - tp)}
 
 
-def rates(normal_scores, defect_scores, threshold: float) -> dict[str, Optional[float]]:
+def rates(normal_scores, defect_scores, threshold: float) -> dict[str, float | None]:
     """FPR on normal and recall on defect scores at `threshold` (None where a side is empty)."""
     c = confusion(normal_scores, defect_scores, threshold)
     n, d = c["fp"] + c["tn"], c["tp"] + c["fn"]
@@ -152,8 +152,8 @@ class Choice:
     """A chosen threshold and what it promises on the images it was chosen from."""
 
     threshold: float
-    expected_fpr: Optional[float]
-    expected_recall: Optional[float]
+    expected_fpr: float | None
+    expected_recall: float | None
     method: str  # one line on how (recorded with the threshold)
 
 
@@ -163,14 +163,14 @@ class Policy:
 
     name: str
     needs_defects: bool
-    choose: Callable[[np.ndarray, np.ndarray, Optional[float]], Choice]
-    param_range: Optional[tuple[float, float]] = None  # open interval the parameter must lie in
+    choose: Callable[[np.ndarray, np.ndarray, float | None], Choice]
+    param_range: tuple[float, float] | None = None  # open interval the parameter must lie in
     help: str = ""
-    min_normal: Callable[[Optional[float]], int] = field(default=lambda p: 1)
-    min_defects: Callable[[Optional[float]], int] = field(default=lambda p: 0)
+    min_normal: Callable[[float | None], int] = field(default=lambda p: 1)
+    min_defects: Callable[[float | None], int] = field(default=lambda p: 0)
 
 
-def _expected(normal: np.ndarray, defects: np.ndarray, threshold: float, method: str, fpr: Optional[float] = None) -> Choice:
+def _expected(normal: np.ndarray, defects: np.ndarray, threshold: float, method: str, fpr: float | None = None) -> Choice:
     r = rates(normal, defects, threshold)
     return Choice(float(threshold), r["fpr"] if fpr is None else fpr, r["recall"], method)
 
@@ -207,7 +207,7 @@ def _f1_max(normal, defects, _param) -> Choice:
     return _expected(normal, defects, best_thr, f"maximum F1 ({best:.3f}) on the normal + defect images")
 
 
-def _recall_images(r: Optional[float]) -> int:
+def _recall_images(r: float | None) -> int:
     return max(5, math.ceil(1.0 / (1.0 - r) - 1e-9)) if r is not None and r < 1 else 5
 
 
@@ -226,7 +226,7 @@ POLICIES: dict[str, Policy] = {
 }
 
 
-def check_policy(name: str, param: Optional[float]) -> Policy:
+def check_policy(name: str, param: float | None) -> Policy:
     """The policy of that name, its parameter checked; PolicyError naming the choices otherwise."""
     if name not in POLICIES:
         raise PolicyError(f"unknown threshold policy {name!r}; choose one of {', '.join(POLICIES)}")
@@ -241,7 +241,7 @@ def check_policy(name: str, param: Optional[float]) -> Policy:
     return policy
 
 
-def choose_threshold(name: str, param: Optional[float], normal_scores, defect_scores=(), what: str = "") -> Choice:
+def choose_threshold(name: str, param: float | None, normal_scores, defect_scores=(), what: str = "") -> Choice:
     """Apply a policy; PolicyError (saying how many images are needed) when these images cannot support it."""
     policy = check_policy(name, param)
     normal = np.asarray(normal_scores, np.float64).ravel()

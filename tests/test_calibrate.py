@@ -18,7 +18,12 @@ from click.testing import CliRunner
 
 from hgad_edge.cli import main
 from hgad_edge.data import load_image
-from hgad_edge.recalibration import RUN_RECORD_KEY, CalibrationError, calibrate_target, undo_target
+from hgad_edge.recalibration import (
+    RUN_RECORD_KEY,
+    CalibrationError,
+    calibrate_target,
+    undo_target,
+)
 from hgad_edge.runtime import Detector
 from hgad_edge.runtime.bundle import load_bundle
 from hgad_edge.thresholds import PolicyError
@@ -109,7 +114,7 @@ hgad_edge.files.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 from hgad_edge.recalibration import calibrate_target
 calibrate_target({str(bundle)!r}, {str(normal_dir)!r}, "quantile", 0.9, class_name="stripes", backend="onnxruntime")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == -9, proc.stderr
     after = _digest(bundle)
     assert {k: v for k, v in after.items() if not Path(k).name.startswith(".")} == before  # a stray temp file at most
@@ -131,7 +136,7 @@ loaded = [m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "FrEIA"
 assert not loaded, loaded
 print("torch-free calibrate ok")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and "torch-free calibrate ok" in proc.stdout, proc.stdout + proc.stderr
     assert "threshold" in proc.stdout and "--undo" in proc.stdout
     assert json.loads((bundle / "metadata.json").read_text())["calibration"]["policy"] == "quantile"
