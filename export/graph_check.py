@@ -6,10 +6,13 @@
 3. Mixed graph: FP16 exists (backbone + flows), but nothing of the mixture head or the scoring
    computes in FP16: from z - mu onward everything is FP32 (|z - mu|^2 reaches 1e6-1e9).
    Head and scoring nodes are found by the module hierarchy the dynamo exporter records per node.
+4. Outputs (when the exporter names them): exactly those, in order. In particular no thresholded
+   output: PASS/FAIL is decided on the host from the metadata, so recalibration needs no rebuild.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
@@ -55,7 +58,7 @@ def fp32_node_names(model) -> set[str]:
     return {n.name for n in model.graph.node if _must_be_fp32(n)}
 
 
-def check_graph(path_or_model, mixed: bool) -> list[str]:
+def check_graph(path_or_model, mixed: bool, outputs: Sequence[str] | None = None) -> list[str]:
     """-> list of broken rules (empty = deployable)."""
     import onnx
 
@@ -68,6 +71,9 @@ def check_graph(path_or_model, mixed: bool) -> list[str]:
         dims = vi.type.tensor_type.shape.dim
         if not dims or not dims[0].dim_param:
             problems.append(f"{vi.name}: batch axis is not dynamic")
+    got = [o.name for o in model.graph.output]
+    if outputs is not None and got != list(outputs):
+        problems.append(f"graph outputs are {got}, expected {list(outputs)} (no threshold belongs in the graph)")
     if mixed:
         problems += _check_mixed(model)
     return problems

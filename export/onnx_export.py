@@ -168,7 +168,7 @@ def export_bundle(run_dir: Path | str, out: Path | str, precisions: tuple[str, .
             scorer.model.set_body_dtype(torch.float16 if precision == "fp16" else torch.float32)
             path = staging / MODEL_FILES[precision]
             facts = export_onnx(scorer, path, simplify)
-            problems = check_graph(path, mixed=precision == "fp16")
+            problems = check_graph(path, mixed=precision == "fp16", outputs=OUTPUT_NAMES)
             if problems:
                 listed = "\n- ".join(problems)
                 raise ExportError(f"{out / path.name} breaks deployment rules (nothing was written):\n- {listed}")

@@ -133,7 +133,7 @@ def train(roots, classes, out, config_path, epochs, mode, seed, resume):
 @click.option("--pictures", is_flag=True, help="Also write heatmap overlays and histograms (PNG).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval).")
 def eval_cmd(run, roots, classes, pictures, out):
-    """Per-class image AUROC, pixel AUROC, AUPRO and F1-max of a trained run."""
+    """Per-class image AUROC, pixel AUROC, AUPRO, F1-max and operating points (FPR/recall, counts) of a trained run."""
     require("train", TRAIN_MODULES, "eval")
     from .checkpoint import load_run
     from .data import open_roots
@@ -146,7 +146,8 @@ def eval_cmd(run, roots, classes, pictures, out):
     except user_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(metrics_table(result))
-    click.echo(f"written: {(out or run / 'eval') / 'metrics.json'}")
+    folder = out or run / "eval"
+    click.echo(f"written: {folder / 'metrics.json'}, {folder / 'metrics.md'}, {folder / 'operating_points'}/<class>.png")
 
 
 @main.command()

@@ -44,8 +44,10 @@ def test_bundle_files_and_metadata(tiny_bundle, tiny_run):
 
 
 def test_graphs_follow_deployment_rules(tiny_bundle):
-    assert check_graph(tiny_bundle.files["fp32"], mixed=False) == []
-    assert check_graph(tiny_bundle.files["fp16"], mixed=True) == []
+    assert check_graph(tiny_bundle.files["fp32"], mixed=False, outputs=OUTPUT_NAMES) == []
+    assert check_graph(tiny_bundle.files["fp16"], mixed=True, outputs=OUTPUT_NAMES) == []
+    four = (*OUTPUT_NAMES[:2], "score_normalized", OUTPUT_NAMES[2])  # a graph that decides PASS/FAIL itself
+    assert any("no threshold" in p for p in check_graph(tiny_bundle.files["fp32"], mixed=False, outputs=four))
     ops = {n.op_type for n in onnx.load(str(tiny_bundle.files["fp32"])).graph.node}
     assert "ReduceLogSumExp" not in ops and "ReduceMax" in ops  # the hand-written, shifted LSE
     # The FP32 graph is not a mixed graph: the check must say so.
@@ -172,7 +174,7 @@ def test_failed_reexport_leaves_the_old_bundle_working(tiny_bundle, tiny_run, tm
     (bundle / "notes.txt").write_text("line 3 camera")
     before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
     load_bundle(bundle)  # the exporter's own bundle passes every load check (names, sha256, ONNX copy)
-    monkeypatch.setattr(onnx_export, "check_graph", lambda path, mixed: ["forced graph-check failure"])
+    monkeypatch.setattr(onnx_export, "check_graph", lambda path, mixed, outputs=None: ["forced graph-check failure"])
     with pytest.raises(ExportError, match="forced graph-check failure"):
         export_bundle(tiny_run, bundle, ("fp32",))
     assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before

@@ -28,11 +28,23 @@ def test_train_then_eval_detects_visible_defects(tiny_run, tiny_data, tmp_path):
         assert m["pixel_auroc"] >= 0.85, (name, m)
         assert m["aupro"] >= 0.8 and m["f1_max"] >= 0.9, (name, m)  # blobs found region by region
         assert m["n_test"] == 12 and m["n_anomalous"] == 6 and m["level"] == "pixel"
+        # operating points at the saved threshold and what other thresholds would give
+        assert m["tp"] + m["fn"] == m["n_anomalous"] and m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n_test"]
+        assert m["threshold"] == pytest.approx(float(scorer.threshold[scorer.model.class_names.index(name)]))
+        assert m["threshold_fpr"] == m["fp"] / (m["fp"] + m["tn"])
+        assert 0.0 <= m["recall_at_fpr_1"] <= m["recall_at_fpr_5"] <= 1.0 and 0.0 <= m["fpr_at_recall_90"] <= m["fpr_at_recall_95"]
+        assert (tmp_path / "eval" / "operating_points" / f"{name}.png").stat().st_size > 1000
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(result)) and on_disk["mean"]["image_auroc"] >= 0.9
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "eval" / "metrics.md").read_text().splitlines()}
+    table = (tmp_path / "eval" / "metrics.md").read_text()
+    quality, operating = table.split("\n\n")[:2]  # the metrics table, then the operating points
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in quality.splitlines()}
     for name, m in result["classes"].items():  # the table shows the measured numbers, in percent
         assert rows[name][3:7] == [f"{100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")]
+    ops = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in operating.splitlines()}
+    for name, m in result["classes"].items():
+        assert ops[name][2:6] == [str(m[k]) for k in ("tp", "fp", "tn", "fn")]
+    assert "recall@FPR 1%" in operating and on_disk["mean"]["tp"] >= 0
     pics = sorted(p.name for p in (tmp_path / "eval" / "pictures").iterdir())
     assert "stripes_overlays.png" in pics and "dots_loglik_hist.png" in pics and "dots_score_hist.png" in pics
 
@@ -124,3 +136,12 @@ def test_scores_rank_defects_above_normals(tiny_run, tiny_data):
         samples = [s for s in ds.samples("test") if s.class_name == name]
         pred = predict_class(scorer, samples, cid, True)
         assert np.median(pred.scores[pred.labels == 1]) > np.median(pred.scores[pred.labels == 0])
+
+
+def test_threshold_policy_needing_more_held_out_images_fails_before_training(tiny_data, tmp_path):
+    from hgad_edge.train import train
+
+    cfg = HGADConfig.from_dict({**TINY_CONFIG, "score": {"threshold_policy": "target-fpr", "threshold_param": 0.01}})
+    with pytest.raises(TrainingError, match="needs 20 held-out normal images per class"):
+        train(cfg, open_roots([tiny_data]), tmp_path / "run")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
