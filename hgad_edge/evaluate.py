@@ -15,7 +15,7 @@ from .batching import iter_batches
 from .data import ADDataset, DataError, Sample, load_image, load_mask, resize_image
 from .files import atomic_write_json, atomic_write_text
 from .metrics import image_and_pixel_metrics
-from .thresholds import confusion, fpr_at_recall, recall_at_fpr
+from .thresholds import NORMALIZED_THRESHOLD, fpr_at_recall, recall_at_fpr
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 # Operating points (test set, empirical): recall at a rejection rate of good parts, and the reverse.
@@ -69,21 +69,25 @@ def _mask_for(sample: Sample, size: tuple[int, int]) -> np.ndarray:
     return load_mask(sample.mask_path, shape=size)
 
 
-def class_metrics(pred: ClassPredictions, class_id: int, threshold: float) -> dict:
+def class_metrics(pred: ClassPredictions, class_id: int, threshold: float | None = None) -> dict:
+    """Metrics of one class. PASS/FAIL counts at `threshold` (the saved one); without it, from the
+    scorer's score_normalized >= 0.5 (the same decision, for callers that only keep predictions)."""
     if len(set(pred.labels.tolist())) < 2:
         msg = f"class {pred.name}: the test set needs both normal and anomalous images to be evaluated"
         raise DataError(msg)
     m = image_and_pixel_metrics(pred.labels, pred.scores, pred.masks, pred.maps if pred.masks is not None else None)
     normal, anomalous = pred.labels == 0, pred.labels == 1
     good, bad = pred.scores[normal], pred.scores[anomalous]
-    counts = confusion(good, bad, threshold)  # what the line sees at the saved threshold
+    flagged = pred.scores >= threshold if threshold is not None else pred.normalized >= NORMALIZED_THRESHOLD
+    tp, fp = int(flagged[anomalous].sum()), int(flagged[normal].sum())  # what the line sees at the saved threshold
+    counts = {"tp": tp, "fp": fp, "tn": int(normal.sum()) - fp, "fn": int(anomalous.sum()) - tp}
     m.update(
         n_test=int(len(pred.labels)),
         n_anomalous=int(anomalous.sum()),
         level="pixel" if pred.masks is not None else "image",
         auto_class_accuracy=float(np.mean(pred.auto_class == class_id)),
         # What the line sees with the calibrated threshold (no test data used to set it).
-        threshold=float(threshold),
+        threshold=None if threshold is None else float(threshold),
         threshold_fpr=counts["fp"] / len(good),
         threshold_tpr=counts["tp"] / len(bad),
         **counts,

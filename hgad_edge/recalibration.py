@@ -31,7 +31,7 @@ from .thresholds import POLICIES, PolicyError, choose_threshold, score_scale
 
 RUN_RECORD_KEY = "threshold_calibration"  # meta.json key of a run folder's calibration record
 STATISTICS_BACKUP = "statistics_before_refit.safetensors"  # scorer statistics kept for --undo of a refit
-SCORE_BATCH = 8
+SCORE_BATCH = 8  # images per PyTorch batch (run folders)
 
 
 class CalibrationError(ValueError):
@@ -101,13 +101,13 @@ class BundleScorer:
     def __init__(self, folder: Path, backend: str = "auto", precision: str = "auto") -> None:
         from .runtime import Detector
 
-        self.detector = Detector(folder, backend=backend, precision=precision, max_batch=SCORE_BATCH)
+        # batch 1: every engine's optimisation profile takes it, so "auto" scores with TensorRT where it runs
+        self.detector = Detector(folder, backend=backend, precision=precision, max_batch=1)
         self.classes = self.detector.classes
         self.description = f"{self.detector.backend} ({self.detector.info['precision']})"
 
     def scores(self, images: Sequence[np.ndarray], class_id: int) -> np.ndarray:
-        out = [self.detector.infer(list(images[i : i + SCORE_BATCH]), class_id).score for i in range(0, len(images), SCORE_BATCH)]
-        return np.concatenate(out).astype(np.float64)
+        return np.array([float(self.detector.infer(image, class_id).score[0]) for image in images], np.float64)
 
     def close(self) -> None:
         self.detector.close()
@@ -243,13 +243,8 @@ def calibrate_target(
     try:
         y = _class_index(scorer.classes, class_name)
         name = scorer.classes[y]
-        if kind == "bundle":
-            meta = _read_json(target / "metadata.json")
-            thresholds, scales, previous = list(meta["thresholds"]), list(meta["scales"]), meta.get("calibration")
-        else:  # read before a refit changes them
-            meta = scorer.meta
-            thresholds, scales = scorer.scorer.threshold.tolist(), scorer.scorer.scale.tolist()
-            previous = meta.get(RUN_RECORD_KEY)
+        if kind == "run":  # the run's thresholds, read before a refit changes them
+            current = (scorer.meta, scorer.scorer.threshold.tolist(), scorer.scorer.scale.tolist(), scorer.meta.get(RUN_RECORD_KEY))
         normal_images = normal_set.images
         if refit_statistics:
             _check_counts(policy, param, len(normal_images[1::2]), defect_set, name, " (half of them: the other half refits the statistics)")
@@ -260,6 +255,10 @@ def calibrate_target(
         defect_scores = scorer.scores(defect_set.images, y) if defect_set else np.zeros(0)
         choice = choose_threshold(policy, param, normal_scores, defect_scores, what=f"class {name}")
         scale = score_scale(normal_scores)
+        if kind == "bundle":  # read just before the write: a `build` meanwhile keeps its engine entry
+            meta = _read_json(target / "metadata.json")
+            current = (meta, list(meta["thresholds"]), list(meta["scales"]), meta.get("calibration"))
+        meta, thresholds, scales, previous = current
         record = {
             "policy": policy, "params": {} if param is None else {policy: param}, "class": name,
             "method": choice.method, "scored_with": scorer.description,
