@@ -1,7 +1,7 @@
 """How well do the threshold policies hold on the test sets, and does recalibration fix a lighting change?
 
     python benchmarks/calibration_study.py --run RUN --data ROOT [--data ROOT2] --out DIR
-        [--shift-class NAME] [--brightness 30] [--contrast 0.8]
+        [--shift-class NAME (default: the class with most held-out images)] [--brightness 30] [--contrast 0.8]
 
 (a) Per class: thresholds from the `max`, `quantile 0.99` and `target-fpr 0.01` policies, chosen on the
     held-out normal training images only (the split training used), and the FPR / recall they give
@@ -85,7 +85,8 @@ def run_study(run: Path, roots: list[Path], out: Path, shift_class: str | None =
         per_class[name] = {"n_held_out": len(held), "n_test_normal": len(normal), "n_test_defect": len(defects),
                            "policies": _evaluate(*scores)}
         print(f"{name}: {len(held)} held-out, {len(normal)} + {len(defects)} test images scored", flush=True)
-    shift_class = shift_class or classes[0]
+    # default: the class with the most held-out normal images (the refit splits them in two)
+    shift_class = shift_class or max(classes, key=lambda c: per_class[c]["n_held_out"])
     if shift_class not in classes:
         raise SystemExit(f"--shift-class {shift_class!r} is not a class of the run ({', '.join(classes)})")
     y = classes.index(shift_class)

@@ -227,10 +227,10 @@ def calibrate(
                 getattr(scorer, f"tau_{name}")[y, k] = tau.clamp_min(TAU_MIN)
         scores = torch.cat([image_score(scorer.anomaly_map(lls, nhs, cls), scorer.cfg.topk) for lls, nhs, cls in held_out])
         s = scores.numpy().astype(np.float64)
-        name = model.class_names[y]
-        scorer.threshold[y] = decision.choose_threshold(policy, param, s, what=f"class {name}").threshold
+        class_name = model.class_names[y]
+        scorer.threshold[y] = decision.choose_threshold(policy, param, s, what=f"class {class_name}").threshold
         scorer.scale[y] = decision.score_scale(s)
-        held_out_scores[name] = s.tolist()
+        held_out_scores[class_name] = s.tolist()
     scorer.calibrated.fill_(True)
     return {
         "threshold": scorer.threshold.tolist(),
