@@ -132,7 +132,9 @@ def mean_metrics(per_class: dict[str, dict]) -> dict:
         vals = [c[k] for c in per_class.values() if c.get(k) is not None]
         out[k] = float(np.mean(vals)) if vals else None
     out["n_test"] = int(sum(c["n_test"] for c in per_class.values()))
-    out.update({k: int(sum(c[k] for c in per_class.values())) for k in COUNT_KEYS})
+    for k in COUNT_KEYS:  # rows without a threshold (e.g. the kNN baseline) have no counts
+        counts = [c[k] for c in per_class.values() if c.get(k) is not None]
+        out[k] = int(sum(counts)) if counts else None
     return out
 
 
@@ -188,7 +190,7 @@ def metrics_table(result: dict) -> str:
     lines += ["", "| class | threshold | TP | FP | TN | FN | " + " | ".join(ops) + " |", "|" + "---|" * (6 + len(ops))]
     for name, m in rows:
         thr = f"{m['threshold']:.4g}" if m.get("threshold") is not None else ""
-        cells = [name, thr, *(str(m.get(k, "")) for k in COUNT_KEYS), *(_fmt(m.get(k)) for k in OPERATING_KEYS)]
+        cells = [name, thr, *("" if m.get(k) is None else str(m[k]) for k in COUNT_KEYS), *(_fmt(m.get(k)) for k in OPERATING_KEYS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
