@@ -313,6 +313,12 @@ class BundleMetadata:
     def with_models(self, models: dict[str, ModelFile]) -> "BundleMetadata":
         return replace(self, models=dict(models))
 
+    def with_calibration(self, thresholds, scales, calibration: Optional[dict[str, Any]]) -> "BundleMetadata":
+        """New per-class thresholds and scales with the `hgad-edge calibrate` record that lets them differ
+        from the ONNX copy (None: back to the exported values, which must then equal that copy)."""
+        return replace(self, thresholds=tuple(float(t) for t in thresholds), scales=tuple(float(v) for v in scales),
+                       calibration=None if calibration is None else dict(calibration))
+
 
 # ---- the copy inside each ONNX file ---------------------------------------------------------------
 def onnx_metadata_props(meta: BundleMetadata, precision: str) -> dict[str, str]:

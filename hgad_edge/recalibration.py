@@ -7,15 +7,16 @@ is scored with PyTorch; its weights file carries the thresholds, so a later expo
 there `--refit-statistics` also refits the scorer's per-position normal statistics (a lighting change).
 
 Every write is atomic (a bundle's metadata.json is written aside and renamed; a run folder is staged
-and swapped whole): a failed or killed calibration leaves the old thresholds in place. Each write
-records the policy, the images (count, folder, sha256), the date, the expected FPR / recall and the
+and swapped whole): a failed or killed calibration leaves the old thresholds in place. A bundle's
+new metadata goes through the bundle schema (`BundleMetadata.with_calibration` / `to_json`) and is
+checked against each ONNX file's copy before it is written, so calibrate never writes a bundle the
+runtime would refuse. Each write records the policy, the images (count, folder, sha256), the date, the expected FPR / recall and the
 previous thresholds, so `--undo` restores them. Bad input fails before anything is written.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -25,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, DataError, load_image
+from .bundle_schema import METADATA_FILE, BundleMetadata, SchemaError, check_onnx_copy, read_onnx_metadata_props
 from .files import atomic_dir, atomic_write_json, sha256_file
+from .imaging import IMAGE_EXTENSIONS, DataError, load_image, resize_image
 from .thresholds import POLICIES, PolicyError, choose_threshold, score_scale
 
 RUN_RECORD_KEY = "threshold_calibration"  # meta.json key of a run folder's calibration record
@@ -126,8 +128,6 @@ class RunScorer:
     def scores(self, images: Sequence[np.ndarray], class_id: int) -> np.ndarray:
         import torch
 
-        from .data import resize_image
-
         size = self.cfg.input_size
         out = []
         with torch.no_grad():
@@ -141,7 +141,6 @@ class RunScorer:
         its training and held-out images), so the threshold scores that half honestly."""
         import torch
 
-        from .data import resize_image
         from .scoring import calibrate
 
         size = self.cfg.input_size
@@ -155,7 +154,7 @@ class RunScorer:
 
 # ---- targets -----------------------------------------------------------------------------------
 def is_bundle(folder: Path) -> bool:
-    return (folder / "metadata.json").is_file()
+    return (folder / METADATA_FILE).is_file()
 
 
 def is_run(folder: Path) -> bool:
@@ -183,23 +182,24 @@ def _class_index(classes: Sequence[str], name: str | None) -> int:
     return list(classes).index(name)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+# ---- the bundle's metadata (through the bundle schema) ------------------------------------------
+def read_bundle_metadata(folder: Path) -> BundleMetadata:
+    """The bundle's metadata, verified as the runtime loads it (schema, file names, sha256, ONNX copy)."""
+    from .runtime.bundle import load_bundle
+
+    return load_bundle(folder).schema
+
+
+def write_bundle_metadata(folder: Path, meta: BundleMetadata) -> None:
+    """Check `meta` against every model's ONNX copy (classes and input size always; thresholds and
+    scales too when it carries no calibration record), then write metadata.json atomically."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CalibrationError(f"cannot read {path}: {err}; the folder is damaged, copy it again") from err
-
-
-# ---- the bundle's metadata (one function: the bundle schema's home may take it over) ------------
-def bundle_with_thresholds(meta: dict[str, Any], thresholds: Sequence[float], scales: Sequence[float],
-                           record: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of bundle metadata with new per-class thresholds/scales and calibration record
-    (None: no record, i.e. back to the exported thresholds)."""
-    out = {**meta, "thresholds": [float(t) for t in thresholds], "scales": [float(s) for s in scales]}
-    out.pop("calibration", None)
-    if record is not None:
-        out["calibration"] = record
-    return out
+        for model in meta.models.values():
+            check_onnx_copy(meta, read_onnx_metadata_props(folder / model.file), model.file)
+        data = meta.to_json()
+    except SchemaError as err:
+        raise CalibrationError(f"refusing to write {folder / METADATA_FILE}: {err}; nothing was changed") from err
+    atomic_write_json(folder / METADATA_FILE, data)
 
 
 # ---- calibrate / undo --------------------------------------------------------------------------
@@ -256,8 +256,8 @@ def calibrate_target(
         choice = choose_threshold(policy, param, normal_scores, defect_scores, what=f"class {name}")
         scale = score_scale(normal_scores)
         if kind == "bundle":  # read just before the write: a `build` meanwhile keeps its engine entry
-            meta = _read_json(target / "metadata.json")
-            current = (meta, list(meta["thresholds"]), list(meta["scales"]), meta.get("calibration"))
+            meta = read_bundle_metadata(target)
+            current = (meta, list(meta.thresholds), list(meta.scales), meta.calibration)
         meta, thresholds, scales, previous = current
         record = {
             "policy": policy, "params": {} if param is None else {policy: param}, "class": name,
@@ -271,7 +271,7 @@ def calibrate_target(
         old_threshold = float(thresholds[y])
         thresholds[y], scales[y] = choice.threshold, scale
         if kind == "bundle":
-            atomic_write_json(target / "metadata.json", bundle_with_thresholds(meta, thresholds, scales, record))
+            write_bundle_metadata(target, meta.with_calibration(thresholds, scales, record))
         else:
             _write_run(target, scorer, thresholds, scales, {**meta, RUN_RECORD_KEY: record},
                        previous_state if refit_statistics else None)
@@ -294,18 +294,18 @@ def undo_target(target: Path | str) -> dict[str, Any]:
     target = Path(target)
     kind = target_kind(target)
     if kind == "bundle":
-        meta = _read_json(target / "metadata.json")
-        record = meta.get("calibration")
+        meta = read_bundle_metadata(target)
+        record = meta.calibration
         if not record:
             raise CalibrationError(f"{target} has no calibration to undo: its thresholds are the exported ones")
-        prev = record["previous"]
-        atomic_write_json(target / "metadata.json", bundle_with_thresholds(meta, prev["thresholds"], prev["scales"], prev["calibration"]))
+        prev = _previous(record, target / METADATA_FILE)
+        write_bundle_metadata(target, meta.with_calibration(prev["thresholds"], prev["scales"], prev["calibration"]))
         return record
     scorer = RunScorer(target)
     record = scorer.meta.get(RUN_RECORD_KEY)
     if not record:
         raise CalibrationError(f"{target} has no calibration to undo: its thresholds are the trained ones")
-    prev = record["previous"]
+    prev = _previous(record, target / "meta.json")
     meta = {k: v for k, v in scorer.meta.items() if k != RUN_RECORD_KEY}
     if prev["calibration"]:
         meta[RUN_RECORD_KEY] = prev["calibration"]
@@ -313,6 +313,15 @@ def undo_target(target: Path | str) -> dict[str, Any]:
         _load_statistics(scorer.scorer, target / STATISTICS_BACKUP)
     _write_run(target, scorer, prev["thresholds"], prev["scales"], meta, None, drop_backup=bool(record.get("refit_statistics")))
     return record
+
+
+def _previous(record: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The thresholds, scales and record a calibration replaced (what --undo restores)."""
+    prev = record.get("previous")
+    if not isinstance(prev, dict) or not all(k in prev for k in ("thresholds", "scales", "calibration")):
+        raise CalibrationError(f"the calibration record in {where} keeps no previous thresholds, so it cannot be "
+                               "undone; calibrate again with the policy you want")
+    return prev
 
 
 # ---- run folders -------------------------------------------------------------------------------

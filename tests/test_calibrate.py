@@ -22,7 +22,9 @@ from hgad_edge.recalibration import (
     RUN_RECORD_KEY,
     CalibrationError,
     calibrate_target,
+    read_bundle_metadata,
     undo_target,
+    write_bundle_metadata,
 )
 from hgad_edge.runtime import Detector
 from hgad_edge.runtime.bundle import load_bundle
@@ -102,6 +104,23 @@ def test_interrupted_calibration_leaves_the_bundle_intact(bundle, normal_dir, mo
     monkeypatch.undo()
     assert _digest(bundle) == before and not list(bundle.glob(".*tmp"))
     load_bundle(bundle)
+
+
+def test_bundle_writes_go_through_the_schema(bundle):
+    """calibrate writes only metadata the runtime would load: new thresholds need the calibration record
+    (else they must equal the ONNX copy), and every value is range-checked; a refused write changes nothing."""
+    before = _digest(bundle)
+    meta = read_bundle_metadata(bundle)
+    moved = [t + 1.0 for t in meta.thresholds]
+    with pytest.raises(CalibrationError, match="differs from the copy inside model_fp32.onnx"):
+        write_bundle_metadata(bundle, meta.with_calibration(moved, meta.scales, None))
+    with pytest.raises(CalibrationError, match="'scales' must all be > 0"):
+        write_bundle_metadata(bundle, meta.with_calibration(moved, [0.0] * len(moved), {"policy": "max"}))
+    assert _digest(bundle) == before
+    write_bundle_metadata(bundle, meta.with_calibration(moved, meta.scales, {"policy": "max"}))
+    assert load_bundle(bundle).thresholds == pytest.approx(moved)
+    with pytest.raises(CalibrationError, match="keeps no previous thresholds"):  # a record without them: no undo
+        undo_target(bundle)
 
 
 def test_calibration_killed_midway_leaves_the_bundle_loadable(bundle, normal_dir):

@@ -12,11 +12,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from hgad_edge.bundle_schema import OUTPUT_NAMES
 from hgad_edge.checkpoint import load_run
 from hgad_edge.data import open_roots
 from hgad_edge.export.graph_check import check_graph
 from hgad_edge.export import onnx_export
-from hgad_edge.export.onnx_export import OUTPUT_NAMES, ExportError, export_bundle
+from hgad_edge.export.onnx_export import ExportError, export_bundle
 from hgad_edge.metrics import auroc
 from hgad_edge.batching import load_batch
 

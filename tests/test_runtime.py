@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hgad_edge.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.imaging import resize_image
+from hgad_edge.recalibration import read_bundle_metadata, write_bundle_metadata
 from hgad_edge.runtime import Detector, Status, api, create, destroy, infer, last_error
 from hgad_edge.runtime.app import AppError, run_app
 from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, LOCAL_BACKENDS, PRECISIONS, REGISTRY, cuda_api
@@ -498,8 +499,8 @@ def test_tensorrt_threshold_path_after_recalibration(tmp_path, fake_tensorrt):
     frames = rng_frames(4, seed=21)
     ref = reference(folder, np.stack(frames), [0, 1, 0, 1])
     new_thr = [float(ref[1][0]), float(ref[1][1]) + 1e-3]  # image 0 exactly at its threshold, image 1 just below
-    meta = json.loads((folder / "metadata.json").read_text())
-    (folder / "metadata.json").write_text(json.dumps({**meta, "thresholds": new_thr, "scales": [0.05, 0.5]}))
+    # written as `calibrate` writes it: through the schema, with the record that lets it differ from the ONNX copy
+    write_bundle_metadata(folder, read_bundle_metadata(folder).with_calibration(new_thr, [0.05, 0.5], {"policy": "max"}))
     for overrides, thr in ((None, new_thr), ({"b": 0.0}, [new_thr[0], 0.0])):
         status, h = create(folder, backend="tensorrt", max_batch=4, thresholds=overrides)
         assert status == Status.OK, last_error()
