@@ -413,7 +413,7 @@ def chosen_policy(options: dict) -> tuple[str, float | None]:
 @click.option("--refit-statistics", is_flag=True, help="Run folders only (needs torch): also refit the per-position "
               "normal statistics from the normal images (half of them; the other half sets the threshold).")
 @click.option("--undo", is_flag=True, help="Restore the thresholds from before the last calibration.")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="auto", show_default=True,
               help="Backend scoring a bundle's images (its own runtime).")
 def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, backend, **options):
     """New PASS/FAIL threshold for one class of a bundle or run folder, from new normal images.

@@ -61,7 +61,8 @@ def test_calibrate_fits_reference_spread_and_threshold(tiny_run, tiny_data, quan
     with torch.no_grad():
         terms = scorer.model.level_terms(scorer.model.preprocess(images))
         lls, nhs = scorer.level_maps(terms, cls)
-        _, score, normalized, _ = scorer(images, cls)
+        _, score, _ = scorer(images, cls)  # the graph's outputs; score_normalized is the host-side formula
+        normalized = scorer.normalize(score, cls)
     for k, ll in enumerate(lls):
         # per position: the normal mean; per level: the RMS around it (so standardised values have RMS 1)
         ref, tau = scorer.reference("loglik", k)[y], scorer.tau_loglik[y, k]
