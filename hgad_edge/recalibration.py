@@ -10,8 +10,8 @@ Every write is atomic (a bundle's metadata.json is written aside and renamed; a 
 and swapped whole): a failed or killed calibration leaves the old thresholds in place. A bundle's
 new metadata goes through the bundle schema (`BundleMetadata.with_calibration` / `to_json`) and is
 checked against each ONNX file's copy before it is written, so calibrate never writes a bundle the
-runtime would refuse. Each write records the policy, the images (count, folder, sha256), the date, the expected FPR / recall and the
-previous thresholds, so `--undo` restores them. Bad input fails before anything is written.
+runtime would refuse. Each write records the policy, the images (count, folder, sha256), the date,
+the expected FPR / recall and the previous thresholds, so `--undo` restores them. Bad input fails before anything is written.
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ def effective_thresholds(bundle: Bundle, overrides: Optional[dict[str, float]]) 
     if overrides is None:
         return values
     if not isinstance(overrides, dict):
-        raise InvalidArgumentError(f"thresholds must be a dict {{class name: threshold}}, got {type(overrides).__name__}")
+        kind = type(overrides).__name__
+        raise InvalidArgumentError(f"thresholds must be a dict {{class name: threshold}}, got {kind}")
     for name, value in overrides.items():
         if name not in bundle.classes:
             known = ", ".join(bundle.classes)

@@ -500,7 +500,8 @@ def test_tensorrt_threshold_path_after_recalibration(tmp_path, fake_tensorrt):
     ref = reference(folder, np.stack(frames), [0, 1, 0, 1])
     new_thr = [float(ref[1][0]), float(ref[1][1]) + 1e-3]  # image 0 exactly at its threshold, image 1 just below
     # written as `calibrate` writes it: through the schema, with the record that lets it differ from the ONNX copy
-    write_bundle_metadata(folder, read_bundle_metadata(folder).with_calibration(new_thr, [0.05, 0.5], {"policy": "max"}))
+    recalibrated = read_bundle_metadata(folder).with_calibration(new_thr, [0.05, 0.5], {"policy": "max"})
+    write_bundle_metadata(folder, recalibrated)
     for overrides, thr in ((None, new_thr), ({"b": 0.0}, [new_thr[0], 0.0])):
         status, h = create(folder, backend="tensorrt", max_batch=4, thresholds=overrides)
         assert status == Status.OK, last_error()

@@ -57,7 +57,8 @@ def tiny_graph(half: bool = False, lse: bool = False) -> bytes:
     model.ir_version = 8
     onnx.checker.check_model(model)
     # the copy of the deciding values an export writes into the ONNX file (checked on load)
-    helper.set_model_props(model, onnx_metadata_props(BundleMetadata(("a", "b"), (H, W), (0.5, 0.5), (1.0, 1.0), {}), "fp32"))
+    props = onnx_metadata_props(BundleMetadata(("a", "b"), (H, W), (0.5, 0.5), (1.0, 1.0), {}), "fp32")
+    helper.set_model_props(model, props)
     return model.SerializeToString()
 
 
