@@ -142,11 +142,16 @@ def create(
         _check_create_args(device, max_batch)
         if is_server_url(bundle):
             loaded, runner = open_server(bundle, backend, precision, int(max_batch))
+            try:
+                effective = effective_thresholds(loaded, thresholds)
+            except HgadRuntimeError:
+                runner.deactivate()  # a bad override: nothing stays connected
+                raise
         else:
             loaded = load_bundle(bundle)
+            effective = effective_thresholds(loaded, thresholds)  # a bad override fails before any backend loads
             host_code = bool(allow_engine_host_code)
             runner = create_runner(loaded, backend, int(device), precision, int(max_batch), host_code)
-        effective = effective_thresholds(loaded, thresholds)
     except HgadRuntimeError as err:
         return _fail(err.status, str(err)), None
     except Exception as err:
