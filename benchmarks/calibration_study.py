@@ -66,8 +66,14 @@ def _fixed(threshold: float | None, normal: np.ndarray, defects: np.ndarray) -> 
     return {"threshold": threshold, **rates(normal, defects, threshold)}
 
 
-def run_study(run: Path, roots: list[Path], out: Path, shift_class: str | None = None,
-              brightness: float = 30.0, contrast: float = 0.8) -> dict:
+def run_study(
+    run: Path,
+    roots: list[Path],
+    out: Path,
+    shift_class: str | None = None,
+    brightness: float = 30.0,
+    contrast: float = 0.8,
+) -> dict:
     t0 = time.time()
     scorer = RunScorer(run)
     classes = scorer.classes
@@ -82,8 +88,12 @@ def run_study(run: Path, roots: list[Path], out: Path, shift_class: str | None =
         defects = [loaded[s.path] for s in test if s.class_name == name and s.label == 1]
         scores = [scorer.scores(images, y) for images in (held, normal, defects)]
         cache[name] = (held, normal, defects)
-        per_class[name] = {"n_held_out": len(held), "n_test_normal": len(normal), "n_test_defect": len(defects),
-                           "policies": _evaluate(*scores)}
+        per_class[name] = {
+            "n_held_out": len(held),
+            "n_test_normal": len(normal),
+            "n_test_defect": len(defects),
+            "policies": _evaluate(*scores),
+        }
         print(f"{name}: {len(held)} held-out, {len(normal)} + {len(defects)} test images scored", flush=True)
     # default: the class with the most held-out normal images (the refit splits them in two)
     shift_class = shift_class or max(classes, key=lambda c: per_class[c]["n_held_out"])
@@ -97,15 +107,27 @@ def run_study(run: Path, roots: list[Path], out: Path, shift_class: str | None =
     refit.refit_statistics(held, y)  # means from held[0::2], spreads from held[1::2]
     r_held, r_normal, r_defects = (refit.scores(g, y) for g in (held[1::2], normal, defects))
     shift = {
-        "class": shift_class, "brightness": brightness, "contrast": contrast, "trained_threshold": trained,
+        "class": shift_class,
+        "brightness": brightness,
+        "contrast": contrast,
+        "trained_threshold": trained,
         "unshifted": per_class[shift_class]["policies"],
         # each policy's threshold from the unshifted held-out images, kept through the lighting change
-        "no_recalibration": {k: _fixed(row["threshold"], s_normal, s_defects) for k, row in per_class[shift_class]["policies"].items()},
+        "no_recalibration": {
+            k: _fixed(row["threshold"], s_normal, s_defects) for k, row in per_class[shift_class]["policies"].items()
+        },
         "thresholds_only": _evaluate(s_held, s_normal, s_defects),
         "refit_statistics": _evaluate(r_held, r_normal, r_defects),
     }
-    summary = {"run": str(run), "data": [str(r) for r in roots], "classes": classes, "per_class": per_class,
-               "mean": _means(per_class), "lighting_shift": shift, "seconds": round(time.time() - t0, 1)}
+    summary = {
+        "run": str(run),
+        "data": [str(r) for r in roots],
+        "classes": classes,
+        "per_class": per_class,
+        "mean": _means(per_class),
+        "lighting_shift": shift,
+        "seconds": round(time.time() - t0, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "calibration_study.json", summary)
     atomic_write_text(out / "calibration_study.md", study_tables(summary))
@@ -134,20 +156,35 @@ def _cell(row: dict) -> str:
 
 def study_tables(summary: dict) -> str:
     labels = [_label(p, q) for p, q in POLICIES]
-    lines = ["Test-set FPR / recall (%) with thresholds chosen on the held-out normal training images only.", "",
-             "| class | held-out | test good / defect | " + " | ".join(labels) + " |", "|" + "---|" * (3 + len(labels))]
+    lines = [
+        "Test-set FPR / recall (%) with thresholds chosen on the held-out normal training images only.",
+        "",
+        "| class | held-out | test good / defect | " + " | ".join(labels) + " |",
+        "|" + "---|" * (3 + len(labels)),
+    ]
     for name, c in summary["per_class"].items():
         cells = [name, str(c["n_held_out"]), f"{c['n_test_normal']} / {c['n_test_defect']}"]
         lines.append("| " + " | ".join(cells + [_cell(c["policies"][k]) for k in labels]) + " |")
     mean = summary["mean"]
-    lines.append("| **mean** | | | " + " | ".join(f"{_pct(mean[k]['fpr'])} / {_pct(mean[k]['recall'])} ({mean[k]['classes']} cl.)" for k in labels) + " |")
+    lines.append(
+        "| **mean** | | | "
+        + " | ".join(f"{_pct(mean[k]['fpr'])} / {_pct(mean[k]['recall'])} ({mean[k]['classes']} cl.)" for k in labels)
+        + " |"
+    )
     s = summary["lighting_shift"]
-    lines += ["", f"Lighting shift on {s['class']} (x' = {s['contrast']} x + {s['brightness']}): test FPR / recall (%).", "",
-              "| | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
-    arms = (("unshifted images, calibrated on unshifted held-out", "unshifted"),
-            ("shifted, no recalibration (the thresholds above)", "no_recalibration"),
-            ("shifted, thresholds recalibrated on shifted held-out", "thresholds_only"),
-            ("shifted, --refit-statistics (half for statistics, half for the threshold)", "refit_statistics"))
+    lines += [
+        "",
+        f"Lighting shift on {s['class']} (x' = {s['contrast']} x + {s['brightness']}): test FPR / recall (%).",
+        "",
+        "| | " + " | ".join(labels) + " |",
+        "|" + "---|" * (1 + len(labels)),
+    ]
+    arms = (
+        ("unshifted images, calibrated on unshifted held-out", "unshifted"),
+        ("shifted, no recalibration (the thresholds above)", "no_recalibration"),
+        ("shifted, thresholds recalibrated on shifted held-out", "thresholds_only"),
+        ("shifted, --refit-statistics (half for statistics, half for the threshold)", "refit_statistics"),
+    )
     for title, key in arms:
         lines.append(f"| {title} | " + " | ".join(_cell(s[key][k]) for k in labels) + " |")
     return "\n".join(lines) + "\n"

@@ -21,8 +21,22 @@ HEAD_CLASS = "hgad_edge.head.MixtureHead"
 SCORER_CLASS = "hgad_edge.scoring.AnomalyScorer"
 HIERARCHY_KEY = "pkg.torch.onnx.class_hierarchy"
 # Ops that only move or re-type data: allowed on FP16 in the model-level glue between modules.
-DATA_MOVEMENT = {"Cast", "Reshape", "Transpose", "Tile", "Concat", "Expand", "Squeeze", "Unsqueeze",
-                 "Slice", "Gather", "Split", "Identity", "Shape", "Flatten"}
+DATA_MOVEMENT = {
+    "Cast",
+    "Reshape",
+    "Transpose",
+    "Tile",
+    "Concat",
+    "Expand",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Gather",
+    "Split",
+    "Identity",
+    "Shape",
+    "Flatten",
+}
 
 
 def _tensor_types(model) -> dict[str, int]:
@@ -49,7 +63,11 @@ def _must_be_fp32(node) -> bool:
     if HEAD_CLASS in h:
         return True
     classes = [c for c in h if c.startswith("hgad_edge.") or c.startswith("FrEIA.") or c.startswith("timm.")]
-    return bool(classes) and classes[-1] in (SCORER_CLASS, "hgad_edge.model.HGADModel") and node.op_type not in DATA_MOVEMENT
+    return (
+        bool(classes)
+        and classes[-1] in (SCORER_CLASS, "hgad_edge.model.HGADModel")
+        and node.op_type not in DATA_MOVEMENT
+    )
 
 
 def fp32_node_names(model) -> set[str]:

@@ -96,7 +96,11 @@ def export_onnx(scorer, path: Path, simplify: bool = True) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"exporter": f"torch.onnx dynamo (torch {torch.__version__})", "opset": opset, "nodes": len(model.graph.node)}
+    return {
+        "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+        "opset": opset,
+        "nodes": len(model.graph.node),
+    }
 
 
 def _slim(model):
@@ -125,7 +129,9 @@ def _set_metadata_props(path: Path, props: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def export_bundle(run_dir: Path | str, out: Path | str, precisions: tuple[str, ...] = ("fp32", "fp16"), simplify: bool = True) -> ExportResult:
+def export_bundle(
+    run_dir: Path | str, out: Path | str, precisions: tuple[str, ...] = ("fp32", "fp16"), simplify: bool = True
+) -> ExportResult:
     """Run folder -> bundle folder (see module docstring). Every graph passes `check_graph`.
 
     The bundle is written into a staging folder beside `out` and swapped in at the end: a failed
@@ -199,17 +205,22 @@ def _carry_over(out: Path, staging: Path, metadata: BundleMetadata) -> BundleMet
             _link_tree(entry, staging / entry.name)
     try:
         engines = json.loads((out / METADATA_FILE).read_text(encoding="utf-8")).get("engines") or {}
-        kept = {check_file_name(n, "engine"): dict(e) for n, e in engines.items()
-                if (staging / ENGINES_DIR / n).is_file()}
+        kept = {
+            check_file_name(n, "engine"): dict(e) for n, e in engines.items() if (staging / ENGINES_DIR / n).is_file()
+        }
     except (OSError, ValueError, AttributeError, TypeError) as err:
-        log.warning("not keeping the engine list of the old %s (%s); rebuild engines with hgad-edge build",
-                    out / METADATA_FILE, err)
+        log.warning(
+            "not keeping the engine list of the old %s (%s); rebuild engines with hgad-edge build",
+            out / METADATA_FILE,
+            err,
+        )
         kept = {}
     return replace(metadata, engines=kept)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
     """Hard links where the file system has them (no copy of large engines), copies elsewhere."""
+
     def link_or_copy(a: str, b: str) -> None:
         try:
             os.link(a, b)

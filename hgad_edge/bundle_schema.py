@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO
 
 from . import __version__ as PACKAGE_VERSION
 from .thresholds import NORMALIZED_THRESHOLD
@@ -167,7 +167,7 @@ class ModelFile:
     facts: dict[str, Any] = field(default_factory=dict)  # exporter, opset, nodes (informative)
 
     @classmethod
-    def from_json(cls, value: Any, precision: str) -> "ModelFile":
+    def from_json(cls, value: Any, precision: str) -> ModelFile:
         what = f"'models'.{precision}"
         if not isinstance(value, dict):
             raise SchemaError(f"{what} must be an object with 'file' and 'sha256', got {value!r}")
@@ -201,7 +201,7 @@ def _engines(value: Any) -> dict[str, dict[str, Any]]:
     return {name: dict(entry) for name, entry in value.items()}
 
 
-def _major(version: Any) -> Optional[int]:
+def _major(version: Any) -> int | None:
     try:
         return int(str(version).split(".")[0])
     except ValueError:
@@ -239,7 +239,7 @@ class BundleMetadata:
     models: dict[str, ModelFile]
     normalized_threshold: float = NORMALIZED_THRESHOLD
     display_range: tuple[float, float] = (0.0, 1.0)
-    calibration: Optional[dict[str, Any]] = None  # {policy, images, date, expected rates} of `hgad-edge calibrate`
+    calibration: dict[str, Any] | None = None  # {policy, images, date, expected rates} of `hgad-edge calibrate`
     outputs: tuple[str, ...] = OUTPUT_NAMES
     input_name: str = INPUT_NAMES[0]
     class_input_name: str = INPUT_NAMES[1]
@@ -248,7 +248,7 @@ class BundleMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, meta: Any) -> "BundleMetadata":
+    def from_json(cls, meta: Any) -> BundleMetadata:
         """Parse and check a metadata.json object; raises SchemaError naming the first bad field."""
         if not isinstance(meta, dict):
             raise SchemaError(f"metadata must be a JSON object, got {type(meta).__name__}")
@@ -310,10 +310,10 @@ class BundleMetadata:
         _normalized_threshold(self.normalized_threshold)
         _display_range(list(self.display_range))
 
-    def with_models(self, models: dict[str, ModelFile]) -> "BundleMetadata":
+    def with_models(self, models: dict[str, ModelFile]) -> BundleMetadata:
         return replace(self, models=dict(models))
 
-    def with_calibration(self, thresholds, scales, calibration: Optional[dict[str, Any]]) -> "BundleMetadata":
+    def with_calibration(self, thresholds, scales, calibration: dict[str, Any] | None) -> BundleMetadata:
         """New per-class thresholds and scales with the `hgad-edge calibrate` record that lets them differ
         from the ONNX copy (None: back to the exported values, which must then equal that copy)."""
         return replace(self, thresholds=tuple(float(t) for t in thresholds), scales=tuple(float(v) for v in scales),
@@ -361,7 +361,7 @@ def check_onnx_copy(meta: BundleMetadata, props: dict[str, str], file: str) -> N
             raise SchemaError(f"{key!r} in metadata.json ({mine}) differs from the copy inside {file} ({theirs})")
 
 
-def _varint(fh: BinaryIO) -> Optional[int]:
+def _varint(fh: BinaryIO) -> int | None:
     shift = result = 0
     while True:
         byte = fh.read(1)

@@ -22,9 +22,11 @@ from .runtime.backends.trt_common import ENGINE_PRECISIONS, TARGETS
 
 TRAIN_MODULES = ("torch", "timm", "FrEIA", "yaml", "safetensors")
 allow_engine_host_code_option = click.option(  # run and serve
-    "--allow-engine-host-code", is_flag=True,
+    "--allow-engine-host-code",
+    is_flag=True,
     help="Load version-compatible TensorRT engines, which run host code embedded in the engine file (only engines you "
-         "trust).")
+    "trust).",
+)
 
 
 def require(extra: str, modules: tuple[str, ...], verb: str) -> None:
@@ -75,8 +77,9 @@ def parse_thresholds(items: tuple[str, ...]) -> dict[str, float] | None:
         except ValueError:
             number = math.nan
         if not sep or not name.strip() or not math.isfinite(number):
-            raise click.BadParameter(f"{item!r}: use NAME=VALUE with a finite number, e.g. --threshold bottle=1.25",
-                                     param_hint="--threshold")
+            raise click.BadParameter(
+                f"{item!r}: use NAME=VALUE with a finite number, e.g. --threshold bottle=1.25", param_hint="--threshold"
+            )
         out[name.strip()] = number
     return out or None
 
@@ -88,11 +91,19 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data", "roots", multiple=True, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Dataset root (MVTec AD, VisA, BTAD or MVTec3D layout); repeat for several roots.")
+@click.option(
+    "--data",
+    "roots",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset root (MVTec AD, VisA, BTAD or MVTec3D layout); repeat for several roots.",
+)
 @click.option("--classes", help="Comma-separated subset of classes (default: every class found).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to create.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML config.")
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML config."
+)
 @click.option("--epochs", type=click.IntRange(min=1), help="Override train.epochs.")
 @click.option("--mode", type=click.Choice(tuple(HEAD_MODES)), help="Override head.mode (ablation).")
 @click.option("--seed", type=int, help="Override train.seed.")
@@ -128,7 +139,9 @@ def train(roots, classes, out, config_path, epochs, mode, seed, resume):
 
 @main.command(name="eval")
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", "roots", multiple=True, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--data", "roots", multiple=True, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
 @click.option("--classes", help="Comma-separated subset of classes.")
 @click.option("--pictures", is_flag=True, help="Also write heatmap overlays and histograms (PNG).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default RUN/eval).")
@@ -147,12 +160,16 @@ def eval_cmd(run, roots, classes, pictures, out):
         raise click.ClickException(str(exc)) from exc
     click.echo(metrics_table(result))
     folder = out or run / "eval"
-    click.echo(f"written: {folder / 'metrics.json'}, {folder / 'metrics.md'}, {folder / 'operating_points'}/<class>.png")
+    click.echo(
+        f"written: {folder / 'metrics.json'}, {folder / 'metrics.md'}, {folder / 'operating_points'}/<class>.png"
+    )
 
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--quick", is_flag=True, help="Smoke test: 1 epoch, a subset of the images, a smaller model (under a minute).")
+@click.option(
+    "--quick", is_flag=True, help="Smoke test: 1 epoch, a subset of the images, a smaller model (under a minute)."
+)
 @click.option("--epochs", type=click.IntRange(min=1), help="Training epochs (default 3; 1 with --quick).")
 def demo(out, quick, epochs):
     """The whole product on real solar-cell images (PyPI elpv-dataset): train, eval, export, engine, run."""
@@ -181,11 +198,20 @@ def info():
 @main.command(name="export")
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle folder to write.")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16"]),
-              help="Graphs to export (default both: FP32 and the mixed FP16 graph).")
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    type=click.Choice(["fp32", "fp16"]),
+    help="Graphs to export (default both: FP32 and the mixed FP16 graph).",
+)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
-@click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path),
-              help="Also write a Triton model repository of the bundle here (see `hgad-edge triton-repo`).")
+@click.option(
+    "--triton",
+    "triton_repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write a Triton model repository of the bundle here (see `hgad-edge triton-repo`).",
+)
 def export_cmd(run, out, precisions, no_simplify, triton_repo):
     """Fused ONNX graphs (FP32 and mixed FP16) + metadata: the bundle the runtime and `build` use."""
     require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "export")
@@ -226,18 +252,34 @@ def _write_triton_repo(bundle: Path, repo: Path, **options) -> None:
 @main.command(name="triton-repo")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("repo", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="max_batch_size of the ONNX models (TensorRT models take their engine's profile).")
-@click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
-              help="How long the dynamic batcher may hold a request to fill a batch.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="max_batch_size of the ONNX models (TensorRT models take their engine's profile).",
+)
+@click.option(
+    "--queue-delay-us",
+    type=click.IntRange(min=0),
+    default=2000,
+    show_default=True,
+    help="How long the dynamic batcher may hold a request to fill a batch.",
+)
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances per GPU.")
-@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
-              help="Instance kind of the ONNX models.")
+@click.option(
+    "--kind",
+    type=click.Choice(["gpu", "cpu"]),
+    default="gpu",
+    show_default=True,
+    help="Instance kind of the ONNX models.",
+)
 @click.option("--prefix", default="hgad", show_default=True, help="Model names: PREFIX_onnx_fp32, PREFIX_trt_fp16, ...")
 def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix):
     """Write a Triton Inference Server model repository (ONNX Runtime + TensorRT models) from a bundle."""
-    _write_triton_repo(bundle, repo, max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, kind=kind,
-                       prefix=prefix)
+    _write_triton_repo(
+        bundle, repo, max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, kind=kind, prefix=prefix
+    )
 
 
 @main.command()
@@ -245,25 +287,57 @@ def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
-@click.option("--host", default="0.0.0.0", show_default=True,
-              help="Address to listen on (127.0.0.1: this machine only).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Largest batch the dynamic batcher forms.")
+@click.option(
+    "--host", default="0.0.0.0", show_default=True, help="Address to listen on (127.0.0.1: this machine only)."
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Largest batch the dynamic batcher forms.",
+)
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True)
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Model instances (runtimes) in the server.")
+@click.option(
+    "--instances",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Model instances (runtimes) in the server.",
+)
 @click.option("--backend", type=click.Choice(LOCAL_BACKENDS), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(RUNTIME_PRECISIONS), default="auto", show_default=True)
 @allow_engine_host_code_option
-def serve(bundle, grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend, precision,
-          allow_engine_host_code):
+def serve(
+    bundle,
+    grpc_port,
+    http_port,
+    metrics_port,
+    host,
+    max_batch,
+    queue_delay_us,
+    instances,
+    backend,
+    precision,
+    allow_engine_host_code,
+):
     """Serve a bundle with an embedded Triton Inference Server (PyTriton) for many camera stations."""
     require("serve", ("pytriton", "tritonclient.grpc"), "serve")
     from .runtime.errors import HgadRuntimeError
     from .serve import ServeError, ServeOptions, serve_forever
 
-    options = ServeOptions(grpc_port, http_port, metrics_port, host, max_batch, queue_delay_us, instances, backend,
-                           precision, allow_engine_host_code=allow_engine_host_code)
+    options = ServeOptions(
+        grpc_port,
+        http_port,
+        metrics_port,
+        host,
+        max_batch,
+        queue_delay_us,
+        instances,
+        backend,
+        precision,
+        allow_engine_host_code=allow_engine_host_code,
+    )
     try:
         serve_forever(bundle, options, announce=lambda line: click.echo(line))
     except (ServeError, HgadRuntimeError) as exc:
@@ -272,15 +346,33 @@ def serve(bundle, grpc_port, http_port, metrics_port, host, max_batch, queue_del
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--target", type=click.Choice(list(TARGETS)), default="tensorrt", show_default=True,
-              help="; ".join(f"{t.name}: {t.label} for {t.hardware}" for t in TARGETS.values()) + ".")
-@click.option("--precision", type=click.Choice(list(ENGINE_PRECISIONS)),
-              default="fp16", show_default=True, help="int8: --target tensorrt (TensorRT 10) only.")
-@click.option("--compute-capability", "capabilities", help="--target rtx only: GPUs the engine is for, e.g. 8.6,8.9 "
-              "(default: TensorRT-RTX's portable set, Ampere and later).")
+@click.option(
+    "--target",
+    type=click.Choice(list(TARGETS)),
+    default="tensorrt",
+    show_default=True,
+    help="; ".join(f"{t.name}: {t.label} for {t.hardware}" for t in TARGETS.values()) + ".",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(list(ENGINE_PRECISIONS)),
+    default="fp16",
+    show_default=True,
+    help="int8: --target tensorrt (TensorRT 10) only.",
+)
+@click.option(
+    "--compute-capability",
+    "capabilities",
+    help="--target rtx only: GPUs the engine is for, e.g. 8.6,8.9 "
+    "(default: TensorRT-RTX's portable set, Ampere and later).",
+)
 @click.option("--batch", default="1:4:8", show_default=True, help="min:opt:max batch of the optimisation profile.")
 @click.option("--workspace-mb", type=click.IntRange(min=1), help="Builder workspace limit.")
-@click.option("--calib-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Normal images for INT8 calibration.")
+@click.option(
+    "--calib-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Normal images for INT8 calibration.",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
 def build(bundle, target, precision, capabilities, batch, workspace_mb, calib_dir, force):
     """Build a TensorRT engine from an exported bundle: on this GPU, or ahead of time for RTX GPUs (--target rtx)."""
@@ -296,19 +388,26 @@ def build(bundle, target, precision, capabilities, batch, workspace_mb, calib_di
         raise click.BadParameter("INT8 needs --calib-dir with normal images", param_hint="--calib-dir")
     gpus = [c.strip() for c in capabilities.split(",") if c.strip()] if capabilities else None
     try:
-        engine = build_engines(bundle, precision, parts, workspace_mb, calib_dir, force=force, target=target,
-                               compute_capabilities=gpus)
+        engine = build_engines(
+            bundle, precision, parts, workspace_mb, calib_dir, force=force, target=target, compute_capabilities=gpus
+        )
     except BuildError as exc:
         raise click.ClickException(str(exc)) from exc
     entry = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))["engines"][engine.name]
-    click.echo(f"engine: {engine} ({entry.get('size_bytes', 0) / 2**20:.1f} MB, {TARGETS[target].label} "
-               f"{entry['trt_version']}, compute capability {', '.join(entry['compute_capabilities'])}, {precision})")
+    click.echo(
+        f"engine: {engine} ({entry.get('size_bytes', 0) / 2**20:.1f} MB, {TARGETS[target].label} "
+        f"{entry['trt_version']}, compute capability {', '.join(entry['compute_capabilities'])}, {precision})"
+    )
 
 
 @main.command(name="check-trt")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--table", "table_only", is_flag=True,
-              help="Use the hand-kept operator table even if a TensorRT parser is installed.")
+@click.option(
+    "--table",
+    "table_only",
+    is_flag=True,
+    help="Use the hand-kept operator table even if a TensorRT parser is installed.",
+)
 def check_trt(onnx_file, table_only):
     """Check (CPU) that every node of ONNX_FILE imports into TensorRT: with a real TensorRT / TensorRT-RTX
     parser where one is installed, else with onnx-tensorrt's operator table."""
@@ -335,24 +434,61 @@ def _bundle_or_server(ctx, param, value: str):
 @click.argument("source", required=False)
 @click.option("--camera", type=str, help="Camera index or device (same as SOURCE): 0, csi://0, v4l2:///dev/video0.")
 @click.option("--class", "class_name", default="auto", show_default=True, help="Product class name, or auto.")
-@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="auto", show_default=True,
-              help="triton: BUNDLE is a server URL, grpc://host:8001[/model] (auto picks it for such URLs).")
-@click.option("--precision", type=click.Choice(RUNTIME_PRECISIONS), default="auto", show_default=True,
-              help="Engine/graph precision; int8 needs a TensorRT engine built with --calib-dir.")
+@click.option(
+    "--backend",
+    type=click.Choice(RUNTIME_BACKENDS),
+    default="auto",
+    show_default=True,
+    help="triton: BUNDLE is a server URL, grpc://host:8001[/model] (auto picks it for such URLs).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(RUNTIME_PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="Engine/graph precision; int8 needs a TensorRT engine built with --calib-dir.",
+)
 @click.option("--headless", is_flag=True, help="No window; print JSON lines / summary only.")
-@click.option("--output", "output_jsonl", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write one JSON line per frame (appended to an existing file; - for stdout).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing --output file (at the end of the run) instead of appending.")
-@click.option("--save-anomalies", type=click.Path(file_okay=False, path_type=Path),
-              help="Save overlay + frame of every FAIL (file names carry this run's id).")
+@click.option(
+    "--output",
+    "output_jsonl",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write one JSON line per frame (appended to an existing file; - for stdout).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run) instead of appending."
+)
+@click.option(
+    "--save-anomalies",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Save overlay + frame of every FAIL (file names carry this run's id).",
+)
 @click.option("--max-frames", type=click.IntRange(min=1))
 @click.option("--reconnect-attempts", type=click.IntRange(min=0), default=5, show_default=True)
 @allow_engine_host_code_option
-@click.option("--threshold", "threshold_overrides", multiple=True, metavar="NAME=VALUE",
-              help="Score threshold for class NAME for this run only (the bundle is not changed); repeatable.")
-def run(bundle, source, camera, class_name, backend, precision, headless, output_jsonl, overwrite, save_anomalies,
-        max_frames, reconnect_attempts, allow_engine_host_code, threshold_overrides):
+@click.option(
+    "--threshold",
+    "threshold_overrides",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Score threshold for class NAME for this run only (the bundle is not changed); repeatable.",
+)
+def run(
+    bundle,
+    source,
+    camera,
+    class_name,
+    backend,
+    precision,
+    headless,
+    output_jsonl,
+    overwrite,
+    save_anomalies,
+    max_frames,
+    reconnect_attempts,
+    allow_engine_host_code,
+    threshold_overrides,
+):
     """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle or an
     inference server's grpc:// URL (no torch needed).
 
@@ -364,10 +500,21 @@ def run(bundle, source, camera, class_name, backend, precision, headless, output
     if (source is None) == (camera is None):
         raise click.UsageError("give exactly one of SOURCE or --camera")
     try:
-        summary = run_app(bundle, source if source is not None else camera, class_name, backend, headless, output_jsonl,
-                          save_anomalies, max_frames, reconnect_attempts, precision=precision, overwrite=overwrite,
-                          allow_engine_host_code=allow_engine_host_code,
-                          thresholds=parse_thresholds(threshold_overrides))
+        summary = run_app(
+            bundle,
+            source if source is not None else camera,
+            class_name,
+            backend,
+            headless,
+            output_jsonl,
+            save_anomalies,
+            max_frames,
+            reconnect_attempts,
+            precision=precision,
+            overwrite=overwrite,
+            allow_engine_host_code=allow_engine_host_code,
+            thresholds=parse_thresholds(threshold_overrides),
+        )
     except (HgadRuntimeError, SourceError, AppError) as exc:
         raise click.ClickException(str(exc)) from exc
     problems = run_problems(summary)
@@ -386,7 +533,9 @@ def policy_options(command):
         else:
             lo, hi = policy.param_range
             kind = click.FloatRange(lo, hi, min_open=True, max_open=True)
-            command = click.option(f"--{name}", dest, type=kind, metavar=name.split("-")[-1][0].upper(), help=policy.help)(command)
+            command = click.option(
+                f"--{name}", dest, type=kind, metavar=name.split("-")[-1][0].upper(), help=policy.help
+            )(command)
     return command
 
 
@@ -407,14 +556,25 @@ def chosen_policy(options: dict) -> tuple[str, float | None]:
 @main.command(name="calibrate")
 @click.argument("target", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--normal", type=click.Path(path_type=Path), help="Folder of normal (good) images from the line.")
-@click.option("--defects", type=click.Path(path_type=Path), help="Folder of labelled defect images (target-recall, f1-max).")
+@click.option(
+    "--defects", type=click.Path(path_type=Path), help="Folder of labelled defect images (target-recall, f1-max)."
+)
 @click.option("--class", "class_name", help="Class the images show (needed when the model knows several).")
 @policy_options
-@click.option("--refit-statistics", is_flag=True, help="Run folders only (needs torch): also refit the per-position "
-              "normal statistics from the normal images (half of them; the other half sets the threshold).")
+@click.option(
+    "--refit-statistics",
+    is_flag=True,
+    help="Run folders only (needs torch): also refit the per-position "
+    "normal statistics from the normal images (half of them; the other half sets the threshold).",
+)
 @click.option("--undo", is_flag=True, help="Restore the thresholds from before the last calibration.")
-@click.option("--backend", type=click.Choice(RUNTIME_BACKENDS), default="auto", show_default=True,
-              help="Backend scoring a bundle's images (its own runtime).")
+@click.option(
+    "--backend",
+    type=click.Choice(RUNTIME_BACKENDS),
+    default="auto",
+    show_default=True,
+    help="Backend scoring a bundle's images (its own runtime).",
+)
 def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, backend, **options):
     """New PASS/FAIL threshold for one class of a bundle or run folder, from new normal images.
 
@@ -437,20 +597,26 @@ def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, b
             record = undo_target(target)
         except errors as exc:
             raise click.ClickException(str(exc)) from exc
-        click.echo(f"{target}: restored the thresholds from before the calibration of {record['date']} ({record['policy']})")
+        click.echo(
+            f"{target}: restored the thresholds from before the calibration of {record['date']} ({record['policy']})"
+        )
         return
     if normal is None:
         raise click.UsageError("give --normal DIR (a folder of normal images), or --undo")
     policy, param = chosen_policy(options)
     try:
-        result = calibrate_target(target, normal, policy, param, defects, class_name, backend, refit_statistics=refit_statistics)
+        result = calibrate_target(
+            target, normal, policy, param, defects, class_name, backend, refit_statistics=refit_statistics
+        )
     except errors as exc:
         raise click.ClickException(str(exc)) from exc
     exp = result.record["expected"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in (("FPR", exp["fpr"]), ("recall", exp["recall"])) if v is not None)
-    click.echo(f"{target} class {result.class_name}: threshold {result.previous_threshold:.6g} -> {result.threshold:.6g} "
-               f"({policy}{'' if param is None else ' ' + str(param)}, {result.record['images']['count']} normal images; "
-               f"expected {shown}); undo with: hgad-edge calibrate {target} --undo")
+    click.echo(
+        f"{target} class {result.class_name}: threshold {result.previous_threshold:.6g} -> {result.threshold:.6g} "
+        f"({policy}{'' if param is None else ' ' + str(param)}, {result.record['images']['count']} normal images; "
+        f"expected {shown}); undo with: hgad-edge calibrate {target} --undo"
+    )
     if kind == "run":
         click.echo(f"re-export to deploy it: hgad-edge export {target} --out BUNDLE")
 
@@ -472,29 +638,63 @@ def _csv(kind: type, allowed: tuple[str, ...] | None = None):
 
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", "roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Real data root for accuracy per backend (optional, repeatable).")
+@click.option(
+    "--data",
+    "roots",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Real data root for accuracy per backend (optional, repeatable).",
+)
 @click.option("--classes", help="Comma-separated classes of --data to score (default: every class of the model).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"), show_default=True,
-              help="Reports go to OUT/<machine name>/.")
-@click.option("--backends", default=",".join(BENCH_DEFAULT_BACKENDS), show_default=True, callback=_csv(str, BENCH_BACKENDS),
-              help=f"Comma-separated subset of {','.join(BENCH_BACKENDS)}.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("benchmarks/results"),
+    show_default=True,
+    help="Reports go to OUT/<machine name>/.",
+)
+@click.option(
+    "--backends",
+    default=",".join(BENCH_DEFAULT_BACKENDS),
+    show_default=True,
+    callback=_csv(str, BENCH_BACKENDS),
+    help=f"Comma-separated subset of {','.join(BENCH_BACKENDS)}.",
+)
 @click.option("--precisions", default="fp32,fp16", show_default=True, callback=_csv(str, BENCH_PRECISIONS))
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=_csv(int))
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed calls per case.")
 @click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True, help="Timed calls per case.")
 @click.option("--max-images", type=click.IntRange(min=1), help="Cap test images per class for accuracy.")
 @click.option("--no-official", is_flag=True, help="Skip timing the paper's configuration (B6 at 1024, random weights).")
-@click.option("--budget-s", type=click.FloatRange(min=0), help="Wall-clock cap; stages past it are recorded as skipped.")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Reuse an exported bundle.")
-def bench(run, roots, classes, out, backends, precisions, batches, warmup, iters, max_images, no_official, budget_s, bundle):
+@click.option(
+    "--budget-s", type=click.FloatRange(min=0), help="Wall-clock cap; stages past it are recorded as skipped."
+)
+@click.option(
+    "--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Reuse an exported bundle."
+)
+def bench(
+    run, roots, classes, out, backends, precisions, batches, warmup, iters, max_images, no_official, budget_s, bundle
+):
     """FLOPs, latency/throughput per backend and precision, accuracy and drift: report.md/json + plots."""
     require("train", (*TRAIN_MODULES, "onnx"), "bench")
     from .bench import BenchError, run_bench
 
     try:
-        folder = run_bench(run, out, roots, backends, precisions, batches, warmup=warmup, iters=iters, max_images=max_images,
-                           official=not no_official, budget_s=budget_s, bundle=bundle, classes=parse_classes(classes))
+        folder = run_bench(
+            run,
+            out,
+            roots,
+            backends,
+            precisions,
+            batches,
+            warmup=warmup,
+            iters=iters,
+            max_images=max_images,
+            official=not no_official,
+            budget_s=budget_s,
+            bundle=bundle,
+            classes=parse_classes(classes),
+        )
     except (*user_errors(), BenchError) as exc:
         raise click.ClickException(str(exc)) from exc
     report = json.loads((folder / "report.json").read_text(encoding="utf-8"))

@@ -147,8 +147,11 @@ def section_fields(cls: type) -> dict[str, tuple[Any, Limit | OneOf | None]]:
     """Leaf fields of a config section: name -> (type annotation, limit or None)."""
     hints = typing.get_type_hints(cls)
     limits = getattr(cls, "LIMITS", {})
-    return {f.name: (hints[f.name], limits.get(f.name)) for f in dataclasses.fields(cls)
-            if not dataclasses.is_dataclass(hints[f.name])}
+    return {
+        f.name: (hints[f.name], limits.get(f.name))
+        for f in dataclasses.fields(cls)
+        if not dataclasses.is_dataclass(hints[f.name])
+    }
 
 
 class HeadMode(NamedTuple):
@@ -196,8 +199,12 @@ class BackboneConfig:
     MERGES = ("levels", "fuse")
 
     # timm features_only models have 5 stages (0: stride 2 ... 4: stride 32)
-    LIMITS = {"stages": Limit(0, 4), "pyramid": Limit(0, 1, lo_open=True), "pool": Limit(1, odd=True),
-              "merge": OneOf(MERGES)}
+    LIMITS = {
+        "stages": Limit(0, 4),
+        "pyramid": Limit(0, 1, lo_open=True),
+        "pool": Limit(1, odd=True),
+        "merge": OneOf(MERGES),
+    }
 
 
 @dataclass
@@ -209,8 +216,12 @@ class FlowConfig:
     pos_dim: int = 256  # 2-D sin/cos positional encoding concatenated into every subnet input
     hidden_ratio: float = 2.0  # subnet hidden width = ratio * subnet input width
 
-    LIMITS = {"coupling_blocks": Limit(1), "clamp": Limit(0, lo_open=True), "hidden_ratio": Limit(0, lo_open=True),
-              "pos_dim": Limit(4, multiple_of=4)}  # sin/cos x 2 axes
+    LIMITS = {
+        "coupling_blocks": Limit(1),
+        "clamp": Limit(0, lo_open=True),
+        "hidden_ratio": Limit(0, lo_open=True),
+        "pos_dim": Limit(4, multiple_of=4),
+    }  # sin/cos x 2 axes
 
 
 @dataclass
@@ -242,9 +253,16 @@ class HeadConfig:
 
     MODES = tuple(HEAD_MODES)
     CENTER_INITS = ("data", "random")
-    LIMITS = {"mode": OneOf(MODES), "center_init": OneOf(CENTER_INITS), "intra_centers": Limit(1),
-              "lambda1": Limit(0), "lambda2": Limit(0), "label_smoothing": Limit(0, 1, hi_open=True),
-              "center_init_scale": Limit(0), "stage1_fraction": Limit(0, 1)}
+    LIMITS = {
+        "mode": OneOf(MODES),
+        "center_init": OneOf(CENTER_INITS),
+        "intra_centers": Limit(1),
+        "lambda1": Limit(0),
+        "lambda2": Limit(0),
+        "label_smoothing": Limit(0, 1, hi_open=True),
+        "center_init_scale": Limit(0),
+        "stage1_fraction": Limit(0, 1),
+    }
 
     @property
     def switches(self) -> HeadMode:
@@ -283,10 +301,19 @@ class TrainConfig:
     calib_max: int = 40
     position_images: int = 64  # training images per class for the per-position normal means
 
-    LIMITS = {"epochs": Limit(1), "batch_size": Limit(1), "vectors_per_image": Limit(1), "lr": Limit(0, lo_open=True),
-              "weight_decay": Limit(0), "warmup_epochs": Limit(0), "seed": Limit(0, 2**32 - 1),
-              "calib_fraction": Limit(0, 1, hi_open=True), "calib_min": Limit(1), "calib_max": Limit(1),
-              "position_images": Limit(1)}
+    LIMITS = {
+        "epochs": Limit(1),
+        "batch_size": Limit(1),
+        "vectors_per_image": Limit(1),
+        "lr": Limit(0, lo_open=True),
+        "weight_decay": Limit(0),
+        "warmup_epochs": Limit(0),
+        "seed": Limit(0, 2**32 - 1),
+        "calib_fraction": Limit(0, 1, hi_open=True),
+        "calib_min": Limit(1),
+        "calib_max": Limit(1),
+        "position_images": Limit(1),
+    }
 
 
 @dataclass
@@ -307,8 +334,14 @@ class ScoreConfig:
     threshold_quantile: float | None = None  # deprecated (runs before policies): 1.0 = "max", else "quantile"
     CRITERIA = ("loglik", "entropy", "product")
     # smooth_sigma 0: no smoothing; topk 0: the map's max
-    LIMITS = {"criterion": OneOf(CRITERIA), "smooth_sigma": Limit(0), "topk": Limit(0, 1), "threshold_quantile": Limit(0, 1),
-              "threshold_param": Limit(0, 1, lo_open=True), "level_weights": Limit(0, min_items=0)}
+    LIMITS = {
+        "criterion": OneOf(CRITERIA),
+        "smooth_sigma": Limit(0),
+        "topk": Limit(0, 1),
+        "threshold_quantile": Limit(0, 1),
+        "threshold_param": Limit(0, 1, lo_open=True),
+        "level_weights": Limit(0, min_items=0),
+    }
 
     def policy(self) -> tuple[str, float | None]:
         """(policy name, parameter), reading the deprecated threshold_quantile of older runs."""
@@ -331,8 +364,14 @@ class HGADConfig:
 
     def sections(self) -> dict[str, Any]:
         """Dotted key prefix -> section object (the root is "")."""
-        return {"": self, **{f"{f.name}.": getattr(self, f.name) for f in dataclasses.fields(self)
-                             if dataclasses.is_dataclass(getattr(self, f.name))}}
+        return {
+            "": self,
+            **{
+                f"{f.name}.": getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if dataclasses.is_dataclass(getattr(self, f.name))
+            },
+        }
 
     def validate(self) -> HGADConfig:
         """Coerce every leaf to its field's type and check it against LIMITS, in place; then the
@@ -341,13 +380,18 @@ class HGADConfig:
             for name, (hint, limit) in section_fields(type(section)).items():
                 setattr(section, name, coerce_field(prefix + name, hint, getattr(section, name), limit))
         if self.train.calib_max < self.train.calib_min:
-            msg = f"train.calib_max={self.train.calib_max} is below train.calib_min={self.train.calib_min}: raise calib_max"
+            msg = (
+                f"train.calib_max={self.train.calib_max} is below train.calib_min={self.train.calib_min}: "
+                "raise calib_max"
+            )
             raise ConfigError(msg)
         weights, bb = self.score.level_weights, self.backbone
         levels = len(bb.pyramid) * (1 if bb.merge == "fuse" else len(bb.stages))
         if weights and (len(weights) != levels or not any(weights)):
-            msg = (f"score.level_weights={list(weights)}: give {levels} non-negative weights, one per level "
-                   f"(backbone stages x pyramid scales), not all 0; or [] for equal weights")
+            msg = (
+                f"score.level_weights={list(weights)}: give {levels} non-negative weights, one per level "
+                f"(backbone stages x pyramid scales), not all 0; or [] for equal weights"
+            )
             raise ConfigError(msg)
         _check_threshold_policy(self.score)
         return self
@@ -406,7 +450,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping (section: {{key: value}}), got {type(data).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping (section: {{key: value}}), got {type(data).__name__}"
+            )
     for key, value in (overrides or {}).items():
         data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
     return HGADConfig.from_dict(data)

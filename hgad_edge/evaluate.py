@@ -21,7 +21,10 @@ METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 # Operating points (test set, empirical): recall at a rejection rate of good parts, and the reverse.
 RECALL_AT_FPR = (0.01, 0.05)
 FPR_AT_RECALL = (0.90, 0.95)
-OPERATING_KEYS = (*(f"recall_at_fpr_{round(100 * f)}" for f in RECALL_AT_FPR), *(f"fpr_at_recall_{round(100 * r)}" for r in FPR_AT_RECALL))
+OPERATING_KEYS = (
+    *(f"recall_at_fpr_{round(100 * f)}" for f in RECALL_AT_FPR),
+    *(f"fpr_at_recall_{round(100 * r)}" for r in FPR_AT_RECALL),
+)
 COUNT_KEYS = ("tp", "fp", "tn", "fn")
 
 
@@ -39,7 +42,9 @@ class ClassPredictions:
 
 
 @torch.no_grad()
-def predict_class(scorer, samples: Sequence[Sample], class_id: int, has_masks: bool, batch_size: int = 16) -> ClassPredictions:
+def predict_class(
+    scorer, samples: Sequence[Sample], class_id: int, has_masks: bool, batch_size: int = 16
+) -> ClassPredictions:
     size = scorer.model.cfg.input_size
     out: dict[str, list[np.ndarray]] = {}
     for images in iter_batches(list(samples), size, batch_size):
@@ -120,9 +125,17 @@ def tuning_half(samples: Sequence[Sample], seed: int = 0) -> np.ndarray:
 def subset(pred: ClassPredictions, keep: np.ndarray) -> ClassPredictions:
     """The predictions of the images where keep (n,) is True."""
     masks = pred.masks[keep] if pred.masks is not None else None
-    return ClassPredictions(pred.name, [s for s, k in zip(pred.samples, keep) if k], pred.labels[keep],
-                            pred.scores[keep], pred.normalized[keep], pred.auto_class[keep],
-                            pred.min_loglik[keep], pred.maps[keep], masks)
+    return ClassPredictions(
+        pred.name,
+        [s for s, k in zip(pred.samples, keep) if k],
+        pred.labels[keep],
+        pred.scores[keep],
+        pred.normalized[keep],
+        pred.auto_class[keep],
+        pred.min_loglik[keep],
+        pred.maps[keep],
+        masks,
+    )
 
 
 def mean_metrics(per_class: dict[str, dict]) -> dict:
@@ -144,7 +157,10 @@ def evaluate(scorer, dataset: ADDataset, out_dir: Path, pictures: bool = False, 
     names = scorer.model.class_names
     missing = [c for c in dataset.classes if c not in names]
     if missing:
-        msg = f"the data has class(es) {', '.join(missing)} the model was not trained on (model classes: {', '.join(names)})"
+        msg = (
+            f"the data has class(es) {', '.join(missing)} the model was not trained on "
+            f"(model classes: {', '.join(names)})"
+        )
         raise DataError(msg)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_class: dict[str, dict] = {}
@@ -168,8 +184,13 @@ def write_operating_point(pred: ClassPredictions, threshold: float, out: Path) -
     from .viz import operating_point_plot
 
     normal, anomalous = pred.labels == 0, pred.labels == 1
-    operating_point_plot(out / f"{pred.name}.png", pred.scores[normal], pred.scores[anomalous], threshold,
-                         title=f"{pred.name}: test scores and the saved threshold")
+    operating_point_plot(
+        out / f"{pred.name}.png",
+        pred.scores[normal],
+        pred.scores[anomalous],
+        threshold,
+        title=f"{pred.name}: test scores and the saved threshold",
+    )
 
 
 def _fmt(v) -> str:
@@ -179,23 +200,35 @@ def _fmt(v) -> str:
 def metrics_table(result: dict) -> str:
     """Markdown table, percentages; 'n/a' where a class has no pixel masks. Then the operating points:
     at the saved threshold (FPR, recall, counts) and what other thresholds would give on the test set."""
-    head = "| class | level | n_test | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | auto-class acc | FPR@thr | TPR@thr |"
+    head = (
+        "| class | level | n_test | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | auto-class acc "
+        "| FPR@thr | TPR@thr |"
+    )
     lines = [head, "|" + "---|" * 10]
     rows = list(result["classes"].items()) + [("**mean**", result["mean"])]
     for name, m in rows:
         cells = [name, m.get("level", ""), str(m["n_test"])]
         cells += [_fmt(m.get(k)) for k in (*METRIC_KEYS, "auto_class_accuracy", "threshold_fpr", "threshold_tpr")]
         lines.append("| " + " | ".join(cells) + " |")
-    ops = [f"recall@FPR {round(100 * f)}%" for f in RECALL_AT_FPR] + [f"FPR@recall {round(100 * r)}%" for r in FPR_AT_RECALL]
+    ops = [f"recall@FPR {round(100 * f)}%" for f in RECALL_AT_FPR] + [
+        f"FPR@recall {round(100 * r)}%" for r in FPR_AT_RECALL
+    ]
     lines += ["", "| class | threshold | TP | FP | TN | FN | " + " | ".join(ops) + " |", "|" + "---|" * (6 + len(ops))]
     for name, m in rows:
         thr = f"{m['threshold']:.4g}" if m.get("threshold") is not None else ""
-        cells = [name, thr, *("" if m.get(k) is None else str(m[k]) for k in COUNT_KEYS), *(_fmt(m.get(k)) for k in OPERATING_KEYS)]
+        cells = [
+            name,
+            thr,
+            *("" if m.get(k) is None else str(m[k]) for k in COUNT_KEYS),
+            *(_fmt(m.get(k)) for k in OPERATING_KEYS),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_pictures(pred: ClassPredictions, threshold: float, size: tuple[int, int], out: Path, per_kind: int = 6) -> None:
+def write_pictures(
+    pred: ClassPredictions, threshold: float, size: tuple[int, int], out: Path, per_kind: int = 6
+) -> None:
     """Heatmap overlays of the most/least anomalous test images and histograms (paper Fig. 2b)."""
     from .overlay import heatmap_overlay
     from .viz import loglik_histogram, save_overlay_grid, score_histogram
@@ -212,11 +245,22 @@ def write_pictures(pred: ClassPredictions, threshold: float, size: tuple[int, in
         mask = pred.masks[i] if pred.masks is not None else None
         verdict = "FAIL" if pred.scores[i] >= threshold else "PASS"
         label = f"{verdict} {pred.scores[i]:.3f}"
-        items.append((f"{s.defect}/{s.path.name}", heatmap_overlay(image, pred.maps[i], vmin, vmax, mask=mask, label=label)))
+        items.append(
+            (f"{s.defect}/{s.path.name}", heatmap_overlay(image, pred.maps[i], vmin, vmax, mask=mask, label=label))
+        )
     save_overlay_grid(out / f"{pred.name}_overlays.png", items, cols=4)
     normal_mask, anom_mask = pred.labels == 0, pred.labels == 1
     loglik = pred.min_loglik.mean(1)
-    loglik_histogram(out / f"{pred.name}_loglik_hist.png", loglik[normal_mask], loglik[anom_mask],
-                     title=f"{pred.name}: lowest log-likelihood per image (mean over levels)")
-    score_histogram(out / f"{pred.name}_score_hist.png", pred.scores[normal_mask], pred.scores[anom_mask],
-                    threshold, title=f"{pred.name}: image scores, calibrated threshold")
+    loglik_histogram(
+        out / f"{pred.name}_loglik_hist.png",
+        loglik[normal_mask],
+        loglik[anom_mask],
+        title=f"{pred.name}: lowest log-likelihood per image (mean over levels)",
+    )
+    score_histogram(
+        out / f"{pred.name}_score_hist.png",
+        pred.scores[normal_mask],
+        pred.scores[anom_mask],
+        threshold,
+        title=f"{pred.name}: image scores, calibrated threshold",
+    )

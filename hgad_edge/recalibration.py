@@ -11,7 +11,8 @@ and swapped whole): a failed or killed calibration leaves the old thresholds in 
 new metadata goes through the bundle schema (`BundleMetadata.with_calibration` / `to_json`) and is
 checked against each ONNX file's copy before it is written, so calibrate never writes a bundle the
 runtime would refuse. Each write records the policy, the images (count, folder, sha256), the date,
-the expected FPR / recall and the previous thresholds, so `--undo` restores them. Bad input fails before anything is written.
+the expected FPR / recall and the previous thresholds, so `--undo` restores them. Bad input fails
+before anything is written.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ class ImageSet:
     images: list[np.ndarray]  # HxWx3 uint8 RGB (grey and RGBA converted as in training)
 
     def record(self) -> dict[str, Any]:
-        return {"count": len(self.paths), "folder": str(self.folder.resolve()),
-                "sha256": [sha256_file(p) for p in self.paths]}
+        return {
+            "count": len(self.paths),
+            "folder": str(self.folder.resolve()),
+            "sha256": [sha256_file(p) for p in self.paths],
+        }
 
 
 def image_paths(folder: Path | str, what: str) -> list[Path]:
@@ -60,7 +64,9 @@ def image_paths(folder: Path | str, what: str) -> list[Path]:
     try:
         entries = sorted(p for p in folder.iterdir() if not p.name.startswith((".", "__")))
     except OSError as err:
-        raise CalibrationError(f"cannot list {what} folder {folder}: {err.strerror or err}; check its permissions") from err
+        raise CalibrationError(
+            f"cannot list {what} folder {folder}: {err.strerror or err}; check its permissions"
+        ) from err
     paths = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if not paths:
         sub = [p.name for p in entries if p.is_dir()]
@@ -90,9 +96,11 @@ def check_same_size(*sets: ImageSet) -> None:
     if len(sizes) > 1:
         common = max(sizes, key=lambda k: len(sizes[k]))
         odd = [(f"{p.name} ({k[1]}x{k[0]})") for k, ps in sizes.items() if k != common for p in ps]
-        msg = (f"calibration images differ in size: most are {common[1]}x{common[0]}, but {', '.join(odd[:5])}"
-               f"{' ...' if len(odd) > 5 else ''}; use images from the deployed camera setup only (crop/resize them "
-               "to one size, or calibrate each setup separately)")
+        msg = (
+            f"calibration images differ in size: most are {common[1]}x{common[0]}, but {', '.join(odd[:5])}"
+            f"{' ...' if len(odd) > 5 else ''}; use images from the deployed camera setup only (crop/resize them "
+            "to one size, or calibrate each setup separately)"
+        )
         raise CalibrationError(msg)
 
 
@@ -167,8 +175,10 @@ def target_kind(folder: Path | str) -> str:
         return "bundle"
     if is_run(folder):
         return "run"
-    msg = (f"{folder} is neither a bundle (metadata.json, from `hgad-edge export`) nor a run folder "
-           "(meta.json + model.safetensors, from `hgad-edge train`); pass one of those")
+    msg = (
+        f"{folder} is neither a bundle (metadata.json, from `hgad-edge export`) nor a run folder "
+        "(meta.json + model.safetensors, from `hgad-edge train`); pass one of those"
+    )
     raise CalibrationError(msg)
 
 
@@ -176,9 +186,13 @@ def _class_index(classes: Sequence[str], name: str | None) -> int:
     if name is None:
         if len(classes) == 1:
             return 0
-        raise CalibrationError(f"this model knows several classes ({', '.join(classes)}): name the one the images show with --class NAME")
+        raise CalibrationError(
+            f"this model knows several classes ({', '.join(classes)}): name the one the images show with --class NAME"
+        )
     if name not in classes:
-        raise CalibrationError(f"class {name!r} is not one the model knows ({', '.join(classes)}); pass --class with one of those")
+        raise CalibrationError(
+            f"class {name!r} is not one the model knows ({', '.join(classes)}); pass --class with one of those"
+        )
     return list(classes).index(name)
 
 
@@ -234,8 +248,10 @@ def calibrate_target(
     if POLICIES[policy].needs_defects and defects is None:
         raise CalibrationError(f"policy {policy} needs labelled defect images: pass --defects DIR")
     if refit_statistics and kind != "run":
-        raise CalibrationError("--refit-statistics needs a run folder (it changes the model, so re-export afterwards); "
-                               "a bundle can only get new thresholds")
+        raise CalibrationError(
+            "--refit-statistics needs a run folder (it changes the model, so re-export afterwards); "
+            "a bundle can only get new thresholds"
+        )
     normal_set = load_image_set(normal, "normal")
     defect_set = load_image_set(defects, "defect") if defects is not None else None
     check_same_size(normal_set, *([defect_set] if defect_set else []))
@@ -244,10 +260,22 @@ def calibrate_target(
         y = _class_index(scorer.classes, class_name)
         name = scorer.classes[y]
         if kind == "run":  # the run's thresholds, read before a refit changes them
-            current = (scorer.meta, scorer.scorer.threshold.tolist(), scorer.scorer.scale.tolist(), scorer.meta.get(RUN_RECORD_KEY))
+            current = (
+                scorer.meta,
+                scorer.scorer.threshold.tolist(),
+                scorer.scorer.scale.tolist(),
+                scorer.meta.get(RUN_RECORD_KEY),
+            )
         normal_images = normal_set.images
         if refit_statistics:
-            _check_counts(policy, param, len(normal_images[1::2]), defect_set, name, " (half of them: the other half refits the statistics)")
+            _check_counts(
+                policy,
+                param,
+                len(normal_images[1::2]),
+                defect_set,
+                name,
+                " (half of them: the other half refits the statistics)",
+            )
             previous_state = _statistics(scorer.scorer)
             scorer.refit_statistics(normal_images, y)
             normal_images = normal_images[1::2]
@@ -260,9 +288,13 @@ def calibrate_target(
             current = (meta, list(meta.thresholds), list(meta.scales), meta.calibration)
         meta, thresholds, scales, previous = current
         record = {
-            "policy": policy, "params": {} if param is None else {policy: param}, "class": name,
-            "method": choice.method, "scored_with": scorer.description,
-            "images": normal_set.record(), "defect_images": defect_set.record() if defect_set else None,
+            "policy": policy,
+            "params": {} if param is None else {policy: param},
+            "class": name,
+            "method": choice.method,
+            "scored_with": scorer.description,
+            "images": normal_set.record(),
+            "defect_images": defect_set.record() if defect_set else None,
             "refit_statistics": refit_statistics,
             "date": date or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "expected": {"fpr": choice.expected_fpr, "recall": choice.expected_recall},
@@ -273,8 +305,14 @@ def calibrate_target(
         if kind == "bundle":
             write_bundle_metadata(target, meta.with_calibration(thresholds, scales, record))
         else:
-            _write_run(target, scorer, thresholds, scales, {**meta, RUN_RECORD_KEY: record},
-                       previous_state if refit_statistics else None)
+            _write_run(
+                target,
+                scorer,
+                thresholds,
+                scales,
+                {**meta, RUN_RECORD_KEY: record},
+                previous_state if refit_statistics else None,
+            )
     finally:
         scorer.close()
     return CalibrationResult(target, kind, name, old_threshold, choice.threshold, record)
@@ -284,9 +322,15 @@ def _check_counts(policy, param, n_normal, defect_set, name, detail) -> None:
     """Fail before refitting (which is slow) if the policy cannot use that many images."""
     need = POLICIES[policy].min_normal(param)
     if n_normal < need:
-        raise PolicyError(f"policy {policy} needs at least {need} normal images for class {name}{detail}, got {n_normal}: add normal images")
+        raise PolicyError(
+            f"policy {policy} needs at least {need} normal images for class {name}{detail}, "
+            f"got {n_normal}: add normal images"
+        )
     if defect_set is not None and len(defect_set.images) < POLICIES[policy].min_defects(param):
-        raise PolicyError(f"policy {policy} needs at least {POLICIES[policy].min_defects(param)} defect images, got {len(defect_set.images)}")
+        raise PolicyError(
+            f"policy {policy} needs at least {POLICIES[policy].min_defects(param)} defect images, "
+            f"got {len(defect_set.images)}"
+        )
 
 
 def undo_target(target: Path | str) -> dict[str, Any]:
@@ -311,7 +355,9 @@ def undo_target(target: Path | str) -> dict[str, Any]:
         meta[RUN_RECORD_KEY] = prev["calibration"]
     if record.get("refit_statistics"):
         _load_statistics(scorer.scorer, target / STATISTICS_BACKUP)
-    _write_run(target, scorer, prev["thresholds"], prev["scales"], meta, None, drop_backup=bool(record.get("refit_statistics")))
+    _write_run(
+        target, scorer, prev["thresholds"], prev["scales"], meta, None, drop_backup=bool(record.get("refit_statistics"))
+    )
     return record
 
 
@@ -319,30 +365,43 @@ def _previous(record: dict[str, Any], where: Path) -> dict[str, Any]:
     """The thresholds, scales and record a calibration replaced (what --undo restores)."""
     prev = record.get("previous")
     if not isinstance(prev, dict) or not all(k in prev for k in ("thresholds", "scales", "calibration")):
-        raise CalibrationError(f"the calibration record in {where} keeps no previous thresholds, so it cannot be "
-                               "undone; calibrate again with the policy you want")
+        raise CalibrationError(
+            f"the calibration record in {where} keeps no previous thresholds, so it cannot be "
+            "undone; calibrate again with the policy you want"
+        )
     return prev
 
 
 # ---- run folders -------------------------------------------------------------------------------
 def _statistics(scorer) -> dict[str, Any]:
     """The scorer's normal statistics (per-position means, spreads), as kept before a refit."""
-    return {k: v.detach().clone().contiguous() for k, v in scorer.state_dict().items() if k.startswith(("ref_", "tau_"))}
+    return {
+        k: v.detach().clone().contiguous() for k, v in scorer.state_dict().items() if k.startswith(("ref_", "tau_"))
+    }
 
 
 def _load_statistics(scorer, path: Path) -> None:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise CalibrationError(f"{path} is missing, so the statistics from before the refit cannot be restored; "
-                               "retrain, or refit again with --refit-statistics")
+        raise CalibrationError(
+            f"{path} is missing, so the statistics from before the refit cannot be restored; "
+            "retrain, or refit again with --refit-statistics"
+        )
     state = load_file(str(path))
     with_rest = {**scorer.state_dict(), **state}
     scorer.load_state_dict(with_rest)
 
 
-def _write_run(folder: Path, scorer: RunScorer, thresholds, scales, meta: dict[str, Any],
-               statistics_backup: dict[str, Any] | None, drop_backup: bool = False) -> None:
+def _write_run(
+    folder: Path,
+    scorer: RunScorer,
+    thresholds,
+    scales,
+    meta: dict[str, Any],
+    statistics_backup: dict[str, Any] | None,
+    drop_backup: bool = False,
+) -> None:
     """Stage the whole run folder (other files hard-linked, not copied) and swap it in one go."""
     import torch
     from safetensors.torch import save_file
@@ -352,7 +411,9 @@ def _write_run(folder: Path, scorer: RunScorer, thresholds, scales, meta: dict[s
     s = scorer.scorer
     s.threshold.copy_(torch.tensor(thresholds, dtype=s.threshold.dtype))
     s.scale.copy_(torch.tensor(scales, dtype=s.scale.dtype))
-    rewritten = {"config.yaml", "model.safetensors", "meta.json"} | ({STATISTICS_BACKUP} if drop_backup or statistics_backup else set())
+    rewritten = {"config.yaml", "model.safetensors", "meta.json"} | (
+        {STATISTICS_BACKUP} if drop_backup or statistics_backup else set()
+    )
     with atomic_dir(folder) as staging:
         for entry in folder.iterdir():
             if entry.name in rewritten:

@@ -7,8 +7,9 @@ model. Here each level's per-dimension log-likelihood and inter-class negative e
 standardised in the log domain with constants from NORMAL training images (`calibrate`):
 z = (mean_normal[position] - value) / rms_normal, per class, level and map position, then
 upsampled and averaged over levels. Criteria (paper Tab. 3c): "loglik" S_l, "entropy" S_e,
-"product" softplus(S_l) * 2 sigmoid(S_e): the paper's S_l * S_e with the entropy factor squashed, so a confident class posterior (entropy at
-its normal level, factor 1) keeps the likelihood evidence instead of zeroing it.
+"product" softplus(S_l) * 2 sigmoid(S_e): the paper's S_l * S_e with the entropy factor squashed, so a
+confident class posterior (entropy at its normal level, factor 1) keeps the likelihood evidence
+instead of zeroing it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from torch import nn
 from . import thresholds as decision
 from .config import ScoreConfig
 from .model import HGADModel
-
 
 # Floor of a calibration std: a constant map (e.g. zero entropy everywhere) must not divide by 0.
 TAU_MIN = 1e-3
@@ -133,7 +133,9 @@ class AnomalyScorer(nn.Module):
             ups = [
                 F.interpolate(
                     standardize(m, self.reference(name, k)[cls], tau[cls, k].view(-1, 1, 1))[:, None],
-                    size=size, mode="bilinear", align_corners=False,
+                    size=size,
+                    mode="bilinear",
+                    align_corners=False,
                 )[:, 0]
                 for k, m in enumerate(maps)
             ]
@@ -176,8 +178,13 @@ class AnomalyScorer(nn.Module):
         amap = self.anomaly_map(lls, nhs, class_id)
         score = image_score(amap, self.cfg.topk)
         min_loglik = torch.stack([ll.flatten(1).amin(1) for ll in lls], 1)
-        return {"anomaly_map": amap, "score": score, "score_normalized": self.normalize(score, class_id),
-                "auto_class": auto, "min_loglik": min_loglik}
+        return {
+            "anomaly_map": amap,
+            "score": score,
+            "score_normalized": self.normalize(score, class_id),
+            "auto_class": auto,
+            "min_loglik": min_loglik,
+        }
 
 
 # ---- calibration --------------------------------------------------------------------------------
@@ -225,7 +232,9 @@ def calibrate(
                 centred = torch.cat([(v[idx][k] - scorer.reference(name, k)[y]).flatten() for v in held_out]).double()
                 tau = centred.pow(2).mean().sqrt()  # RMS around the position means
                 getattr(scorer, f"tau_{name}")[y, k] = tau.clamp_min(TAU_MIN)
-        scores = torch.cat([image_score(scorer.anomaly_map(lls, nhs, cls), scorer.cfg.topk) for lls, nhs, cls in held_out])
+        scores = torch.cat(
+            [image_score(scorer.anomaly_map(lls, nhs, cls), scorer.cfg.topk) for lls, nhs, cls in held_out]
+        )
         s = scores.numpy().astype(np.float64)
         class_name = model.class_names[y]
         scorer.threshold[y] = decision.choose_threshold(policy, param, s, what=f"class {class_name}").threshold

@@ -110,23 +110,45 @@ def norm_ppf(p: float) -> float:
     Newton step); numpy has no erfinv and the base install carries no scipy."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"norm_ppf needs 0 < p < 1, got {p}")
-    a = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.383577518672690e02,
-         -3.066479806614716e01, 2.506628277459239e00)
-    b = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01,
-         -1.328068155288572e01)
-    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00,
-         4.374664141464968e00, 2.938163982698783e00)
+    a = (
+        -3.969683028665376e01,
+        2.209460984245205e02,
+        -2.759285104469687e02,
+        1.383577518672690e02,
+        -3.066479806614716e01,
+        2.506628277459239e00,
+    )
+    b = (
+        -5.447609879822406e01,
+        1.615858368580409e02,
+        -1.556989798598866e02,
+        6.680131188771972e01,
+        -1.328068155288572e01,
+    )
+    c = (
+        -7.784894002430293e-03,
+        -3.223964580411365e-01,
+        -2.400758277161838e00,
+        -2.549732539343734e00,
+        4.374664141464968e00,
+        2.938163982698783e00,
+    )
     d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
     lo = 0.02425
     if p < lo or p > 1 - lo:
         q = math.sqrt(-2 * math.log(p if p < lo else 1 - p))
-        x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
+        x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / (
+            (((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1
+        )
         x = x if p < lo else -x
     else:
         q = p - 0.5
         r = q * q
-        x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / (
-            ((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+        x = (
+            (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5])
+            * q
+            / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
+        )
     err = 0.5 * math.erfc(-x / math.sqrt(2)) - p  # one Newton step on the exact CDF
     return x - err * math.sqrt(2 * math.pi) * math.exp(x * x / 2)
 
@@ -170,7 +192,9 @@ class Policy:
     min_defects: Callable[[float | None], int] = field(default=lambda p: 0)
 
 
-def _expected(normal: np.ndarray, defects: np.ndarray, threshold: float, method: str, fpr: float | None = None) -> Choice:
+def _expected(
+    normal: np.ndarray, defects: np.ndarray, threshold: float, method: str, fpr: float | None = None
+) -> Choice:
     r = rates(normal, defects, threshold)
     return Choice(float(threshold), r["fpr"] if fpr is None else fpr, r["recall"], method)
 
@@ -180,7 +204,12 @@ def _max(normal, defects, _param) -> Choice:
 
 
 def _quantile(normal, defects, q) -> Choice:
-    return _expected(normal, defects, float(np.quantile(normal, q)), f"empirical {q} quantile of the normal scores (linear interpolation)")
+    return _expected(
+        normal,
+        defects,
+        float(np.quantile(normal, q)),
+        f"empirical {q} quantile of the normal scores (linear interpolation)",
+    )
 
 
 def _target_fpr(normal, defects, f) -> Choice:
@@ -215,13 +244,33 @@ POLICIES: dict[str, Policy] = {
     p.name: p
     for p in (
         Policy("max", False, _max, help="max of the normal scores (no normal calibration image fails)"),
-        Policy("quantile", False, _quantile, (0.0, 1.0), "empirical quantile Q of the normal scores",
-               min_normal=lambda q: 2),
-        Policy("target-fpr", False, _target_fpr, (0.0, 1.0),
-               "false-positive rate F from a Gaussian fit of the normal scores' upper tail", min_normal=images_for_fpr),
-        Policy("target-recall", True, _target_recall, (0.0, 1.0), "flag at least a fraction R of the defect images",
-               min_defects=_recall_images),
-        Policy("f1-max", True, _f1_max, help="threshold of maximum F1 on normal + defect images", min_defects=lambda p: 5),
+        Policy(
+            "quantile",
+            False,
+            _quantile,
+            (0.0, 1.0),
+            "empirical quantile Q of the normal scores",
+            min_normal=lambda q: 2,
+        ),
+        Policy(
+            "target-fpr",
+            False,
+            _target_fpr,
+            (0.0, 1.0),
+            "false-positive rate F from a Gaussian fit of the normal scores' upper tail",
+            min_normal=images_for_fpr,
+        ),
+        Policy(
+            "target-recall",
+            True,
+            _target_recall,
+            (0.0, 1.0),
+            "flag at least a fraction R of the defect images",
+            min_defects=_recall_images,
+        ),
+        Policy(
+            "f1-max", True, _f1_max, help="threshold of maximum F1 on normal + defect images", min_defects=lambda p: 5
+        ),
     )
 }
 
@@ -256,11 +305,16 @@ def choose_threshold(name: str, param: float | None, normal_scores, defect_score
         if name == "target-fpr" and normal.size >= MIN_TAIL_IMAGES:
             lowest = 1.0 / (TAIL_EXTRAPOLATION * normal.size)
             extra = f" ({normal.size} images support a target FPR down to {lowest:.4g})"
-        msg = f"policy {label} needs at least {need_n} normal images{where}, got {normal.size}{extra}: add normal images"
+        msg = (
+            f"policy {label} needs at least {need_n} normal images{where}, got {normal.size}{extra}: add normal images"
+        )
         raise PolicyError(msg + (" or raise the target FPR" if name == "target-fpr" else ""))
     if policy.needs_defects:
         need_d = policy.min_defects(param)
         if defects.size < need_d:
-            msg = f"policy {label} needs at least {need_d} labelled defect images{where}, got {defects.size}: add defect images (--defects DIR)"
+            msg = (
+                f"policy {label} needs at least {need_d} labelled defect images{where}, got {defects.size}: "
+                "add defect images (--defects DIR)"
+            )
             raise PolicyError(msg)
     return policy.choose(normal, defects, param)

@@ -53,7 +53,10 @@ def split_calibration(samples: Sequence[Sample], cfg: TrainConfig) -> tuple[list
         n = int(round(cfg.calib_fraction * len(items)))
         n = min(max(n, cfg.calib_min), cfg.calib_max, len(items) - 1)
         if n < 1:
-            msg = f"class {items[0].class_name} has {len(items)} normal training image(s); need at least 2 (one to calibrate)"
+            msg = (
+                f"class {items[0].class_name} has {len(items)} normal training image(s); "
+                "need at least 2 (one to calibrate)"
+            )
             raise TrainingError(msg)
         calib.extend(sorted(items[:n], key=lambda s: s.path))
         fit.extend(sorted(items[n:], key=lambda s: s.path))
@@ -69,9 +72,12 @@ def check_calibration_size(calib: Sequence[Sample], cfg: HGADConfig) -> None:
         counts[s.class_name] = counts.get(s.class_name, 0) + 1
     short = {c: n for c, n in counts.items() if n < need}
     if short:
-        msg = (f"threshold policy {name} {param if param is not None else ''} needs {need} held-out normal images per class, "
-               f"these classes get fewer: {short}; raise train.calib_min / calib_max / calib_fraction, add images, "
-               "or choose another score.threshold_policy (or calibrate later with `hgad-edge calibrate`)")
+        msg = (
+            f"threshold policy {name} {param if param is not None else ''} needs {need} "
+            "held-out normal images per class, "
+            f"these classes get fewer: {short}; raise train.calib_min / calib_max / calib_fraction, add images, "
+            "or choose another score.threshold_policy (or calibrate later with `hgad-edge calibrate`)"
+        )
         raise TrainingError(msg)
 
 
@@ -123,8 +129,14 @@ def init_centers(model: HGADModel, cache: FeatureCache, gen: torch.Generator, pe
 
 
 class Trainer:
-    def __init__(self, cfg: HGADConfig, dataset: ADDataset, out_dir: Path, resume: bool = False,
-                 cache: FeatureCache | None = None):
+    def __init__(
+        self,
+        cfg: HGADConfig,
+        dataset: ADDataset,
+        out_dir: Path,
+        resume: bool = False,
+        cache: FeatureCache | None = None,
+    ):
         self.cfg, self.dataset, self.out_dir = cfg, dataset, Path(out_dir)
         self.resume = resume
         self.cache = cache  # features of the fit split, reusable across runs that share backbone and seed
@@ -170,7 +182,9 @@ class Trainer:
             for y in range(len(self.dataset.classes))
         }
         positions = {
-            y: iter_batches([s for s in fit if s.class_id == y][: tcfg.position_images], cfg.input_size, tcfg.batch_size)
+            y: iter_batches(
+                [s for s in fit if s.class_id == y][: tcfg.position_images], cfg.input_size, tcfg.batch_size
+            )
             for y in range(len(self.dataset.classes))
         }
         calibration = calibrate(scorer, batches, positions)
@@ -211,7 +225,9 @@ class Trainer:
             idx = order[i : i + tcfg.batch_size]
             loss, terms = self._step_loss(model, cache, idx, gen, stage2)
             if not torch.isfinite(loss):
-                msg = f"loss became {loss.item()} at epoch {epoch + 1}: lower train.lr (now {tcfg.lr}) or check the data"
+                msg = (
+                    f"loss became {loss.item()} at epoch {epoch + 1}: lower train.lr (now {tcfg.lr}) or check the data"
+                )
                 raise TrainingError(msg)
             optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -239,6 +255,7 @@ class Trainer:
         return total, logged
 
 
-def train(cfg: HGADConfig, dataset: ADDataset, out_dir: Path | str, resume: bool = False,
-          cache: FeatureCache | None = None) -> AnomalyScorer:
+def train(
+    cfg: HGADConfig, dataset: ADDataset, out_dir: Path | str, resume: bool = False, cache: FeatureCache | None = None
+) -> AnomalyScorer:
     return Trainer(cfg, dataset, Path(out_dir), resume, cache).run()

@@ -8,14 +8,14 @@ headless and never switch the backend of an application that imports this module
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
 
 import cv2
 import numpy as np
 
 from .overlay import FONT, check_rgb, text_scale
 
-PathLike = Union[str, Path]
+PathLike = str | Path
+
 
 def _write_png(path: PathLike, image_rgb: np.ndarray) -> None:
     path = Path(path)
@@ -78,7 +78,7 @@ def _write_histograms(
     anomalous: np.ndarray,
     title: str,
     xlabel: str,
-    threshold: Optional[float] = None,
+    threshold: float | None = None,
 ) -> None:
     """Overlapping density histograms of normal (blue) and anomalous (red) values on shared bins."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -97,7 +97,9 @@ def _write_histograms(
     ax = fig.add_subplot()
     ax.hist(normal, bins=edges, density=True, alpha=0.5, color="tab:blue", label=f"normal (n={normal.size})")
     if anomalous.size:
-        ax.hist(anomalous, bins=edges, density=True, alpha=0.5, color="tab:red", label=f"anomalous (n={anomalous.size})")
+        ax.hist(
+            anomalous, bins=edges, density=True, alpha=0.5, color="tab:red", label=f"anomalous (n={anomalous.size})"
+        )
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold = {threshold:.4g}")
     ax.set_title(title)
@@ -126,7 +128,7 @@ def score_histogram(
     path: PathLike,
     normal_scores: np.ndarray,
     anomalous_scores: np.ndarray,
-    threshold: Optional[float],
+    threshold: float | None,
     title: str,
 ) -> None:
     """Image-score histograms with the PASS/FAIL threshold, to see which parts it misjudges."""
@@ -150,7 +152,10 @@ def operating_point_plot(
     normal, anomalous = _finite(normal_scores), _finite(anomalous_scores)
     if normal.size == 0 or anomalous.size == 0:
         raise ValueError("operating_point_plot needs finite normal and anomalous scores")
-    edges = np.histogram_bin_edges(np.concatenate((normal, anomalous, [threshold])), bins=int(np.clip(np.sqrt(normal.size + anomalous.size), 10, 60)))
+    edges = np.histogram_bin_edges(
+        np.concatenate((normal, anomalous, [threshold])),
+        bins=int(np.clip(np.sqrt(normal.size + anomalous.size), 10, 60)),
+    )
     fig = Figure(figsize=(10.0, 4.0), dpi=110)
     FigureCanvasAgg(fig)
     hist, roc = fig.subplots(1, 2)
@@ -163,8 +168,13 @@ def operating_point_plot(
     fpr, tpr, _ = roc_points(normal, anomalous)
     point = rates(normal, anomalous, threshold)
     roc.plot(np.r_[fpr, 1.0], np.r_[tpr, 1.0], color="tab:purple", drawstyle="steps-post", label="ROC")
-    roc.plot([point["fpr"]], [point["recall"]], "o", color="black",
-             label=f"threshold: FPR {100 * point['fpr']:.1f} %, recall {100 * point['recall']:.1f} %")
+    roc.plot(
+        [point["fpr"]],
+        [point["recall"]],
+        "o",
+        color="black",
+        label=f"threshold: FPR {100 * point['fpr']:.1f} %, recall {100 * point['recall']:.1f} %",
+    )
     roc.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
     roc.set_xlabel("false-positive rate (good parts rejected)")
     roc.set_ylabel("recall (defects caught)")

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -60,9 +60,11 @@ class Result:
     def __len__(self) -> int:
         return int(self.score.shape[0])
 
-    def copy(self) -> "Result":
+    def copy(self) -> Result:
         """An independent deep copy (results from `infer` already own their arrays)."""
-        arrays = {k: getattr(self, k).copy() for k in ("anomaly_map", "score", "score_normalized", "anomalous", "class_pred")}
+        arrays = {
+            k: getattr(self, k).copy() for k in ("anomaly_map", "score", "score_normalized", "anomalous", "class_pred")
+        }
         return replace(self, **arrays, class_names=list(self.class_names), latency_ms=dict(self.latency_ms))
 
 
@@ -84,7 +86,7 @@ _next_id = itertools.count(1)
 _thread_state = threading.local()
 
 
-def _fail(status: Status, message: str, handle: Optional[_Handle] = None) -> Status:
+def _fail(status: Status, message: str, handle: _Handle | None = None) -> Status:
     """Remember `message` as the last error of this thread (and of the handle, if any)."""
     _thread_state.last_error = message
     if handle is not None:
@@ -103,7 +105,7 @@ def _check_create_args(device: Any, max_batch: Any) -> None:
             raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def effective_thresholds(bundle: Bundle, overrides: Optional[dict[str, float]]) -> np.ndarray:
+def effective_thresholds(bundle: Bundle, overrides: dict[str, float] | None) -> np.ndarray:
     """The bundle's per-class thresholds with `overrides` ({class name: threshold}) applied."""
     values = np.array(bundle.thresholds, np.float64)
     if overrides is None:
@@ -129,8 +131,8 @@ def create(
     precision: str = "auto",
     max_batch: int = 8,
     allow_engine_host_code: bool = False,
-    thresholds: Optional[dict[str, float]] = None,
-) -> tuple[Status, Optional[int]]:
+    thresholds: dict[str, float] | None = None,
+) -> tuple[Status, int | None]:
     """Load a bundle on a backend ("auto", "tensorrt", "onnxruntime"), or connect to an inference
     server (bundle="grpc://host:8001[/model]", backend "triton" or "auto"); returns (status, handle).
 
@@ -164,20 +166,29 @@ def create(
     with _handles_lock:
         handle = next(_next_id)
         _handles[handle] = state
-    log.info("hgad-edge runtime: backend %s (%s), %s, max_batch %d, bundle %s", runner.name, runner.description, runner.precision, runner.max_batch, loaded.path)
+    log.info(
+        "hgad-edge runtime: backend %s (%s), %s, max_batch %d, bundle %s",
+        runner.name,
+        runner.description,
+        runner.precision,
+        runner.max_batch,
+        loaded.path,
+    )
     return Status.OK, handle
 
 
-def _lookup(handle: Any) -> Optional[_Handle]:
+def _lookup(handle: Any) -> _Handle | None:
     with _handles_lock:
         return _handles.get(handle) if isinstance(handle, int) else None
 
 
 def _invalid_handle(handle: Any) -> Status:
-    return _fail(Status.INVALID_HANDLE, f"handle {handle!r} is not valid (destroyed or never created); get one from create()")
+    return _fail(
+        Status.INVALID_HANDLE, f"handle {handle!r} is not valid (destroyed or never created); get one from create()"
+    )
 
 
-def infer(handle: int, frames: Any, class_id: Any = "auto") -> tuple[Status, Optional[Result]]:
+def infer(handle: int, frames: Any, class_id: Any = "auto") -> tuple[Status, Result | None]:
     """Score one HxWx3 uint8 RGB frame (any size) or a batch; class_id: int, name, "auto" or a list."""
     state = _lookup(handle)
     if state is None:
@@ -224,7 +235,7 @@ def destroy(handle: int) -> Status:
     return Status.OK
 
 
-def last_error(handle: Optional[int] = None) -> str:
+def last_error(handle: int | None = None) -> str:
     """Message of the last failed call on `handle`, or on this thread when handle is None."""
     if handle is not None:
         state = _lookup(handle)
@@ -233,7 +244,7 @@ def last_error(handle: Optional[int] = None) -> str:
     return getattr(_thread_state, "last_error", "")
 
 
-def info(handle: int) -> tuple[Status, Optional[dict[str, Any]]]:
+def info(handle: int) -> tuple[Status, dict[str, Any] | None]:
     """What a handle runs: backend, precision, classes, input size, thresholds, bundle path."""
     state = _lookup(handle)
     if state is None:

@@ -25,8 +25,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -63,7 +64,9 @@ def check_gui(window_name: str) -> None:
         )
         raise AppError(msg)
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise AppError("no display (DISPLAY is not set): pass --headless, or run on the device's desktop or over ssh -X")
+        raise AppError(
+            "no display (DISPLAY is not set): pass --headless, or run on the device's desktop or over ssh -X"
+        )
     try:
         cv2.namedWindow(window_name, cv2.WINDOW_NORMAL)
     except cv2.error as err:
@@ -78,7 +81,7 @@ def _writable_folder(path: Path) -> bool:
     return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
 
 
-def _check_outputs(output: Optional[str | Path], anomalies: Optional[str | Path]) -> None:
+def _check_outputs(output: str | Path | None, anomalies: str | Path | None) -> None:
     """Refuse unusable output paths before the model loads; nothing is created or opened here."""
     if output is not None and str(output) != "-":
         path = Path(output)
@@ -130,14 +133,16 @@ class _JsonLines:
                 self.tmp.unlink(missing_ok=True)
 
 
-def _prepare_dir(path: Optional[str | Path]) -> Optional[Path]:
+def _prepare_dir(path: str | Path | None) -> Path | None:
     if path is None:
         return None
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise AppError(f"cannot create {path} for anomalous frames: {err.strerror or err}; pick a writable folder") from err
+        raise AppError(
+            f"cannot create {path} for anomalous frames: {err.strerror or err}; pick a writable folder"
+        ) from err
     return path
 
 
@@ -158,7 +163,7 @@ class _SigtermAsInterrupt:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __enter__(self) -> "_SigtermAsInterrupt":
+    def __enter__(self) -> _SigtermAsInterrupt:
         self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
@@ -190,7 +195,9 @@ def _record(frame: Frame, result: Any) -> dict[str, Any]:
     }
 
 
-def _overlay(image: np.ndarray, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float], fps: Optional[float]) -> np.ndarray:
+def _overlay(
+    image: np.ndarray, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float], fps: float | None
+) -> np.ndarray:
     verdict = "FAIL" if record["anomalous"] else "PASS"
     label = f"{verdict} {record['score_normalized']:.2f} {record['class']}"
     if fps is not None:
@@ -258,8 +265,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['dropped_frames']} dropped, {summary['skipped_corrupt']} corrupt skipped, "
         f"{summary['reconnects']} reconnects, backend {summary['backend']}"
         + (f", {summary['save_failures']} anomalies NOT saved" if summary["save_failures"] else "")
-        + (f", server away {summary['server_outages']}x: {summary['lost_to_server']} frames lost, "
-           f"{summary['server_reconnects']} reconnects" if summary["server_outages"] else "")
+        + (
+            f", server away {summary['server_outages']}x: {summary['lost_to_server']} frames lost, "
+            f"{summary['server_reconnects']} reconnects"
+            if summary["server_outages"]
+            else ""
+        )
         + (" (interrupted)" if summary["interrupted"] else "")
     )
 
@@ -289,7 +300,7 @@ class _Counters:
         self.anomalies = 0
         self.save_failures = 0
         self.latency_ms = 0.0
-        self.fps: Optional[float] = None
+        self.fps: float | None = None
         self.started = time.perf_counter()
         self.last = self.started
         self.lost_to_server = 0  # live frames not scored because the inference server was away
@@ -317,7 +328,7 @@ class _Counters:
 
 
 def _summary(
-    counters: _Counters, source: FrameSource, backend: str, interrupted: bool, anomaly_dir: Optional[Path]
+    counters: _Counters, source: FrameSource, backend: str, interrupted: bool, anomaly_dir: Path | None
 ) -> dict[str, Any]:
     elapsed = time.perf_counter() - counters.started
     stats = source.stats
@@ -348,9 +359,9 @@ def run_app(
     class_name: str = "auto",
     backend: str = "auto",
     headless: bool = False,
-    output_jsonl: Optional[str | Path] = None,
-    save_anomalies: Optional[str | Path] = None,
-    max_frames: Optional[int] = None,
+    output_jsonl: str | Path | None = None,
+    save_anomalies: str | Path | None = None,
+    max_frames: int | None = None,
     reconnect_attempts: int = 5,
     *,
     overwrite: bool = False,
@@ -359,11 +370,11 @@ def run_app(
     device: int = 0,
     queue_size: int = 4,
     window_name: str = "hgad-edge",
-    capture_factory: Optional[Callable[..., Any]] = None,
+    capture_factory: Callable[..., Any] | None = None,
     print_summary: bool = True,
-    on_record: Optional[Callable[[dict[str, Any]], None]] = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
     allow_engine_host_code: bool = False,
-    thresholds: Optional[dict[str, float]] = None,
+    thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Score `source` until it ends, `max_frames`, q/Esc in the window, or Ctrl-C; return the summary.
 
@@ -379,8 +390,15 @@ def run_app(
     if not headless:
         check_gui(window_name)
     _check_outputs(output_jsonl, save_anomalies)
-    with Detector(bundle, backend=backend, device=device, precision=precision, max_batch=1,
-                  allow_engine_host_code=allow_engine_host_code, thresholds=thresholds) as detector:
+    with Detector(
+        bundle,
+        backend=backend,
+        device=device,
+        precision=precision,
+        max_batch=1,
+        allow_engine_host_code=allow_engine_host_code,
+        thresholds=thresholds,
+    ) as detector:
         class_id = detector.class_id(class_name)
         frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
         anomaly_dir = _prepare_dir(save_anomalies)
@@ -400,12 +418,12 @@ def _run_loop(
     detector: Detector,
     frames: FrameSource,
     class_id: int,
-    jsonl: Optional[_JsonLines],
-    anomaly_dir: Optional[Path],
-    window: Optional[_Window],
-    max_frames: Optional[int],
+    jsonl: _JsonLines | None,
+    anomaly_dir: Path | None,
+    window: _Window | None,
+    max_frames: int | None,
     print_summary: bool,
-    on_record: Optional[Callable[[dict[str, Any]], None]] = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
     retry: tuple[int, float] = (0, 0.5),
 ) -> dict[str, Any]:
     counters, interrupted, error = _Counters(), False, None
@@ -467,12 +485,12 @@ def _score(
 def _process(
     result: Any,
     frame: Frame,
-    jsonl: Optional[_JsonLines],
-    saver: Optional[tuple[Path, str]],
-    window: Optional[_Window],
+    jsonl: _JsonLines | None,
+    saver: tuple[Path, str] | None,
+    window: _Window | None,
     counters: _Counters,
     vrange: tuple[float, float],
-    on_record: Optional[Callable[[dict[str, Any]], None]] = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> bool:
     """Emit one scored frame's outputs; False when the user asked to quit."""
     record = _record(frame, result)

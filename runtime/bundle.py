@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..bundle_schema import (
     ENGINES_DIR,
@@ -81,7 +81,7 @@ class Bundle:
         return self.schema.display_range
 
     @property
-    def calibration(self) -> Optional[dict[str, Any]]:
+    def calibration(self) -> dict[str, Any] | None:
         """The recalibration record (`hgad-edge calibrate`), or None for the thresholds of the export."""
         return self.schema.calibration
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from . import api
 from .api import Result
@@ -35,9 +35,9 @@ class Detector:
         precision: str = "auto",
         max_batch: int = 8,
         allow_engine_host_code: bool = False,
-        thresholds: Optional[dict[str, float]] = None,
+        thresholds: dict[str, float] | None = None,
     ) -> None:
-        self._handle: Optional[int] = None
+        self._handle: int | None = None
         status, handle = api.create(bundle, backend=backend, device=device, precision=precision, max_batch=max_batch,
                                     allow_engine_host_code=allow_engine_host_code, thresholds=thresholds)
         self._raise_unless_ok(status)
@@ -84,7 +84,7 @@ class Detector:
             if status != Status.OK:
                 raise error_for(status, api.last_error())
 
-    def __enter__(self) -> "Detector":
+    def __enter__(self) -> Detector:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -34,7 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -133,7 +137,9 @@ hgad_edge.files.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 from hgad_edge.recalibration import calibrate_target
 calibrate_target({str(bundle)!r}, {str(normal_dir)!r}, "quantile", 0.9, class_name="stripes", backend="onnxruntime")
 """
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert proc.returncode == -9, proc.stderr
     after = _digest(bundle)
     assert {k: v for k, v in after.items() if not Path(k).name.startswith(".")} == before  # a stray temp file at most
@@ -155,7 +161,9 @@ loaded = [m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "FrEIA"
 assert not loaded, loaded
 print("torch-free calibrate ok")
 """
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert proc.returncode == 0 and "torch-free calibrate ok" in proc.stdout, proc.stdout + proc.stderr
     assert "threshold" in proc.stdout and "--undo" in proc.stdout
     assert json.loads((bundle / "metadata.json").read_text())["calibration"]["policy"] == "quantile"
@@ -168,18 +176,49 @@ def _write(folder: Path, images) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case", ["empty", "missing", "truncated", "mixed_sizes", "unknown_class", "no_class",
-                                  "too_few", "fpr_below_support", "defects_missing", "no_policy"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "missing",
+        "truncated",
+        "mixed_sizes",
+        "unknown_class",
+        "no_class",
+        "too_few",
+        "fpr_below_support",
+        "defects_missing",
+        "no_policy",
+    ],
+)
 def test_bad_input_is_refused_and_the_bundle_untouched(bundle, normal_dir, tmp_path, case):
     before = _digest(bundle)
     normal = tmp_path / "normal"
     shutil.copytree(normal_dir, normal)
-    args = ["calibrate", str(bundle), "--normal", str(normal), "--class", "stripes", "--target-fpr", "0.01",
-            "--backend", "onnxruntime"]
-    words = {"empty": "holds no", "missing": "does not exist", "truncated": "truncated", "mixed_sizes": "differ in size",
-             "unknown_class": "not one the model knows", "no_class": "--class NAME", "too_few": "needs at least 20 normal",
-             "fpr_below_support": "support a target FPR down to", "defects_missing": "--defects DIR",
-             "no_policy": "exactly one threshold policy"}[case]
+    args = [
+        "calibrate",
+        str(bundle),
+        "--normal",
+        str(normal),
+        "--class",
+        "stripes",
+        "--target-fpr",
+        "0.01",
+        "--backend",
+        "onnxruntime",
+    ]
+    words = {
+        "empty": "holds no",
+        "missing": "does not exist",
+        "truncated": "truncated",
+        "mixed_sizes": "differ in size",
+        "unknown_class": "not one the model knows",
+        "no_class": "--class NAME",
+        "too_few": "needs at least 20 normal",
+        "fpr_below_support": "support a target FPR down to",
+        "defects_missing": "--defects DIR",
+        "no_policy": "exactly one threshold policy",
+    }[case]
     if case == "empty":
         shutil.rmtree(normal)
         normal.mkdir()
@@ -209,7 +248,9 @@ def test_bad_input_is_refused_and_the_bundle_untouched(bundle, normal_dir, tmp_p
 
 
 def test_grey_images_are_converted_like_training(bundle, normal_dir, tmp_path):
-    grey = _write(tmp_path / "grey", [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(normal_dir.glob("*.png"))])
+    grey = _write(
+        tmp_path / "grey", [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(normal_dir.glob("*.png"))]
+    )
     result = calibrate_target(bundle, grey, "max", class_name="stripes", backend="onnxruntime")
     assert result.threshold == pytest.approx(_scores(normal_dir, bundle, "stripes").max(), rel=1e-5)
 
@@ -218,8 +259,23 @@ def test_run_time_threshold_override_leaves_the_bundle(bundle, tiny_data, tmp_pa
     before = _digest(bundle)
     frames = tiny_data / "stripes" / "test" / "good"
     out = tmp_path / "o.jsonl"
-    res = CliRunner().invoke(main, ["run", str(bundle), str(frames), "--headless", "--backend", "onnxruntime", "--class",
-                                    "stripes", "--output", str(out), "--threshold", "stripes=-1e9"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(bundle),
+            str(frames),
+            "--headless",
+            "--backend",
+            "onnxruntime",
+            "--class",
+            "stripes",
+            "--output",
+            str(out),
+            "--threshold",
+            "stripes=-1e9",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert all(json.loads(line)["anomalous"] for line in out.read_text().splitlines())
     res = CliRunner().invoke(main, ["run", str(bundle), str(frames), "--headless", "--threshold", "bottle=1"])
@@ -238,7 +294,9 @@ def test_run_folder_calibration_carries_into_export_and_undo(tiny_run, tiny_data
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     scorer0, _, _ = load_run(run)
     good = tiny_data / "dots" / "train" / "good"
-    res = CliRunner().invoke(main, ["calibrate", str(run), "--normal", str(good), "--class", "dots", "--quantile", "0.9"])
+    res = CliRunner().invoke(
+        main, ["calibrate", str(run), "--normal", str(good), "--class", "dots", "--quantile", "0.9"]
+    )
     assert res.exit_code == 0, res.output
     scorer1, _, meta1 = load_run(run)
     y = scorer1.model.class_names.index("dots")
@@ -250,7 +308,9 @@ def test_run_folder_calibration_carries_into_export_and_undo(tiny_run, tiny_data
     # refit the statistics from the new normal images (half for the means, half for spreads + threshold)
     calibrate_target(run, good, "max", class_name="dots", refit_statistics=True)
     scorer2, _, meta2 = load_run(run)
-    assert meta2[RUN_RECORD_KEY]["refit_statistics"] and not torch.equal(scorer2.ref_loglik_0[y], scorer0.ref_loglik_0[y])
+    assert meta2[RUN_RECORD_KEY]["refit_statistics"] and not torch.equal(
+        scorer2.ref_loglik_0[y], scorer0.ref_loglik_0[y]
+    )
     assert torch.equal(scorer2.ref_loglik_0[1 - y], scorer0.ref_loglik_0[1 - y])
     undo_target(run)
     scorer3, _, _ = load_run(run)

@@ -28,6 +28,8 @@ def test_calibration_study_on_tiny_data(tiny_run, tiny_data, tmp_path):
     for arm in ("no_recalibration", "thresholds_only", "refit_statistics"):
         assert set(shift[arm]) == {"max", "quantile 0.99", "target-fpr 0.01"}
     # the unshifted max threshold applied to shifted images is the no-recalibration arm
-    assert shift["no_recalibration"]["max"]["threshold"] == on_disk["per_class"]["stripes"]["policies"]["max"]["threshold"]
+    assert (
+        shift["no_recalibration"]["max"]["threshold"] == on_disk["per_class"]["stripes"]["policies"]["max"]["threshold"]
+    )
     table = (tmp_path / "study" / "calibration_study.md").read_text()
     assert "Lighting shift on stripes" in table and "--refit-statistics" in table and "refused" in table

@@ -12,14 +12,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from hgad_edge.batching import load_batch
 from hgad_edge.bundle_schema import OUTPUT_NAMES
 from hgad_edge.checkpoint import load_run
 from hgad_edge.data import open_roots
-from hgad_edge.export.graph_check import check_graph
 from hgad_edge.export import onnx_export
+from hgad_edge.export.graph_check import check_graph
 from hgad_edge.export.onnx_export import ExportError, export_bundle
 from hgad_edge.metrics import auroc
-from hgad_edge.batching import load_batch
 
 
 def ort_run(path, images: np.ndarray, class_id: np.ndarray):
@@ -66,12 +66,17 @@ def test_check_graph_catches_violations():
     lse = _graph([helper.make_node("ReduceLogSumExp", ["x"], ["y"], keepdims=1)], [x], [y])
     assert any("ReduceLogSumExp" in p for p in check_graph(lse, mixed=False))
     xs = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
-    static = _graph([helper.make_node("Relu", ["x"], ["y"])], [xs], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    static = _graph(
+        [helper.make_node("Relu", ["x"], ["y"])], [xs], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]
+    )
     assert any("batch axis" in p for p in check_graph(static, mixed=False))
     # An FP16 subtraction recorded as part of the mixture head.
     h = helper.make_tensor_value_info("h", TensorProto.FLOAT16, ["batch", 4])
     node = helper.make_node("Sub", ["h", "h"], ["d"], name="head_sub")
-    node.metadata_props.add(key="pkg.torch.onnx.class_hierarchy", value="['hgad_edge.scoring.AnomalyScorer', 'hgad_edge.head.MixtureHead', 'aten.sub.Tensor']")
+    node.metadata_props.add(
+        key="pkg.torch.onnx.class_hierarchy",
+        value="['hgad_edge.scoring.AnomalyScorer', 'hgad_edge.head.MixtureHead', 'aten.sub.Tensor']",
+    )
     cast = helper.make_node("Cast", ["d"], ["out"], to=TensorProto.FLOAT)
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])
     bad = _graph([node, cast], [h], [out])
@@ -217,8 +222,10 @@ def test_parity_on_real_class(realad, tmp_path):
         assert torch.isfinite(hmap).all() and torch.isfinite(hscore).all()
         ref_scores.append(score.numpy()), ort_scores.append(got[1]), half_scores.append(hscore.numpy())
     ref, onnx_s, half = (np.concatenate(x) for x in (ref_scores, ort_scores, half_scores))
-    print(f"battery_weld: max |map| err {max_map_err:.2e}, max |score| err {np.abs(onnx_s - ref).max():.2e}, "
-          f"AUROC torch {auroc(labels, ref):.4f} ort {auroc(labels, onnx_s):.4f} fp16 {auroc(labels, half):.4f}")
+    print(
+        f"battery_weld: max |map| err {max_map_err:.2e}, max |score| err {np.abs(onnx_s - ref).max():.2e}, "
+        f"AUROC torch {auroc(labels, ref):.4f} ort {auroc(labels, onnx_s):.4f} fp16 {auroc(labels, half):.4f}"
+    )
     assert max_map_err < 1e-3
     assert round(auroc(labels, onnx_s), 3) == round(auroc(labels, ref), 3)
     assert abs(auroc(labels, half) - auroc(labels, ref)) <= 0.001

@@ -81,7 +81,9 @@ def tiny_model() -> bytes:
         helper.make_tensor_value_info("score", f32, ["B"]),
         helper.make_tensor_value_info("class_pred", TensorProto.INT64, ["B"]),
     ]
-    model = helper.make_model(helper.make_graph(nodes, "tiny", inputs, outputs, consts), opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "tiny", inputs, outputs, consts), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     # the copy of the deciding values an export writes into the ONNX file (checked on load)
@@ -94,12 +96,18 @@ def make_bundle(folder: Path, **overrides) -> Path:
     data = tiny_model()
     (folder / "model_fp32.onnx").write_bytes(data)
     meta = {
-        "format": "hgad-edge-bundle", "format_version": 1, "package_version": "0.1.0",
-        "classes": list(CLASSES), "input_size": [H, W],
+        "format": "hgad-edge-bundle",
+        "format_version": 1,
+        "package_version": "0.1.0",
+        "classes": list(CLASSES),
+        "input_size": [H, W],
         "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
         "class_input": {"name": "class_id", "dtype": "int64", "auto": -1},
         "outputs": ["anomaly_map", "score", "class_pred"],
-        "thresholds": list(THRESHOLDS), "scales": list(SCALES), "normalized_threshold": 0.5, "checkpoint_sha256": "0" * 64,
+        "thresholds": list(THRESHOLDS),
+        "scales": list(SCALES),
+        "normalized_threshold": 0.5,
+        "checkpoint_sha256": "0" * 64,
         "models": {"fp32": {"file": "model_fp32.onnx", "sha256": hashlib.sha256(data).hexdigest()}},
         "engines": {},
     }
@@ -149,8 +157,15 @@ def test_missing_bundle_is_bundle_not_found(tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    [{"format_version": 2}, {"package_version": "1.0.0"}, {"format": "something-else"}, {"thresholds": [0.1]},
-     {"scales": [0.1, 0.0]}, {"scales": None}, {"thresholds": [0.1, float("nan")]}],
+    [
+        {"format_version": 2},
+        {"package_version": "1.0.0"},
+        {"format": "something-else"},
+        {"thresholds": [0.1]},
+        {"scales": [0.1, 0.0]},
+        {"scales": None},
+        {"thresholds": [0.1, float("nan")]},
+    ],
 )
 def test_incompatible_metadata_is_bundle_incompatible(tmp_path, override):
     folder = make_bundle(tmp_path / "b", **override)
@@ -189,7 +204,9 @@ def test_bad_frames_are_invalid_argument(handle, frames, words):
     assert infer(handle, rng_frames(1)[0])[0] == Status.OK  # the handle stays usable
 
 
-@pytest.mark.parametrize("class_id, words", [("zebra", "['a', 'b']"), (2, "out of range"), (["a"] * 3, "one per frame"), (1.5, "int")])
+@pytest.mark.parametrize(
+    "class_id, words", [("zebra", "['a', 'b']"), (2, "out of range"), (["a"] * 3, "one per frame"), (1.5, "int")]
+)
 def test_bad_class_is_invalid_argument(handle, class_id, words):
     status, _ = infer(handle, rng_frames(2), class_id)
     assert status == Status.INVALID_ARGUMENT
@@ -300,7 +317,13 @@ def test_detector_raises_with_status(bundle, tmp_path):
 # ---- TensorRT: engine choice (pure) --------------------------------------------------------------
 def engine_meta(**entries) -> dict:
     models = {"fp32": {"file": "m32.onnx", "sha256": "s32"}, "fp16": {"file": "m16.onnx", "sha256": "s16"}}
-    base = {"precision": "fp16", "trt_version": "10.7.0", "compute_capability": "8.7", "onnx_sha256": "s16", "batch": [1, 4, 8]}
+    base = {
+        "precision": "fp16",
+        "trt_version": "10.7.0",
+        "compute_capability": "8.7",
+        "onnx_sha256": "s16",
+        "batch": [1, 4, 8],
+    }
     return {"models": models, "engines": {name: {**base, **entry} for name, entry in entries.items()}}
 
 
@@ -437,8 +460,15 @@ def bundle_with_engine(tmp_path: Path, name: str = "tiny_fp32.engine", **entry) 
     folder = make_bundle(tmp_path / "trt")
     sha = json.loads((folder / "metadata.json").read_text())["models"]["fp32"]["sha256"]
     plan = (folder / "model_fp32.onnx").read_bytes()  # the fake's "engine" is the ONNX model
-    engine = {"precision": "fp32", "trt_version": "10.7.0", "compute_capability": "8.7", "onnx_sha256": sha,
-              "batch": [1, 4, 8], "sha256": hashlib.sha256(plan).hexdigest(), **entry}
+    engine = {
+        "precision": "fp32",
+        "trt_version": "10.7.0",
+        "compute_capability": "8.7",
+        "onnx_sha256": sha,
+        "batch": [1, 4, 8],
+        "sha256": hashlib.sha256(plan).hexdigest(),
+        **entry,
+    }
     (folder / "engines").mkdir()
     (folder / "engines" / "tiny_fp32.engine").write_bytes(plan)
     return make_bundle(folder, engines={name: engine})
@@ -517,8 +547,15 @@ def test_tensorrt_threshold_path_after_recalibration(tmp_path, fake_tensorrt):
     assert (folder / "engines" / "tiny_fp32.engine").read_bytes() == engine_bytes
 
 
-@pytest.mark.parametrize("overrides, words", [({"nope": 1.0}, "unknown class 'nope'"), ({"a": float("nan")}, "finite"),
-                                              ({"a": "high"}, "finite"), (["a", 1.0], "dict")])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"nope": 1.0}, "unknown class 'nope'"),
+        ({"a": float("nan")}, "finite"),
+        ({"a": "high"}, "finite"),
+        (["a", 1.0], "dict"),
+    ],
+)
 def test_bad_threshold_override(bundle, overrides, words):
     status, h = create(bundle, backend="onnxruntime", thresholds=overrides)
     assert status == Status.INVALID_ARGUMENT and h is None and words in last_error()
@@ -546,6 +583,7 @@ def test_tensorrt_stale_engine_is_reported(tmp_path, fake_tensorrt):
 def test_pycuda_runs_the_same_buffer_plan_when_cuda_python_is_missing(tmp_path, monkeypatch):
     """Only pycuda installed: the same runner (pinned host + device buffers, one stream) on its driver API."""
     driver = FakePyCuda(cc=(8, 7))
+
     def no_cuda_python():
         raise BackendUnavailableError("cuda-python is not installed (test)")
 
@@ -943,9 +981,20 @@ def test_int8_engines_are_chosen_only_when_asked():
     from hgad_edge.runtime.errors import EngineError
 
     meta = {
-        "models": {"fp32": {"file": "model_fp32.onnx", "sha256": "a"}, "fp16": {"file": "model_fp16.onnx", "sha256": "b"}},
-        "engines": {"trt10.7.0_sm87_int8.engine": {"precision": "int8", "model": "fp32", "trt_version": "10.7.0",
-                                                   "compute_capability": "8.7", "onnx_sha256": "a", "batch": [1, 4, 8]}},
+        "models": {
+            "fp32": {"file": "model_fp32.onnx", "sha256": "a"},
+            "fp16": {"file": "model_fp16.onnx", "sha256": "b"},
+        },
+        "engines": {
+            "trt10.7.0_sm87_int8.engine": {
+                "precision": "int8",
+                "model": "fp32",
+                "trt_version": "10.7.0",
+                "compute_capability": "8.7",
+                "onnx_sha256": "a",
+                "batch": [1, 4, 8],
+            }
+        },
     }
     assert choose_engine(meta, "10.7.0", "8.7", "int8", bundle="b") == "trt10.7.0_sm87_int8.engine"
     with pytest.raises(EngineError, match="--precision fp16"):

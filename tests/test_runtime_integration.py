@@ -44,7 +44,10 @@ def test_image_folder_jsonl_matches_pytorch(tiny_bundle, tiny_run, tiny_data, tm
         cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
         frames.append(big)
     out = tmp_path / "res.jsonl"
-    res = CliRunner().invoke(main, ["run", str(tiny_bundle.bundle), str(folder), "--headless", "--backend", "onnxruntime", "--output", str(out)])
+    res = CliRunner().invoke(
+        main,
+        ["run", str(tiny_bundle.bundle), str(folder), "--headless", "--backend", "onnxruntime", "--output", str(out)],
+    )
     assert res.exit_code == 0, res.output
     lines = _lines(out)
     assert len(lines) == len(frames)
@@ -69,8 +72,23 @@ def test_video_file_with_given_class(tiny_bundle, tiny_run, tiny_data, tmp_path)
             break
         decoded.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     out = tmp_path / "v.jsonl"
-    res = CliRunner().invoke(main, ["run", str(tiny_bundle.bundle), str(video), "--headless", "--class", "stripes",
-                                    "--backend", "onnxruntime", "--output", str(out), "--save-anomalies", str(tmp_path / "bad")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(tiny_bundle.bundle),
+            str(video),
+            "--headless",
+            "--class",
+            "stripes",
+            "--backend",
+            "onnxruntime",
+            "--output",
+            str(out),
+            "--save-anomalies",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     lines = _lines(out)
     assert len(lines) == len(decoded) == len(samples)

@@ -72,7 +72,9 @@ def test_calibrate_fits_reference_spread_and_threshold(tiny_run, tiny_data, quan
     scores = score.double().numpy()
     assert float(scorer.threshold[y]) == pytest.approx(np.quantile(scores, quantile), rel=1e-5)
     assert float(scorer.scale[y]) == pytest.approx(max(scores.std(), 1e-3 * abs(scores.mean()), 1e-6), rel=1e-5)
-    passed = (normalized < 0.5).float().mean().item() if quantile < 1 else (normalized <= 0.5 + 1e-6).float().mean().item()
+    passed = (
+        (normalized < 0.5).float().mean().item() if quantile < 1 else (normalized <= 0.5 + 1e-6).float().mean().item()
+    )
     assert passed == pytest.approx(quantile, abs=1 / len(scores))  # the quantile of normals passes
 
 

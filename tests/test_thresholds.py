@@ -48,8 +48,13 @@ def _promise_f1_max(choice, normal, defects, _p):
     assert f1(choice.threshold) == pytest.approx(brute)
 
 
-PROMISES = {"max": _promise_max, "quantile": _promise_quantile, "target-fpr": _promise_target_fpr,
-            "target-recall": _promise_target_recall, "f1-max": _promise_f1_max}
+PROMISES = {
+    "max": _promise_max,
+    "quantile": _promise_quantile,
+    "target-fpr": _promise_target_fpr,
+    "target-recall": _promise_target_recall,
+    "f1-max": _promise_f1_max,
+}
 
 
 def test_every_policy_has_a_promise_check():
@@ -73,23 +78,28 @@ def test_target_fpr_from_few_images_extrapolates_the_tail():
     assert abs(np.mean(fits) - true) < 0.05 and np.std(fits) < 0.25
 
 
-@pytest.mark.parametrize("name, param, n_normal, n_defects, words", [
-    ("target-fpr", 0.01, 19, 0, "needs at least 20 normal images"),
-    ("target-fpr", 0.001, 40, 0, "40 images support a target FPR down to 0.005"),
-    ("quantile", 0.99, 1, 0, "needs at least 2 normal images"),
-    ("target-recall", 0.95, 10, 19, "needs at least 20 labelled defect images"),
-    ("f1-max", None, 10, 4, "needs at least 5 labelled defect images"),
-    ("target-fpr", 1.5, 50, 0, "strictly between 0.0 and 1.0"),
-    ("max", 0.3, 5, 0, "takes no parameter"),
-    ("median", None, 5, 0, "unknown threshold policy"),
-])
+@pytest.mark.parametrize(
+    "name, param, n_normal, n_defects, words",
+    [
+        ("target-fpr", 0.01, 19, 0, "needs at least 20 normal images"),
+        ("target-fpr", 0.001, 40, 0, "40 images support a target FPR down to 0.005"),
+        ("quantile", 0.99, 1, 0, "needs at least 2 normal images"),
+        ("target-recall", 0.95, 10, 19, "needs at least 20 labelled defect images"),
+        ("f1-max", None, 10, 4, "needs at least 5 labelled defect images"),
+        ("target-fpr", 1.5, 50, 0, "strictly between 0.0 and 1.0"),
+        ("max", 0.3, 5, 0, "takes no parameter"),
+        ("median", None, 5, 0, "unknown threshold policy"),
+    ],
+)
 def test_policy_refuses_what_its_images_cannot_support(name, param, n_normal, n_defects, words):
     with pytest.raises(T.PolicyError, match=words):
         T.choose_threshold(name, param, NORMAL[:n_normal], DEFECTS[:n_defects])
 
 
 def test_images_needed_for_a_target_fpr():
-    assert T.images_for_fpr(0.01) == 20 and T.images_for_fpr(0.001) == 200 and T.images_for_fpr(0.5) == T.MIN_TAIL_IMAGES
+    assert (
+        T.images_for_fpr(0.01) == 20 and T.images_for_fpr(0.001) == 200 and T.images_for_fpr(0.5) == T.MIN_TAIL_IMAGES
+    )
     T.choose_threshold("target-fpr", 0.001, NORMAL[:200])  # exactly enough
 
 
@@ -124,8 +134,12 @@ def test_operating_points_agree_with_sklearn():
     for r in (0.9, 0.95):
         assert T.fpr_at_recall(normal, defects, r) == pytest.approx(fpr[tpr >= r].min())
     c = T.confusion(normal, defects, 3.0)
-    assert c == {"tp": int((defects >= 3).sum()), "fp": int((normal >= 3).sum()),
-                 "tn": int((normal < 3).sum()), "fn": int((defects < 3).sum())}
+    assert c == {
+        "tp": int((defects >= 3).sum()),
+        "fp": int((normal >= 3).sum()),
+        "tn": int((normal < 3).sum()),
+        "fn": int((defects < 3).sum()),
+    }
 
 
 def test_scale_is_the_normal_spread_floored():

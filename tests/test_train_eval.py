@@ -32,7 +32,10 @@ def test_train_then_eval_detects_visible_defects(tiny_run, tiny_data, tmp_path):
         assert m["tp"] + m["fn"] == m["n_anomalous"] and m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n_test"]
         assert m["threshold"] == pytest.approx(float(scorer.threshold[scorer.model.class_names.index(name)]))
         assert m["threshold_fpr"] == m["fp"] / (m["fp"] + m["tn"])
-        assert 0.0 <= m["recall_at_fpr_1"] <= m["recall_at_fpr_5"] <= 1.0 and 0.0 <= m["fpr_at_recall_90"] <= m["fpr_at_recall_95"]
+        assert (
+            0.0 <= m["recall_at_fpr_1"] <= m["recall_at_fpr_5"] <= 1.0
+            and 0.0 <= m["fpr_at_recall_90"] <= m["fpr_at_recall_95"]
+        )
         assert (tmp_path / "eval" / "operating_points" / f"{name}.png").stat().st_size > 1000
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(result)) and on_disk["mean"]["image_auroc"] >= 0.9
@@ -82,12 +85,17 @@ def test_cli_train_eval_and_resume(tiny_data, tmp_path):
     save_config(HGADConfig.from_dict({**TINY_CONFIG, "train": {**TINY_CONFIG["train"], "epochs": 2}}), cfg_path)
     runner = CliRunner()
     out = tmp_path / "run"
-    res = runner.invoke(main, ["train", "--data", str(tiny_data), "--out", str(out), "--config", str(cfg_path), "--epochs", "1"])
+    res = runner.invoke(
+        main, ["train", "--data", str(tiny_data), "--out", str(out), "--config", str(cfg_path), "--epochs", "1"]
+    )
     assert res.exit_code == 0, res.output
     assert load_config(out / "config.yaml").train.epochs == 1  # the full config is saved with the model
     again = runner.invoke(main, ["train", "--data", str(tiny_data), "--out", str(out), "--config", str(cfg_path)])
     assert again.exit_code != 0 and "--resume" in again.output  # never overwrites a run
-    res = runner.invoke(main, ["train", "--data", str(tiny_data), "--out", str(out), "--config", str(cfg_path), "--epochs", "2", "--resume"])
+    res = runner.invoke(
+        main,
+        ["train", "--data", str(tiny_data), "--out", str(out), "--config", str(cfg_path), "--epochs", "2", "--resume"],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((out / "meta.json").read_text())["epochs_done"] == 2
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2  # epoch 1 not redone

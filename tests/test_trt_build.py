@@ -70,12 +70,18 @@ def make_bundle(folder: Path, lse: bool = False) -> Path:
         (folder / f"model_{precision}.onnx").write_bytes(data)
         models[precision] = {"file": f"model_{precision}.onnx", "sha256": hashlib.sha256(data).hexdigest()}
     meta = {
-        "format": "hgad-edge-bundle", "format_version": 1, "package_version": "0.1.0",
-        "classes": ["a", "b"], "input_size": [H, W],
+        "format": "hgad-edge-bundle",
+        "format_version": 1,
+        "package_version": "0.1.0",
+        "classes": ["a", "b"],
+        "input_size": [H, W],
         "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
         "class_input": {"name": "class_id", "dtype": "int64", "auto": -1},
         "outputs": ["anomaly_map", "score", "class_pred"],
-        "thresholds": [0.5, 0.5], "scales": [1.0, 1.0], "models": models, "engines": {},
+        "thresholds": [0.5, 0.5],
+        "scales": [1.0, 1.0],
+        "models": models,
+        "engines": {},
     }
     (folder / "metadata.json").write_text(json.dumps(meta))
     return folder
@@ -100,8 +106,14 @@ class FakeTrt(FakeTrtModule):
         self.__version__ = version
         self.major = int(version.split(".")[0])
         flags = "STRONGLY_TYPED" if self.major == 10 else "UNUSED"
-        self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, flags: 5})
-        names = "FP16 INT8 TF32 OBEY_PRECISION_CONSTRAINTS VERSION_COMPATIBLE" if self.major == 10 else "TF32 VERSION_COMPATIBLE"
+        self.NetworkDefinitionCreationFlag = enum.IntEnum(
+            "NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, flags: 5}
+        )
+        names = (
+            "FP16 INT8 TF32 OBEY_PRECISION_CONSTRAINTS VERSION_COMPATIBLE"
+            if self.major == 10
+            else "TF32 VERSION_COMPATIBLE"
+        )
         self.BuilderFlag = enum.Enum("BuilderFlag", names)
         if self.major >= 11:
             self.IInt8EntropyCalibrator2 = None  # implicit INT8 calibration is gone
@@ -127,9 +139,15 @@ class FakeTrt(FakeTrtModule):
                 return FakeProfile()
 
             def build_serialized_network(self, network, config):
-                record = {"flags": network.flags, "config_flags": sorted(f.name for f in config.flags), "profiles": [p.shapes for p in config.profiles],
-                          "pool": config.pool, "calibrator": config.int8_calibrator is not None, "calib_profile": config.calib_profile,
-                          "pinned": sum(layer.precision is not None for layer in network.layers)}
+                record = {
+                    "flags": network.flags,
+                    "config_flags": sorted(f.name for f in config.flags),
+                    "profiles": [p.shapes for p in config.profiles],
+                    "pool": config.pool,
+                    "calibrator": config.int8_calibrator is not None,
+                    "calib_profile": config.calib_profile,
+                    "pinned": sum(layer.precision is not None for layer in network.layers),
+                }
                 if config.int8_calibrator is not None:
                     record["calib_batches"] = []
                     while (ptrs := config.int8_calibrator.get_batch(["class_id", "images"])) is not None:
@@ -204,7 +222,16 @@ class FakeLayer:
 class FakeNetwork:
     def __init__(self, trt, flags) -> None:
         self.flags, self.inputs, self.outputs = flags, [], []
-        self.layers = [FakeLayer(trt, k, d) for k, d in (("CONVOLUTION", "HALF"), ("ELEMENTWISE", "FLOAT"), ("MATRIX_MULTIPLY", "FLOAT"), ("SHAPE", "INT64"), ("CAST", "FLOAT"))]
+        self.layers = [
+            FakeLayer(trt, k, d)
+            for k, d in (
+                ("CONVOLUTION", "HALF"),
+                ("ELEMENTWISE", "FLOAT"),
+                ("MATRIX_MULTIPLY", "FLOAT"),
+                ("SHAPE", "INT64"),
+                ("CAST", "FLOAT"),
+            )
+        ]
 
     @property
     def num_inputs(self):
@@ -312,7 +339,9 @@ def test_metadata_entry_round_trips_through_choose_engine(tmp_path):
     for precision in ("fp16", "fp32"):
         sha = meta["models"][precision]["sha256"]
         name = tb.engine_name("10.7.0.23", "8.7", precision)
-        meta["engines"][name] = tb.engine_entry(precision, "10.7.0.23", "8.7", f"model_{precision}.onnx", sha, (1, 4, 8))
+        meta["engines"][name] = tb.engine_entry(
+            precision, "10.7.0.23", "8.7", f"model_{precision}.onnx", sha, (1, 4, 8)
+        )
     assert trtb.choose_engine(meta, "10.7.0.1", "8.7", "auto", max_batch=8) == "trt10.7.0_sm87_fp16.engine"
     assert trtb.choose_engine(meta, "10.7.0.1", (8, 7), "fp32") == "trt10.7.0_sm87_fp32.engine"
     with pytest.raises(EngineError, match="batch <= 8"):
@@ -329,7 +358,9 @@ def test_rebuild_reasons(tmp_path):
     assert "missing" in tb.rebuild_reasons(entry, path, **args)[0]
     path.write_bytes(b"plan")
     assert tb.rebuild_reasons(entry, path, **args) == []
-    assert tb.rebuild_reasons(entry, path, **{**args, "trt_version": "10.8.0"}) == ["built with TensorRT 10.7.0.23, this runtime has 10.8.0"]
+    assert tb.rebuild_reasons(entry, path, **{**args, "trt_version": "10.8.0"}) == [
+        "built with TensorRT 10.7.0.23, this runtime has 10.8.0"
+    ]
     assert "compute capability" in tb.rebuild_reasons(entry, path, **{**args, "capability": "7.2"})[0]
     assert "another ONNX" in tb.rebuild_reasons(entry, path, **{**args, "onnx_sha256": "t"})[0]
     assert "batch" in tb.rebuild_reasons(entry, path, **{**args, "batch": (1, 8, 16)})[0]
@@ -405,7 +436,13 @@ def test_fp16_build_records_engine_and_skips_when_current(tmp_path, fakes):
 def test_stale_engine_is_rebuilt_and_other_engines_kept(tmp_path, fakes):
     folder = make_bundle(tmp_path / "b")
     tb.build_engines(folder, "fp32")
-    other = {"precision": "fp16", "trt_version": "10.3.0", "compute_capability": "7.2", "onnx_sha256": "x", "batch": [1, 1, 1]}
+    other = {
+        "precision": "fp16",
+        "trt_version": "10.3.0",
+        "compute_capability": "7.2",
+        "onnx_sha256": "x",
+        "batch": [1, 1, 1],
+    }
     meta = metadata(folder)
     meta["engines"]["trt10.3.0_sm72_fp16.engine"] = other  # another device's engine
     meta["engines"]["trt10.7.0_sm87_fp32.engine"]["onnx_sha256"] = "old export"
@@ -437,7 +474,11 @@ def test_parser_errors_name_the_nodes(tmp_path, fakes):
     with pytest.raises(tb.BuildError) as err:
         tb.build_engines(folder, "fp32", check=False)
     text = str(err.value)
-    assert "2 error(s)" in text and "ReduceLogSumExp node node_lse_3: unsupported attribute" in text and "Foo node node_x" in text
+    assert (
+        "2 error(s)" in text
+        and "ReduceLogSumExp node node_lse_3: unsupported attribute" in text
+        and "Foo node node_x" in text
+    )
     assert not (folder / "engines" / "trt10.7.0_sm87_fp32.engine").exists()
 
 
@@ -520,13 +561,18 @@ def test_calibrator_feeds_both_inputs_by_name(tmp_path):
     cudart = FakeCudart()
     batches = calib.CalibrationBatches(calib.find_images(write_images(tmp_path / "n", 3)), (8, 8), 2, 5)
     cache = tmp_path / "engines" / "c.cache"
-    calibrator = calib.make_entropy_calibrator(FakeTrt("10.7.0", cudart), cudart, batches, ("images", "class_id"), cache)
+    calibrator = calib.make_entropy_calibrator(
+        FakeTrt("10.7.0", cudart), cudart, batches, ("images", "class_id"), cache
+    )
     assert calibrator.get_batch_size() == 1 and calibrator.read_calibration_cache() is None
     cls_ptr, img_ptr = calibrator.get_batch(["class_id", "images"])
     ids = np.frombuffer(cudart.blocks[cls_ptr].tobytes(), np.int64)
     assert ids.tolist() == [-1, -1]
     assert np.array_equal(cudart.blocks[img_ptr].reshape(2, 8, 8, 3), batches.batch(0))
-    assert calibrator.get_batch(["images", "class_id"]) is not None and calibrator.get_batch(["images", "class_id"]) is None
+    assert (
+        calibrator.get_batch(["images", "class_id"]) is not None
+        and calibrator.get_batch(["images", "class_id"]) is None
+    )
     calibrator.write_calibration_cache(b"scales")
     assert calibrator.read_calibration_cache() == b"scales"
     calibrator.free()
