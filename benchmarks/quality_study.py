@@ -225,6 +225,13 @@ def hgad_predictions(scorer, feats: list[torch.Tensor], truth: dict, class_id: i
     )
 
 
+def score_predictions(truth: dict, class_id: int, scores: np.ndarray, maps: np.ndarray) -> ClassPredictions:
+    """Predictions that carry only scores and maps (the kNN, a rescoring): what AUROC needs."""
+    n = len(scores)
+    return ClassPredictions(truth["samples"][0].class_name, truth["samples"], truth["labels"], scores, scores,
+                            np.full(n, class_id), np.zeros((n, 1)), maps, truth["masks"])
+
+
 def split_metrics(pred: ClassPredictions, class_id: int, tune: np.ndarray, metric_fn) -> dict:
     return {
         part: metric_fn(subset(pred, keep), class_id)
@@ -260,20 +267,8 @@ def run_row(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
                 score.append(s.numpy())
             t_score += time.time() - t1
             n_img += levels[0].shape[0]
-            tr = truth[cname]
-            scores = np.concatenate(score)
-            pred = ClassPredictions(
-                cname,
-                tr["samples"],
-                tr["labels"],
-                scores,
-                scores,
-                np.full(len(scores), cid),
-                np.zeros((len(scores), 1)),
-                np.concatenate(amap),
-                tr["masks"],
-            )
-            per_class[cname] = split_metrics(pred, cid, tr["tune"], knn_metrics)
+            pred = score_predictions(truth[cname], cid, np.concatenate(score), np.concatenate(amap))
+            per_class[cname] = split_metrics(pred, cid, truth[cname]["tune"], knn_metrics)
         result.update(
             per_class=per_class,
             train_seconds=round(bank.fit_seconds, 1),
@@ -339,19 +334,8 @@ def rescore(name: str, dataset, work: Path, truth: dict, sweep: list[dict]) -> l
         for cid, cname in enumerate(dataset.classes):
             maps = torch.cat([scorer.anomaly_map(lls, nhs, cls) for lls, nhs, cls in terms[cname]])
             scores = image_score(maps, scorer.cfg.topk).numpy()
-            tr = truth[cname]
-            pred = ClassPredictions(
-                cname,
-                tr["samples"],
-                tr["labels"],
-                scores,
-                scores,
-                np.full(len(scores), cid),
-                np.zeros((len(scores), 1)),
-                maps.numpy(),
-                tr["masks"],
-            )
-            per_class[cname] = split_metrics(pred, cid, tr["tune"], knn_metrics)
+            pred = score_predictions(truth[cname], cid, scores, maps.numpy())
+            per_class[cname] = split_metrics(pred, cid, truth[cname]["tune"], knn_metrics)
         rows.append({"row": name, "score": over, "per_class": per_class, "mean": mean_over_classes(per_class)})
         m = rows[-1]["mean"]
         print(
