@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--help" in args:
         return run_verb(args, "benchmarks/gpu_check.py")
     code = run_verb([*gpu_defaults(), *args], "benchmarks/gpu_check.py")
-    rtx_stage(args)
+    if code == 0:  # a refused command line (exit 2) writes nothing, RTX stage included
+        rtx_stage(args)
     return code
 
 

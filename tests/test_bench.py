@@ -295,8 +295,11 @@ def test_script_front_ends_share_the_cli_options(script, tiny_run, tmp_path, cap
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    default_out = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    before = sorted(default_out.glob("*/rtx.md"))
     assert module.main([str(tiny_run), "--backends", "nope"]) == 2
     assert "choose from" in capsys.readouterr().err
+    assert sorted(default_out.glob("*/rtx.md")) == before  # a refused command writes no report
     assert (
         module.main([str(tiny_run), "--out", str(tmp_path), "--backends", "torch", "--no-official", "--budget-s", "0"])
         == 0
