@@ -86,6 +86,16 @@ def make_tiny_dataset(root: Path, n_train: int = 24, n_good: int = 6, n_bad: int
     return root
 
 
+def load_benchmark(script: str, name: str | None = None):
+    """A script of benchmarks/ loaded by path (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name or Path(script).stem, REPO / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny_data"))

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from .conftest import REPO, TINY_CONFIG
+from .conftest import TINY_CONFIG, load_benchmark
 
 
 def _ablation_module():
-    spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablation.py")
 
 
 def test_ablation_runs_modes_on_shared_features(tiny_data, tmp_path, monkeypatch):

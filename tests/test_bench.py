@@ -15,6 +15,8 @@ from hgad_edge import bench
 from hgad_edge.checkpoint import load_run
 from hgad_edge.config import HGADConfig
 
+from .conftest import load_benchmark
+
 # An official-like configuration small enough to build and time in seconds (the real one is B6 at 1024).
 SMALL_OFFICIAL = {
     "input_size": [64, 64],
@@ -288,13 +290,7 @@ def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
 @pytest.mark.parametrize("script", ["bench.py", "gpu_check.py"])
 def test_script_front_ends_share_the_cli_options(script, tiny_run, tmp_path, capsys):
     """Both scripts are the `hgad-edge bench` verb: same options, same errors (exit 2, no traceback)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        script[:-3] + "_script", Path(__file__).resolve().parents[1] / "benchmarks" / script
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark(script, script[:-3] + "_script")
     default_out = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     before = sorted(default_out.glob("*/rtx.md"))
     assert module.main([str(tiny_run), "--backends", "nope"]) == 2

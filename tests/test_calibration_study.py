@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from .conftest import REPO
+from .conftest import load_benchmark
 
 
 def _study_module():
-    spec = importlib.util.spec_from_file_location("calibration_study", REPO / "benchmarks" / "calibration_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("calibration_study.py")
 
 
 def test_calibration_study_on_tiny_data(tiny_run, tiny_data, tmp_path):

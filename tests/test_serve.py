@@ -8,7 +8,6 @@ tests kill and restart it, so they run last. Teardown stops whatever is still ru
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -27,6 +26,8 @@ from hgad_edge.runtime import BackendUnavailableError, BundleError, Detector
 from hgad_edge.runtime.app import ServerLostError, _Counters, _score, run_app
 from hgad_edge.runtime.sources import Frame
 from hgad_edge.serve import ServeProcess, python_library_env
+
+from .conftest import load_benchmark
 
 try:
     import pytriton.triton  # noqa: F401
@@ -193,9 +194,7 @@ def test_concurrent_clients_are_batched_and_answered_once(server, local, frames)
 
 
 def test_serve_bench_reports_streams_beside_local(server, tiny_bundle, tiny_data, tmp_path):
-    spec = importlib.util.spec_from_file_location("serve_bench", REPO / "benchmarks" / "serve_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("serve_bench.py")
     out = bench.main(
         [
             str(tiny_bundle.bundle),

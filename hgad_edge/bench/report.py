@@ -168,23 +168,16 @@ def _config_text(config: dict | None) -> str:
     )
 
 
+LATENCY_HEADERS = (
+    "backend", "precision", "batch", "device", "e2e p50 ms", "e2e p90 ms", "e2e p99 ms", "e2e img/s",
+    "model p50 ms", "model img/s", "note",
+)  # the columns of _latency_rows, for this run's table and the official configuration's
+
+
 def _latency_section(report: dict) -> list[str]:
-    headers = [
-        "backend",
-        "precision",
-        "batch",
-        "device",
-        "e2e p50 ms",
-        "e2e p90 ms",
-        "e2e p99 ms",
-        "e2e img/s",
-        "model p50 ms",
-        "model img/s",
-        "note",
-    ]
     return (
         ["## Latency and throughput", ""]
-        + _table(headers, _latency_rows(report["latency"]))
+        + _table(LATENCY_HEADERS, _latency_rows(report["latency"]))
         + ["![throughput](throughput.png)", ""]
     )
 
@@ -199,20 +192,7 @@ def _official_section(report: dict) -> list[str]:
         f"input {off['config']['input_size']}.",
         "",
     ]
-    headers = [
-        "backend",
-        "precision",
-        "batch",
-        "device",
-        "e2e p50 ms",
-        "e2e p90 ms",
-        "e2e p99 ms",
-        "e2e img/s",
-        "model p50 ms",
-        "model img/s",
-        "note",
-    ]
-    lines += _table(headers, _latency_rows([off["latency"]]))
+    lines += _table(LATENCY_HEADERS, _latency_rows([off["latency"]]))
     if report["ratios"]:
         lines += ["Speed-ups (images/s ratios, measured side by side):", ""]
         rows = [
