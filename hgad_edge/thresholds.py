@@ -219,11 +219,25 @@ def _target_fpr(normal, defects, f) -> Choice:
     return _expected(normal, defects, thr, how, fpr=f)
 
 
+def _below_score(score: float, normal: np.ndarray, defects: np.ndarray) -> float:
+    """A threshold just under `score` with the same decisions on these images: midway to the next
+    lower score. A threshold ON a score would let that image flip with the last-digit differences
+    between backends (ONNX Runtime, TensorRT FP16, batch sizes)."""
+    scores = np.concatenate([normal, defects])
+    lower = scores[scores < score]
+    if lower.size == 0:
+        return score - 1e-3 * max(1.0, abs(score))
+    return 0.5 * (score + float(lower.max()))
+
+
 def _target_recall(normal, defects, r) -> Choice:
-    """Highest threshold that still flags ceil(r * m) of the m defect images."""
+    """The strictest decisions that still flag ceil(r * m) of the m defect images (the threshold
+    midway below the k-th highest defect score)."""
     k = math.ceil(r * defects.size - 1e-9)
-    thr = float(np.sort(defects)[::-1][max(k, 1) - 1])
-    return _expected(normal, defects, thr, f"k-th highest defect score, k = ceil({r} x {defects.size}) = {k}")
+    thr = _below_score(float(np.sort(defects)[::-1][max(k, 1) - 1]), normal, defects)
+    return _expected(
+        normal, defects, thr, f"below the k-th highest defect score, k = ceil({r} x {defects.size}) = {k}"
+    )
 
 
 def _f1_max(normal, defects, _param) -> Choice:
@@ -233,7 +247,8 @@ def _f1_max(normal, defects, _param) -> Choice:
         f1 = 2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"])
         if f1 > best:
             best, best_thr = f1, float(thr)
-    return _expected(normal, defects, best_thr, f"maximum F1 ({best:.3f}) on the normal + defect images")
+    thr = _below_score(best_thr, normal, defects)
+    return _expected(normal, defects, thr, f"maximum F1 ({best:.3f}) on the normal + defect images")
 
 
 def _recall_images(r: float | None) -> int:
