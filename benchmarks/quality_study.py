@@ -45,7 +45,14 @@ from hgad_edge.train import FeatureCache, Trainer, extract_features, split_calib
 # The landed default (cc2a7f1) in full: the study's fixed starting point.
 BASE = {
     "input_size": [256, 256],
-    "backbone": {"name": "tf_efficientnet_lite0", "stages": [2, 3], "pyramid": [1.0], "pool": 1, "merge": "levels"},
+    "backbone": {
+        "name": "tf_efficientnet_lite0",
+        "stages": [2, 3],
+        "pyramid": [1.0],
+        "pool": 1,
+        "merge": "levels",
+        "pool_border": "exclude",
+    },
     "flow": {"coupling_blocks": 8, "clamp": 1.9, "pos_dim": 256, "hidden_ratio": 2.0},
     "head": {
         "mode": "full",
@@ -57,7 +64,7 @@ BASE = {
         "stage1_fraction": 0.3,
     },
     "train": {"epochs": 8, "batch_size": 16, "vectors_per_image": 128, "lr": 1e-3, "warmup_epochs": 1.0, "seed": 0},
-    "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0},
+    "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0, "spread": "level"},
 }
 
 # name -> (what it tests, overrides of BASE). "knn_*" rows run the kNN on that row's features.
@@ -72,6 +79,39 @@ ROWS: dict[str, tuple[str, dict]] = {
     "knn_fuse_pool3": (
         "kNN on stage 3 upsampled into stage 2, then 3x3 pooled (the issue's reference kNN)",
         {"backbone": {"pool": 3, "merge": "fuse"}},
+    ),
+    "knn_pool3z": (
+        "kNN on each stage 3x3 pooled with the zero padding counted (PatchCore's AvgPool2d)",
+        {"backbone": {"pool": 3, "pool_border": "zero"}},
+    ),
+    "knn_fuse_pool3z": (
+        "kNN on stage 3 upsampled into stage 2, then 3x3 pooled counting the zero padding (the issue's kNN)",
+        {"backbone": {"pool": 3, "merge": "fuse", "pool_border": "zero"}},
+    ),
+    "pool3z_e24": (
+        "pooling with the zero padding counted + 24 epochs",
+        {"backbone": {"pool": 3, "pool_border": "zero"}, "train": {"epochs": 24}},
+    ),
+    "lite1_pool3z_e24": (
+        "Lite1 backbone + pooling (zero padding counted) + 24 epochs",
+        {"backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"}, "train": {"epochs": 24}},
+    ),
+    "default": (
+        "the new default: Lite1 + pooling (zero padding counted) + 24 epochs, top 3 %, per-position spread",
+        {
+            "backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"},
+            "train": {"epochs": 24},
+            "score": {"topk": 0.03, "spread": "position"},
+        },
+    ),
+    "default_l2_01": (
+        "the new default with lambda2 0.1 (less weight on the mutual-information term)",
+        {
+            "backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"},
+            "head": {"lambda2": 0.1},
+            "train": {"epochs": 24},
+            "score": {"topk": 0.03, "spread": "position"},
+        },
     ),
     "pool3_fuse": (
         "pooling + stage 3 fused into stage 2 (one 152-d level)",
@@ -141,6 +181,8 @@ def feature_key(cfg: HGADConfig) -> str:
             cfg.train.calib_min,
             cfg.train.calib_max,
         ]
+        # caches computed before pool_border existed are keyed without it ("exclude")
+        + ([] if cfg.backbone.pool_border == "exclude" else [cfg.backbone.pool_border])
     )
 
 
@@ -228,8 +270,17 @@ def hgad_predictions(scorer, feats: list[torch.Tensor], truth: dict, class_id: i
 def score_predictions(truth: dict, class_id: int, scores: np.ndarray, maps: np.ndarray) -> ClassPredictions:
     """Predictions that carry only scores and maps (the kNN, a rescoring): what AUROC needs."""
     n = len(scores)
-    return ClassPredictions(truth["samples"][0].class_name, truth["samples"], truth["labels"], scores, scores,
-                            np.full(n, class_id), np.zeros((n, 1)), maps, truth["masks"])
+    return ClassPredictions(
+        truth["samples"][0].class_name,
+        truth["samples"],
+        truth["labels"],
+        scores,
+        scores,
+        np.full(n, class_id),
+        np.zeros((n, 1)),
+        maps,
+        truth["masks"],
+    )
 
 
 def split_metrics(pred: ClassPredictions, class_id: int, tune: np.ndarray, metric_fn) -> dict:
@@ -352,7 +403,7 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
     row's own scoring, one level at a time), of the whole model and of the kNN on the same
     features; and score histograms normal vs defect, HGAD beside kNN (OUT/diagnose/*.png)."""
     from hgad_edge.metrics import auroc
-    from hgad_edge.scoring import combine, gaussian_blur, image_score, standardize
+    from hgad_edge.scoring import combine, gaussian_blur, image_score
     from hgad_edge.viz import score_histogram
 
     scorer, cfg, _ = load_run(work / "runs" / name)
@@ -367,11 +418,8 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
             chunk = [lv[i : i + 16] for lv in levels]
             cls = torch.full((chunk[0].shape[0],), cid, dtype=torch.long)
             lls, nhs = scorer.level_maps(scorer.model.terms_from_features(chunk), cls)
-            for k in range(len(levels)):
-                s_l = standardize(lls[k], scorer.reference("loglik", k)[cls], scorer.tau_loglik[cls, k].view(-1, 1, 1))
-                s_e = standardize(
-                    nhs[k], scorer.reference("neg_entropy", k)[cls], scorer.tau_neg_entropy[cls, k].view(-1, 1, 1)
-                )
+            s_ls, s_es = scorer.standardized(lls, "loglik", cls), scorer.standardized(nhs, "neg_entropy", cls)
+            for k, (s_l, s_e) in enumerate(zip(s_ls, s_es)):
                 crit = scorer.cfg.criterion if cfg.head.per_class else "loglik"
                 amap = torch.nn.functional.interpolate(
                     combine(s_l, s_e, crit)[:, None], size=cfg.input_size, mode="bilinear", align_corners=False

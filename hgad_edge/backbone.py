@@ -174,12 +174,13 @@ def _drop_unused_blocks(features: nn.Module, last_index: int) -> None:
         features.blocks = features.blocks[:keep]
 
 
-def aggregate(feat: torch.Tensor, k: int) -> torch.Tensor:
-    """k x k local average (stride 1, zero padding not counted), PatchCore's neighbourhood
-    aggregation: a vector then describes its patch and neighbours, robust to small shifts."""
+def aggregate(feat: torch.Tensor, k: int, border: str = "zero") -> torch.Tensor:
+    """k x k local average (stride 1), PatchCore's neighbourhood aggregation: a vector then
+    describes its patch and neighbours, robust to small shifts. border "zero" counts the zero
+    padding in the average (BackboneConfig.pool_border), "exclude" does not."""
     if k <= 1:
         return feat
-    return F.avg_pool2d(feat, k, stride=1, padding=k // 2, count_include_pad=False)
+    return F.avg_pool2d(feat, k, stride=1, padding=k // 2, count_include_pad=border == "zero")
 
 
 def fuse_maps(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -225,7 +226,7 @@ class Backbone(nn.Module):
             # fuse: upsample first, then aggregate on the finer grid (a deep vector's 3x3
             # neighbourhood would otherwise cover 6x6 fine positions and blur small defects)
             maps = [fuse_maps(maps)] if self.cfg.merge == "fuse" else maps
-            out.extend(aggregate(m, self.cfg.pool) for m in maps)
+            out.extend(aggregate(m, self.cfg.pool, self.cfg.pool_border) for m in maps)
         return out
 
     def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -79,6 +79,8 @@ def load_run(run_dir: Path | str):
         msg = f"cannot read {run_dir / WEIGHTS_FILE} ({err}): the run is damaged; train it again or --resume"
         raise RunError(msg) from err
     missing, unexpected = scorer.load_state_dict(weights, strict=False)
+    # runs saved before per-position spreads existed: their spreads stay ones (one per level)
+    missing = [k for k in missing if not k.startswith("spread_")]
     if missing or unexpected:
         raise RunError(
             f"{run_dir / WEIGHTS_FILE} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -93,8 +95,15 @@ def _load_run_config(path: Path) -> HGADConfig:
     import yaml
 
     try:
-        return load_config(path)
-    except (ConfigError, yaml.YAMLError, TypeError, ValueError, AttributeError) as err:
+        data = yaml.safe_load(path.read_text())
+        # Runs saved before these keys existed: pooling averaged the valid neighbours only, and
+        # one spread per level standardised the maps.
+        if isinstance(data, dict):
+            for section, key, old in (("backbone", "pool_border", "exclude"), ("score", "spread", "level")):
+                if isinstance(data.get(section), dict):
+                    data[section].setdefault(key, old)
+        return load_config(overrides=data)
+    except (ConfigError, yaml.YAMLError, TypeError, ValueError, AttributeError, OSError) as err:
         raise RunError(f"{path} is not a valid config ({err}): the run is damaged; {_RESTORE}") from err
 
 

@@ -375,9 +375,8 @@ def _previous(record: dict[str, Any], where: Path) -> dict[str, Any]:
 # ---- run folders -------------------------------------------------------------------------------
 def _statistics(scorer) -> dict[str, Any]:
     """The scorer's normal statistics (per-position means, spreads), as kept before a refit."""
-    return {
-        k: v.detach().clone().contiguous() for k, v in scorer.state_dict().items() if k.startswith(("ref_", "tau_"))
-    }
+    kinds = ("ref_", "tau_", "spread_")
+    return {k: v.detach().clone().contiguous() for k, v in scorer.state_dict().items() if k.startswith(kinds)}
 
 
 def _load_statistics(scorer, path: Path) -> None:

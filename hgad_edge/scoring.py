@@ -5,11 +5,12 @@ over the whole test set of a class, which a camera stream does not have; and exp
 log-likelihoods saturates (float32 1 - exp(-20) == 1), flattening every map of a briefly trained
 model. Here each level's per-dimension log-likelihood and inter-class negative entropy are
 standardised in the log domain with constants from NORMAL training images (`calibrate`):
-z = (mean_normal[position] - value) / rms_normal, per class, level and map position, then
-upsampled and averaged over levels. Criteria (paper Tab. 3c): "loglik" S_l, "entropy" S_e,
-"product" softplus(S_l) * 2 sigmoid(S_e): the paper's S_l * S_e with the entropy factor squashed, so a
-confident class posterior (entropy at its normal level, factor 1) keeps the likelihood evidence
-instead of zeroing it.
+z = (mean_normal[position] - value) / (rms_normal * spread[position]), per class, level and map
+position (spread: how much more or less normal images vary at that position than on average,
+`ScoreConfig.spread`), then upsampled and averaged over levels. Criteria (paper Tab. 3c): "loglik"
+S_l, "entropy" S_e, "product" softplus(S_l) * 2 sigmoid(S_e): the paper's S_l * S_e with the
+entropy factor squashed, so a confident class posterior (entropy at its normal level, factor 1)
+keeps the likelihood evidence instead of zeroing it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from .model import HGADModel
 
 # Floor of a calibration std: a constant map (e.g. zero entropy everywhere) must not divide by 0.
 TAU_MIN = 1e-3
+# Floor of a position's relative spread: where normal training images barely vary (a constant
+# background), a tiny change must not become a defect; a quarter of the level's typical spread.
+SPREAD_FLOOR = 0.25
 
 
 # ---- pure functions -----------------------------------------------------------------------------
@@ -53,6 +57,16 @@ def level_weights(weights: tuple[float, ...], levels: int) -> torch.Tensor:
         raise ValueError(msg)
     w = torch.tensor(weights, dtype=torch.float32)
     return w / w.sum()
+
+
+def relative_spread(values: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) normal values and their position means (h, w) -> each position's RMS deviation
+    relative to the level's (mean square 1 over positions), floored at SPREAD_FLOOR."""
+    rms = (values - ref).pow(2).mean(0).sqrt()
+    scale = rms.pow(2).mean().sqrt()
+    if scale <= 0:
+        return torch.ones_like(ref)
+    return (rms / scale).clamp_min(SPREAD_FLOOR)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
@@ -108,6 +122,7 @@ class AnomalyScorer(nn.Module):
             # give every position its own normal level; one scalar per level made borders the max.
             for lv, (h, w) in enumerate(model.map_shapes):
                 self.register_buffer(f"ref_{name}_{lv}", torch.zeros(y, h, w))
+                self.register_buffer(f"spread_{name}_{lv}", torch.ones(y, h, w))
             self.register_buffer(f"tau_{name}", torch.ones(y, k))
         self.register_buffer("threshold", torch.zeros(y))
         self.register_buffer("scale", torch.ones(y))
@@ -125,19 +140,21 @@ class AnomalyScorer(nn.Module):
         """Per level: class log-likelihood maps (B, h, w) and negative entropy maps (B, h, w)."""
         return [gather_class(ll, cls) for ll, _, _ in terms], [nh for _, nh, _ in terms]
 
+    def standardized(self, maps: list[torch.Tensor], name: str, cls: torch.Tensor) -> list[torch.Tensor]:
+        """Per level: (normal mean - value) / (tau * spread) of `name` maps, at the level's size."""
+        tau = getattr(self, f"tau_{name}")
+        return [
+            standardize(m, self.reference(name, k)[cls], tau[cls, k].view(-1, 1, 1) * self.spread(name, k)[cls])
+            for k, m in enumerate(maps)
+        ]
+
     def anomaly_map(self, lls, nhs, cls: torch.Tensor) -> torch.Tensor:
         size = self.model.cfg.input_size
 
         def level_mean(maps, name):
-            tau = getattr(self, f"tau_{name}")
             ups = [
-                F.interpolate(
-                    standardize(m, self.reference(name, k)[cls], tau[cls, k].view(-1, 1, 1))[:, None],
-                    size=size,
-                    mode="bilinear",
-                    align_corners=False,
-                )[:, 0]
-                for k, m in enumerate(maps)
+                F.interpolate(z[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                for z in self.standardized(maps, name, cls)
             ]
             return (torch.stack(ups) * self.level_weights.view(-1, 1, 1, 1)).sum(0)
 
@@ -149,6 +166,11 @@ class AnomalyScorer(nn.Module):
     def reference(self, name: str, level: int) -> torch.Tensor:
         """(Y, h, w) normal mean of `name` ("loglik" / "neg_entropy") at each position of a level."""
         return getattr(self, f"ref_{name}_{level}")
+
+    def spread(self, name: str, level: int) -> torch.Tensor:
+        """(Y, h, w) relative normal spread of `name` at each position of a level (ones: one spread
+        for the whole level)."""
+        return getattr(self, f"spread_{name}_{level}")
 
     def normalize(self, score: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         """score_normalized (0.5 at the class threshold): the runtime's host-side formula, evaluated here."""
@@ -228,8 +250,13 @@ def calibrate(
             source = list(_level_values(scorer, position_batches_by_class[y], y)) or held_out
         for name, idx in (("loglik", 0), ("neg_entropy", 1)):
             for k in range(k_levels):
-                scorer.reference(name, k)[y] = torch.cat([v[idx][k] for v in source]).double().mean(0)
-                centred = torch.cat([(v[idx][k] - scorer.reference(name, k)[y]).flatten() for v in held_out]).double()
+                values = torch.cat([v[idx][k] for v in source]).double()
+                ref = scorer.reference(name, k)[y] = values.mean(0)
+                spread = torch.ones_like(ref)
+                if scorer.cfg.spread == "position":
+                    spread = relative_spread(values, ref)
+                scorer.spread(name, k)[y] = spread
+                centred = torch.cat([((v[idx][k] - ref) / spread).flatten() for v in held_out])
                 tau = centred.pow(2).mean().sqrt()  # RMS around the position means
                 getattr(scorer, f"tau_{name}")[y, k] = tau.clamp_min(TAU_MIN)
         scores = torch.cat(

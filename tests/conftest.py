@@ -103,7 +103,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
-    """A model trained on tiny_data with the real Lite0 backbone (a few CPU seconds)."""
+    """A model trained on tiny_data with the real default (Lite1) backbone (a few CPU seconds)."""
     from hgad_edge.config import HGADConfig
     from hgad_edge.data import open_roots
     from hgad_edge.train import train

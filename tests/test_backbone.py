@@ -24,12 +24,13 @@ def lite0():
     return model, _read_state_dict(path), path
 
 
-def test_shipped_lite0_weights_classify_a_real_photo(lite0):
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])  # both ship with [train]
+def test_shipped_lite_weights_classify_a_real_photo(name):
     """Grace Hopper's portrait (shipped with matplotlib, a real photograph) is a military uniform."""
     from matplotlib import cbook
 
-    model, _, _ = lite0
-    _load_pretrained(model, BackboneConfig())
+    model = timm.create_model(name, pretrained=False).eval()
+    _load_pretrained(model, BackboneConfig(name=name))
     image = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     cfg = model.pretrained_cfg
     x = (resize_image(image, cfg["input_size"][1:]).astype(np.float32) / 255 - np.array(cfg["mean"])) / np.array(
@@ -81,3 +82,13 @@ def test_wrong_architecture_fails_loudly(lite0, tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(BackboneError, match="not a state dict"):
         _read_state_dict(tmp_path / "list.pth")
+
+
+def test_pool_border_zero_counts_the_padding_exclude_does_not():
+    from hgad_edge.backbone import aggregate
+
+    ones = torch.ones(1, 1, 3, 3)
+    zero = aggregate(ones, 3, "zero")[0, 0]
+    assert torch.allclose(zero, torch.tensor([[4, 6, 4], [6, 9, 6], [4, 6, 4]]) / 9.0)  # corner 4/9, edge 6/9
+    assert torch.equal(aggregate(ones, 3, "exclude"), ones)  # averages of valid neighbours only
+    assert torch.equal(aggregate(ones, 1, "zero"), ones)  # pool 1 is no pooling

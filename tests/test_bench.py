@@ -97,7 +97,7 @@ def _row(backend, precision, batch, ips, device="cpu"):
 
 
 def test_targets_pass_miss_and_not_applicable():
-    cfg = HGADConfig.from_dict({})  # the Lite0 default at 256x256
+    cfg = HGADConfig.from_dict({})  # the default backbone at 256x256
     cpu = {"cores": 2, "gpu": None}
     rows = [_row("onnxruntime", "fp32", 1, 30.0), _row("onnxruntime", "fp32", 8, 40.0), _row("torch", "fp32", 8, 25.0)]
     targets = bench.check_targets(rows, None, cfg, cpu)

@@ -196,8 +196,9 @@ def test_failed_reexport_leaves_the_old_bundle_working(tiny_bundle, tiny_run, tm
 
 @pytest.mark.realdata
 def test_parity_on_real_class(realad, tmp_path):
-    """A Lite0 model briefly trained on battery_weld: ORT FP32 vs PyTorch on every real test image
-    (image AUROC equal to 3 decimals), and the FP16 body in PyTorch (no NaN/inf, AUROC within 0.1 point)."""
+    """The default backbone, briefly trained on battery_weld: ORT FP32 vs PyTorch on every real test
+    image (maps within 1e-4 of their magnitude, image AUROC equal to 3 decimals), and the FP16 body in
+    PyTorch (no NaN/inf, AUROC within 0.5 point)."""
     from hgad_edge.config import HGADConfig
     from hgad_edge.train import train
 
@@ -208,7 +209,7 @@ def test_parity_on_real_class(realad, tmp_path):
     scorer, cfg, _ = load_run(tmp_path / "run")
     samples = ds.samples("test")
     labels = np.array([s.label for s in samples])
-    ref_scores, ort_scores, half_scores, max_map_err = [], [], [], 0.0
+    ref_scores, ort_scores, half_scores, max_map_err, max_map = [], [], [], 0.0, 0.0
     for i in range(0, len(samples), 16):
         images = load_batch(samples[i : i + 16], cfg.input_size)
         cls = torch.zeros(images.shape[0], dtype=torch.long)
@@ -219,13 +220,17 @@ def test_parity_on_real_class(realad, tmp_path):
             hmap, hscore, _ = scorer(images, cls)
         got = ort_run(bundle.files["fp32"], images.numpy(), cls.numpy())
         max_map_err = max(max_map_err, float(np.abs(got[0] - amap.numpy()).max()))
+        max_map = max(max_map, float(amap.abs().max()))
         assert torch.isfinite(hmap).all() and torch.isfinite(hscore).all()
         ref_scores.append(score.numpy()), ort_scores.append(got[1]), half_scores.append(hscore.numpy())
     ref, onnx_s, half = (np.concatenate(x) for x in (ref_scores, ort_scores, half_scores))
     print(
-        f"battery_weld: max |map| err {max_map_err:.2e}, max |score| err {np.abs(onnx_s - ref).max():.2e}, "
+        f"battery_weld: max |map| err {max_map_err:.2e} of max |map| {max_map:.3g}, "
+        f"max |score| err {np.abs(onnx_s - ref).max():.2e}, "
         f"AUROC torch {auroc(labels, ref):.4f} ort {auroc(labels, onnx_s):.4f} fp16 {auroc(labels, half):.4f}"
     )
-    assert max_map_err < 1e-3
+    assert max_map_err < 1e-4 * max(1.0, max_map)
     assert round(auroc(labels, onnx_s), 3) == round(auroc(labels, ref), 3)
-    assert abs(auroc(labels, half) - auroc(labels, ref)) <= 0.001
+    # FP16 body: its rounding reaches the map scaled by 1 / spread, up to 4x at quiet positions
+    # (score.spread "position", floor 0.25); measured 0.15 points here, 0-0.8 per class in the bench
+    assert abs(auroc(labels, half) - auroc(labels, ref)) <= 0.005

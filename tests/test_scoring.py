@@ -12,7 +12,7 @@ from hgad_edge.batching import load_batch
 from hgad_edge.checkpoint import load_run
 from hgad_edge.config import ScoreConfig
 from hgad_edge.data import open_roots
-from hgad_edge.scoring import TAU_MIN, calibrate, combine, gaussian_blur, image_score
+from hgad_edge.scoring import SPREAD_FLOOR, TAU_MIN, calibrate, combine, gaussian_blur, image_score, relative_spread
 
 
 # ---- pure functions -----------------------------------------------------------------------------
@@ -42,16 +42,30 @@ def test_image_score_max_or_top_fraction():
     assert image_score(two, 0.5).tolist() == pytest.approx([74.5, -24.5])  # per image
 
 
+def test_relative_spread_by_hand():
+    """Per position: RMS deviation from the position mean, over the level's RMS; floored."""
+    values = torch.tensor([[[0.0, 0.0, 0.0, 5.0]], [[2.0, 4.0, 8.0, 5.0]]], dtype=torch.float64)  # (N=2, 1, 4)
+    ref = values.mean(0)
+    rms = torch.tensor([[1.0, 2.0, 4.0, 0.0]], dtype=torch.float64)  # |value - mean| at each position
+    level = (rms.pow(2).mean()).sqrt()  # sqrt(21 / 4)
+    got = relative_spread(values, ref)
+    assert torch.allclose(got, (rms / level).clamp_min(SPREAD_FLOOR))
+    assert got[0, 3] == SPREAD_FLOOR  # a constant position gets the floor, not 0
+    assert torch.equal(relative_spread(torch.ones(3, 2, 2), torch.ones(2, 2)), torch.ones(2, 2))  # nothing varies
+
+
 # ---- calibration --------------------------------------------------------------------------------
 def _normal_batches(tiny_data, cfg, class_name):
     samples = [s for s in open_roots([tiny_data]).samples("train") if s.class_name == class_name][:12]
     return [load_batch(samples[:6], cfg.input_size), load_batch(samples[6:], cfg.input_size)]
 
 
+@pytest.mark.parametrize("spread", ScoreConfig.SPREADS)
 @pytest.mark.parametrize("quantile", [1.0, 0.5])
-def test_calibrate_fits_reference_spread_and_threshold(tiny_run, tiny_data, quantile):
+def test_calibrate_fits_reference_spread_and_threshold(tiny_run, tiny_data, quantile, spread):
     scorer, cfg, _ = load_run(tiny_run)
     scorer.cfg.threshold_quantile = quantile
+    scorer.cfg.spread = spread
     y = scorer.model.class_names.index("dots")
     batches = _normal_batches(tiny_data, cfg, "dots")
     out = calibrate(scorer, {y: batches})
@@ -64,10 +78,17 @@ def test_calibrate_fits_reference_spread_and_threshold(tiny_run, tiny_data, quan
         _, score, _ = scorer(images, cls)  # the graph's outputs; score_normalized is the host-side formula
         normalized = scorer.normalize(score, cls)
     for k, ll in enumerate(lls):
-        # per position: the normal mean; per level: the RMS around it (so standardised values have RMS 1)
-        ref, tau = scorer.reference("loglik", k)[y], scorer.tau_loglik[y, k]
+        # per position: the normal mean and the relative spread; per level: the RMS around the mean
+        # in units of the spread (so standardised values have RMS 1)
+        ref, tau, rel = scorer.reference("loglik", k)[y], scorer.tau_loglik[y, k], scorer.spread("loglik", k)[y]
         assert torch.allclose(ref, ll.double().mean(0).float(), atol=1e-4)
-        z = (ref - ll) / tau
+        if spread == "level":
+            assert torch.equal(rel, torch.ones_like(rel))
+        else:
+            dev = (ll.double() - ref.double()).pow(2).mean(0).sqrt()
+            expected = (dev / dev.pow(2).mean().sqrt()).clamp_min(SPREAD_FLOOR)
+            assert torch.allclose(rel.double(), expected, rtol=1e-4) and not torch.equal(rel, torch.ones_like(rel))
+        z = (ref - ll) / (tau * rel)
         assert tau >= TAU_MIN and float(z.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-3)
     scores = score.double().numpy()
     assert float(scorer.threshold[y]) == pytest.approx(np.quantile(scores, quantile), rel=1e-5)

@@ -80,6 +80,34 @@ def test_run_reload_is_exact(tiny_run, tiny_data):
             assert torch.equal(x, y)
 
 
+def test_runs_from_before_pool_border_and_spreads_keep_their_scoring(tiny_run, tiny_data, tmp_path):
+    """A run saved before backbone.pool_border / score.spread existed pooled over valid neighbours
+    and used one spread per level: it loads as such and scores as before."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from hgad_edge.batching import load_batch
+
+    old = tmp_path / "old_run"
+    shutil.copytree(tiny_run, old)
+    data = yaml.safe_load((old / "config.yaml").read_text())
+    del data["backbone"]["pool_border"], data["score"]["spread"]
+    (old / "config.yaml").write_text(yaml.safe_dump(data))
+    weights = {k: v for k, v in load_file(str(old / "model.safetensors")).items() if not k.startswith("spread_")}
+    save_file(weights, str(old / "model.safetensors"))
+    scorer, cfg, _ = load_run(old)
+    assert cfg.backbone.pool_border == "exclude" and cfg.score.spread == "level"
+    assert all(torch.equal(scorer.spread("loglik", k), torch.ones_like(scorer.spread("loglik", k))) for k in range(2))
+    new, _, _ = load_run(tiny_run)
+    assert new.model.cfg.backbone.pool_border == "zero" and new.cfg.spread == "position"
+    images = load_batch(open_roots([tiny_data]).samples("test")[:2], cfg.input_size)
+    cls = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        assert not torch.allclose(scorer(images, cls)[0], new(images, cls)[0])
+
+
 def test_cli_train_eval_and_resume(tiny_data, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     save_config(HGADConfig.from_dict({**TINY_CONFIG, "train": {**TINY_CONFIG["train"], "epochs": 2}}), cfg_path)

@@ -45,11 +45,15 @@ def compute_ratios(rows: list[LatencyRow], official: LatencyRow | None) -> list[
 
 def check_targets(rows: list[LatencyRow], official: LatencyRow | None, cfg, machine: dict) -> list[Target]:
     """The issue's performance targets, PASS / MISS / N/A with the numbers behind each verdict."""
-    default = tuple(cfg.input_size) == (256, 256) and cfg.backbone.name == "tf_efficientnet_lite0"
+    from ..config import HGADConfig
+
+    base = HGADConfig()
+    default = tuple(cfg.input_size) == tuple(base.input_size) and cfg.backbone.name == base.backbone.name
     why_na = (
         None
         if default
-        else f"the run is {cfg.backbone.name} at {list(cfg.input_size)}, the target is for the Lite0 default at 256x256"
+        else f"the run is {cfg.backbone.name} at {list(cfg.input_size)}, the target is for the default "
+        f"{base.backbone.name} at {list(base.input_size)}"
     )
     cores_note = f"measured on {machine['cores']} cores" + (
         "" if machine["cores"] == 2 else " (the target is stated for 2)"
