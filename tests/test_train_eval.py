@@ -82,7 +82,8 @@ def test_run_reload_is_exact(tiny_run, tiny_data):
 
 def test_runs_from_before_pool_border_and_spreads_keep_their_scoring(tiny_run, tiny_data, tmp_path):
     """A run saved before backbone.pool_border / score.spread existed pooled over valid neighbours
-    and used one spread per level: it loads as such and scores as before."""
+    and used one spread per level: it loads as such (and the reading matters: the same weights read
+    with the new defaults score differently)."""
     import shutil
 
     import yaml
