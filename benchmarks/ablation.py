@@ -17,12 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from hgad_edge.checkpoint import load_run
+from hgad_edge.checkpoint import load_run, load_run_config, save_run
 from hgad_edge.config import HeadConfig, load_config
 from hgad_edge.data import open_roots
 from hgad_edge.evaluate import evaluate
 from hgad_edge.knn import evaluate_knn
-from hgad_edge.train import Trainer, split_calibration
+from hgad_edge.train import Trainer, calibrate_run, split_calibration
 
 MODES = ("knn", *HeadConfig.MODES)
 LABELS = {
@@ -54,6 +54,8 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
         if reused:
             print(f"{mode}: reusing the finished run in {out / mode}", flush=True)
             train_s = json.loads((out / mode / "meta.json").read_text()).get("train_seconds")
+            if reused == "rescore":
+                _recalibrate(out / mode, cfg, dataset)
         else:
             trainer = Trainer(cfg, dataset, out / mode, cache=cache)
             trainer.run()
@@ -86,19 +88,35 @@ def run_ablation(roots, out: Path, epochs: int | None, modes, config: Path | Non
     return summary
 
 
-def _finished(run: Path, cfg) -> bool:
-    """A calibrated run trained with exactly this config (an interrupted ablation resumes cheaply)."""
+def _finished(run: Path, cfg) -> str | None:
+    """A calibrated run trained with exactly this config ("same"; an interrupted ablation resumes
+    cheaply), or with the same training but other score settings ("rescore": recalibrate, no
+    retraining); None: train it."""
     if not (run / "meta.json").is_file() or not (run / "config.yaml").is_file():
-        return False
+        return None
     if not json.loads((run / "meta.json").read_text()).get("calibrated"):
-        return False
-    return _training_view(load_config(run / "config.yaml")) == _training_view(cfg)
+        return None
+    saved = load_run_config(run)
+    if _training_view(saved) != _training_view(cfg):
+        return None
+    return "same" if saved.score == cfg.score else "rescore"
+
+
+def _recalibrate(run: Path, cfg, dataset) -> None:
+    """Score the trained run with cfg.score: its calibration is fitted again (same held-out and
+    position images as training used) and saved with the new settings."""
+    scorer, _, meta = load_run(run)
+    scorer.set_score_config(cfg.score)
+    fit, calib = split_calibration(dataset.samples("train"), cfg.train)
+    save_run(run, scorer, {**meta, "calibration": calibrate_run(scorer, cfg, fit, calib)})
+    print(f"  recalibrated {run} for the score settings {cfg.score}", flush=True)
 
 
 def _training_view(cfg) -> dict:
-    """The config without head settings its mode never reads: sweeping lambda2 or the intra-class
-    centres reuses the baseline rows instead of retraining them."""
+    """The config without its score section and the head settings its mode never reads: sweeping
+    lambda2 or the intra-class centres reuses the baseline rows instead of retraining them."""
     d = cfg.to_dict()
+    del d["score"]  # scoring settings change the calibration only (_recalibrate)
     unused = set()
     if not cfg.head.mutual_info:
         unused |= {"lambda2", "label_smoothing"}

@@ -39,7 +39,6 @@ from hgad_edge.files import atomic_write_json, atomic_write_text
 from hgad_edge.knn import fit_bank, knn_maps
 from hgad_edge.metrics import image_and_pixel_metrics
 from hgad_edge.model import HGADModel
-from hgad_edge.scoring import gaussian_kernel1d, image_score, level_weights
 from hgad_edge.train import FeatureCache, Trainer, extract_features, split_calibration
 
 # The landed default (cc2a7f1) in full: the study's fixed starting point.
@@ -64,7 +63,7 @@ BASE = {
         "stage1_fraction": 0.3,
     },
     "train": {"epochs": 8, "batch_size": 16, "vectors_per_image": 128, "lr": 1e-3, "warmup_epochs": 1.0, "seed": 0},
-    "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0, "spread": "level"},
+    "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0, "spread": "level", "image_deep_weight": 1.0},
 }
 
 # name -> (what it tests, overrides of BASE). "knn_*" rows run the kNN on that row's features.
@@ -111,6 +110,25 @@ ROWS: dict[str, tuple[str, dict]] = {
             "head": {"lambda2": 0.1},
             "train": {"epochs": 24},
             "score": {"topk": 0.03, "spread": "position"},
+        },
+    ),
+    "default_320": (
+        "the new default (lambda2 0.1) at 320x320 input (small defects)",
+        {
+            "input_size": [320, 320],
+            "backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"},
+            "head": {"lambda2": 0.1},
+            "train": {"epochs": 24},
+            "score": {"topk": 0.03, "spread": "position"},
+        },
+    ),
+    "default_pool5": (
+        "the new default (lambda2 0.1, image score with stage 3 weighted 3x) with 5x5 local aggregation",
+        {
+            "backbone": {"name": "tf_efficientnet_lite1", "pool": 5, "pool_border": "zero"},
+            "head": {"lambda2": 0.1},
+            "train": {"epochs": 24},
+            "score": {"topk": 0.03, "spread": "position", "image_deep_weight": 3.0},
         },
     ),
     "pool3_fuse": (
@@ -376,16 +394,14 @@ def rescore(name: str, dataset, work: Path, truth: dict, sweep: list[dict]) -> l
             cls = torch.full((chunk[0].shape[0],), cid, dtype=torch.long)
             chunks.append((*scorer.level_maps(scorer.model.terms_from_features(chunk), cls), cls))
         terms[cname] = chunks
-    rows = []
+    rows, trained = [], cfg.score  # set_score_config replaces cfg.score: each setting starts from the row's own
     for over in sweep:
-        scorer.cfg = dataclasses.replace(cfg.score, **over)
-        scorer.kernel = gaussian_kernel1d(scorer.cfg.smooth_sigma)
-        scorer.level_weights = level_weights(scorer.cfg.level_weights, len(scorer.model.levels))
+        scorer.set_score_config(dataclasses.replace(trained, **over))
         per_class = {}
         for cid, cname in enumerate(dataset.classes):
-            maps = torch.cat([scorer.anomaly_map(lls, nhs, cls) for lls, nhs, cls in terms[cname]])
-            scores = image_score(maps, scorer.cfg.topk).numpy()
-            pred = score_predictions(truth[cname], cid, scores, maps.numpy())
+            outs = [scorer.map_and_score(lls, nhs, cls) for lls, nhs, cls in terms[cname]]
+            maps, scores = torch.cat([m for m, _ in outs]), torch.cat([s for _, s in outs])
+            pred = score_predictions(truth[cname], cid, scores.numpy(), maps.numpy())
             per_class[cname] = split_metrics(pred, cid, truth[cname]["tune"], knn_metrics)
         rows.append({"row": name, "score": over, "per_class": per_class, "mean": mean_over_classes(per_class)})
         m = rows[-1]["mean"]

@@ -70,7 +70,7 @@ def load_run(run_dir: Path | str):
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (run_dir / name).is_file():
             raise RunError(f"{run_dir / name} is missing: the run is incomplete; train it again or --resume")
-    cfg = _load_run_config(run_dir / CONFIG_FILE)
+    cfg = load_run_config(run_dir)
     model = HGADModel(cfg, meta["classes"], load_backbone_weights=False)
     scorer = AnomalyScorer(model, cfg.score)
     try:
@@ -90,16 +90,22 @@ def load_run(run_dir: Path | str):
     return scorer.eval(), cfg, meta
 
 
-def _load_run_config(path: Path) -> HGADConfig:
-    """The run's config.yaml; a damaged file is a RunError naming it, not a YAML traceback."""
+def load_run_config(run_dir: Path | str) -> HGADConfig:
+    """The run's config.yaml as the run was trained (keys added since read as they were then); a
+    damaged file is a RunError naming it, not a YAML traceback."""
     import yaml
 
+    path = Path(run_dir) / CONFIG_FILE
     try:
         data = yaml.safe_load(path.read_text())
-        # Runs saved before these keys existed: pooling averaged the valid neighbours only, and
-        # one spread per level standardised the maps.
+        # Runs saved before these keys existed: pooling averaged the valid neighbours only, one
+        # spread per level standardised the maps, and the image score read the whole map.
         if isinstance(data, dict):
-            for section, key, old in (("backbone", "pool_border", "exclude"), ("score", "spread", "level")):
+            for section, key, old in (
+                ("backbone", "pool_border", "exclude"),
+                ("score", "spread", "level"),
+                ("score", "image_deep_weight", 1.0),
+            ):
                 if isinstance(data.get(section), dict):
                     data[section].setdefault(key, old)
         return load_config(overrides=data)

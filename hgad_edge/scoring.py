@@ -10,7 +10,9 @@ position (spread: how much more or less normal images vary at that position than
 `ScoreConfig.spread`), then upsampled and averaged over levels. Criteria (paper Tab. 3c): "loglik"
 S_l, "entropy" S_e, "product" softplus(S_l) * 2 sigmoid(S_e): the paper's S_l * S_e with the
 entropy factor squashed, so a confident class posterior (entropy at its normal level, factor 1)
-keeps the likelihood evidence instead of zeroing it.
+keeps the likelihood evidence instead of zeroing it. The image score (mean of the top fraction)
+reads the same construction with the deepest stage's levels weighted higher
+(`ScoreConfig.image_deep_weight`): their evidence is steadier for the PASS/FAIL decision.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def level_weights(weights: tuple[float, ...], levels: int) -> torch.Tensor:
         msg = f"score.level_weights={tuple(weights)}: give {levels} non-negative weights (one per level), not all 0"
         raise ValueError(msg)
     w = torch.tensor(weights, dtype=torch.float32)
+    return w / w.sum()
+
+
+def image_level_weights(map_weights: torch.Tensor, deepest: torch.Tensor, factor: float) -> torch.Tensor:
+    """(levels,) weights of the map the image score reads: the anomaly map's, times `factor` on
+    the deepest stage's levels (`deepest`: (levels,) bool), renormalised; factor 1: the map's."""
+    w = map_weights * torch.where(deepest, factor, 1.0)
     return w / w.sum()
 
 
@@ -115,7 +124,7 @@ class AnomalyScorer(nn.Module):
 
     def __init__(self, model: HGADModel, cfg: ScoreConfig):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model = model
         y, k = model.num_classes, len(model.levels)
         for name in ("loglik", "neg_entropy"):
             # Per class, level and map position: border features (padding) and positional structure
@@ -127,8 +136,20 @@ class AnomalyScorer(nn.Module):
         self.register_buffer("threshold", torch.zeros(y))
         self.register_buffer("scale", torch.ones(y))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.set_score_config(cfg)
+
+    def set_score_config(self, cfg: ScoreConfig) -> None:
+        """Take the scoring settings that calibration does not depend on (smoothing, top fraction,
+        level weights, the image score's deep weight, criterion), e.g. to rescore one trained model.
+        Level weights are Python floats: zero-weight levels leave no nodes in the exported graph.
+        The model's config takes them too, so a saved run records the settings it scores with."""
+        self.cfg = self.model.cfg.score = cfg
+        levels = self.model.levels
         self.register_buffer("kernel", gaussian_kernel1d(cfg.smooth_sigma), persistent=False)
-        self.register_buffer("level_weights", level_weights(cfg.level_weights, k), persistent=False)
+        weights = level_weights(cfg.level_weights, len(levels))
+        deepest = torch.tensor([max(lv.stages) == max(max(v.stages) for v in levels) for lv in levels])
+        image = image_level_weights(weights, deepest, cfg.image_deep_weight)
+        self.map_weights, self.image_weights = weights.tolist(), image.tolist()
 
     def select_class(self, terms, class_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Auto class = argmax of the image-averaged inter-class posterior over all levels."""
@@ -148,20 +169,29 @@ class AnomalyScorer(nn.Module):
             for k, m in enumerate(maps)
         ]
 
-    def anomaly_map(self, lls, nhs, cls: torch.Tensor) -> torch.Tensor:
+    def upsampled(self, maps: list[torch.Tensor], name: str, cls: torch.Tensor) -> list[torch.Tensor]:
+        """Per level: the standardised `name` maps, bilinearly upsampled to the input size (B, H, W)."""
         size = self.model.cfg.input_size
+        return [
+            F.interpolate(z[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            for z in self.standardized(maps, name, cls)
+        ]
 
-        def level_mean(maps, name):
-            ups = [
-                F.interpolate(z[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-                for z in self.standardized(maps, name, cls)
-            ]
-            return (torch.stack(ups) * self.level_weights.view(-1, 1, 1, 1)).sum(0)
-
-        s_l = level_mean(lls, "loglik")
-        s_e = level_mean(nhs, "neg_entropy")
+    def mixed(self, s_ls: list[torch.Tensor], s_es: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        """The smoothed map of the criterion on the levels' weighted averages (zero weights skipped)."""
+        used = [(w, s_l, s_e) for w, s_l, s_e in zip(weights, s_ls, s_es) if w > 0]
+        s_l, s_e = used[0][0] * used[0][1], used[0][0] * used[0][2]
+        for w, a, b in used[1:]:
+            s_l, s_e = s_l + w * a, s_e + w * b
         crit = self.cfg.criterion if self.model.cfg.head.per_class else "loglik"
         return gaussian_blur(combine(s_l, s_e, crit), self.kernel)
+
+    def map_and_score(self, lls, nhs, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly map (B, H, W) and image score (B,) (levels weighted per `score.image_deep_weight`)."""
+        s_ls, s_es = self.upsampled(lls, "loglik", cls), self.upsampled(nhs, "neg_entropy", cls)
+        amap = self.mixed(s_ls, s_es, self.map_weights)
+        image_map = amap if self.image_weights == self.map_weights else self.mixed(s_ls, s_es, self.image_weights)
+        return amap, image_score(image_map, self.cfg.topk)
 
     def reference(self, name: str, level: int) -> torch.Tensor:
         """(Y, h, w) normal mean of `name` ("loglik" / "neg_entropy") at each position of a level."""
@@ -182,8 +212,8 @@ class AnomalyScorer(nn.Module):
         terms = self.model.level_terms(self.model.preprocess(images))
         cls, _ = self.select_class(terms, class_id)
         lls, nhs = self.level_maps(terms, cls)
-        amap = self.anomaly_map(lls, nhs, cls)
-        return amap, image_score(amap, self.cfg.topk), cls
+        amap, score = self.map_and_score(lls, nhs, cls)
+        return amap, score, cls
 
     @torch.no_grad()
     def evaluate_batch(self, images: torch.Tensor, class_id: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -197,8 +227,7 @@ class AnomalyScorer(nn.Module):
         terms = self.model.terms_from_features([f.to(self.model.body_dtype) for f in feats])
         auto, _ = self.select_class(terms, torch.full_like(class_id, -1))
         lls, nhs = self.level_maps(terms, class_id)
-        amap = self.anomaly_map(lls, nhs, class_id)
-        score = image_score(amap, self.cfg.topk)
+        amap, score = self.map_and_score(lls, nhs, class_id)
         min_loglik = torch.stack([ll.flatten(1).amin(1) for ll in lls], 1)
         return {
             "anomaly_map": amap,
@@ -259,9 +288,7 @@ def calibrate(
                 centred = torch.cat([((v[idx][k] - ref) / spread).flatten() for v in held_out])
                 tau = centred.pow(2).mean().sqrt()  # RMS around the position means
                 getattr(scorer, f"tau_{name}")[y, k] = tau.clamp_min(TAU_MIN)
-        scores = torch.cat(
-            [image_score(scorer.anomaly_map(lls, nhs, cls), scorer.cfg.topk) for lls, nhs, cls in held_out]
-        )
+        scores = torch.cat([scorer.map_and_score(lls, nhs, cls)[1] for lls, nhs, cls in held_out])
         s = scores.numpy().astype(np.float64)
         class_name = model.class_names[y]
         scorer.threshold[y] = decision.choose_threshold(policy, param, s, what=f"class {class_name}").threshold

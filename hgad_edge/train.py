@@ -128,6 +128,19 @@ def init_centers(model: HGADModel, cache: FeatureCache, gen: torch.Generator, pe
         model.heads[k].init_centers_from(z, cache.labels.repeat_interleave(per_image))
 
 
+def calibrate_run(scorer: AnomalyScorer, cfg: HGADConfig, fit: Sequence[Sample], calib: Sequence[Sample]) -> dict:
+    """Fit a trained model's scoring constants (scoring.calibrate): std and threshold on the
+    held-out normal images `calib`, per-position statistics on up to train.position_images fit
+    images per class. Also what a changed score config needs instead of retraining."""
+    tcfg, classes = cfg.train, range(len(scorer.model.class_names))
+    batches = {y: iter_batches([s for s in calib if s.class_id == y], cfg.input_size, tcfg.batch_size) for y in classes}
+    positions = {
+        y: iter_batches([s for s in fit if s.class_id == y][: tcfg.position_images], cfg.input_size, tcfg.batch_size)
+        for y in classes
+    }
+    return calibrate(scorer, batches, positions)
+
+
 class Trainer:
     def __init__(
         self,
@@ -177,17 +190,7 @@ class Trainer:
             )
         train_seconds = time.time() - t0
         model.eval()
-        batches = {
-            y: iter_batches([s for s in calib if s.class_id == y], cfg.input_size, tcfg.batch_size)
-            for y in range(len(self.dataset.classes))
-        }
-        positions = {
-            y: iter_batches(
-                [s for s in fit if s.class_id == y][: tcfg.position_images], cfg.input_size, tcfg.batch_size
-            )
-            for y in range(len(self.dataset.classes))
-        }
-        calibration = calibrate(scorer, batches, positions)
+        calibration = calibrate_run(scorer, cfg, fit, calib)
         meta = {
             "epochs_done": tcfg.epochs,
             "calibrated": True,

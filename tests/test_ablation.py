@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from .conftest import TINY_CONFIG, load_benchmark
 
 
@@ -54,3 +56,29 @@ def test_ablation_reuses_rows_whose_training_did_not_change(tiny_data, tmp_path)
     after = {m: (tmp_path / "abl" / m / "model.safetensors").stat().st_mtime_ns for m in ("single", "mi")}
     assert after["single"] == mtimes["single"] and after["mi"] != mtimes["mi"]
     assert summary["config"]["head"]["lambda2"] == 3.0
+
+
+def test_ablation_recalibrates_rows_whose_score_settings_changed(tiny_data, tmp_path):
+    """Score settings do not change training: the row keeps its flows, is calibrated again with the
+    new settings (threshold included) and saved with them; it is not retrained."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from hgad_edge.checkpoint import load_run_config
+
+    module = _ablation_module()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_CONFIG))
+    run = tmp_path / "abl" / "full"
+    module.run_ablation([tiny_data], tmp_path / "abl", 1, ["full"], cfg)
+    before, log = load_file(str(run / "model.safetensors")), (run / "train_log.jsonl").read_text()
+    assert load_run_config(run).score.image_deep_weight == 3.0
+    cfg.write_text(yaml.safe_dump(TINY_CONFIG | {"score": TINY_CONFIG["score"] | {"image_deep_weight": 1.0}}))
+    summary = module.run_ablation([tiny_data], tmp_path / "abl", 1, ["full"], cfg)
+    after = load_file(str(run / "model.safetensors"))
+    assert (run / "train_log.jsonl").read_text() == log  # no epoch was trained again
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model."))
+    assert not torch.equal(before["threshold"], after["threshold"])  # the image score changed, so did its threshold
+    assert load_run_config(run).score.image_deep_weight == 1.0
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())
+    assert summary["results"]["full"]["mean"] == evaluated["mean"]  # evaluated again, with the new settings

@@ -42,6 +42,41 @@ def test_image_score_max_or_top_fraction():
     assert image_score(two, 0.5).tolist() == pytest.approx([74.5, -24.5])  # per image
 
 
+def test_image_level_weights_favour_the_deepest_stage():
+    from hgad_edge.scoring import image_level_weights
+
+    w = torch.tensor([0.25, 0.25, 0.5])
+    deepest = torch.tensor([False, True, True])  # e.g. stage 2 at scale 1, stage 3 at scales 1 and 0.5
+    assert torch.allclose(image_level_weights(w, deepest, 1.0), w)  # factor 1: the anomaly map's
+    assert torch.allclose(image_level_weights(w, deepest, 3.0), torch.tensor([0.25, 0.75, 1.5]) / 2.5)
+    assert torch.allclose(image_level_weights(w, torch.ones(3, dtype=torch.bool), 3.0), w)  # one stage
+
+
+@pytest.mark.parametrize("factor", [1.0, 3.0])
+def test_image_score_weights_the_deepest_stage(tiny_run, tiny_data, factor):
+    """The anomaly map averages both levels with equal weights whatever the factor; the image score
+    is the top fraction of the same construction with stage 3 weighted `factor` times stage 2."""
+    import dataclasses
+
+    scorer, cfg, _ = load_run(tiny_run)
+    scorer.set_score_config(dataclasses.replace(cfg.score, image_deep_weight=factor, topk=0.05))
+    images = load_batch(open_roots([tiny_data]).samples("test")[:4], cfg.input_size)
+    cls = torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        amap, score, _ = scorer(images, cls)
+        lls, nhs = scorer.level_maps(scorer.model.level_terms(scorer.model.preprocess(images)), cls)
+        s_ls, s_es = scorer.upsampled(lls, "loglik", cls), scorer.upsampled(nhs, "neg_entropy", cls)
+
+    def built(w2, w3):
+        s_l, s_e = (w2 * s_ls[0] + w3 * s_ls[1]) / (w2 + w3), (w2 * s_es[0] + w3 * s_es[1]) / (w2 + w3)
+        return gaussian_blur(combine(s_l, s_e, cfg.score.criterion), scorer.kernel)
+
+    assert torch.allclose(amap, built(1.0, 1.0), atol=1e-5)
+    assert torch.allclose(score, image_score(built(1.0, factor), 0.05), atol=1e-5)
+    # the factor matters: the score differs from the anomaly map's
+    assert factor == 1.0 or not torch.allclose(score, image_score(amap, 0.05), atol=1e-3)
+
+
 def test_relative_spread_by_hand():
     """Per position: RMS deviation from the position mean, over the level's RMS; floored."""
     values = torch.tensor([[[0.0, 0.0, 0.0, 5.0]], [[2.0, 4.0, 8.0, 5.0]]], dtype=torch.float64)  # (N=2, 1, 4)

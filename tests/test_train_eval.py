@@ -94,15 +94,16 @@ def test_runs_from_before_pool_border_and_spreads_keep_their_scoring(tiny_run, t
     old = tmp_path / "old_run"
     shutil.copytree(tiny_run, old)
     data = yaml.safe_load((old / "config.yaml").read_text())
-    del data["backbone"]["pool_border"], data["score"]["spread"]
+    del data["backbone"]["pool_border"], data["score"]["spread"], data["score"]["image_deep_weight"]
     (old / "config.yaml").write_text(yaml.safe_dump(data))
     weights = {k: v for k, v in load_file(str(old / "model.safetensors")).items() if not k.startswith("spread_")}
     save_file(weights, str(old / "model.safetensors"))
     scorer, cfg, _ = load_run(old)
-    assert cfg.backbone.pool_border == "exclude" and cfg.score.spread == "level"
+    assert cfg.backbone.pool_border == "exclude" and cfg.score.spread == "level" and cfg.score.image_deep_weight == 1.0
     assert all(torch.equal(scorer.spread("loglik", k), torch.ones_like(scorer.spread("loglik", k))) for k in range(2))
     new, _, _ = load_run(tiny_run)
     assert new.model.cfg.backbone.pool_border == "zero" and new.cfg.spread == "position"
+    assert new.cfg.image_deep_weight == 3.0
     images = load_batch(open_roots([tiny_data]).samples("test")[:2], cfg.input_size)
     cls = torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
