@@ -131,6 +131,15 @@ ROWS: dict[str, tuple[str, dict]] = {
             "score": {"topk": 0.03, "spread": "position", "image_deep_weight": 3.0},
         },
     ),
+    "default_pool35": (
+        "the new default (lambda2 0.1, image score with stage 3 weighted 3x), stage 2 pooled 3x3 and stage 3 5x5",
+        {
+            "backbone": {"name": "tf_efficientnet_lite1", "pool": [3, 5], "pool_border": "zero"},
+            "head": {"lambda2": 0.1},
+            "train": {"epochs": 24},
+            "score": {"topk": 0.03, "spread": "position", "image_deep_weight": 3.0},
+        },
+    ),
     "pool3_fuse": (
         "pooling + stage 3 fused into stage 2 (one 152-d level)",
         {"backbone": {"pool": 3, "merge": "fuse"}},
@@ -191,7 +200,7 @@ def feature_key(cfg: HGADConfig) -> str:
             b.weights,
             list(b.stages),
             list(b.pyramid),
-            b.pool,
+            b.pool[0] if len(b.pool) == 1 else list(b.pool),  # caches from when pool was one int
             b.merge,
             list(cfg.input_size),
             cfg.train.seed,

@@ -226,7 +226,8 @@ class Backbone(nn.Module):
             # fuse: upsample first, then aggregate on the finer grid (a deep vector's 3x3
             # neighbourhood would otherwise cover 6x6 fine positions and blur small defects)
             maps = [fuse_maps(maps)] if self.cfg.merge == "fuse" else maps
-            out.extend(aggregate(m, self.cfg.pool, self.cfg.pool_border) for m in maps)
+            pools = self.cfg.pool * len(maps) if len(self.cfg.pool) == 1 else self.cfg.pool
+            out.extend(aggregate(m, k, self.cfg.pool_border) for m, k in zip(maps, pools))
         return out
 
     def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:

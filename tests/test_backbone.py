@@ -92,3 +92,18 @@ def test_pool_border_zero_counts_the_padding_exclude_does_not():
     assert torch.allclose(zero, torch.tensor([[4, 6, 4], [6, 9, 6], [4, 6, 4]]) / 9.0)  # corner 4/9, edge 6/9
     assert torch.equal(aggregate(ones, 3, "exclude"), ones)  # averages of valid neighbours only
     assert torch.equal(aggregate(ones, 1, "zero"), ones)  # pool 1 is no pooling
+
+
+def test_pool_per_stage_windows():
+    """backbone.pool (1, 3): stage 2 unpooled, stage 3 averaged over 3x3; one value pools every stage."""
+    from hgad_edge.backbone import Backbone, aggregate
+    from hgad_edge.config import BackboneConfig
+
+    x = torch.randn(1, 3, 64, 64)
+    raw = Backbone(BackboneConfig(name="tf_efficientnet_lite0", pool=(1,)), load_weights=False)
+    mixed = Backbone(BackboneConfig(name="tf_efficientnet_lite0", pool=(1, 3)), load_weights=False)
+    mixed.load_state_dict(raw.state_dict())
+    with torch.no_grad():
+        plain, got = raw(x), mixed(x)
+    assert torch.equal(got[0], plain[0])
+    assert torch.allclose(got[1], aggregate(plain[1], 3, "zero"))

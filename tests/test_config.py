@@ -143,6 +143,14 @@ def test_config_errors_name_key_value_and_allowed(tmp_path):
     with pytest.raises(ConfigError, match=r"score.level_weights=\[1.0\]: give 2 non-negative weights"):
         HGADConfig.from_dict({"score": {"level_weights": [1]}})  # the default has 2 levels (stages 2 and 3)
     assert HGADConfig.from_dict({"score": {"level_weights": [1, 3]}}).score.level_weights == (1.0, 3.0)
+    assert HGADConfig.from_dict({"backbone": {"pool": 5}}).backbone.pool == (5,)  # one int: every stage
+    assert HGADConfig.from_dict({"backbone": {"pool": [3, 5]}}).backbone.pool == (3, 5)
+    with pytest.raises(ConfigError, match=r"backbone.pool=\[3, 5, 7\]: give 1 or 2 windows"):
+        HGADConfig.from_dict({"backbone": {"pool": [3, 5, 7]}})
+    with pytest.raises(ConfigError, match="merge fuse pools the fused map"):
+        HGADConfig.from_dict({"backbone": {"pool": [3, 5], "merge": "fuse"}})
+    with pytest.raises(ConfigError, match=r"backbone.pool=\[3, 4\] .* odd"):
+        HGADConfig.from_dict({"backbone": {"pool": [3, 4]}})
     with pytest.raises(ConfigError, match="calib_max"):
         HGADConfig.from_dict({"train": {"calib_min": 5, "calib_max": 4}})
     with pytest.raises(ConfigError, match="must be a mapping"):
