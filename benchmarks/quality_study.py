@@ -66,6 +66,24 @@ BASE = {
     "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0, "spread": "level", "image_deep_weight": 1.0},
 }
 
+def merged(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, val in over.items():
+        if isinstance(val, dict):
+            out[key] = merged(out.get(key, {}), val)
+        else:
+            out[key] = val
+    return out
+
+
+# The settings this study chose (config.py's defaults), as overrides of BASE: rows varying one start here.
+CHOSEN = {
+    "backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"},
+    "head": {"lambda2": 0.1},
+    "train": {"epochs": 24},
+    "score": {"topk": 0.03, "spread": "position", "image_deep_weight": 3.0},
+}
+
 # name -> (what it tests, overrides of BASE). "knn_*" rows run the kNN on that row's features.
 ROWS: dict[str, tuple[str, dict]] = {
     "landed": ("the landed default", {}),
@@ -105,40 +123,19 @@ ROWS: dict[str, tuple[str, dict]] = {
     ),
     "default_l2_01": (
         "the new default with lambda2 0.1 (less weight on the mutual-information term)",
-        {
-            "backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"},
-            "head": {"lambda2": 0.1},
-            "train": {"epochs": 24},
-            "score": {"topk": 0.03, "spread": "position"},
-        },
+        merged(CHOSEN, {"score": {"image_deep_weight": 1.0}}),
     ),
     "default_320": (
         "the new default (lambda2 0.1) at 320x320 input (small defects)",
-        {
-            "input_size": [320, 320],
-            "backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"},
-            "head": {"lambda2": 0.1},
-            "train": {"epochs": 24},
-            "score": {"topk": 0.03, "spread": "position"},
-        },
+        merged(CHOSEN, {"input_size": [320, 320], "score": {"image_deep_weight": 1.0}}),
     ),
     "default_pool5": (
         "the new default (lambda2 0.1, image score with stage 3 weighted 3x) with 5x5 local aggregation",
-        {
-            "backbone": {"name": "tf_efficientnet_lite1", "pool": 5, "pool_border": "zero"},
-            "head": {"lambda2": 0.1},
-            "train": {"epochs": 24},
-            "score": {"topk": 0.03, "spread": "position", "image_deep_weight": 3.0},
-        },
+        merged(CHOSEN, {"backbone": {"pool": 5}}),
     ),
     "default_pool35": (
         "the new default (lambda2 0.1, image score with stage 3 weighted 3x), stage 2 pooled 3x3 and stage 3 5x5",
-        {
-            "backbone": {"name": "tf_efficientnet_lite1", "pool": [3, 5], "pool_border": "zero"},
-            "head": {"lambda2": 0.1},
-            "train": {"epochs": 24},
-            "score": {"topk": 0.03, "spread": "position", "image_deep_weight": 3.0},
-        },
+        merged(CHOSEN, {"backbone": {"pool": [3, 5]}}),
     ),
     "pool3_fuse": (
         "pooling + stage 3 fused into stage 2 (one 152-d level)",
@@ -176,16 +173,6 @@ ROWS: dict[str, tuple[str, dict]] = {
         {"backbone": {"stages": [1, 2, 3], "pool": 3}, "train": {"epochs": 24}},
     ),
 }
-
-
-def merged(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, val in over.items():
-        if isinstance(val, dict):
-            out[key] = merged(out.get(key, {}), val)
-        else:
-            out[key] = val
-    return out
 
 
 def row_config(name: str) -> HGADConfig:
