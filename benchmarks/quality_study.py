@@ -66,6 +66,7 @@ BASE = {
     "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0, "spread": "level", "image_deep_weight": 1.0},
 }
 
+
 def merged(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, val in over.items():
@@ -415,7 +416,7 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
     row's own scoring, one level at a time), of the whole model and of the kNN on the same
     features; and score histograms normal vs defect, HGAD beside kNN (OUT/diagnose/*.png)."""
     from hgad_edge.metrics import auroc
-    from hgad_edge.scoring import combine, gaussian_blur, image_score
+    from hgad_edge.scoring import image_score
     from hgad_edge.viz import score_histogram
 
     scorer, cfg, _ = load_run(work / "runs" / name)
@@ -430,14 +431,11 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
             chunk = [lv[i : i + 16] for lv in levels]
             cls = torch.full((chunk[0].shape[0],), cid, dtype=torch.long)
             lls, nhs = scorer.level_maps(scorer.model.terms_from_features(chunk), cls)
-            s_ls, s_es = scorer.standardized(lls, "loglik", cls), scorer.standardized(nhs, "neg_entropy", cls)
-            for k, (s_l, s_e) in enumerate(zip(s_ls, s_es)):
-                crit = scorer.cfg.criterion if cfg.head.per_class else "loglik"
-                amap = torch.nn.functional.interpolate(
-                    combine(s_l, s_e, crit)[:, None], size=cfg.input_size, mode="bilinear", align_corners=False
-                )[:, 0]
-                per_level[k].append(image_score(gaussian_blur(amap, scorer.kernel), scorer.cfg.topk).numpy())
-            hgad_scores.append(scorer.evaluate_features(chunk, cls)["score"].numpy())
+            s_ls, s_es = scorer.upsampled(lls, "loglik", cls), scorer.upsampled(nhs, "neg_entropy", cls)
+            for k in range(len(levels)):
+                alone = [float(j == k) for j in range(len(levels))]
+                per_level[k].append(image_score(scorer.mixed(s_ls, s_es, alone), scorer.cfg.topk).numpy())
+            hgad_scores.append(scorer.map_and_score(lls, nhs, cls)[1].numpy())
             knn_scores.append(knn_maps(bank, chunk, cfg.input_size)[1].numpy())
         hgad, knn = np.concatenate(hgad_scores), np.concatenate(knn_scores)
         report[cname] = {

@@ -147,7 +147,8 @@ class AnomalyScorer(nn.Module):
         levels = self.model.levels
         self.register_buffer("kernel", gaussian_kernel1d(cfg.smooth_sigma), persistent=False)
         weights = level_weights(cfg.level_weights, len(levels))
-        deepest = torch.tensor([max(lv.stages) == max(max(v.stages) for v in levels) for lv in levels])
+        last = max(max(lv.stages) for lv in levels)
+        deepest = torch.tensor([max(lv.stages) == last for lv in levels])
         image = image_level_weights(weights, deepest, cfg.image_deep_weight)
         self.map_weights, self.image_weights = weights.tolist(), image.tolist()
 
