@@ -19,11 +19,8 @@ from typing import Any
 
 from . import __version__
 
-__all__ = ["RTX_COMPUTE_CAPABILITIES", "build_target", "format_info", "gather"]
+__all__ = ["build_target", "format_info", "gather"]
 
-# GPUs TensorRT-RTX 1.x engines run on (its support matrix: Turing 7.5 opt-in, Ampere 8.6, Ada 8.9,
-# Blackwell 12.0): RTX-class cards, not Jetson (8.7) nor data-centre Hopper (9.0).
-RTX_COMPUTE_CAPABILITIES = ("7.5", "8.6", "8.9", "12.0")
 # Python modules of each TensorRT flavour, in the order they are tried.
 TENSORRT_MODULES = {
     "tensorrt": ("tensorrt",),
@@ -73,13 +70,19 @@ def _module_version(module: str) -> tuple[str | None, str | None]:
 
 def tensorrt_facts() -> dict[str, dict[str, Any]]:
     """Per TensorRT flavour: module, version, whether it has a builder, or why it does not import."""
+    from hgad_edge.runtime.backends.trt_common import rtx_capabilities
+
     out: dict[str, dict[str, Any]] = {}
     for flavour, modules in TENSORRT_MODULES.items():
         for module in modules:
             version, broken = _module_version(module)
             if version or broken:
-                builder = bool(version) and hasattr(importlib.import_module(module), "Builder")
+                mod = importlib.import_module(module) if version else None
+                builder = hasattr(mod, "Builder")
                 out[flavour] = {"module": module, "version": version, "broken": broken, "builder": builder}
+                if flavour == "tensorrt_rtx" and version:
+                    # the GPUs its engines can target, from the library's own enum: no list of ours to go stale
+                    out[flavour]["capabilities"] = list(rtx_capabilities(mod)[0])
                 break
     return out
 
@@ -170,12 +173,13 @@ def build_target(facts: dict[str, Any]) -> tuple[str | None, str]:
     gpu = devices[0] if devices else None
     if full and gpu:
         return "tensorrt", f"TensorRT {full['version']} builds engines for {gpu['name']} (sm{_sm(gpu)}) here"
-    if rtx and gpu and gpu["compute_capability"] in RTX_COMPUTE_CAPABILITIES:
+    rtx_ccs = rtx.get("capabilities", []) if rtx else []
+    if rtx and gpu and gpu["compute_capability"] in rtx_ccs:
         return "rtx", f"TensorRT-RTX {rtx['version']} builds engines for {gpu['name']} (sm{_sm(gpu)}) here"
     if rtx and not gpu:
         return "rtx", (
-            f"TensorRT-RTX {rtx['version']} builds on this CPU; its engines run on RTX-class GPUs "
-            f"(compute capability {', '.join(RTX_COMPUTE_CAPABILITIES)}), not on Jetson"
+            f"TensorRT-RTX {rtx['version']} builds on this CPU; its engines run on GPUs of compute capability "
+            f"{', '.join(rtx_ccs)}, not on Jetson"
         )
     if gpu:
         return None, (

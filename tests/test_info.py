@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from hgad_edge import __version__
 from hgad_edge.cli import main
 from hgad_edge.info import (
-    RTX_COMPUTE_CAPABILITIES,
     build_target,
     camera_facts,
     extras_status,
     format_info,
     gather,
+    tensorrt_facts,
 )
 
 from .conftest import REPO
@@ -46,7 +46,16 @@ def _gpu(cc, name="GPU"):
 
 
 FULL_TRT = {"tensorrt": {"module": "tensorrt", "version": "10.3.0", "broken": None, "builder": True}}
-RTX = {"tensorrt_rtx": {"module": "tensorrt_rtx_bindings", "version": "1.7.1", "broken": None, "builder": True}}
+# capabilities: TensorRT-RTX 1.7's ComputeCapability enum (SM75 ... SM121), as tensorrt_facts reads it
+RTX = {
+    "tensorrt_rtx": {
+        "module": "tensorrt_rtx_bindings",
+        "version": "1.7.1",
+        "broken": None,
+        "builder": True,
+        "capabilities": ["7.5", "8.0", "8.6", "8.9", "12.0", "12.1"],
+    }
+}
 
 
 @pytest.mark.parametrize(
@@ -55,6 +64,7 @@ RTX = {"tensorrt_rtx": {"module": "tensorrt_rtx_bindings", "version": "1.7.1", "
         (FULL_TRT, [_gpu("8.7", "Orin")], "tensorrt", "Orin (sm87)"),
         ({**FULL_TRT, **RTX}, [_gpu("8.6")], "tensorrt", "TensorRT 10.3.0"),
         (RTX, [_gpu("8.9", "RTX 4090")], "rtx", "RTX 4090 (sm89)"),
+        (RTX, [_gpu("8.0", "A100")], "rtx", "A100 (sm80)"),
         (RTX, [], "rtx", "builds on this CPU"),
         (RTX, [_gpu("8.7", "Orin")], None, "needs full TensorRT"),
         (RTX, [_gpu("9.0", "H200")], None, "needs full TensorRT"),
@@ -73,8 +83,11 @@ def test_build_target_fits_library_and_gpu(trt, devices, target, words):
     assert got == target and words in why
 
 
-def test_rtx_capabilities_exclude_jetson_and_hopper():
-    assert "8.7" not in RTX_COMPUTE_CAPABILITIES and "9.0" not in RTX_COMPUTE_CAPABILITIES
+@pytest.mark.skipif(not HAS_RTX, reason="TensorRT-RTX is not installed")
+def test_rtx_capabilities_come_from_the_installed_library():
+    """The GPUs `info` offers RTX builds for are the library's own targets: never Jetson (8.7) nor Hopper (9.0)."""
+    ccs = tensorrt_facts()["tensorrt_rtx"]["capabilities"]
+    assert "8.6" in ccs and "8.7" not in ccs and "9.0" not in ccs
 
 
 def test_extras_status_lists_what_is_missing():
