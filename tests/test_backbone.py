@@ -107,3 +107,22 @@ def test_pool_per_stage_windows():
         plain, got = raw(x), mixed(x)
     assert torch.equal(got[0], plain[0])
     assert torch.allclose(got[1], aggregate(plain[1], 3, "zero"))
+
+
+def test_a_repeated_stage_is_one_more_level_from_the_same_map():
+    """stages (2, 3, 3) with pool (3, 3, 5): stage 3 computed once, read twice with two windows."""
+    from hgad_edge.backbone import Backbone, aggregate
+
+    x = torch.randn(1, 3, 64, 64)
+    raw = Backbone(BackboneConfig(name="tf_efficientnet_lite0", pool=(1,)), load_weights=False)
+    multi = Backbone(
+        BackboneConfig(name="tf_efficientnet_lite0", stages=(2, 3, 3), pool=(3, 3, 5)), load_weights=False
+    )
+    multi.load_state_dict(raw.state_dict())  # the same timm model: stage 3 is not built twice
+    with torch.no_grad():
+        plain, got = raw(x), multi(x)
+    assert [lv.channels for lv in multi.levels] == [plain[0].shape[1], plain[1].shape[1], plain[1].shape[1]]
+    assert [lv.stages for lv in multi.levels] == [(2,), (3,), (3,)]
+    assert torch.allclose(got[0], aggregate(plain[0], 3, "zero"))
+    assert torch.allclose(got[1], aggregate(plain[1], 3, "zero"))
+    assert torch.allclose(got[2], aggregate(plain[1], 5, "zero"))

@@ -149,6 +149,11 @@ def test_config_errors_name_key_value_and_allowed(tmp_path):
         HGADConfig.from_dict({"backbone": {"pool": [3, 5, 7]}})
     with pytest.raises(ConfigError, match="merge fuse pools the fused map"):
         HGADConfig.from_dict({"backbone": {"pool": [3, 5], "merge": "fuse"}})
+    assert HGADConfig.from_dict({"backbone": {"stages": [2, 3, 3], "pool": [3, 3, 5]}}).backbone.stages == (2, 3, 3)
+    with pytest.raises(ConfigError, match="stage 3 twice with the same 3x3 window"):
+        HGADConfig.from_dict({"backbone": {"stages": [2, 3, 3], "pool": 3}})
+    with pytest.raises(ConfigError, match="merge fuse takes each stage once"):
+        HGADConfig.from_dict({"backbone": {"stages": [2, 3, 3], "merge": "fuse"}})
     with pytest.raises(ConfigError, match=r"backbone.pool=\[3, 4\] .* odd"):
         HGADConfig.from_dict({"backbone": {"pool": [3, 4]}})
     with pytest.raises(ConfigError, match="calib_max"):
