@@ -138,40 +138,46 @@ ROWS: dict[str, tuple[str, dict]] = {
         "the new default (lambda2 0.1, image score with stage 3 weighted 3x), stage 2 pooled 3x3 and stage 3 5x5",
         merged(CHOSEN, {"backbone": {"pool": [3, 5]}}),
     ),
+    "default_lite2": (
+        "the new default with the Lite2 backbone (stage widths 48 / 120 instead of 40 / 112)",
+        merged(CHOSEN, {"backbone": {"name": "tf_efficientnet_lite2"}}),
+    ),
+    "default_h1": (
+        "the new default with narrower flow subnets (hidden ratio 1 instead of 2)",
+        merged(CHOSEN, {"flow": {"hidden_ratio": 1.0}}),
+    ),
+    "default_h1_e48": (
+        "narrower flow subnets (hidden ratio 1) with twice the epochs (48): the default's training time",
+        merged(CHOSEN, {"flow": {"hidden_ratio": 1.0}, "train": {"epochs": 48}}),
+    ),
+    "default_h1_s233": (
+        "narrower subnets (hidden ratio 1) + a third level: stage 3 also pooled 5x5 beside its 3x3 level",
+        merged(CHOSEN, {"backbone": {"stages": [2, 3, 3], "pool": [3, 3, 5]}, "flow": {"hidden_ratio": 1.0}}),
+    ),
+    "default_b12": (
+        "the new default with 12 coupling blocks (the paper's depth) instead of 8",
+        merged(CHOSEN, {"flow": {"coupling_blocks": 12}}),
+    ),
+    "default_v256_e12": (
+        "the new default with 2x vectors per image and half the epochs (same vectors seen, half the steps)",
+        merged(CHOSEN, {"train": {"vectors_per_image": 256, "epochs": 12}}),
+    ),
+    "default_lr3": (
+        "the new default with a 3x lower peak learning rate (3e-4; same warm-up and cosine decay)",
+        merged(CHOSEN, {"train": {"lr": 3e-4}}),
+    ),
     "pool3_fuse": (
         "pooling + stage 3 fused into stage 2 (one 152-d level)",
         {"backbone": {"pool": 3, "merge": "fuse"}},
     ),
     "pool3_e24": ("pooling + 3x the training budget (24 epochs)", {"backbone": {"pool": 3}, "train": {"epochs": 24}}),
-    "pool3_v512": (
-        "pooling + 4x vectors per image (same steps)",
-        {"backbone": {"pool": 3}, "train": {"vectors_per_image": 512}},
-    ),
     "pool3_fuse_e24": (
         "pooling + fuse + 24 epochs",
         {"backbone": {"pool": 3, "merge": "fuse"}, "train": {"epochs": 24}},
     ),
-    "pool3_e24_b12": (
-        "pooling + 24 epochs + 12 coupling blocks",
-        {"backbone": {"pool": 3}, "train": {"epochs": 24}, "flow": {"coupling_blocks": 12}},
-    ),
-    "pool3_e24_h1": (
-        "pooling + 24 epochs + narrower subnets (hidden ratio 1)",
-        {"backbone": {"pool": 3}, "train": {"epochs": 24}, "flow": {"hidden_ratio": 1.0}},
-    ),
-    "pool3_e24_lr3": ("pooling + 24 epochs, lr 3e-4", {"backbone": {"pool": 3}, "train": {"epochs": 24, "lr": 3e-4}}),
-    "lite1_pool3_e24": (
-        "Lite1 backbone + pooling + 24 epochs",
-        {"backbone": {"name": "tf_efficientnet_lite1", "pool": 3}, "train": {"epochs": 24}},
-    ),
-    "pool3_e24_320": (
-        "pooling + 24 epochs at 320x320 input",
-        {"input_size": [320, 320], "backbone": {"pool": 3}, "train": {"epochs": 24}},
-    ),
-    "pool5_e24": ("5x5 local aggregation + 24 epochs", {"backbone": {"pool": 5}, "train": {"epochs": 24}}),
-    "stages123_pool3_e24": (
-        "stages 1-3 (adds a stride-4 level) + pooling + 24 epochs",
-        {"backbone": {"stages": [1, 2, 3], "pool": 3}, "train": {"epochs": 24}},
+    "default_s123": (
+        "the new default + a stride-4 level (stages 1, 2, 3) for small defects",
+        merged(CHOSEN, {"backbone": {"stages": [1, 2, 3]}}),
     ),
 }
 
