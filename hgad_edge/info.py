@@ -80,7 +80,7 @@ def tensorrt_facts() -> dict[str, dict[str, Any]]:
                 mod = importlib.import_module(module) if version else None
                 builder = hasattr(mod, "Builder")
                 out[flavour] = {"module": module, "version": version, "broken": broken, "builder": builder}
-                if flavour == "tensorrt_rtx" and version:
+                if flavour == "tensorrt_rtx" and hasattr(mod, "ComputeCapability"):
                     # the GPUs its engines can target, from the library's own enum: no list of ours to go stale
                     out[flavour]["capabilities"] = list(rtx_capabilities(mod)[0])
                 break
