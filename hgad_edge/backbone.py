@@ -207,7 +207,8 @@ class Backbone(nn.Module):
         info = self.model.feature_info
         chans, reds = info.channels(), info.reduction()
         # position of each configured stage among the computed maps (repeats read the same map)
-        self._map_index = [computed_stages(cfg).index(stage) for stage in cfg.stages]
+        computed = computed_stages(cfg)
+        self._map_index = [computed.index(stage) for stage in cfg.stages]
         if cfg.merge == "fuse":
             self.levels = [Level(tuple(cfg.stages), s, sum(chans), int(round(reds[0] / s))) for s in cfg.pyramid]
         else:
@@ -234,8 +235,7 @@ class Backbone(nn.Module):
             # fuse: upsample first, then aggregate on the finer grid (a deep vector's 3x3
             # neighbourhood would otherwise cover 6x6 fine positions and blur small defects)
             maps = [fuse_maps(maps)] if self.cfg.merge == "fuse" else maps
-            pools = self.cfg.pool * len(maps) if len(self.cfg.pool) == 1 else self.cfg.pool
-            out.extend(aggregate(m, k, self.cfg.pool_border) for m, k in zip(maps, pools))
+            out.extend(aggregate(m, k, self.cfg.pool_border) for m, k in zip(maps, self.cfg.windows()))
         return out
 
     def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -208,6 +208,14 @@ class BackboneConfig:
     MERGES = ("levels", "fuse")
     POOL_BORDERS = ("zero", "exclude")
 
+    def pooled_maps(self) -> int:
+        """Maps pooled per pyramid scale (one per level): one per stage, or the one fused map."""
+        return 1 if self.merge == "fuse" else len(self.stages)
+
+    def windows(self) -> tuple[int, ...]:
+        """The pooling window of each of those maps (one `pool` value serves them all)."""
+        return self.pool * self.pooled_maps() if len(self.pool) == 1 else self.pool
+
     # timm features_only models have 5 stages (0: stride 2 ... 4: stride 32)
     LIMITS = {
         "stages": Limit(0, 4),
@@ -413,14 +421,14 @@ class HGADConfig:
             )
             raise ConfigError(msg)
         weights, bb = self.score.level_weights, self.backbone
-        levels = len(bb.pyramid) * (1 if bb.merge == "fuse" else len(bb.stages))
+        levels = len(bb.pyramid) * bb.pooled_maps()
         if weights and (len(weights) != levels or not any(weights)):
             msg = (
                 f"score.level_weights={list(weights)}: give {levels} non-negative weights, one per level "
                 f"(backbone stages x pyramid scales), not all 0; or [] for equal weights"
             )
             raise ConfigError(msg)
-        pools = 1 if bb.merge == "fuse" else len(bb.stages)
+        pools = bb.pooled_maps()
         if len(bb.pool) not in (1, pools):
             what = "one window: merge fuse pools the fused map" if bb.merge == "fuse" else f"1 or {pools} windows"
             raise ConfigError(f"backbone.pool={list(bb.pool)}: give {what}")
@@ -444,8 +452,7 @@ def _check_repeated_stages(bb: BackboneConfig) -> None:
         return
     if bb.merge == "fuse":
         raise ConfigError(f"backbone.stages={list(bb.stages)} repeats a stage: merge fuse takes each stage once")
-    pools = bb.pool * len(bb.stages) if len(bb.pool) == 1 else bb.pool
-    pairs = list(zip(bb.stages, pools))
+    pairs = list(zip(bb.stages, bb.windows()))
     twice = sorted({p for p in pairs if pairs.count(p) > 1})
     if twice:
         stage, k = twice[0]
