@@ -39,10 +39,13 @@ class Level:
     scale: float
     channels: int
     reduction: int  # stride of the feature map w.r.t. the full-size input
+    window: int = 1  # its k x k pooling window (`backbone.pool`); 1: none
 
     @property
     def name(self) -> str:
-        return f"s{'+'.join(map(str, self.stages))}_x{self.scale:g}"
+        """Unique per model: a stage read twice differs in its window (s3_x1_3x3, s3_x1_5x5)."""
+        pooled = f"_{self.window}x{self.window}" if self.window > 1 else ""
+        return f"s{'+'.join(map(str, self.stages))}_x{self.scale:g}{pooled}"
 
 
 def _lite_weights_path(name: str) -> Path | None:
@@ -209,13 +212,16 @@ class Backbone(nn.Module):
         # position of each configured stage among the computed maps (repeats read the same map)
         computed = computed_stages(cfg)
         self._map_index = [computed.index(stage) for stage in cfg.stages]
+        windows = cfg.windows()
         if cfg.merge == "fuse":
-            self.levels = [Level(tuple(cfg.stages), s, sum(chans), int(round(reds[0] / s))) for s in cfg.pyramid]
+            self.levels = [
+                Level(tuple(cfg.stages), s, sum(chans), int(round(reds[0] / s)), windows[0]) for s in cfg.pyramid
+            ]
         else:
             self.levels = [
-                Level((stage,), scale, chans[i], int(round(reds[i] / scale)))
+                Level((stage,), scale, chans[i], int(round(reds[i] / scale)), k)
                 for scale in cfg.pyramid
-                for stage, i in zip(cfg.stages, self._map_index)
+                for stage, i, k in zip(cfg.stages, self._map_index, windows)
             ]
         pcfg = self.model.pretrained_cfg
         self.mean = tuple(float(v) for v in pcfg.get("mean", IMAGENET_MEAN))

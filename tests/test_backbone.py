@@ -100,8 +100,8 @@ def test_pool_per_stage_windows():
     from hgad_edge.config import BackboneConfig
 
     x = torch.randn(1, 3, 64, 64)
-    raw = Backbone(BackboneConfig(name="tf_efficientnet_lite0", pool=(1,)), load_weights=False)
-    mixed = Backbone(BackboneConfig(name="tf_efficientnet_lite0", pool=(1, 3)), load_weights=False)
+    raw = Backbone(BackboneConfig(name="tf_efficientnet_lite0", stages=(2, 3), pool=(1,)), load_weights=False)
+    mixed = Backbone(BackboneConfig(name="tf_efficientnet_lite0", stages=(2, 3), pool=(1, 3)), load_weights=False)
     mixed.load_state_dict(raw.state_dict())
     with torch.no_grad():
         plain, got = raw(x), mixed(x)
@@ -114,7 +114,7 @@ def test_a_repeated_stage_is_one_more_level_from_the_same_map():
     from hgad_edge.backbone import Backbone, aggregate
 
     x = torch.randn(1, 3, 64, 64)
-    raw = Backbone(BackboneConfig(name="tf_efficientnet_lite0", pool=(1,)), load_weights=False)
+    raw = Backbone(BackboneConfig(name="tf_efficientnet_lite0", stages=(2, 3), pool=(1,)), load_weights=False)
     multi = Backbone(
         BackboneConfig(name="tf_efficientnet_lite0", stages=(2, 3, 3), pool=(3, 3, 5)), load_weights=False
     )
@@ -123,6 +123,8 @@ def test_a_repeated_stage_is_one_more_level_from_the_same_map():
         plain, got = raw(x), multi(x)
     assert [lv.channels for lv in multi.levels] == [plain[0].shape[1], plain[1].shape[1], plain[1].shape[1]]
     assert [lv.stages for lv in multi.levels] == [(2,), (3,), (3,)]
+    assert [lv.name for lv in multi.levels] == ["s2_x1_3x3", "s3_x1_3x3", "s3_x1_5x5"]  # unique: reports key on it
+    assert [lv.name for lv in raw.levels] == ["s2_x1", "s3_x1"]
     assert torch.allclose(got[0], aggregate(plain[0], 3, "zero"))
     assert torch.allclose(got[1], aggregate(plain[1], 3, "zero"))
     assert torch.allclose(got[2], aggregate(plain[1], 5, "zero"))
