@@ -7,7 +7,8 @@ model. Here each level's per-dimension log-likelihood and inter-class negative e
 standardised in the log domain with constants from NORMAL training images (`calibrate`):
 z = (mean_normal[position] - value) / (rms_normal * spread[position]), per class, level and map
 position (spread: how much more or less normal images vary at that position than on average,
-`ScoreConfig.spread`), then upsampled and averaged over levels. Criteria (paper Tab. 3c): "loglik"
+`ScoreConfig.spread`), then upsampled and averaged over levels (each backbone map alike, its pooling
+windows sharing its weight). Criteria (paper Tab. 3c): "loglik"
 S_l, "entropy" S_e, "product" softplus(S_l) * 2 sigmoid(S_e): the paper's S_l * S_e with the
 entropy factor squashed, so a confident class posterior (entropy at its normal level, factor 1)
 keeps the likelihood evidence instead of zeroing it. The image score (mean of the top fraction)
@@ -18,7 +19,8 @@ reads the same construction with the deepest stage's levels weighted higher
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -50,10 +52,15 @@ def combine(s_l: torch.Tensor, s_e: torch.Tensor, criterion: str) -> torch.Tenso
     return F.softplus(s_l) * 2.0 * torch.sigmoid(s_e)
 
 
-def level_weights(weights: tuple[float, ...], levels: int) -> torch.Tensor:
-    """(levels,) weights summing to 1 for the average of the levels' maps; () = equal."""
+def level_weights(weights: tuple[float, ...], maps: Sequence[Hashable]) -> torch.Tensor:
+    """(levels,) weights summing to 1 for the average of the levels' maps. `maps`: per level, the
+    backbone map it reads (stage and scale). () = each map weighs the same, shared equally by its
+    pooling windows (stages [2, 3, 3]: 1/2, 1/4, 1/4): a second window of stage 3 adds evidence
+    at another extent without outvoting the finer stage that localises small defects."""
+    levels = len(maps)
     if not weights:
-        return torch.full((levels,), 1.0 / levels)
+        windows = Counter(maps)
+        return torch.tensor([1.0 / (len(windows) * windows[m]) for m in maps])
     if len(weights) != levels or any(w < 0 for w in weights) or sum(weights) <= 0:
         msg = f"score.level_weights={tuple(weights)}: give {levels} non-negative weights (one per level), not all 0"
         raise ValueError(msg)
@@ -146,7 +153,7 @@ class AnomalyScorer(nn.Module):
         self.cfg = self.model.cfg.score = cfg
         levels = self.model.levels
         self.register_buffer("kernel", gaussian_kernel1d(cfg.smooth_sigma), persistent=False)
-        weights = level_weights(cfg.level_weights, len(levels))
+        weights = level_weights(cfg.level_weights, [(lv.stages, lv.scale) for lv in levels])
         last = max(max(lv.stages) for lv in levels)
         deepest = torch.tensor([max(lv.stages) == last for lv in levels])
         image = image_level_weights(weights, deepest, cfg.image_deep_weight)

@@ -38,7 +38,6 @@ REALAD = REPO.parent / "shared" / "data" / "realad"
 TINY_SIZE = 64
 TINY_CONFIG = {
     "input_size": [TINY_SIZE, TINY_SIZE],
-    "backbone": {"stages": [2, 3]},
     "flow": {"coupling_blocks": 2, "pos_dim": 32},
     "head": {"intra_centers": 3},
     "train": {"epochs": 6, "batch_size": 8, "vectors_per_image": 32, "warmup_epochs": 0.5, "calib_min": 3},

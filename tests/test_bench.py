@@ -20,7 +20,7 @@ from .conftest import load_benchmark
 # An official-like configuration small enough to build and time in seconds (the real one is B6 at 1024).
 SMALL_OFFICIAL = {
     "input_size": [64, 64],
-    "backbone": {"name": "tf_efficientnet_lite0", "stages": [3], "pyramid": [1.0, 0.5]},
+    "backbone": {"name": "tf_efficientnet_lite0", "stages": [3], "pool": 1, "pyramid": [1.0, 0.5]},
     "flow": {"coupling_blocks": 2, "pos_dim": 32},
 }
 

@@ -120,7 +120,9 @@ def test_defaults_pass_their_own_limits():
 
 def test_yaml_strings_and_lists_are_coerced(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train: {lr: 1e-3, epochs: 3.0}\nbackbone: {stages: 3, pyramid: [1, 0.5]}\ninput_size: [128, 96]\n")
+    path.write_text(
+        "train: {lr: 1e-3, epochs: 3.0}\nbackbone: {stages: 3, pool: 3, pyramid: [1, 0.5]}\ninput_size: [128, 96]\n"
+    )
     cfg = load_config(path)
     assert yaml.safe_load(path.read_text())["train"]["lr"] == "1e-3"  # what PyYAML hands over
     assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
@@ -140,20 +142,21 @@ def test_config_errors_name_key_value_and_allowed(tmp_path):
         HGADConfig.from_dict({"head": {"mode": "nonsense"}})
     with pytest.raises(ConfigError, match="unknown config key"):
         HGADConfig.from_dict({"train": {"epoch": 3}})
-    with pytest.raises(ConfigError, match=r"score.level_weights=\[1.0\]: give 2 non-negative weights"):
-        HGADConfig.from_dict({"score": {"level_weights": [1]}})  # the default has 2 levels (stages 2 and 3)
-    assert HGADConfig.from_dict({"score": {"level_weights": [1, 3]}}).score.level_weights == (1.0, 3.0)
-    assert HGADConfig.from_dict({"backbone": {"pool": 5}}).backbone.pool == (5,)  # one int: every stage
-    assert HGADConfig.from_dict({"backbone": {"pool": [3, 5]}}).backbone.pool == (3, 5)
-    with pytest.raises(ConfigError, match=r"backbone.pool=\[3, 5, 7\]: give 1 or 2 windows"):
-        HGADConfig.from_dict({"backbone": {"pool": [3, 5, 7]}})
+    with pytest.raises(ConfigError, match=r"score.level_weights=\[1.0\]: give 3 non-negative weights"):
+        HGADConfig.from_dict({"score": {"level_weights": [1]}})  # the default: stage 2, stage 3 at 3x3 and 5x5
+    assert HGADConfig.from_dict({"score": {"level_weights": [1, 3, 3]}}).score.level_weights == (1.0, 3.0, 3.0)
+    two = {"stages": [2, 3]}
+    assert HGADConfig.from_dict({"backbone": {**two, "pool": 5}}).backbone.pool == (5,)  # one int: every stage
+    assert HGADConfig.from_dict({"backbone": {**two, "pool": [3, 5]}}).backbone.pool == (3, 5)
+    with pytest.raises(ConfigError, match=r"backbone.pool=\[3, 3, 5\]: give 1 or 2 windows .*stages=\[2, 3\]"):
+        HGADConfig.from_dict({"backbone": two})  # fewer stages than the default's windows: says which
     with pytest.raises(ConfigError, match="merge fuse pools the fused map"):
-        HGADConfig.from_dict({"backbone": {"pool": [3, 5], "merge": "fuse"}})
+        HGADConfig.from_dict({"backbone": {**two, "pool": [3, 5], "merge": "fuse"}})
     assert HGADConfig.from_dict({"backbone": {"stages": [2, 3, 3], "pool": [3, 3, 5]}}).backbone.stages == (2, 3, 3)
     with pytest.raises(ConfigError, match="stage 3 twice with the same 3x3 window"):
         HGADConfig.from_dict({"backbone": {"stages": [2, 3, 3], "pool": 3}})
-    with pytest.raises(ConfigError, match="merge fuse takes each stage once"):
-        HGADConfig.from_dict({"backbone": {"stages": [2, 3, 3], "merge": "fuse"}})
+    with pytest.raises(ConfigError, match=r"merge fuse takes each stage once .*stages \[2, 3\] with pool 3"):
+        HGADConfig.from_dict({"backbone": {"merge": "fuse"}})  # the default repeats stage 3
     with pytest.raises(ConfigError, match=r"backbone.pool=\[3, 4\] .* odd"):
         HGADConfig.from_dict({"backbone": {"pool": [3, 4]}})
     with pytest.raises(ConfigError, match="calib_max"):

@@ -12,7 +12,16 @@ from hgad_edge.batching import load_batch
 from hgad_edge.checkpoint import load_run
 from hgad_edge.config import ScoreConfig
 from hgad_edge.data import open_roots
-from hgad_edge.scoring import SPREAD_FLOOR, TAU_MIN, calibrate, combine, gaussian_blur, image_score, relative_spread
+from hgad_edge.scoring import (
+    SPREAD_FLOOR,
+    TAU_MIN,
+    calibrate,
+    combine,
+    gaussian_blur,
+    image_score,
+    level_weights,
+    relative_spread,
+)
 
 
 # ---- pure functions -----------------------------------------------------------------------------
@@ -52,13 +61,26 @@ def test_image_level_weights_favour_the_deepest_stage():
     assert torch.allclose(image_level_weights(w, torch.ones(3, dtype=torch.bool), 3.0), w)  # one stage
 
 
+def test_level_weights_share_a_map_between_its_windows():
+    """Empty weights: each backbone map (stage, scale) weighs the same, split over its windows."""
+    s2, s3 = ((2,), 1.0), ((3,), 1.0)
+    assert level_weights((), [s2, s3]).tolist() == [0.5, 0.5]
+    assert level_weights((), [s2, s3, s3]).tolist() == [0.5, 0.25, 0.25]  # stage 3 at 3x3 and 5x5
+    assert torch.allclose(level_weights((), [s2, s3, ((3,), 0.5)]), torch.full((3,), 1 / 3))  # a scale: a map
+    assert level_weights((1.0, 3.0, 0.0), [s2, s3, s3]).tolist() == [0.25, 0.75, 0.0]  # given: normalised
+    with pytest.raises(ValueError, match="give 3 non-negative weights"):
+        level_weights((1.0,), [s2, s3, s3])
+
+
 @pytest.mark.parametrize("factor", [1.0, 3.0])
 def test_image_score_weights_the_deepest_stage(tiny_run, tiny_data, factor):
-    """The anomaly map averages both levels with equal weights whatever the factor; the image score
-    is the top fraction of the same construction with stage 3 weighted `factor` times stage 2."""
+    """The anomaly map averages the levels (the default's: stage 2, stage 3 at 3x3 and at 5x5) with
+    the per-map weights 1/2, 1/4, 1/4 whatever the factor; the image score is the top fraction of the
+    same construction with the stage-3 levels weighted `factor` times more."""
     import dataclasses
 
     scorer, cfg, _ = load_run(tiny_run)
+    assert [lv.stages for lv in scorer.model.levels] == [(2,), (3,), (3,)]
     scorer.set_score_config(dataclasses.replace(cfg.score, image_deep_weight=factor, topk=0.05))
     images = load_batch(open_roots([tiny_data]).samples("test")[:4], cfg.input_size)
     cls = torch.zeros(4, dtype=torch.long)
@@ -67,12 +89,13 @@ def test_image_score_weights_the_deepest_stage(tiny_run, tiny_data, factor):
         lls, nhs = scorer.level_maps(scorer.model.level_terms(scorer.model.preprocess(images)), cls)
         s_ls, s_es = scorer.upsampled(lls, "loglik", cls), scorer.upsampled(nhs, "neg_entropy", cls)
 
-    def built(w2, w3):
-        s_l, s_e = (w2 * s_ls[0] + w3 * s_ls[1]) / (w2 + w3), (w2 * s_es[0] + w3 * s_es[1]) / (w2 + w3)
+    def built(*w):
+        s_l = sum(wk * x for wk, x in zip(w, s_ls)) / sum(w)
+        s_e = sum(wk * x for wk, x in zip(w, s_es)) / sum(w)
         return gaussian_blur(combine(s_l, s_e, cfg.score.criterion), scorer.kernel)
 
-    assert torch.allclose(amap, built(1.0, 1.0), atol=1e-5)
-    assert torch.allclose(score, image_score(built(1.0, factor), 0.05), atol=1e-5)
+    assert torch.allclose(amap, built(2.0, 1.0, 1.0), atol=1e-5)
+    assert torch.allclose(score, image_score(built(2.0, factor, factor), 0.05), atol=1e-5)
     # the factor matters: the score differs from the anomaly map's
     assert factor == 1.0 or not torch.allclose(score, image_score(amap, 0.05), atol=1e-3)
 

@@ -13,10 +13,10 @@ from .log import Budget
 from .rows import LatencyRow, OfficialResult
 
 # The official HGAD pipeline: one stride-16 stage of EfficientNet-B6 on a 1024/512/256 image
-# pyramid, 12 couplings per level; 15 classes as on MVTec AD.
+# pyramid, no local aggregation, 12 couplings per level; 15 classes as on MVTec AD.
 PAPER_CONFIG: dict[str, Any] = {
     "input_size": [1024, 1024],
-    "backbone": {"name": "tf_efficientnet_b6", "stages": [3], "pyramid": [1.0, 0.5, 0.25]},
+    "backbone": {"name": "tf_efficientnet_b6", "stages": [3], "pool": 1, "pyramid": [1.0, 0.5, 0.25]},
     "flow": {"coupling_blocks": 12},
 }
 PAPER_CLASSES = 15
