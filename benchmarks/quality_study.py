@@ -77,13 +77,20 @@ def merged(base: dict, over: dict) -> dict:
     return out
 
 
-# The settings this study chose (config.py's defaults), as overrides of BASE: rows varying one start here.
-CHOSEN = {
+# The settings this study chose up to the two-level default (commit dd23035), as overrides of BASE:
+# the rows varying one setting of that default start here.
+TWO_LEVEL = {
     "backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"},
     "head": {"lambda2": 0.1},
     "train": {"epochs": 24},
     "score": {"topk": 0.03, "spread": "position", "image_deep_weight": 3.0},
 }
+# config.py's defaults now: TWO_LEVEL + stage 3 also over 5x5 (a third level), 64 vectors per image,
+# the levels weighted per backbone map (empty level_weights: 1/2, 1/4, 1/4).
+CHOSEN = merged(
+    TWO_LEVEL,
+    {"backbone": {"stages": [2, 3, 3], "pool": [3, 3, 5]}, "train": {"vectors_per_image": 64}},
+)
 
 # name -> (what it tests, overrides of BASE). "knn_*" rows run the kNN on that row's features.
 ROWS: dict[str, tuple[str, dict]] = {
@@ -115,7 +122,7 @@ ROWS: dict[str, tuple[str, dict]] = {
         {"backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"}, "train": {"epochs": 24}},
     ),
     "default": (
-        "the new default: Lite1 + pooling (zero padding counted) + 24 epochs, top 3 %, per-position spread",
+        "the default of that time: Lite1 + pooling (zero padding counted) + 24 epochs, top 3 %, per-position spread",
         {
             "backbone": {"name": "tf_efficientnet_lite1", "pool": 3, "pool_border": "zero"},
             "train": {"epochs": 24},
@@ -123,48 +130,59 @@ ROWS: dict[str, tuple[str, dict]] = {
         },
     ),
     "default_l2_01": (
-        "the new default with lambda2 0.1 (less weight on the mutual-information term)",
-        merged(CHOSEN, {"score": {"image_deep_weight": 1.0}}),
+        "the default of that time with lambda2 0.1 (less weight on the mutual-information term)",
+        merged(TWO_LEVEL, {"score": {"image_deep_weight": 1.0}}),
     ),
     "default_320": (
-        "the new default (lambda2 0.1) at 320x320 input (small defects)",
-        merged(CHOSEN, {"input_size": [320, 320], "score": {"image_deep_weight": 1.0}}),
+        "the two-level default (lambda2 0.1) at 320x320 input (small defects)",
+        merged(TWO_LEVEL, {"input_size": [320, 320], "score": {"image_deep_weight": 1.0}}),
     ),
     "default_pool5": (
-        "the new default (lambda2 0.1, image score with stage 3 weighted 3x) with 5x5 local aggregation",
-        merged(CHOSEN, {"backbone": {"pool": 5}}),
+        "the two-level default (lambda2 0.1, image score with stage 3 weighted 3x) with 5x5 local aggregation",
+        merged(TWO_LEVEL, {"backbone": {"pool": 5}}),
     ),
     "default_pool35": (
-        "the new default (lambda2 0.1, image score with stage 3 weighted 3x), stage 2 pooled 3x3 and stage 3 5x5",
-        merged(CHOSEN, {"backbone": {"pool": [3, 5]}}),
+        "the two-level default (lambda2 0.1, image score with stage 3 weighted 3x), stage 2 pooled 3x3 and stage 3 5x5",
+        merged(TWO_LEVEL, {"backbone": {"pool": [3, 5]}}),
     ),
     "default_lite2": (
-        "the new default with the Lite2 backbone (stage widths 48 / 120 instead of 40 / 112)",
-        merged(CHOSEN, {"backbone": {"name": "tf_efficientnet_lite2"}}),
+        "the two-level default with the Lite2 backbone (stage widths 48 / 120 instead of 40 / 112)",
+        merged(TWO_LEVEL, {"backbone": {"name": "tf_efficientnet_lite2"}}),
     ),
     "default_h1": (
-        "the new default with narrower flow subnets (hidden ratio 1 instead of 2)",
-        merged(CHOSEN, {"flow": {"hidden_ratio": 1.0}}),
+        "the two-level default with narrower flow subnets (hidden ratio 1 instead of 2)",
+        merged(TWO_LEVEL, {"flow": {"hidden_ratio": 1.0}}),
     ),
     "default_h1_e48": (
         "narrower flow subnets (hidden ratio 1) with twice the epochs (48): the default's training time",
-        merged(CHOSEN, {"flow": {"hidden_ratio": 1.0}, "train": {"epochs": 48}}),
+        merged(TWO_LEVEL, {"flow": {"hidden_ratio": 1.0}, "train": {"epochs": 48}}),
     ),
     "default_h1_s233": (
         "narrower subnets (hidden ratio 1) + a third level: stage 3 also pooled 5x5 beside its 3x3 level",
-        merged(CHOSEN, {"backbone": {"stages": [2, 3, 3], "pool": [3, 3, 5]}, "flow": {"hidden_ratio": 1.0}}),
+        merged(
+            TWO_LEVEL,
+            {
+                "backbone": {"stages": [2, 3, 3], "pool": [3, 3, 5]},
+                "flow": {"hidden_ratio": 1.0},
+                "score": {"level_weights": [1.0, 1.0, 1.0]},  # equal thirds, as it ran
+            },
+        ),
+    ),
+    "default_s233_v64": (
+        "a third level (stage 3 also pooled 5x5), half the vectors per image: the two-level default's cost",
+        merged(CHOSEN, {"score": {"level_weights": [1.0, 1.0, 1.0]}}),  # equal thirds; rescored per map: CHOSEN
     ),
     "default_b12": (
-        "the new default with 12 coupling blocks (the paper's depth) instead of 8",
-        merged(CHOSEN, {"flow": {"coupling_blocks": 12}}),
+        "the two-level default with 12 coupling blocks (the paper's depth) instead of 8",
+        merged(TWO_LEVEL, {"flow": {"coupling_blocks": 12}}),
     ),
     "default_v256_e12": (
-        "the new default with 2x vectors per image and half the epochs (same vectors seen, half the steps)",
-        merged(CHOSEN, {"train": {"vectors_per_image": 256, "epochs": 12}}),
+        "the two-level default with 2x vectors per image and half the epochs (same vectors seen, half the steps)",
+        merged(TWO_LEVEL, {"train": {"vectors_per_image": 256, "epochs": 12}}),
     ),
     "default_lr3": (
-        "the new default with a 3x lower peak learning rate (3e-4; same warm-up and cosine decay)",
-        merged(CHOSEN, {"train": {"lr": 3e-4}}),
+        "the two-level default with a 3x lower peak learning rate (3e-4; same warm-up and cosine decay)",
+        merged(TWO_LEVEL, {"train": {"lr": 3e-4}}),
     ),
     "pool3_fuse": (
         "pooling + stage 3 fused into stage 2 (one 152-d level)",
@@ -176,8 +194,8 @@ ROWS: dict[str, tuple[str, dict]] = {
         {"backbone": {"pool": 3, "merge": "fuse"}, "train": {"epochs": 24}},
     ),
     "default_s123": (
-        "the new default + a stride-4 level (stages 1, 2, 3) for small defects",
-        merged(CHOSEN, {"backbone": {"stages": [1, 2, 3]}}),
+        "the default + a stride-4 level (stage 1 pooled 3x3) for small defects",
+        merged(CHOSEN, {"backbone": {"stages": [1, 2, 3, 3], "pool": [3, 3, 3, 5]}}),
     ),
 }
 
