@@ -212,7 +212,7 @@ class Backbone(nn.Module):
         # position of each configured stage among the computed maps (repeats read the same map)
         computed = computed_stages(cfg)
         self._map_index = [computed.index(stage) for stage in cfg.stages]
-        windows = cfg.windows()
+        self._windows = windows = cfg.windows()  # one per pooled map, in forward's order
         if cfg.merge == "fuse":
             self.levels = [
                 Level(tuple(cfg.stages), s, sum(chans), int(round(reds[0] / s)), windows[0]) for s in cfg.pyramid
@@ -241,7 +241,7 @@ class Backbone(nn.Module):
             # fuse: upsample first, then aggregate on the finer grid (a deep vector's 3x3
             # neighbourhood would otherwise cover 6x6 fine positions and blur small defects)
             maps = [fuse_maps(maps)] if self.cfg.merge == "fuse" else maps
-            out.extend(aggregate(m, k, self.cfg.pool_border) for m, k in zip(maps, self.cfg.windows()))
+            out.extend(aggregate(m, k, self.cfg.pool_border) for m, k in zip(maps, self._windows))
         return out
 
     def feature_shapes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -439,15 +439,7 @@ class HGADConfig:
                 f"(backbone stages x pyramid scales), not all 0; or [] for each backbone map alike"
             )
             raise ConfigError(msg)
-        _check_repeated_stages(bb)
-        pools = bb.pooled_maps()
-        if len(bb.pool) not in (1, pools):
-            what = (
-                "one window: merge fuse pools the fused map"
-                if bb.merge == "fuse"
-                else f"1 or {pools} windows (one per entry of backbone.stages={list(bb.stages)})"
-            )
-            raise ConfigError(f"backbone.pool={list(bb.pool)}: give {what}")
+        _check_windows(bb)
         _check_threshold_policy(self.score)
         return self
 
@@ -460,19 +452,25 @@ class HGADConfig:
         return _from_dict(cls, data or {}, "").validate()
 
 
-def _check_repeated_stages(bb: BackboneConfig) -> None:
-    """A stage may feed several levels (merge "levels"), each with its own pooling window: one
-    backbone pass, two neighbourhood sizes. The same stage twice with the same window is a copy."""
-    if len(set(bb.stages)) == len(bb.stages):
-        return
-    if bb.merge == "fuse":
+def _check_windows(bb: BackboneConfig) -> None:
+    """One pooling window per pooled map, and a repeated stage only with another window: one
+    backbone pass, two neighbourhood sizes (merge "levels"); the same stage and window twice is a
+    copy. A repeat under merge fuse is named first: the default stages repeat stage 3."""
+    repeats = len(set(bb.stages)) != len(bb.stages)
+    if repeats and bb.merge == "fuse":
         msg = (
             f"backbone.stages={list(bb.stages)} repeats a stage: merge fuse takes each stage once and one "
             "pooling window (e.g. stages [2, 3] with pool 3)"
         )
         raise ConfigError(msg)
-    if len(bb.pool) not in (1, len(bb.stages)):
-        return  # the window count is wrong: validate says so next
+    pools = bb.pooled_maps()
+    if len(bb.pool) not in (1, pools):
+        what = (
+            "one window: merge fuse pools the fused map"
+            if bb.merge == "fuse"
+            else f"1 or {pools} windows (one per entry of backbone.stages={list(bb.stages)})"
+        )
+        raise ConfigError(f"backbone.pool={list(bb.pool)}: give {what}")
     pairs = list(zip(bb.stages, bb.windows()))
     twice = sorted({p for p in pairs if pairs.count(p) > 1})
     if twice:
