@@ -1,6 +1,6 @@
-"""Make `hgad_edge` (with its runtime/ and export/ subpackages) importable from a bare checkout.
+"""Make `hgad_edge` (with its runtime/, export/ and bench subpackages) importable from a bare checkout.
 
-setup.cfg maps the top-level export/ and runtime/ folders into the hgad_edge package; a checkout
+setup.cfg maps the top-level export/, runtime/ and benchmarks/bench/ folders into the hgad_edge package; a checkout
 copied without `pip install -e .` (e.g. to a lent GPU machine) lacks that mapping, so the
 benchmark scripts do it by hand.
 """
@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def bootstrap_package() -> None:
     try:
+        import hgad_edge.bench  # noqa: F401
         import hgad_edge.export  # noqa: F401
         import hgad_edge.runtime  # noqa: F401
 
@@ -26,12 +27,13 @@ def bootstrap_package() -> None:
         sys.path.insert(0, str(REPO))
     import hgad_edge
 
-    for sub in ("runtime", "export"):
+    folders = {"runtime": REPO / "runtime", "export": REPO / "export", "bench": REPO / "benchmarks" / "bench"}
+    for sub, folder in folders.items():
         name = f"hgad_edge.{sub}"
         if name in sys.modules:
             continue
         spec = importlib.util.spec_from_file_location(
-            name, REPO / sub / "__init__.py", submodule_search_locations=[str(REPO / sub)]
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
         )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

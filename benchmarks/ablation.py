@@ -4,7 +4,7 @@ backbone, features, seed and training budget; writes DIR/ablation.json and DIR/a
     python benchmarks/ablation.py --data ROOT [--data ROOT2] --out DIR [--epochs N] [--modes knn,single,full]
 
 Modes: knn (the bar: a unified PatchCore-style nearest-neighbour scorer on the same backbone
-features, no flows; hgad_edge/knn.py), single (one N(0, I) centre: the CFLOW-style unified baseline),
+features, no flows; hgad_edge/training/knn.py), single (one N(0, I) centre: the CFLOW-style unified baseline),
 fixed (fixed centre per class),
 gmm (+ learnable inter-class mixture, L_g), mi (+ mutual information and entropy), full (+ intra-class
 centres: HGAD).
@@ -17,12 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from hgad_edge.checkpoint import load_run, load_run_config, save_run
-from hgad_edge.config import HeadConfig, load_config
-from hgad_edge.data import open_roots
-from hgad_edge.evaluate import evaluate
-from hgad_edge.knn import evaluate_knn
-from hgad_edge.train import Trainer, calibrate_run, split_calibration
+from hgad_edge.training.checkpoint import load_run, load_run_config, save_run
+from hgad_edge.training.config import HeadConfig, load_config
+from hgad_edge.training.data import open_roots
+from hgad_edge.training.evaluate import evaluate
+from hgad_edge.training.knn import evaluate_knn
+from hgad_edge.training.train import Trainer, fit_run_statistics, split_calibration
 
 MODES = ("knn", *HeadConfig.MODES)
 LABELS = {
@@ -108,7 +108,7 @@ def _recalibrate(run: Path, cfg, dataset) -> None:
     scorer, _, meta = load_run(run)
     scorer.set_score_config(cfg.score)
     fit, calib = split_calibration(dataset.samples("train"), cfg.train)
-    save_run(run, scorer, {**meta, "calibration": calibrate_run(scorer, cfg, fit, calib)})
+    save_run(run, scorer, {**meta, "calibration": fit_run_statistics(scorer, cfg, fit, calib)})
     print(f"  recalibrated {run} for the score settings {cfg.score}", flush=True)
 
 

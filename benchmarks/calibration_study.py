@@ -29,12 +29,12 @@ from _bootstrap import bootstrap_package  # noqa: E402
 
 bootstrap_package()
 
-from hgad_edge.checkpoint import load_run  # noqa: E402
-from hgad_edge.data import load_image, open_roots  # noqa: E402
-from hgad_edge.files import atomic_write_json, atomic_write_text  # noqa: E402
-from hgad_edge.recalibration import RunScorer  # noqa: E402
-from hgad_edge.thresholds import PolicyError, choose_threshold, rates  # noqa: E402
-from hgad_edge.train import split_calibration  # noqa: E402
+from hgad_edge.core.files import atomic_write_json, atomic_write_text  # noqa: E402
+from hgad_edge.core.thresholds import PolicyError, choose_threshold, rates  # noqa: E402
+from hgad_edge.threshold_calibration import RunScorer  # noqa: E402
+from hgad_edge.training.checkpoint import load_run  # noqa: E402
+from hgad_edge.training.data import load_image, open_roots  # noqa: E402
+from hgad_edge.training.train import split_calibration  # noqa: E402
 
 POLICIES = (("max", None), ("quantile", 0.99), ("target-fpr", 0.01))
 

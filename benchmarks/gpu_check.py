@@ -8,7 +8,7 @@ every engine the benchmark knows (hgad_edge.bench.ENGINES: torch eager, torch re
 graph, and every runtime backend, e.g. TensorRT built for this GPU), FP32 and mixed FP16, a 270 s
 budget (stages past it are reported as skipped), at most 200 test images per class for accuracy
 and the FP16-vs-FP32 drift. A failing stage is written into the report and the rest goes on.
-Then TensorRT-RTX (hgad_edge.export.rtx_latency): its fp16 engine is built for this GPU and timed
+Then TensorRT-RTX (hgad_edge.bench.rtx_latency): its fp16 engine is built for this GPU and timed
 when TensorRT-RTX supports the GPU's compute capability, else it says why; written to
 OUT/<machine>/rtx.md beside report.md (give --bundle, or the report's own bundle is used).
 """
@@ -33,8 +33,8 @@ def gpu_defaults() -> list[str]:
 def rtx_stage(args: list[str]) -> None:
     """TensorRT-RTX engine latency beside the bench rows (a failure is written, never raised)."""
     from hgad_edge.bench.machine import machine_info
-    from hgad_edge.export.rtx_latency import time_rtx_engine
-    from hgad_edge.files import atomic_write_text
+    from hgad_edge.bench.rtx_latency import time_rtx_engine
+    from hgad_edge.core.files import atomic_write_text
 
     folder = Path(_option(args, "--out", "benchmarks/results")) / machine_info()["name"]
     bundle = Path(_option(args, "--bundle", str(folder / "bundle")))

@@ -1,7 +1,7 @@
 """Quality study: which levers close the gap between HGAD's flows and a unified kNN on the same
 backbone features. Every row is one unified model over all classes of the data, trained and
 evaluated on the same protocol; settings are chosen on a fixed tuning half of each class's test
-images and reported on the other half (`hgad_edge.evaluate.tuning_half`).
+images and reported on the other half (`hgad_edge.training.evaluate.tuning_half`).
 
     python benchmarks/quality_study.py --data ROOT --out benchmarks/results/quality_study \\
         [--rows landed,knn_landed,pool3,...] [--rescore ROW]
@@ -30,16 +30,16 @@ import _bootstrap  # noqa: F401  (repository root on sys.path when run from a ch
 import numpy as np
 import torch
 
-from hgad_edge.batching import iter_batches
-from hgad_edge.checkpoint import load_run
-from hgad_edge.config import HGADConfig, save_config
-from hgad_edge.data import load_mask, open_roots
-from hgad_edge.evaluate import ClassPredictions, class_metrics, subset, tuning_half
-from hgad_edge.files import atomic_write_json, atomic_write_text
-from hgad_edge.knn import fit_bank, knn_maps
-from hgad_edge.metrics import image_and_pixel_metrics
-from hgad_edge.model import HGADModel
-from hgad_edge.train import FeatureCache, Trainer, extract_features, split_calibration
+from hgad_edge.core.files import atomic_write_json, atomic_write_text
+from hgad_edge.core.metrics import image_and_pixel_metrics
+from hgad_edge.training.batching import iter_batches
+from hgad_edge.training.checkpoint import load_run
+from hgad_edge.training.config import HGADConfig, save_config
+from hgad_edge.training.data import load_mask, open_roots
+from hgad_edge.training.evaluate import ClassPredictions, class_metrics, subset, tuning_half
+from hgad_edge.training.knn import fit_bank, knn_maps
+from hgad_edge.training.model import HGADModel
+from hgad_edge.training.train import FeatureCache, Trainer, extract_features, split_calibration
 
 # The landed default (cc2a7f1) in full: the study's fixed starting point.
 BASE = {
@@ -439,9 +439,9 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
     """Where do the flows lose to the kNN? Per class: image AUROC of each level alone (the
     row's own scoring, one level at a time), of the whole model and of the kNN on the same
     features; and score histograms normal vs defect, HGAD beside kNN (OUT/diagnose/*.png)."""
-    from hgad_edge.metrics import auroc
-    from hgad_edge.scoring import image_score
-    from hgad_edge.viz import score_histogram
+    from hgad_edge.core.metrics import auroc
+    from hgad_edge.training.scoring import image_score
+    from hgad_edge.training.viz import score_histogram
 
     scorer, cfg, _ = load_run(work / "runs" / name)
     feats = Features(cfg, dataset, work / "features")

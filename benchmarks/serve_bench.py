@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_frames(folder: Path, limit: int) -> list[np.ndarray]:
-    from hgad_edge.data import load_image
+    from hgad_edge.core.imaging import load_image
 
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "ground_truth" not in p.parts)
     if not paths:
@@ -127,7 +127,7 @@ def server_stats(url: str) -> tuple[int, int, dict[int, int]]:
     """(inferences, executions, {batch size: executions}) so far, from the server's own statistics."""
     import tritonclient.grpc as grpcclient
 
-    from hgad_edge.runtime.backends.triton_backend import parse_url
+    from hgad_edge.runtime.triton.client import parse_url
 
     address, model = parse_url(url)
     client = grpcclient.InferenceServerClient(address)
@@ -245,9 +245,9 @@ def to_markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     _bootstrap_package()
-    from hgad_edge.files import atomic_write_json, atomic_write_text
-    from hgad_edge.runtime.bundle import load_bundle
-    from hgad_edge.serve import ServeProcess
+    from hgad_edge.core.bundle import load_bundle
+    from hgad_edge.core.files import atomic_write_json, atomic_write_text
+    from hgad_edge.runtime.triton.server import ServeProcess
 
     bundle = load_bundle(args.bundle)
     frames = load_frames(args.images, args.max_images)

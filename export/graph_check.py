@@ -17,8 +17,8 @@ from pathlib import Path
 
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 FORBIDDEN_OPS = ("ReduceLogSumExp",)
-HEAD_CLASS = "hgad_edge.head.MixtureHead"
-SCORER_CLASS = "hgad_edge.scoring.AnomalyScorer"
+HEAD_CLASS = "hgad_edge.training.head.MixtureHead"
+SCORER_CLASS = "hgad_edge.training.scoring.AnomalyScorer"
 HIERARCHY_KEY = "pkg.torch.onnx.class_hierarchy"
 # Ops that only move or re-type data: allowed on FP16 in the model-level glue between modules.
 DATA_MOVEMENT = {
@@ -65,7 +65,7 @@ def _must_be_fp32(node) -> bool:
     classes = [c for c in h if c.startswith("hgad_edge.") or c.startswith("FrEIA.") or c.startswith("timm.")]
     return (
         bool(classes)
-        and classes[-1] in (SCORER_CLASS, "hgad_edge.model.HGADModel")
+        and classes[-1] in (SCORER_CLASS, "hgad_edge.training.model.HGADModel")
         and node.op_type not in DATA_MOVEMENT
     )
 

@@ -13,7 +13,7 @@ outputs `anomaly_map` (B, H, W), `score` (B,), `class_pred` (B,) int64. Resize o
 (H, W) happens on the host (runtime), the rest (cast, normalisation, NHWC->NCHW, pyramid, backbone,
 flows, head, scoring, upsampling, smoothing) is inside the graph. The PASS/FAIL decision is not:
 the runtime applies the metadata's per-class thresholds and scales on the host
-(hgad_edge.thresholds), so recalibrating never changes the graph or a TensorRT engine built from it.
+(hgad_edge.core.thresholds), so recalibrating never changes the graph or a TensorRT engine built from it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hgad_edge.bundle_schema import (
+from hgad_edge.core.bundle_schema import (
     ENGINES_DIR,
     INPUT_NAMES,
     METADATA_FILE,
@@ -40,8 +40,7 @@ from hgad_edge.bundle_schema import (
     check_file_name,
     onnx_metadata_props,
 )
-
-from .graph_check import check_graph
+from hgad_edge.export.graph_check import check_graph
 
 log = logging.getLogger("hgad_edge.export")
 
@@ -140,8 +139,8 @@ def export_bundle(
     import torch
 
     from hgad_edge import __version__
-    from hgad_edge.checkpoint import WEIGHTS_FILE, load_run
-    from hgad_edge.files import atomic_dir, atomic_write_json, sha256_file
+    from hgad_edge.core.files import atomic_dir, atomic_write_json, sha256_file
+    from hgad_edge.training.checkpoint import WEIGHTS_FILE, load_run
 
     run_dir, out = Path(run_dir), Path(out)
     unknown = [p for p in precisions if p not in MODEL_FILES]

@@ -6,7 +6,7 @@ bundle's metadata.json under "engines" with exactly the fields the runtime's `ch
 checks, plus its own sha256 (checked before the runtime deserialises it). Its file name carries the
 same facts (`engine_name`), so engines for several devices and targets sit side by side.
 
-Targets (runtime/backends/trt_common.py, TARGETS): one builder code path where the APIs agree
+Targets (hgad_edge/core/trt_common.py, TARGETS): one builder code path where the APIs agree
 (parse, profile, flags, build_serialized_network), small adapters where they differ:
 * where the compute capability comes from: TensorRT builds for the GPU it runs on (checked with
   cuda-python *before* any TensorRT object exists: constructing one without a GPU can crash the
@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hgad_edge.files import atomic_write_bytes, atomic_write_json, sha256_file
-from hgad_edge.runtime.backends.cuda_api import CudaError, CudaPython, import_cudart
-from hgad_edge.runtime.backends.tensorrt_backend import engine_problems
-from hgad_edge.runtime.backends.trt_common import (
+from hgad_edge.core.bundle import load_bundle
+from hgad_edge.core.cuda_api import CudaError, CudaPython, import_cudart
+from hgad_edge.core.errors import BackendUnavailableError, BundleError
+from hgad_edge.core.files import atomic_write_bytes, atomic_write_json, sha256_file
+from hgad_edge.core.trt_common import (
     ENGINE_PRECISIONS,
     TARGETS,
     TrtTarget,
@@ -50,10 +51,13 @@ from hgad_edge.runtime.backends.trt_common import (
     version3,
     version_tuple,
 )
-from hgad_edge.runtime.bundle import load_bundle
-from hgad_edge.runtime.errors import BackendUnavailableError, BundleError
-
-from .calibration import CalibrationBatches, calibration_cache_path, find_images, make_entropy_calibrator
+from hgad_edge.export.int8_calibration import (
+    CalibrationBatches,
+    calibration_cache_path,
+    find_images,
+    make_entropy_calibrator,
+)
+from hgad_edge.runtime.backends.tensorrt_backend import engine_problems
 
 __all__ = [
     "BuildError",
@@ -489,7 +493,7 @@ def network_facts(trt: Any, network: Any, parser: Any, onnx_model: Any) -> Netwo
     """
     import onnx
 
-    from .graph_check import fp32_node_names
+    from hgad_edge.export.graph_check import fp32_node_names
 
     model = onnx.load(str(onnx_model), load_external_data=False) if isinstance(onnx_model, (str, Path)) else onnx_model
     policy = fp32_node_names(model)
@@ -724,7 +728,7 @@ def _onnx_for(bundle: Any, precision: str) -> tuple[Path, str]:
 
 def _preflight(onnx_path: Path) -> None:
     """Refuse graphs the static check says TensorRT would mis-import (e.g. ReduceLogSumExp)."""
-    from .trt_support import check_trt_support
+    from hgad_edge.export.trt_support import check_trt_support
 
     report = check_trt_support(onnx_path)
     for warning in report.warnings:

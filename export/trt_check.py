@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hgad_edge.runtime.backends.cuda_api import import_cuda
-from hgad_edge.runtime.backends.trt_common import TARGETS, import_target, importable, make_logger
-from hgad_edge.runtime.errors import BackendUnavailableError
-
-from .trt_support import KNOWN_PROBLEMS, TABLE_SOURCE, Report, check_trt_support, format_report
+from hgad_edge.core.cuda_api import import_cuda
+from hgad_edge.core.errors import BackendUnavailableError
+from hgad_edge.core.trt_common import TARGETS, import_target, importable, make_logger
+from hgad_edge.export.trt_support import KNOWN_PROBLEMS, TABLE_SOURCE, Report, check_trt_support, format_report
 
 __all__ = ["CheckResult", "NodeFailure", "check_onnx", "check_with_parser", "find_parser"]
 
@@ -112,7 +111,7 @@ def _known_problems(nodes: list[Any]) -> list[NodeFailure]:
 
 def check_with_parser(onnx_path: Path | str, target: str) -> CheckResult:
     """Parse `onnx_path` with `target`'s ONNX parser; every rejected node with the parser's reason."""
-    from .trt_build import _parser_error_text  # one formatting of parser errors
+    from hgad_edge.export.trt_build import _parser_error_text  # one formatting of parser errors
 
     path = Path(onnx_path)
     trt = import_target(target, build=True)

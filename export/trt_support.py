@@ -30,7 +30,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from hgad_edge.runtime.backends.trt_common import version_tuple
+from hgad_edge.core.trt_common import version_tuple
 
 __all__ = ["TABLE_SOURCE", "TRT_OPS", "Issue", "OpSupport", "Report", "check_trt_support", "format_report", "op_info"]
 

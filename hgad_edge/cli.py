@@ -10,15 +10,15 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .bench.engines import BACKENDS as BENCH_BACKENDS
-from .bench.engines import DEFAULT_BACKENDS as BENCH_DEFAULT_BACKENDS
-from .bench.engines import PRECISIONS as BENCH_PRECISIONS
-from .config import HEAD_MODES
-from .runtime.backends import BACKENDS as RUNTIME_BACKENDS
-from .runtime.backends import LOCAL_BACKENDS, is_server_url
-from .runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
-from .runtime.backends.trt_common import ENGINE_PRECISIONS, TARGETS
+from hgad_edge import __version__
+from hgad_edge.bench.engines import BACKENDS as BENCH_BACKENDS
+from hgad_edge.bench.engines import DEFAULT_BACKENDS as BENCH_DEFAULT_BACKENDS
+from hgad_edge.bench.engines import PRECISIONS as BENCH_PRECISIONS
+from hgad_edge.core.trt_common import ENGINE_PRECISIONS, TARGETS
+from hgad_edge.runtime.backends import BACKENDS as RUNTIME_BACKENDS
+from hgad_edge.runtime.backends import LOCAL_BACKENDS, is_server_url
+from hgad_edge.runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
+from hgad_edge.training.config import HEAD_MODES
 
 TRAIN_MODULES = ("torch", "timm", "FrEIA", "yaml", "safetensors")
 allow_engine_host_code_option = click.option(  # run and serve
@@ -43,11 +43,11 @@ def require(extra: str, modules: tuple[str, ...], verb: str) -> None:
 
 def user_errors():
     """The exception types a user can cause (bad data, config, run folder), shown without a traceback."""
-    from .backbone import BackboneError
-    from .checkpoint import RunError
-    from .config import ConfigError
-    from .data import DataError
-    from .train import TrainingError
+    from hgad_edge.training.backbone import BackboneError
+    from hgad_edge.training.checkpoint import RunError
+    from hgad_edge.training.config import ConfigError
+    from hgad_edge.training.data import DataError
+    from hgad_edge.training.train import TrainingError
 
     return (BackboneError, RunError, ConfigError, DataError, TrainingError)
 
@@ -111,9 +111,9 @@ def main() -> None:
 def train(roots, classes, out, config_path, epochs, mode, seed, resume):
     """Train one unified HGAD model on every class under the data roots."""
     require("train", TRAIN_MODULES, "train")
-    from .config import ConfigError, load_config
-    from .data import open_roots
-    from .train import train as run_training
+    from hgad_edge.training.config import ConfigError, load_config
+    from hgad_edge.training.data import open_roots
+    from hgad_edge.training.train import train as run_training
 
     if (out / "meta.json").exists() and not resume:
         raise click.ClickException(f"{out} already holds a run: pass --resume to continue it or choose another --out")
@@ -148,9 +148,9 @@ def train(roots, classes, out, config_path, epochs, mode, seed, resume):
 def eval_cmd(run, roots, classes, pictures, out):
     """Per-class image AUROC, pixel AUROC, AUPRO, F1-max and operating points (FPR/recall, counts) of a trained run."""
     require("train", TRAIN_MODULES, "eval")
-    from .checkpoint import load_run
-    from .data import open_roots
-    from .evaluate import evaluate, metrics_table
+    from hgad_edge.training.checkpoint import load_run
+    from hgad_edge.training.data import open_roots
+    from hgad_edge.training.evaluate import evaluate, metrics_table
 
     try:
         scorer, _, _ = load_run(run)
@@ -175,11 +175,11 @@ def demo(out, quick, epochs):
     """The whole product on real solar-cell images (PyPI elpv-dataset): train, eval, export, engine, run."""
     require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "demo")
     require("demo", ("elpv_dataset",), "demo")
-    from .demo import run_demo
-    from .export.onnx_export import ExportError
-    from .runtime.app import AppError
-    from .runtime.errors import HgadRuntimeError
-    from .runtime.sources import SourceError
+    from hgad_edge.core.errors import HgadRuntimeError
+    from hgad_edge.demo import run_demo
+    from hgad_edge.export.onnx_export import ExportError
+    from hgad_edge.runtime.app import AppError
+    from hgad_edge.runtime.sources import SourceError
 
     try:
         run_demo(out, quick=quick, epochs=epochs)
@@ -190,7 +190,7 @@ def demo(out, quick, epochs):
 @main.command()
 def info():
     """Versions, extras, backends, GPUs, cameras and the fitting `build --target`: paste it into bug reports."""
-    from .info import format_info, gather
+    from hgad_edge.info import format_info, gather
 
     click.echo(format_info(gather()))
 
@@ -215,8 +215,8 @@ def info():
 def export_cmd(run, out, precisions, no_simplify, triton_repo):
     """Fused ONNX graphs (FP32 and mixed FP16) + metadata: the bundle the runtime and `build` use."""
     require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "export")
-    from .export.onnx_export import ExportError, export_bundle
-    from .export.trt_check import check_onnx
+    from hgad_edge.export.onnx_export import ExportError, export_bundle
+    from hgad_edge.export.trt_check import check_onnx
 
     try:
         result = export_bundle(run, out, tuple(precisions) or ("fp32", "fp16"), simplify=not no_simplify)
@@ -234,8 +234,8 @@ def export_cmd(run, out, precisions, no_simplify, triton_repo):
 
 
 def _write_triton_repo(bundle: Path, repo: Path, **options) -> None:
-    from .export.triton_repo import RepositoryError, write_repository
-    from .runtime.errors import HgadRuntimeError
+    from hgad_edge.core.errors import HgadRuntimeError
+    from hgad_edge.runtime.triton.repository import RepositoryError, write_repository
 
     try:
         models = write_repository(bundle, repo, **options)
@@ -323,8 +323,8 @@ def serve(
 ):
     """Serve a bundle with an embedded Triton Inference Server (PyTriton) for many camera stations."""
     require("serve", ("pytriton", "tritonclient.grpc"), "serve")
-    from .runtime.errors import HgadRuntimeError
-    from .serve import ServeError, ServeOptions, serve_forever
+    from hgad_edge.core.errors import HgadRuntimeError
+    from hgad_edge.runtime.triton.server import ServeError, ServeOptions, serve_forever
 
     options = ServeOptions(
         grpc_port,
@@ -376,7 +376,7 @@ def serve(
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
 def build(bundle, target, precision, capabilities, batch, workspace_mb, calib_dir, force):
     """Build a TensorRT engine from an exported bundle: on this GPU, or ahead of time for RTX GPUs (--target rtx)."""
-    from .export.trt_build import BuildError, build_engines
+    from hgad_edge.export.trt_build import BuildError, build_engines
 
     try:
         parts = tuple(int(b) for b in batch.split(":"))
@@ -411,7 +411,7 @@ def build(bundle, target, precision, capabilities, batch, workspace_mb, calib_di
 def check_trt(onnx_file, table_only):
     """Check (CPU) that every node of ONNX_FILE imports into TensorRT: with a real TensorRT / TensorRT-RTX
     parser where one is installed, else with onnx-tensorrt's operator table."""
-    from .export.trt_check import check_onnx
+    from hgad_edge.export.trt_check import check_onnx
 
     result = check_onnx(onnx_file, use_parser=not table_only)
     click.echo(result.markdown)
@@ -493,9 +493,9 @@ def run(
     inference server's grpc:// URL (no torch needed).
 
     Exits non-zero when no frame could be scored or an anomalous frame could not be saved."""
-    from .runtime.app import AppError, run_app, run_problems
-    from .runtime.errors import HgadRuntimeError
-    from .runtime.sources import SourceError
+    from hgad_edge.core.errors import HgadRuntimeError
+    from hgad_edge.runtime.app import AppError, run_app, run_problems
+    from hgad_edge.runtime.sources import SourceError
 
     if (source is None) == (camera is None):
         raise click.UsageError("give exactly one of SOURCE or --camera")
@@ -524,7 +524,7 @@ def run(
 
 def policy_options(command):
     """One option per threshold policy of the registry: --max, --quantile Q, --target-fpr F, ..."""
-    from .thresholds import POLICIES
+    from hgad_edge.core.thresholds import POLICIES
 
     for name, policy in reversed(POLICIES.items()):
         dest = "policy_" + name.replace("-", "_")
@@ -540,7 +540,7 @@ def policy_options(command):
 
 
 def chosen_policy(options: dict) -> tuple[str, float | None]:
-    from .thresholds import POLICIES
+    from hgad_edge.core.thresholds import POLICIES
 
     chosen = []
     for name, policy in POLICIES.items():
@@ -580,9 +580,9 @@ def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, b
 
     A bundle is scored with its own runtime backend (no torch needed) and only its metadata.json
     changes: graphs and TensorRT engines stay valid. The write is atomic; --undo restores."""
-    from .recalibration import CalibrationError, calibrate_target, target_kind, undo_target
-    from .runtime.errors import HgadRuntimeError
-    from .thresholds import PolicyError
+    from hgad_edge.core.errors import HgadRuntimeError
+    from hgad_edge.core.thresholds import PolicyError
+    from hgad_edge.threshold_calibration import CalibrationError, calibrate_target, target_kind, undo_target
 
     errors: tuple = (CalibrationError, PolicyError, HgadRuntimeError)
     try:
@@ -677,7 +677,7 @@ def bench(
 ):
     """FLOPs, latency/throughput per backend and precision, accuracy and drift: report.md/json + plots."""
     require("train", (*TRAIN_MODULES, "onnx"), "bench")
-    from .bench import BenchError, run_bench
+    from hgad_edge.bench import BenchError, run_bench
 
     try:
         folder = run_bench(

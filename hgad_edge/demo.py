@@ -27,7 +27,7 @@ from typing import Any
 import click
 from tqdm.auto import tqdm
 
-from .files import atomic_dir, atomic_write_json
+from hgad_edge.core.files import atomic_dir, atomic_write_json
 
 # Cells with defect probability >= 2/3 are anomalous; 0 is normal; 1/3 is ambiguous and left out.
 DEFECT_MIN_PROBABILITY = 2.0 / 3.0
@@ -181,8 +181,8 @@ def _reusable(model_dir: Path, epochs: int, data_root: Path) -> bool:
 
 
 def _train(dataset, model_dir: Path, data_root: Path, plan: DemoPlan, epochs: int) -> str:
-    from .config import load_config
-    from .train import train
+    from hgad_edge.training.config import load_config
+    from hgad_edge.training.train import train
 
     if _reusable(model_dir, epochs, data_root):
         return f"reused the {epochs}-epoch model in {model_dir}"
@@ -193,8 +193,8 @@ def _train(dataset, model_dir: Path, data_root: Path, plan: DemoPlan, epochs: in
 
 
 def _evaluate(dataset, model_dir: Path) -> tuple[dict, str]:
-    from .checkpoint import load_run
-    from .evaluate import evaluate
+    from hgad_edge.training.checkpoint import load_run
+    from hgad_edge.training.evaluate import evaluate
 
     scorer, _, _ = load_run(model_dir)
     result = evaluate(scorer, dataset, model_dir / "eval", pictures=True)
@@ -203,8 +203,8 @@ def _evaluate(dataset, model_dir: Path) -> tuple[dict, str]:
 
 
 def _export(model_dir: Path, bundle_dir: Path, precisions: tuple[str, ...]) -> str:
-    from .export.onnx_export import export_bundle
-    from .export.trt_support import check_trt_support
+    from hgad_edge.export.onnx_export import export_bundle
+    from hgad_edge.export.trt_support import check_trt_support
 
     with _working("export: fused ONNX graphs"):
         result = export_bundle(model_dir, bundle_dir, precisions)  # ExportError if a graph breaks a deployment rule
@@ -218,12 +218,12 @@ def _export(model_dir: Path, bundle_dir: Path, precisions: tuple[str, ...]) -> s
 
 def build_engine(bundle_dir: Path, precision: str) -> tuple[Path | None, str]:
     """The demo's one call into the engine builder: (engine or None, the step's line)."""
-    from .info import build_target, gather
+    from hgad_edge.info import build_target, gather
 
     target, why = build_target(gather())
     if target is None:
         return None, "skipped: no TensorRT (`run` uses ONNX Runtime)"
-    from .export.trt_build import BuildError, build_engines
+    from hgad_edge.export.trt_build import BuildError, build_engines
 
     try:
         with _working(f"engine: TensorRT build ({target})"):
@@ -273,7 +273,7 @@ def _stream(
     bundle_dir: Path, data_root: Path, classes: list[str], run_dir: Path
 ) -> tuple[dict[str, StreamTally], str, str]:
     """Every class's test images through `run_app` (headless, JSON lines, FAIL images saved)."""
-    from .runtime.app import AppError, run_app, run_problems
+    from hgad_edge.runtime.app import AppError, run_app, run_problems
 
     shutil.rmtree(run_dir, ignore_errors=True)  # FAIL images of an earlier demo would mix with these
     tallies, backend = {}, "?"
@@ -377,7 +377,7 @@ def next_commands(out: Path, engine_built: bool) -> str:
 # ---- entry point ------------------------------------------------------------------------------------------
 def run_demo(out: Path, quick: bool = False, epochs: int | None = None) -> dict[str, Any]:
     """Run every step (module docstring), print one line each and the summary; return the summary."""
-    from .data import open_roots
+    from hgad_edge.training.data import open_roots
 
     plan = QUICK if quick else FULL
     epochs = epochs or plan.epochs

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from hgad_edge import __version__
 
 __all__ = ["build_target", "format_info", "gather"]
 
@@ -70,7 +70,7 @@ def _module_version(module: str) -> tuple[str | None, str | None]:
 
 def tensorrt_facts() -> dict[str, dict[str, Any]]:
     """Per TensorRT flavour: module, version, whether it has a builder, or why it does not import."""
-    from hgad_edge.runtime.backends.trt_common import rtx_capabilities
+    from hgad_edge.core.trt_common import rtx_capabilities
 
     out: dict[str, dict[str, Any]] = {}
     for flavour, modules in TENSORRT_MODULES.items():
@@ -89,8 +89,8 @@ def tensorrt_facts() -> dict[str, dict[str, Any]]:
 
 def cuda_facts() -> dict[str, Any]:
     """cuda-python / pycuda versions and the CUDA devices with their compute capability."""
-    from hgad_edge.runtime.backends.cuda_api import import_cuda
-    from hgad_edge.runtime.errors import BackendUnavailableError
+    from hgad_edge.core.cuda_api import import_cuda
+    from hgad_edge.core.errors import BackendUnavailableError
 
     bindings = dist_version("cuda-python") or (
         f"{dist_version('cuda-bindings')} (cuda-bindings)" if dist_version("cuda-bindings") else None

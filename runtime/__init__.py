@@ -7,9 +7,7 @@ C-style: `create`, `infer`, `destroy`, `last_error` (return `Status` codes).
 Pythonic: `Detector` (raises `HgadRuntimeError` subclasses carrying the Status).
 """
 
-from .api import Result, create, destroy, infer, info, last_error
-from .detector import Detector
-from .errors import (
+from hgad_edge.core.errors import (
     BackendUnavailableError,
     BundleError,
     EngineError,
@@ -19,6 +17,8 @@ from .errors import (
     InvalidHandleError,
     Status,
 )
+from hgad_edge.runtime.api import Result, create, destroy, infer, info, last_error
+from hgad_edge.runtime.detector import Detector
 
 __all__ = [
     "BackendUnavailableError",

@@ -17,7 +17,7 @@ another, and no `destroy` can change a Result already returned (copying a map co
 inference milliseconds). Separate handles run in parallel.
 
 The graph returns anomaly_map, score and class_pred; PASS/FAIL happens here on the host with the
-bundle's per-class thresholds and scales (hgad_edge.thresholds), or with the per-class
+bundle's per-class thresholds and scales (hgad_edge.core.thresholds), or with the per-class
 `thresholds={name: value}` given to `create`, which override the bundle without touching it.
 score_normalized and anomalous are computed into fresh arrays per call, so they too are the caller's.
 """
@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import thresholds as decision
-from .backends import create_runner, is_server_url, open_server
-from .backends.base import Runner
-from .bundle import Bundle, load_bundle
-from .errors import HgadRuntimeError, InvalidArgumentError, Status
-from .preprocess import BatchPacker
+from hgad_edge.core import thresholds as decision
+from hgad_edge.core.bundle import Bundle, load_bundle
+from hgad_edge.core.errors import HgadRuntimeError, InvalidArgumentError, Status
+from hgad_edge.runtime.backends import create_runner, is_server_url, open_server
+from hgad_edge.runtime.backends.base import Runner
+from hgad_edge.runtime.preprocess import BatchPacker
 
 __all__ = ["Result", "Status", "create", "destroy", "infer", "info", "last_error"]
 

@@ -32,12 +32,11 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
-from hgad_edge.files import atomic_path
-from hgad_edge.overlay import heatmap_overlay
-
-from .detector import Detector
-from .errors import BackendUnavailableError
-from .sources import Frame, FrameSource, SourceError, check_supported, parse_source
+from hgad_edge.core.errors import BackendUnavailableError
+from hgad_edge.core.files import atomic_path
+from hgad_edge.core.overlay import heatmap_overlay
+from hgad_edge.runtime.detector import Detector
+from hgad_edge.runtime.sources import Frame, FrameSource, SourceError, check_supported, parse_source
 
 __all__ = ["AppError", "format_summary", "run_app", "run_problems"]
 

@@ -11,10 +11,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from . import api
-from .api import Result
-from .errors import Status, error_for
-from .preprocess import resolve_class_ids
+from hgad_edge.core.errors import Status, error_for
+from hgad_edge.runtime import api
+from hgad_edge.runtime.api import Result
+from hgad_edge.runtime.preprocess import resolve_class_ids
 
 __all__ = ["Detector"]
 

@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from hgad_edge.imaging import MIN_IMAGE_SIDE, resize_image
-
-from .errors import InvalidArgumentError
+from hgad_edge.core.errors import InvalidArgumentError
+from hgad_edge.core.imaging import MIN_IMAGE_SIDE, resize_image
 
 __all__ = ["AUTO_CLASS", "BatchPacker", "as_frame_list", "resolve_class_ids"]
 

@@ -32,8 +32,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hgad_edge.imaging import IMAGE_EXTENSIONS, find_images, load_image
-from hgad_edge.redact import redact_text, redact_url
+from hgad_edge.core.imaging import IMAGE_EXTENSIONS, find_images, load_image
+from hgad_edge.core.redact import redact_text, redact_url
 
 __all__ = [
     "Frame",
@@ -48,21 +48,6 @@ __all__ = [
 
 log = logging.getLogger("hgad_edge.runtime")
 
-VIDEO_EXTENSIONS = (
-    ".mp4",
-    ".avi",
-    ".mkv",
-    ".mov",
-    ".webm",
-    ".m4v",
-    ".mpg",
-    ".mpeg",
-    ".wmv",
-    ".ts",
-    ".flv",
-    ".mjpeg",
-    ".mjpg",
-)
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "rtp://")
 SOURCE_FORMS = (
     "a camera index (0), csi://0, v4l2:///dev/video0, rtsp://host/path, a video file, an image folder or a glob pattern"

@@ -103,9 +103,9 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """A model trained on tiny_data with the real default (Lite1) backbone (a few CPU seconds)."""
-    from hgad_edge.config import HGADConfig
-    from hgad_edge.data import open_roots
-    from hgad_edge.train import train
+    from hgad_edge.training.config import HGADConfig
+    from hgad_edge.training.data import open_roots
+    from hgad_edge.training.train import train
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     train(HGADConfig.from_dict(TINY_CONFIG), open_roots([tiny_data]), out)

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from .conftest import TINY_CONFIG, load_benchmark
+from tests.conftest import TINY_CONFIG, load_benchmark
 
 
 def _ablation_module():
@@ -16,7 +16,7 @@ def _ablation_module():
 def test_ablation_runs_modes_on_shared_features(tiny_data, tmp_path, monkeypatch):
     import yaml
 
-    from hgad_edge import train
+    from hgad_edge.training import train
 
     extracted = []
     real = train.extract_features
@@ -64,7 +64,7 @@ def test_ablation_recalibrates_rows_whose_score_settings_changed(tiny_data, tmp_
     import yaml
     from safetensors.torch import load_file
 
-    from hgad_edge.checkpoint import load_run_config
+    from hgad_edge.training.checkpoint import load_run_config
 
     module = _ablation_module()
     cfg = tmp_path / "cfg.yaml"

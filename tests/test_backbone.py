@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from hgad_edge.backbone import BackboneError, _lite_weights_path, _load_pretrained, _match_state_dict, _read_state_dict
-from hgad_edge.config import BackboneConfig
-from hgad_edge.data import load_image, resize_image
+from hgad_edge.training.backbone import (
+    BackboneError,
+    _lite_weights_path,
+    _load_pretrained,
+    _match_state_dict,
+    _read_state_dict,
+)
+from hgad_edge.training.config import BackboneConfig
+from hgad_edge.training.data import load_image, resize_image
 
 timm = pytest.importorskip("timm")
 MILITARY_UNIFORM = 652  # ImageNet-1k class of matplotlib's sample photo of Grace Hopper in uniform
@@ -85,7 +91,7 @@ def test_wrong_architecture_fails_loudly(lite0, tmp_path):
 
 
 def test_pool_border_zero_counts_the_padding_exclude_does_not():
-    from hgad_edge.backbone import aggregate
+    from hgad_edge.training.backbone import aggregate
 
     ones = torch.ones(1, 1, 3, 3)
     zero = aggregate(ones, 3, "zero")[0, 0]
@@ -96,8 +102,8 @@ def test_pool_border_zero_counts_the_padding_exclude_does_not():
 
 def test_pool_per_stage_windows():
     """backbone.pool (1, 3): stage 2 unpooled, stage 3 averaged over 3x3; one value pools every stage."""
-    from hgad_edge.backbone import Backbone, aggregate
-    from hgad_edge.config import BackboneConfig
+    from hgad_edge.training.backbone import Backbone, aggregate
+    from hgad_edge.training.config import BackboneConfig
 
     x = torch.randn(1, 3, 64, 64)
     raw = Backbone(BackboneConfig(name="tf_efficientnet_lite0", stages=(2, 3), pool=(1,)), load_weights=False)
@@ -111,7 +117,7 @@ def test_pool_per_stage_windows():
 
 def test_a_repeated_stage_is_one_more_level_from_the_same_map():
     """stages (2, 3, 3) with pool (3, 3, 5): stage 3 computed once, read twice with two windows."""
-    from hgad_edge.backbone import Backbone, aggregate
+    from hgad_edge.training.backbone import Backbone, aggregate
 
     x = torch.randn(1, 3, 64, 64)
     raw = Backbone(BackboneConfig(name="tf_efficientnet_lite0", stages=(2, 3), pool=(1,)), load_weights=False)

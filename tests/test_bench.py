@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from hgad_edge import bench
-from hgad_edge.checkpoint import load_run
-from hgad_edge.config import HGADConfig
-
-from .conftest import load_benchmark
+from hgad_edge.training.checkpoint import load_run
+from hgad_edge.training.config import HGADConfig
+from tests.conftest import load_benchmark
 
 # An official-like configuration small enough to build and time in seconds (the real one is B6 at 1024).
 SMALL_OFFICIAL = {
@@ -172,7 +171,7 @@ def _retrained_copy(run: Path, dest: Path) -> Path:
 
     from safetensors.torch import load_file, save_file
 
-    from hgad_edge.checkpoint import WEIGHTS_FILE
+    from hgad_edge.training.checkpoint import WEIGHTS_FILE
 
     shutil.copytree(run, dest)
     weights = load_file(dest / WEIGHTS_FILE)

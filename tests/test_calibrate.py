@@ -17,8 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from hgad_edge.cli import main
-from hgad_edge.data import load_image
-from hgad_edge.recalibration import (
+from hgad_edge.core.bundle import load_bundle
+from hgad_edge.core.thresholds import PolicyError
+from hgad_edge.runtime import Detector
+from hgad_edge.threshold_calibration import (
     RUN_RECORD_KEY,
     CalibrationError,
     calibrate_target,
@@ -26,9 +28,7 @@ from hgad_edge.recalibration import (
     undo_target,
     write_bundle_metadata,
 )
-from hgad_edge.runtime import Detector
-from hgad_edge.runtime.bundle import load_bundle
-from hgad_edge.thresholds import PolicyError
+from hgad_edge.training.data import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_interrupted_calibration_leaves_the_bundle_intact(bundle, normal_dir, mo
     def fail(*args):
         raise OSError("disk full (injected before the rename)")
 
-    monkeypatch.setattr("hgad_edge.files.os.replace", fail)
+    monkeypatch.setattr("hgad_edge.core.files.os.replace", fail)
     with pytest.raises(OSError, match="injected"):
         calibrate_target(bundle, normal_dir, "max", class_name="stripes", backend="onnxruntime")
     monkeypatch.undo()
@@ -132,9 +132,9 @@ def test_calibration_killed_midway_leaves_the_bundle_loadable(bundle, normal_dir
     before = _digest(bundle)
     code = f"""
 import os, signal
-import hgad_edge.files
-hgad_edge.files.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
-from hgad_edge.recalibration import calibrate_target
+import hgad_edge.core.files
+hgad_edge.core.files.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+from hgad_edge.threshold_calibration import calibrate_target
 calibrate_target({str(bundle)!r}, {str(normal_dir)!r}, "quantile", 0.9, class_name="stripes", backend="onnxruntime")
 """
     proc = subprocess.run(
@@ -288,8 +288,8 @@ def test_run_time_threshold_override_leaves_the_bundle(bundle, tiny_data, tmp_pa
 def test_run_folder_calibration_carries_into_export_and_undo(tiny_run, tiny_data, tmp_path):
     import torch
 
-    from hgad_edge.checkpoint import load_run
     from hgad_edge.export.onnx_export import export_bundle
+    from hgad_edge.training.checkpoint import load_run
 
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     scorer0, _, _ = load_run(run)

@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from hgad_edge.cli import main
-from hgad_edge.config import (
+from hgad_edge.training.config import (
     HEAD_MODES,
     ConfigError,
     HeadConfig,
@@ -195,7 +195,7 @@ def test_head_mode_registry_drives_the_switches(mode):
 
 
 def test_smooth_sigma_zero_means_no_smoothing():
-    from hgad_edge.scoring import gaussian_blur, gaussian_kernel1d
+    from hgad_edge.training.scoring import gaussian_blur, gaussian_kernel1d
 
     maps = torch.randn(2, 16, 16)
     assert torch.equal(gaussian_blur(maps, gaussian_kernel1d(0.0)), maps)

@@ -1,10 +1,8 @@
-"""Tests for hgad_edge.data on small generated image folders (plus one real-data smoke test)."""
+"""Tests for hgad_edge.training.data on small generated image folders (plus one real-data smoke test)."""
 
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hgad_edge.data import (
+from hgad_edge.training.data import (
     BTAD,
     IMAGE_EXTENSIONS,
     LAYOUTS,
@@ -29,8 +27,6 @@ from hgad_edge.data import (
     open_roots,
     resize_image,
 )
-
-from .conftest import NOT_IN_BASE_INSTALL
 
 REPO = Path(__file__).resolve().parents[1]
 REALAD = REPO.parent / "shared" / "data" / "realad"
@@ -529,15 +525,6 @@ def test_btad_missing_mask(tmp_path: Path) -> None:
     (root / "02" / "ground_truth" / "ko" / "0000.png").unlink()
     with pytest.raises(DataError, match=r"0000\.png"):
         BTAD(root)
-
-
-def test_no_torch_import() -> None:
-    """The runtime shares this module: it must import without any package of the train extra."""
-    code = (
-        f"import sys\nfor m in {NOT_IN_BASE_INSTALL!r}: sys.modules[m] = None\nimport hgad_edge.data, hgad_edge.overlay"
-    )
-    env_path = str(REPO)
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=env_path, env={"PYTHONPATH": env_path})
 
 
 def test_public_constants() -> None:

@@ -12,14 +12,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from hgad_edge.batching import load_batch
-from hgad_edge.bundle_schema import OUTPUT_NAMES
-from hgad_edge.checkpoint import load_run
-from hgad_edge.data import open_roots
+from hgad_edge.core.bundle_schema import OUTPUT_NAMES
+from hgad_edge.core.metrics import auroc
 from hgad_edge.export import onnx_export
 from hgad_edge.export.graph_check import check_graph
 from hgad_edge.export.onnx_export import ExportError, export_bundle
-from hgad_edge.metrics import auroc
+from hgad_edge.training.batching import load_batch
+from hgad_edge.training.checkpoint import load_run
+from hgad_edge.training.data import open_roots
 
 
 def ort_run(path, images: np.ndarray, class_id: np.ndarray):
@@ -60,7 +60,8 @@ def _graph(nodes, inputs, outputs, value_info=()):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def test_check_graph_catches_violations():
+@pytest.mark.parametrize("package", ["hgad_edge.training", "hgad_edge"])  # today's paths, and a bundle's from before the move
+def test_check_graph_catches_violations(package):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])
     lse = _graph([helper.make_node("ReduceLogSumExp", ["x"], ["y"], keepdims=1)], [x], [y])
@@ -75,7 +76,7 @@ def test_check_graph_catches_violations():
     node = helper.make_node("Sub", ["h", "h"], ["d"], name="head_sub")
     node.metadata_props.add(
         key="pkg.torch.onnx.class_hierarchy",
-        value="['hgad_edge.scoring.AnomalyScorer', 'hgad_edge.head.MixtureHead', 'aten.sub.Tensor']",
+        value=f"['{package}.scoring.AnomalyScorer', '{package}.head.MixtureHead', 'aten.sub.Tensor']",
     )
     cast = helper.make_node("Cast", ["d"], ["out"], to=TensorProto.FLOAT)
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])
@@ -172,7 +173,7 @@ def test_export_refuses_unknown_precision(tiny_run, tmp_path):
 
 
 def test_failed_reexport_leaves_the_old_bundle_working(tiny_bundle, tiny_run, tmp_path, monkeypatch):
-    from hgad_edge.runtime.bundle import load_bundle
+    from hgad_edge.core.bundle import load_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle.bundle, bundle)
@@ -199,8 +200,8 @@ def test_parity_on_real_class(realad, tmp_path):
     """The default backbone, briefly trained on battery_weld: ORT FP32 vs PyTorch on every real test
     image (maps within 1e-4 of their magnitude, image AUROC equal to 3 decimals), and the FP16 body in
     PyTorch (no NaN/inf, AUROC within 0.5 point)."""
-    from hgad_edge.config import HGADConfig
-    from hgad_edge.train import train
+    from hgad_edge.training.config import HGADConfig
+    from hgad_edge.training.train import train
 
     ds = open_roots([realad], classes=["battery_weld"])
     cfg = HGADConfig.from_dict({"flow": {"coupling_blocks": 4}, "train": {"epochs": 2}})

@@ -1,4 +1,4 @@
-"""hgad_edge.files: checksums and writes that never leave a half-written file or folder."""
+"""hgad_edge.core.files: checksums and writes that never leave a half-written file or folder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from hgad_edge.files import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from hgad_edge.core.files import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, sha256_file
 
 
 def test_sha256_file_matches_hashlib(tmp_path):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from hgad_edge.config import FlowConfig
-from hgad_edge.flows import build_flow, flatten_map, positional_encoding_2d, run_flow
+from hgad_edge.training.config import FlowConfig
+from hgad_edge.training.flows import build_flow, flatten_map, positional_encoding_2d, run_flow
 
 pytest.importorskip("FrEIA")
 

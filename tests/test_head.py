@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from hgad_edge.config import HeadConfig
-from hgad_edge.head import MixtureHead
+from hgad_edge.training.config import HeadConfig
+from hgad_edge.training.head import MixtureHead
 
 LOG_2PI = math.log(2.0 * math.pi)
 D, Y, M = 3, 2, 3

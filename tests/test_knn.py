@@ -1,12 +1,11 @@
-"""The kNN reference (hgad_edge/knn.py): exact nearest distances, one unified bank, real detection."""
+"""The kNN reference (hgad_edge/training/knn.py): exact nearest distances, one unified bank, real detection."""
 
 from __future__ import annotations
 
 import torch
 
-from hgad_edge.knn import fit_bank, knn_maps, nearest_distance
-
-from .conftest import TINY_CONFIG
+from hgad_edge.training.knn import fit_bank, knn_maps, nearest_distance
+from tests.conftest import TINY_CONFIG
 
 
 def test_nearest_distance_is_exact_in_any_chunking():
@@ -29,9 +28,9 @@ def test_bank_holds_per_class_samples_of_every_class_and_maps_have_input_size():
 
 
 def test_knn_ablation_row_finds_the_tiny_defects(tiny_data, tmp_path):
-    from hgad_edge.config import HGADConfig
-    from hgad_edge.data import open_roots
-    from hgad_edge.knn import evaluate_knn
+    from hgad_edge.training.config import HGADConfig
+    from hgad_edge.training.data import open_roots
+    from hgad_edge.training.knn import evaluate_knn
 
     result = evaluate_knn(HGADConfig.from_dict(TINY_CONFIG), open_roots([tiny_data]), per_class=2000)
     assert set(result["classes"]) == {"stripes", "dots"}

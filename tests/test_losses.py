@@ -2,7 +2,7 @@
 
 Running example (d = 2, two classes): mu_0 = (0, 0), mu_1 = (2, 0), psi = (0, log 3), so
 p(y) = softmax(psi) = (1/4, 3/4) and c_y = log p(y). The reference values are written with `math`
-only, straight from the paper's equations, so they do not share code with `hgad_edge.losses`.
+only, straight from the paper's equations, so they do not share code with `hgad_edge.training.losses`.
 Every likelihood loss of the library is "per dimension", i.e. the paper's value divided by d.
 """
 
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from hgad_edge import losses as L
+from hgad_edge.training import losses as L
 
 LOG_2PI = math.log(2.0 * math.pi)
 D = 2

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hgad_edge.metrics import _truncated_area, aupro, auroc, f1_max, image_and_pixel_metrics
+from hgad_edge.core.metrics import _truncated_area, aupro, auroc, f1_max, image_and_pixel_metrics
 
 try:  # the reference implementation: only the comparisons against it need it (the `test` extra has it)
     from sklearn import metrics as sklearn_metrics

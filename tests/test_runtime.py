@@ -30,25 +30,25 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hgad_edge.bundle_schema import BundleMetadata, onnx_metadata_props
-from hgad_edge.imaging import resize_image
-from hgad_edge.recalibration import read_bundle_metadata, write_bundle_metadata
-from hgad_edge.runtime import Detector, Status, api, create, destroy, infer, last_error
-from hgad_edge.runtime.app import AppError, run_app
-from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, LOCAL_BACKENDS, PRECISIONS, REGISTRY, cuda_api
-from hgad_edge.runtime.backends import tensorrt_backend as trtb
-from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
-from hgad_edge.runtime.errors import (
+from hgad_edge.core import cuda_api
+from hgad_edge.core.bundle_schema import BundleMetadata, onnx_metadata_props
+from hgad_edge.core.errors import (
     BackendUnavailableError,
     BundleError,
     EngineError,
     InvalidArgumentError,
     InvalidHandleError,
 )
+from hgad_edge.core.imaging import resize_image
+from hgad_edge.runtime import Detector, Status, api, create, destroy, infer, last_error
+from hgad_edge.runtime.app import AppError, run_app
+from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, LOCAL_BACKENDS, PRECISIONS, REGISTRY
+from hgad_edge.runtime.backends import tensorrt_backend as trtb
+from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
-
-from .conftest import NOT_IN_BASE_INSTALL
-from .fake_cuda import FakeCudart, FakePyCuda, FakeTrtModule
+from hgad_edge.threshold_calibration import read_bundle_metadata, write_bundle_metadata
+from tests.conftest import NOT_IN_BASE_INSTALL
+from tests.fake_cuda import FakeCudart, FakePyCuda, FakeTrtModule
 
 H, W = 64, 96  # non-square so that an H/W swap anywhere fails
 CLASSES = ("a", "b")
@@ -977,8 +977,8 @@ def test_app_without_gui_names_headless(bundle):
 
 
 def test_int8_engines_are_chosen_only_when_asked():
+    from hgad_edge.core.errors import EngineError
     from hgad_edge.runtime.backends.tensorrt_backend import choose_engine
-    from hgad_edge.runtime.errors import EngineError
 
     meta = {
         "models": {

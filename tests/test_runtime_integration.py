@@ -12,12 +12,11 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
-from hgad_edge.checkpoint import load_run
 from hgad_edge.cli import main
-from hgad_edge.data import load_image, open_roots, resize_image
 from hgad_edge.runtime import Detector
-
-from .conftest import NOT_IN_BASE_INSTALL
+from hgad_edge.training.checkpoint import load_run
+from hgad_edge.training.data import load_image, open_roots, resize_image
+from tests.conftest import NOT_IN_BASE_INSTALL
 
 
 def _torch_scores(run, frames_rgb: list[np.ndarray], class_id: int = -1):
@@ -106,7 +105,7 @@ def test_detector_without_torch(tiny_bundle, tiny_data):
 import sys
 for name in {NOT_IN_BASE_INSTALL!r}:
     sys.modules[name] = None
-from hgad_edge.data import load_image
+from hgad_edge.training.data import load_image
 from hgad_edge.runtime import Detector
 with Detector({str(tiny_bundle.bundle)!r}, backend="onnxruntime") as det:
     r = det.infer(load_image({str(sample.path)!r}), "auto")

@@ -1,4 +1,4 @@
-"""Scoring on its own: the criteria, the image score, and what `calibrate` fits (on the tiny run's
+"""Scoring on its own: the criteria, the image score, and what `fit_normal_statistics` fits (on the tiny run's
 real model and real normal images)."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hgad_edge.batching import load_batch
-from hgad_edge.checkpoint import load_run
-from hgad_edge.config import ScoreConfig
-from hgad_edge.data import open_roots
-from hgad_edge.scoring import (
+from hgad_edge.training.batching import load_batch
+from hgad_edge.training.checkpoint import load_run
+from hgad_edge.training.config import ScoreConfig
+from hgad_edge.training.data import open_roots
+from hgad_edge.training.scoring import (
     SPREAD_FLOOR,
     TAU_MIN,
-    calibrate,
     combine,
+    fit_normal_statistics,
     gaussian_blur,
     image_score,
     level_weights,
@@ -52,7 +52,7 @@ def test_image_score_max_or_top_fraction():
 
 
 def test_image_level_weights_favour_the_deepest_stage():
-    from hgad_edge.scoring import image_level_weights
+    from hgad_edge.training.scoring import image_level_weights
 
     w = torch.tensor([0.25, 0.25, 0.5])
     deepest = torch.tensor([False, True, True])  # e.g. stage 2 at scale 1, stage 3 at scales 1 and 0.5
@@ -126,7 +126,7 @@ def test_calibrate_fits_reference_spread_and_threshold(tiny_run, tiny_data, quan
     scorer.cfg.spread = spread
     y = scorer.model.class_names.index("dots")
     batches = _normal_batches(tiny_data, cfg, "dots")
-    out = calibrate(scorer, {y: batches})
+    out = fit_normal_statistics(scorer, {y: batches})
     assert out["threshold"][y] == pytest.approx(float(scorer.threshold[y]))
     images = torch.cat(batches)
     cls = torch.full((images.shape[0],), y)
@@ -161,17 +161,17 @@ def test_calibrate_uses_position_images_for_the_means(tiny_run, tiny_data):
     scorer, cfg, _ = load_run(tiny_run)
     y = scorer.model.class_names.index("stripes")
     held_out, positions = _normal_batches(tiny_data, cfg, "stripes")
-    calibrate(scorer, {y: [held_out]}, {y: [positions]})
+    fit_normal_statistics(scorer, {y: [held_out]}, {y: [positions]})
     with torch.no_grad():
         terms = scorer.model.level_terms(scorer.model.preprocess(positions))
         lls, _ = scorer.level_maps(terms, torch.full((positions.shape[0],), y))
     assert torch.allclose(scorer.reference("loglik", 0)[y], lls[0].double().mean(0).float(), atol=1e-4)
     with pytest.raises(ValueError, match="no calibration images for class stripes"):
-        calibrate(scorer, {y: []})
+        fit_normal_statistics(scorer, {y: []})
 
 
 def test_smoothing_is_a_normalised_blur():
-    from hgad_edge.scoring import gaussian_kernel1d
+    from hgad_edge.training.scoring import gaussian_kernel1d
 
     const = torch.full((1, 32, 32), 3.0)
     assert torch.allclose(gaussian_blur(const, gaussian_kernel1d(2.0)), const, atol=1e-5)  # sums to 1, reflect pad

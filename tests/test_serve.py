@@ -21,13 +21,12 @@ import cv2
 import numpy as np
 import pytest
 
-from hgad_edge.data import load_image, open_roots
 from hgad_edge.runtime import BackendUnavailableError, BundleError, Detector
 from hgad_edge.runtime.app import ServerLostError, _Counters, _score, run_app
 from hgad_edge.runtime.sources import Frame
-from hgad_edge.serve import ServeProcess, python_library_env
-
-from .conftest import load_benchmark
+from hgad_edge.runtime.triton.server import ServeProcess, python_library_env
+from hgad_edge.training.data import load_image, open_roots
+from tests.conftest import load_benchmark
 
 try:
     import pytriton.triton  # noqa: F401
@@ -226,9 +225,9 @@ def test_serve_bench_reports_streams_beside_local(server, tiny_bundle, tiny_data
 
 
 def test_a_server_back_with_another_model_is_an_error(server):
+    from hgad_edge.core.bundle import OUTPUT_NAMES
     from hgad_edge.runtime.backends import input_specs
-    from hgad_edge.runtime.backends.triton_backend import connect
-    from hgad_edge.runtime.bundle import OUTPUT_NAMES
+    from hgad_edge.runtime.triton.client import connect
 
     bundle, runner = connect(server.url, input_specs, list(OUTPUT_NAMES), max_batch=1)
     try:

@@ -1,4 +1,4 @@
-"""Threshold policies and the PASS/FAIL decision (hgad_edge.thresholds): each policy gives the
+"""Threshold policies and the PASS/FAIL decision (hgad_edge.core.thresholds): each policy gives the
 threshold it promises, refuses what its images cannot support, and the decision math is the documented one."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from hgad_edge import thresholds as T
-from hgad_edge.config import ConfigError, HGADConfig
+from hgad_edge.core import thresholds as T
+from hgad_edge.training.config import ConfigError, HGADConfig
 
 RNG = np.random.default_rng(7)
 NORMAL = RNG.normal(2.0, 0.5, 20000)  # a large generated normal set

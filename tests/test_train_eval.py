@@ -9,14 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hgad_edge.checkpoint import RunError, load_run
 from hgad_edge.cli import main
-from hgad_edge.config import HGADConfig, load_config, save_config
-from hgad_edge.data import open_roots
-from hgad_edge.evaluate import evaluate
-from hgad_edge.train import TrainingError, lr_factor, split_calibration
-
-from .conftest import TINY_CONFIG
+from hgad_edge.training.checkpoint import RunError, load_run
+from hgad_edge.training.config import HGADConfig, load_config, save_config
+from hgad_edge.training.data import open_roots
+from hgad_edge.training.evaluate import evaluate
+from hgad_edge.training.train import TrainingError, lr_factor, split_calibration
+from tests.conftest import TINY_CONFIG
 
 
 def test_train_then_eval_detects_visible_defects(tiny_run, tiny_data, tmp_path):
@@ -54,7 +53,7 @@ def test_train_then_eval_detects_visible_defects(tiny_run, tiny_data, tmp_path):
 
 def test_auto_class_and_threshold(tiny_run, tiny_data):
     scorer, cfg, _ = load_run(tiny_run)
-    from hgad_edge.batching import load_batch
+    from hgad_edge.training.batching import load_batch
 
     ds = open_roots([tiny_data])
     good = [s for s in ds.samples("test") if s.label == 0]
@@ -69,7 +68,7 @@ def test_auto_class_and_threshold(tiny_run, tiny_data):
 
 
 def test_run_reload_is_exact(tiny_run, tiny_data):
-    from hgad_edge.batching import load_batch
+    from hgad_edge.training.batching import load_batch
 
     a, cfg, _ = load_run(tiny_run)
     b, _, _ = load_run(tiny_run)
@@ -89,7 +88,7 @@ def test_runs_from_before_pool_border_and_spreads_keep_their_scoring(tiny_run, t
     import yaml
     from safetensors.torch import load_file, save_file
 
-    from hgad_edge.batching import load_batch
+    from hgad_edge.training.batching import load_batch
 
     old = tmp_path / "old_run"
     shutil.copytree(tiny_run, old)
@@ -167,7 +166,7 @@ def test_load_run_rejects_incomplete(tiny_run, tmp_path):
 
 def test_scores_rank_defects_above_normals(tiny_run, tiny_data):
     scorer, cfg, _ = load_run(tiny_run)
-    from hgad_edge.evaluate import predict_class
+    from hgad_edge.training.evaluate import predict_class
 
     ds = open_roots([tiny_data])
     for cid, name in enumerate(ds.classes):
@@ -177,7 +176,7 @@ def test_scores_rank_defects_above_normals(tiny_run, tiny_data):
 
 
 def test_threshold_policy_needing_more_held_out_images_fails_before_training(tiny_data, tmp_path):
-    from hgad_edge.train import train
+    from hgad_edge.training.train import train
 
     cfg = HGADConfig.from_dict({**TINY_CONFIG, "score": {"threshold_policy": "target-fpr", "threshold_param": 0.01}})
     with pytest.raises(TrainingError, match="needs 20 held-out normal images per class"):

@@ -15,14 +15,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hgad_edge.bundle_schema import BundleMetadata, onnx_metadata_props
-from hgad_edge.export import calibration as calib
+from hgad_edge.core.bundle_schema import BundleMetadata, onnx_metadata_props
+from hgad_edge.core.cuda_api import CudaPython, import_cudart
+from hgad_edge.core.errors import EngineError
+from hgad_edge.export import int8_calibration as calib
 from hgad_edge.export import trt_build as tb
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
-from hgad_edge.runtime.backends.cuda_api import CudaPython, import_cudart
-from hgad_edge.runtime.errors import EngineError
-
-from .fake_cuda import FakeCudart, FakeTrtModule
+from tests.fake_cuda import FakeCudart, FakeTrtModule
 
 H = W = 64
 

@@ -25,14 +25,14 @@ import pytest
 from click.testing import CliRunner
 
 from hgad_edge.cli import main
+from hgad_edge.core.cuda_api import import_cuda
+from hgad_edge.core.files import sha256_file
+from hgad_edge.core.trt_common import rtx_capabilities
 from hgad_edge.export import trt_build as tb
 from hgad_edge.export.graph_check import HEAD_CLASS, HIERARCHY_KEY, fp32_node_names
 from hgad_edge.export.trt_check import check_onnx
-from hgad_edge.files import sha256_file
 from hgad_edge.runtime import Status, create, destroy, infer, last_error
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
-from hgad_edge.runtime.backends.cuda_api import import_cuda
-from hgad_edge.runtime.backends.trt_common import rtx_capabilities
 
 if os.environ.get("HGAD_EDGE_REQUIRE_RTX"):
     import tensorrt_rtx_bindings as trt
@@ -270,7 +270,7 @@ def test_without_gpu_deserialisation_is_no_device(rtx_bundle):
     code = textwrap.dedent(f"""
         import tensorrt_rtx_bindings as trt
         from hgad_edge.runtime.backends.tensorrt_backend import EngineFromPath
-        from hgad_edge.runtime.errors import HgadRuntimeError
+        from hgad_edge.core.errors import HgadRuntimeError
         loader = EngineFromPath(trt, {str(rtx_bundle / "engines" / name)!r}, "rebuild", {entry["sha256"]!r})
         try:
             loader()
@@ -307,10 +307,9 @@ def test_rtx_engine_matches_onnxruntime_on_an_rtx_gpu(rtx_bundle):
 
 
 def test_gpu_check_rtx_stage_says_why_it_did_not_measure(rtx_bundle, monkeypatch):
-    from hgad_edge.export import rtx_latency
-    from hgad_edge.runtime.backends.cuda_api import CudaPython
-
-    from .fake_cuda import FakeCudart
+    from hgad_edge.bench import rtx_latency
+    from hgad_edge.core.cuda_api import CudaPython
+    from tests.fake_cuda import FakeCudart
 
     if not _gpu()[0]:
         result = rtx_latency.time_rtx_engine(rtx_bundle)

@@ -22,16 +22,26 @@ import pytest
 from click.testing import CliRunner
 
 from hgad_edge import cli
-from hgad_edge.bundle_schema import BundleMetadata, SchemaError, check_file_name, read_onnx_metadata_props
-from hgad_edge.imaging import DataError, image_size, load_image
-from hgad_edge.redact import redact_text, redact_url
+from hgad_edge.core.bundle import load_bundle
+from hgad_edge.core.bundle_schema import BundleMetadata, SchemaError, check_file_name, read_onnx_metadata_props
+from hgad_edge.core.imaging import DataError, image_size, load_image
+from hgad_edge.core.redact import redact_text, redact_url
 from hgad_edge.runtime import Status, api, create, destroy, infer, last_error
 from hgad_edge.runtime import app as app_module
 from hgad_edge.runtime.app import AppError, run_app, run_problems
-from hgad_edge.runtime.bundle import load_bundle
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
-
-from .test_runtime import BGR, CLASSES, THRESHOLDS, H, W, fake_camera, make_bundle, read_jsonl, reference, rng_frames
+from tests.test_runtime import (
+    BGR,
+    CLASSES,
+    THRESHOLDS,
+    H,
+    W,
+    fake_camera,
+    make_bundle,
+    read_jsonl,
+    reference,
+    rng_frames,
+)
 
 PASSWORDS = ["p@ss", "pa/ss", "a:b@c/d", "s3cr3t"]
 

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from hgad_edge.overlay import heatmap_overlay
-from hgad_edge.viz import loglik_histogram, save_overlay_grid, score_histogram
+from hgad_edge.core.overlay import heatmap_overlay
+from hgad_edge.training.viz import loglik_histogram, save_overlay_grid, score_histogram
 
 
 def _scene(h: int = 96, w: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,13 +17,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bundle import OUTPUT_NAMES, Bundle
-from ..errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
-from .base import Runner, TensorSpec
-from .cuda_api import CudaError
-from .onnxruntime_backend import OnnxRuntimeRunner, SessionFromOnnx, available_providers, choose_providers, uses_gpu
-from .tensorrt_backend import load_tensorrt_runner
-from .triton_backend import is_server_url
+from hgad_edge.core.bundle import OUTPUT_NAMES, Bundle
+from hgad_edge.core.cuda_api import CudaError
+from hgad_edge.core.errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
+from hgad_edge.runtime.backends.base import Runner, TensorSpec
+from hgad_edge.runtime.backends.onnxruntime_backend import (
+    OnnxRuntimeRunner,
+    SessionFromOnnx,
+    available_providers,
+    choose_providers,
+    uses_gpu,
+)
+from hgad_edge.runtime.backends.tensorrt_backend import load_tensorrt_runner
+from hgad_edge.runtime.triton.client import is_server_url
 
 __all__ = [
     "AUTO_ORDER",
@@ -95,7 +101,7 @@ def _tensorrt_runner(
 
 
 def _triton_connect(url: str, precision: str, max_batch: int) -> tuple[Bundle, Runner]:
-    from . import triton_backend  # tritonclient is imported only when a server is used
+    from hgad_edge.runtime.triton import client as triton_backend  # tritonclient is imported only when a server is used
 
     return triton_backend.connect(url, input_specs, list(OUTPUT_NAMES), precision, max_batch)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InferenceError, InvalidArgumentError
+from hgad_edge.core.errors import InferenceError, InvalidArgumentError
 
 __all__ = ["Runner", "TensorSpec"]
 

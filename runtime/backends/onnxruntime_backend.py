@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, BundleError, InferenceError, Status
-from .base import Runner, TensorSpec
+from hgad_edge.core.errors import BackendUnavailableError, BundleError, InferenceError, Status
+from hgad_edge.runtime.backends.base import Runner, TensorSpec
 
 __all__ = ["OnnxRuntimeRunner", "SessionFromOnnx", "available_providers", "choose_providers"]
 

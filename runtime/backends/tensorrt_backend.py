@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
-from .base import Runner, TensorSpec
-from .cuda_api import CudaError, HostDeviceMem, import_cuda
-from .trt_common import TARGETS, cc_text, entry_target, import_target, make_logger, version_tuple
+from hgad_edge.core.cuda_api import CudaError, HostDeviceMem, import_cuda
+from hgad_edge.core.errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
+from hgad_edge.core.trt_common import TARGETS, cc_text, entry_target, import_target, make_logger, version_tuple
+from hgad_edge.runtime.backends.base import Runner, TensorSpec
 
 __all__ = [
     "EngineFromPath",
