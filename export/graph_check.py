@@ -17,8 +17,15 @@ from pathlib import Path
 
 FLOAT16 = 10  # onnx.TensorProto.FLOAT16
 FORBIDDEN_OPS = ("ReduceLogSumExp",)
-HEAD_CLASS = "hgad_edge.training.head.MixtureHead"
-SCORER_CLASS = "hgad_edge.training.scoring.AnomalyScorer"
+# The module paths the exporter records; bundles exported before the training side moved into
+# hgad_edge.training carry the old paths, and `build` still checks their graphs.
+HEAD_CLASSES = ("hgad_edge.training.head.MixtureHead", "hgad_edge.head.MixtureHead")
+MODEL_CLASSES = (
+    "hgad_edge.training.scoring.AnomalyScorer",
+    "hgad_edge.training.model.HGADModel",
+    "hgad_edge.scoring.AnomalyScorer",
+    "hgad_edge.model.HGADModel",
+)
 HIERARCHY_KEY = "pkg.torch.onnx.class_hierarchy"
 # Ops that only move or re-type data: allowed on FP16 in the model-level glue between modules.
 DATA_MOVEMENT = {
@@ -56,23 +63,27 @@ def _hierarchy(node) -> list[str]:
     return []
 
 
+def _in_head(hierarchy: list[str]) -> bool:
+    return any(c in HEAD_CLASSES for c in hierarchy)
+
+
 def _must_be_fp32(node) -> bool:
     """Every head node, and every arithmetic node outside the backbone and flows (scoring and the
     glue between modules; moving FP16 data there before its Cast is fine)."""
     h = _hierarchy(node)
-    if HEAD_CLASS in h:
+    if _in_head(h):
         return True
     classes = [c for c in h if c.startswith("hgad_edge.") or c.startswith("FrEIA.") or c.startswith("timm.")]
     return (
         bool(classes)
-        and classes[-1] in (SCORER_CLASS, "hgad_edge.training.model.HGADModel")
+        and classes[-1] in MODEL_CLASSES
         and node.op_type not in DATA_MOVEMENT
     )
 
 
 def fp32_node_names(model) -> set[str]:
     """Names of the nodes that must compute in FP32 (head, scoring, glue): the policy of rule 3,
-    also used to check the layers TensorRT's parser made of them (export/trt_build.py)."""
+    also used to check the layers TensorRT's parser made of them (export/trt_network.py)."""
     return {n.name for n in model.graph.node if _must_be_fp32(n)}
 
 
@@ -103,7 +114,7 @@ def _check_mixed(model) -> list[str]:
         return ["mixed graph has no FP16 tensor: backbone and flows were not exported in FP16"]
     problems = [f"output {o.name} is FP16" for o in model.graph.output if types.get(o.name) == FLOAT16]
     head_nodes = [n for n in model.graph.node if _must_be_fp32(n)]
-    if not any(HEAD_CLASS in _hierarchy(n) for n in head_nodes):
+    if not any(_in_head(_hierarchy(n)) for n in head_nodes):
         problems.append("no node carries the mixture-head hierarchy metadata: cannot prove the head is FP32")
     for node in head_nodes:
         fp16 = [t for t in [*node.input, *node.output] if t and types.get(t) == FLOAT16]
