@@ -18,6 +18,7 @@ from typing import Any
 from hgad_edge.core.cuda_api import import_cuda
 from hgad_edge.core.errors import BackendUnavailableError
 from hgad_edge.core.trt_common import TARGETS, import_target, importable, make_logger
+from hgad_edge.export.trt_network import parser_error_text, plugin_layer_types
 from hgad_edge.export.trt_support import KNOWN_PROBLEMS, TABLE_SOURCE, Report, check_trt_support, format_report
 
 __all__ = ["CheckResult", "NodeFailure", "check_onnx", "check_with_parser", "find_parser"]
@@ -111,8 +112,6 @@ def _known_problems(nodes: list[Any]) -> list[NodeFailure]:
 
 def check_with_parser(onnx_path: Path | str, target: str) -> CheckResult:
     """Parse `onnx_path` with `target`'s ONNX parser; every rejected node with the parser's reason."""
-    from hgad_edge.export.trt_build import _parser_error_text  # one formatting of parser errors
-
     path = Path(onnx_path)
     trt = import_target(target, build=True)
     spec = TARGETS[target]
@@ -130,14 +129,12 @@ def check_with_parser(onnx_path: Path | str, target: str) -> CheckResult:
         name = error.node_name() or (node.name if node is not None else "?")
         op_type = error.node_operator() or (node.op_type if node is not None else "?")
         code = getattr(error.code(), "name", str(error.code()))
-        result.failures.append(NodeFailure(index, name, op_type, f"{code}: {_parser_error_text(error)}"))
+        result.failures.append(NodeFailure(index, name, op_type, f"{code}: {parser_error_text(error)}"))
     if not parsed and not result.failures:
         result.failures.append(NodeFailure(-1, "?", "?", "the parser failed without naming a node"))
     if parsed:
         used = list(parser.get_used_vc_plugin_libraries() or [])
-        plugin_types = {
-            getattr(trt.LayerType, n) for n in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, n)
-        }
+        plugin_types = plugin_layer_types(trt)
         plugins = [
             network.get_layer(i).name for i in range(network.num_layers) if network.get_layer(i).type in plugin_types
         ]

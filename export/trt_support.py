@@ -7,9 +7,10 @@ Why: engines are built on the target GPU (a Jetson on the factory floor), so a g
 TensorRT cannot parse, or parses into something numerically wrong, should be caught on the
 training machine, before the bundle travels. Nothing here needs TensorRT or a GPU.
 
-The operator table is onnx-tensorrt's `docs/operators.md` as shipped with TensorRT 10.15 (opset 9
-to 24; TensorRT 10.0's copy documents opset 9 to 20). Operators that onnx-tensorrt's changelog
-says arrived later in 10.x carry the version that added them. Beyond the table the check knows:
+The operator table (`trt_operators.md`, package data next to this module) is onnx-tensorrt's
+`docs/operators.md` as shipped with TensorRT 10.15 (opset 9 to 24; TensorRT 10.0's copy documents
+opset 9 to 20). Operators that onnx-tensorrt's changelog says arrived later in 10.x carry the
+version that added them. Beyond the table the check knows:
 
 * ReduceLogSumExp is imported as log(sum(exp(x))) without the max shift, which overflowed to
   -inf on our model (deployment-facts.md): an error for hgad-edge graphs.
@@ -24,6 +25,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -39,212 +41,9 @@ OPSET_RANGE_10_0 = (9, 20)  # "TensorRT 10.0 supports operators in the inclusive
 OPSET_RANGE_LATEST = (9, 24)  # "TensorRT 10.15 supports ... opset 9 to opset 24"
 UINT8_NOTE = "uint8 is network I/O only: TensorRT needs a Cast to float32/float16 before any other layer"
 
-# Operator | supported | types | restrictions (transcribed from operators.md, TensorRT 10.15).
-_F = "FP32, FP16, BF16"
-_FI = "FP32, FP16, BF16, INT32, INT64"
-_FIB = "FP32, FP16, BF16, INT32, INT64, BOOL"
-_TABLE = f"""
-Abs|Y|{_FI}|
-Acos|Y|{_F}|
-Acosh|Y|{_F}|
-Add|Y|{_FI}|
-AffineGrid|N||
-And|Y|BOOL|
-ArgMax|Y|{_FI}|
-ArgMin|Y|{_FI}|
-Asin|Y|{_F}|
-Asinh|Y|{_F}|
-Atan|Y|{_F}|
-Atanh|Y|{_F}|
-Attention|Y|{_F}, INT8, FP8|Q, K, V and attn_mask must be 4D; past_key/past_value/nonpad_kv_seqlen inputs, present_key/present_value/qk_matmul_output outputs, qk_matmul_output_mode and softcap unsupported
-AveragePool|Y|{_F}|2D or 3D pooling only; dilations must be empty or all ones
-BatchNormalization|Y|{_F}|
-Bernoulli|N||
-BitShift|N||
-BitwiseAnd|N||
-BitwiseNot|N||
-BitwiseOr|N||
-BitwiseXor|N||
-BlackmanWindow|Y|FP32, FP16|
-Cast|Y|FP32, FP16, BF16, INT32, INT64, UINT8, BOOL|
-CastLike|Y|FP32, FP16, BF16, INT32, INT64, UINT8, BOOL|
-Ceil|Y|{_F}|
-Col2Im|N||
-Celu|Y|{_F}|
-CenterCropPad|N||
-Clip|Y|{_F}|
-Compress|N||
-Concat|Y|{_FIB}|
-ConcatFromSequence|N||
-Constant|Y|{_F}, FP8, FP4, INT4, INT32, INT64, BOOL|sparse_value, value_string and value_strings attributes unsupported
-ConstantOfShape|Y|{_F}, FP8, FP4, INT4, INT32, INT64, BOOL|
-Conv|Y|{_F}|
-ConvInteger|N||
-ConvTranspose|Y|{_F}|
-Cos|Y|{_F}|
-Cosh|Y|{_F}|
-CumSum|Y|{_F}|axis must be a build-time constant
-DFT|N||
-DeformConv|Y|FP32, FP16|input must have 1D or 2D spatial dimensions; begin/end pads per axis must be equal
-DepthToSpace|Y|{_FI}|
-DequantizeLinear|Y|INT8, FP8, FP4, INT4|x_zero_point must be zero
-Det|N||
-Div|Y|{_FI}|
-Dropout|Y|{_F}|is_training must be an initializer that evaluates to False
-DynamicQuantizeLinear|N||compose TensorRT's IDynamicQuantize from ONNX ops in a local function instead
-Einsum|Y|{_F}|
-Elu|Y|{_F}|
-Equal|Y|{_FI}|
-Erf|Y|{_F}|
-Exp|Y|{_F}|
-Expand|Y|{_FIB}|
-EyeLike|Y|{_FIB}|input must have static dimensions
-Flatten|Y|{_FIB}|
-Floor|Y|{_F}|
-Gather|Y|{_FIB}|
-GatherElements|Y|{_FIB}|
-GatherND|Y|{_FIB}|
-Gelu|Y|{_F}, INT8, INT32, INT64|
-Gemm|Y|{_F}|
-GlobalAveragePool|Y|{_F}|
-GlobalLpPool|Y|{_F}|
-GlobalMaxPool|Y|{_F}|
-Greater|Y|{_FI}|
-GreaterOrEqual|Y|{_FI}|
-GridSample|Y|FP32, FP16|input must be 4D
-GroupNormalization|Y|{_F}|
-GRU|Y|{_F}|bidirectional GRUs need the same activations in both directions
-HammingWindow|Y|FP32, FP16|
-HannWindow|Y|FP32, FP16|
-HardSigmoid|Y|{_F}|
-HardSwish|Y|{_F}|
-Hardmax|Y|{_F}|axis dimension of the input must be a build-time constant
-Identity|Y|{_FIB}|
-If|Y|{_FIB}|both branches' outputs must have the same rank and different names
-ImageScaler|Y|{_F}|
-ImageDecoder|N||
-InstanceNormalization|Y|{_F}|
-IsInf|Y|{_F}|
-IsNaN|Y|{_FI}|
-LayerNormalization|Y|{_F}|only the first output Y is supported
-LeakyRelu|Y|{_F}|
-Less|Y|{_FI}|
-LessOrEqual|Y|{_FI}|
-Log|Y|{_F}|
-LogSoftmax|Y|{_F}|
-Loop|Y|{_FIB}|scan output length cannot be dynamic; loop-carried shapes must not change across iterations
-LRN|Y|{_F}|
-LSTM|Y|{_F}|bidirectional LSTMs need the same activations in both directions; input_forget and layout must be 0
-LpNormalization|Y|{_F}|
-LpPool|Y|{_F}|dilations must be empty or all ones
-MatMul|Y|{_F}|
-MatMulInteger|N||
-Max|Y|{_FI}|
-MaxPool|Y|{_F}|2D or 3D pooling only; Indices output unsupported; dilations must be empty or all ones
-MaxRoiPool|N||
-MaxUnpool|N||
-Mean|Y|{_F}, FP8, INT32, INT64|
-MeanVarianceNormalization|Y|{_F}|
-MelWeightMatrix|N||
-Min|Y|{_FI}|
-Mish|Y|FP32, FP16|
-Mod|Y|{_FI}|
-Mul|Y|{_FI}|
-Multinomial|N||
-Neg|Y|{_FI}|
-NegativeLogLikelihoodLoss|N||
-NonMaxSuppression|Y|FP32, FP16|
-NonZero|Y|FP32, FP16|
-Not|Y|BOOL|
-OneHot|Y|{_FIB}|depth must be a build-time constant
-Optional|N||
-OptionalGetElement|N||
-OptionalHasElement|N||
-Or|Y|BOOL|
-Pad|Y|{_FI}|
-ParametricSoftplus|Y|{_F}|
-Pow|Y|{_FI}|
-PRelu|Y|{_F}|
-QLinearConv|N||
-QLinearMatMul|N||
-QuantizeLinear|Y|{_F}|y_zero_point must be 0
-RandomNormal|Y|{_F}|seed is ignored
-RandomNormalLike|Y|{_F}|seed is ignored
-RandomUniform|Y|{_F}|seed is ignored
-RandomUniformLike|Y|{_F}|seed is ignored
-Range|Y|{_FI}|
-Reciprocal|Y|{_F}|
-ReduceL1|Y|{_FI}|axes must be an initializer
-ReduceL2|Y|{_FI}|axes must be an initializer
-ReduceLogSum|Y|{_FI}|axes must be an initializer
-ReduceLogSumExp|Y|{_FI}|axes must be an initializer
-ReduceMax|Y|{_FI}|axes must be an initializer
-ReduceMean|Y|{_FI}|axes must be an initializer
-ReduceMin|Y|{_FI}|axes must be an initializer
-ReduceProd|Y|{_FI}|axes must be an initializer
-ReduceSum|Y|{_FI}|axes must be an initializer
-ReduceSumSquare|Y|{_FI}|axes must be an initializer
-RegexFullMatch|N||
-Relu|Y|{_FI}|
-Reshape|Y|{_FIB}|
-Resize|Y|{_F}|coordinate modes half_pixel, pytorch_half_pixel, tf_half_pixel_for_nn, asymmetric, align_corners; modes nearest, linear; nearest modes floor, ceil, round_prefer_floor, round_prefer_ceil; aspect policy stretch; no antialiasing; tensor scales need axes = all dims
-ReverseSequence|Y|{_FIB}|
-RMSNormalization|Y|{_F}|
-RNN|Y|{_F}|bidirectional RNNs need the same activations in both directions
-RoiAlign|Y|FP32, FP16|
-RotaryEmbedding|Y|{_F}|position_ids must be INT64
-Round|Y|{_F}|
-STFT|Y|FP32|frame_step and window must be initializers; input must be real-valued
-ScaledTanh|Y|{_F}|
-Scan|Y|{_F}|
-Scatter|Y|{_FI}|
-ScatterElements|Y|{_FI}|
-ScatterND|Y|{_FI}|reduction other than none unsupported
-Selu|Y|{_F}|
-SequenceAt|N||
-SequenceConstruct|N||
-SequenceEmpty|N||
-SequenceErase|N||
-SequenceInsert|N||
-SequenceLength|N||
-SequenceMap|N||
-Shape|Y|{_FIB}|
-Shrink|Y|{_FI}|
-Sigmoid|Y|{_F}|
-Sign|Y|{_FI}|
-Sin|Y|{_F}|
-Sinh|Y|{_F}|
-Size|Y|{_FIB}|
-Slice|Y|{_FIB}|
-Softmax|Y|{_F}|
-SoftmaxCrossEntropyLoss|N||
-Softplus|Y|{_F}|
-Softsign|Y|{_F}|
-SpaceToDepth|Y|{_FI}|
-Split|Y|{_FIB}|
-SplitToSequence|N||
-Sqrt|Y|{_F}|
-Squeeze|Y|{_FIB}|axes must be resolvable to a constant
-StringConcat|N||
-StringNormalizer|N||
-StringSplit|N||
-Sub|Y|{_FI}|
-Sum|Y|{_FI}|
-Tan|Y|{_F}|
-Tanh|Y|{_F}|
-TensorScatter|Y|{_F}, INT32|past_cache and update must be 4D; axis must be -2
-TfIdfVectorizer|N||
-ThresholdedRelu|Y|{_F}|
-Tile|Y|{_FIB}|
-TopK|Y|{_FI}|sorted must be 1; K must be less than 3840
-Transpose|Y|{_FIB}|
-Trilu|Y|{_FIB}|
-Unique|N||
-Unsqueeze|Y|{_FIB}|axes must be resolvable to a constant
-Upsample|Y|{_F}|
-Where|Y|{_FIB}|
-Xor|Y|BOOL|
-"""
+# Operator | supported | types | restrictions, one op a line, transcribed from operators.md (TensorRT 10.15);
+# a package data file, verbatim, so that it diffs against upstream without Python around it.
+_TABLE_FILE = "trt_operators.md"
 
 # TensorRT release that first imported the op (onnx-tensorrt changelog); absent = all of 10.x.
 _SINCE = {
@@ -268,10 +67,17 @@ KNOWN_PROBLEMS = {
 }
 
 _TYPE_CODES = {
-    "FP32": TensorProto.FLOAT, "FP16": TensorProto.FLOAT16, "BF16": TensorProto.BFLOAT16,
-    "INT32": TensorProto.INT32, "INT64": TensorProto.INT64, "BOOL": TensorProto.BOOL,
-    "UINT8": TensorProto.UINT8, "INT8": TensorProto.INT8, "INT4": TensorProto.INT4,
-    "FP8": TensorProto.FLOAT8E4M3FN, "FP4": getattr(TensorProto, "FLOAT4E2M1", -1),
+    "FP32": TensorProto.FLOAT,
+    "FP16": TensorProto.FLOAT16,
+    "BF16": TensorProto.BFLOAT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "INT8": TensorProto.INT8,
+    "INT4": TensorProto.INT4,
+    "FP8": TensorProto.FLOAT8E4M3FN,
+    "FP4": getattr(TensorProto, "FLOAT4E2M1", -1),
 }
 
 
@@ -295,7 +101,7 @@ def _parse_table(text: str) -> dict[str, OpInfo]:
     return table
 
 
-TRT_OPS: dict[str, OpInfo] = _parse_table(_TABLE)
+TRT_OPS: dict[str, OpInfo] = _parse_table((files("hgad_edge.export") / _TABLE_FILE).read_text(encoding="utf-8"))
 
 
 def op_info(op_type: str) -> OpInfo | None:
@@ -418,7 +224,9 @@ _RESIZE_COORD = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "as
 _RESIZE_NEAREST = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
 _AXES_INPUT_SINCE = {  # op: opset from which `axes` is an input (index 1) instead of an attribute
     **{f"Reduce{k}": 18 for k in ("L1", "L2", "LogSum", "LogSumExp", "Max", "Mean", "Min", "Prod", "SumSquare")},
-    "ReduceSum": 13, "Squeeze": 13, "Unsqueeze": 13,
+    "ReduceSum": 13,
+    "Squeeze": 13,
+    "Unsqueeze": 13,
 }
 
 
@@ -520,7 +328,9 @@ def _rule_dropout(node: onnx.NodeProto, ctx: _Context) -> list[tuple[str, str]]:
 
 _RULES = {
     "Resize": _rule_resize,
-    "AveragePool": _rule_pool, "MaxPool": _rule_pool, "LpPool": _rule_pool,
+    "AveragePool": _rule_pool,
+    "MaxPool": _rule_pool,
+    "LpPool": _rule_pool,
     "TopK": _rule_topk,
     "ScatterND": _rule_scatter_nd,
     "CumSum": _rule_cumsum,
@@ -538,7 +348,11 @@ def _op_verdict(domain: str, op_type: str, trt_version: tuple[int, int] | None) 
     if info is None:
         return False, "error", "not in onnx-tensorrt's operator table: the parser has no importer"
     if not info.supported:
-        return False, "error", "onnx-tensorrt lists it as unsupported" + (f" ({info.restriction})" if info.restriction else "")
+        return (
+            False,
+            "error",
+            "onnx-tensorrt lists it as unsupported" + (f" ({info.restriction})" if info.restriction else ""),
+        )
     if op_type in KNOWN_PROBLEMS:
         return True, "error", f"supported but {KNOWN_PROBLEMS[op_type]}"
     note = info.restriction
@@ -556,9 +370,14 @@ def _opset_issues(opset: int | None) -> list[Issue]:
         return [Issue("error", "the model imports no default (ai.onnx) opset")]
     low, high = OPSET_RANGE_LATEST
     if opset < low or opset > high:
-        return [Issue("error", f"opset {opset} is outside TensorRT 10's range ({low}..{high}); re-export at opset 17-20")]
+        return [
+            Issue("error", f"opset {opset} is outside TensorRT 10's range ({low}..{high}); re-export at opset 17-20")
+        ]
     if opset > OPSET_RANGE_10_0[1]:
-        msg = f"opset {opset} needs a recent TensorRT 10 (10.0 documents opset 9..20, 10.15 9..24); opset 18 works everywhere"
+        msg = (
+            f"opset {opset} needs a recent TensorRT 10 (10.0 documents opset 9..20, 10.15 9..24); "
+            "opset 18 works everywhere"
+        )
         return [Issue("warning", msg)]
     return []
 
@@ -610,10 +429,17 @@ def _input_issues(value: onnx.ValueInfoProto, users: list[onnx.NodeProto]) -> li
         issues = []
         if bad:
             what = ", ".join(f"{n.op_type} {_node_label(n)}" for n in bad)
-            msg = f"input {name!r} is uint8 and feeds {what}: {UINT8_NOTE}; cast it first (images.to(float) before permute)"
+            msg = (
+                f"input {name!r} is uint8 and feeds {what}: {UINT8_NOTE}; "
+                "cast it first (images.to(float) before permute)"
+            )
             issues.append(Issue("error", msg, [_node_label(n) for n in bad]))
         if dims_only:
-            msg = f"input {name!r} (uint8) feeds {', '.join(n.op_type for n in dims_only)}, which reads only its dimensions; {UINT8_NOTE}, so cast first to be safe"
+            users = ", ".join(n.op_type for n in dims_only)
+            msg = (
+                f"input {name!r} (uint8) feeds {users}, which reads only its dimensions; "
+                f"{UINT8_NOTE}, so cast first to be safe"
+            )
             issues.append(Issue("warning", msg, [_node_label(n) for n in dims_only]))
         if not issues:
             issues.append(Issue("note", f"input {name!r} is uint8 and goes straight into a Cast to float: supported"))
@@ -711,7 +537,10 @@ def format_report(report: Report) -> str:
     for op in sorted(report.ops, key=lambda o: (-LEVELS.index(o.level), o.op_type)):
         name = op.op_type if not op.domain else f"{op.domain}::{op.op_type}"
         where = f" (e.g. {', '.join(op.nodes[:3])})" if op.nodes else ""
-        lines.append(f"| {_cell(name)} | {op.count} | {'yes' if op.supported else 'no'} | {op.level} | {_cell(op.note + where)} |")
+        lines.append(
+            f"| {_cell(name)} | {op.count} | {'yes' if op.supported else 'no'} | {op.level} "
+            f"| {_cell(op.note + where)} |"
+        )
     if report.issues:
         lines += ["", "### Graph-level findings", ""]
         for issue in sorted(report.issues, key=lambda i: -LEVELS.index(i.level)):

@@ -223,7 +223,8 @@ def build_engine(bundle_dir: Path, precision: str) -> tuple[Path | None, str]:
     target, why = build_target(gather())
     if target is None:
         return None, "skipped: no TensorRT (`run` uses ONNX Runtime)"
-    from hgad_edge.export.trt_build import BuildError, build_engines
+    from hgad_edge.core.engine_records import BuildError
+    from hgad_edge.export.trt_build import build_engines
 
     try:
         with _working(f"engine: TensorRT build ({target})"):

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from hgad_edge.cli import main
+from hgad_edge.core.engine_records import engine_entry
 from hgad_edge.core.errors import BundleError, InvalidArgumentError
-from hgad_edge.export.trt_build import engine_entry
 from hgad_edge.runtime.triton.client import (
     METADATA_PARAMETER,
     SHAPES_PARAMETER,
@@ -87,7 +87,7 @@ def test_onnx_models_parse_and_match_the_graphs(tiny_bundle, tmp_path):
         assert json.loads(params[METADATA_PARAMETER]) == meta
         assert json.loads(params["hgad_edge.classes"]) == meta["classes"]
         assert json.loads(params["hgad_edge.input_size"]) == meta["input_size"]
-        assert json.loads(params["hgad_edge.core.thresholds"]) == meta["thresholds"]
+        assert json.loads(params["hgad_edge.thresholds"]) == meta["thresholds"]
         assert params["hgad_edge.precision"] == model.precision
         # the client reads the same config (JSON form, as Triton returns it) back into a Bundle
         bundle, precision = bundle_from_config(

@@ -17,9 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hgad_edge.core.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.core.cuda_api import CudaPython, import_cudart
+from hgad_edge.core.engine_records import BuildError, check_batch, engine_entry, engine_name, rebuild_reasons
 from hgad_edge.core.errors import EngineError
 from hgad_edge.export import int8_calibration as calib
 from hgad_edge.export import trt_build as tb
+from hgad_edge.export import trt_devices as devices
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from tests.fake_cuda import FakeCudart, FakeTrtModule
 
@@ -305,31 +307,31 @@ class FakeConfig:
 
 @pytest.fixture
 def fakes(monkeypatch):
-    """Install fake cuda-python + TensorRT (10.7 on an sm87 'Orin') into trt_build."""
+    """Install fake cuda-python + TensorRT (10.7 on an sm87 'Orin') where the builder finds them (trt_devices)."""
     cudart = FakeCudart()
     trt = FakeTrt("10.7.0.23", cudart)
-    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
-    monkeypatch.setattr(tb, "import_tensorrt_builder", lambda: trt)
+    monkeypatch.setattr(devices, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(devices, "import_tensorrt_builder", lambda: trt)
     return trt
 
 
 # ---- pure helpers ----------------------------------------------------------------------------------
 def test_engine_name_format():
-    assert tb.engine_name("10.3.0.30", "8.7", "fp16") == "trt10.3.0_sm87_fp16.engine"
-    assert tb.engine_name("11.0", (12, 1), "fp32", version_compatible=True) == "trt11.0.0_sm121_fp32_vc.engine"
-    with pytest.raises(tb.BuildError, match="precision"):
-        tb.engine_name("10.3", "8.7", "bf16")
+    assert engine_name("10.3.0.30", "8.7", "fp16") == "trt10.3.0_sm87_fp16.engine"
+    assert engine_name("11.0", (12, 1), "fp32", version_compatible=True) == "trt11.0.0_sm121_fp32_vc.engine"
+    with pytest.raises(BuildError, match="precision"):
+        engine_name("10.3", "8.7", "bf16")
 
 
 @pytest.mark.parametrize("batch, expected", [((1, 4, 8), (1, 4, 8)), (8, (1, 8, 8)), ([2], (1, 2, 2))])
 def test_batch_profile(batch, expected):
-    assert tb.check_batch(batch) == expected
+    assert check_batch(batch) == expected
 
 
 @pytest.mark.parametrize("batch", [(4, 2, 8), (0, 1, 2), (1, 2)])
 def test_bad_batch_profile(batch):
-    with pytest.raises(tb.BuildError, match="min <= opt <= max"):
-        tb.check_batch(batch)
+    with pytest.raises(BuildError, match="min <= opt <= max"):
+        check_batch(batch)
 
 
 def test_metadata_entry_round_trips_through_choose_engine(tmp_path):
@@ -337,10 +339,8 @@ def test_metadata_entry_round_trips_through_choose_engine(tmp_path):
     meta = metadata(folder)
     for precision in ("fp16", "fp32"):
         sha = meta["models"][precision]["sha256"]
-        name = tb.engine_name("10.7.0.23", "8.7", precision)
-        meta["engines"][name] = tb.engine_entry(
-            precision, "10.7.0.23", "8.7", f"model_{precision}.onnx", sha, (1, 4, 8)
-        )
+        name = engine_name("10.7.0.23", "8.7", precision)
+        meta["engines"][name] = engine_entry(precision, "10.7.0.23", "8.7", f"model_{precision}.onnx", sha, (1, 4, 8))
     assert trtb.choose_engine(meta, "10.7.0.1", "8.7", "auto", max_batch=8) == "trt10.7.0_sm87_fp16.engine"
     assert trtb.choose_engine(meta, "10.7.0.1", (8, 7), "fp32") == "trt10.7.0_sm87_fp32.engine"
     with pytest.raises(EngineError, match="batch <= 8"):
@@ -351,26 +351,26 @@ def test_metadata_entry_round_trips_through_choose_engine(tmp_path):
 
 def test_rebuild_reasons(tmp_path):
     path = tmp_path / "e.engine"
-    entry = tb.engine_entry("fp16", "10.7.0.23", "8.7", "model_fp16.onnx", "s", (1, 4, 8))
+    entry = engine_entry("fp16", "10.7.0.23", "8.7", "model_fp16.onnx", "s", (1, 4, 8))
     args = dict(precision="fp16", trt_version="10.7.0.23", capability="8.7", onnx_sha256="s", batch=(1, 4, 8))
-    assert tb.rebuild_reasons(None, path, **args) == ["no engine recorded in metadata.json"]
-    assert "missing" in tb.rebuild_reasons(entry, path, **args)[0]
+    assert rebuild_reasons(None, path, **args) == ["no engine recorded in metadata.json"]
+    assert "missing" in rebuild_reasons(entry, path, **args)[0]
     path.write_bytes(b"plan")
-    assert tb.rebuild_reasons(entry, path, **args) == []
-    assert tb.rebuild_reasons(entry, path, **{**args, "trt_version": "10.8.0"}) == [
+    assert rebuild_reasons(entry, path, **args) == []
+    assert rebuild_reasons(entry, path, **{**args, "trt_version": "10.8.0"}) == [
         "built with TensorRT 10.7.0.23, this runtime has 10.8.0"
     ]
-    assert "compute capability" in tb.rebuild_reasons(entry, path, **{**args, "capability": "7.2"})[0]
-    assert "another ONNX" in tb.rebuild_reasons(entry, path, **{**args, "onnx_sha256": "t"})[0]
-    assert "batch" in tb.rebuild_reasons(entry, path, **{**args, "batch": (1, 8, 16)})[0]
+    assert "compute capability" in rebuild_reasons(entry, path, **{**args, "capability": "7.2"})[0]
+    assert "another ONNX" in rebuild_reasons(entry, path, **{**args, "onnx_sha256": "t"})[0]
+    assert "batch" in rebuild_reasons(entry, path, **{**args, "batch": (1, 8, 16)})[0]
 
 
 # ---- environment errors ----------------------------------------------------------------------------
 def test_no_gpu_is_a_build_error_before_any_tensorrt_object(tmp_path, monkeypatch):
     folder = make_bundle(tmp_path / "b")
-    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart(devices=0))
-    monkeypatch.setattr(tb, "import_tensorrt_builder", lambda: pytest.fail("TensorRT touched without a GPU"))
-    with pytest.raises(tb.BuildError) as err:
+    monkeypatch.setattr(devices, "import_cudart", lambda: FakeCudart(devices=0))
+    monkeypatch.setattr(devices, "import_tensorrt_builder", lambda: pytest.fail("TensorRT touched without a GPU"))
+    with pytest.raises(BuildError) as err:
         tb.build_engines(folder)
     assert "no CUDA device" in str(err.value) and "copy the bundle there and run hgad-edge build" in str(err.value)
 
@@ -381,25 +381,25 @@ def test_this_machine_without_gpu_is_reported():
     count, _ = CudaPython(import_cudart()).device_count()
     if count:
         pytest.skip("this machine has a CUDA device")
-    with pytest.raises(tb.BuildError, match="no CUDA device"):
-        tb.require_cuda_device(0)
+    with pytest.raises(BuildError, match="no CUDA device"):
+        devices.require_cuda_device(0)
 
 
 def test_missing_tensorrt_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(tb.BuildError, match=r"pip install 'hgad-edge\[tensorrt\]'.*python3-libnvinfer"):
-        tb.import_tensorrt_builder()
+    with pytest.raises(BuildError, match=r"pip install 'hgad-edge\[tensorrt\]'.*python3-libnvinfer"):
+        devices.import_tensorrt_builder()
 
 
 def test_missing_precision_model_and_tampered_onnx(tmp_path, fakes):
     folder = make_bundle(tmp_path / "b")
     (folder / "model_fp16.onnx").write_bytes(tiny_graph(half=False))
-    with pytest.raises(tb.BuildError, match="sha256"):
+    with pytest.raises(BuildError, match="sha256"):
         tb.build_engines(folder, "fp16")
     meta = metadata(folder)
     del meta["models"]["fp16"]
     (folder / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(tb.BuildError, match="no fp16 ONNX model"):
+    with pytest.raises(BuildError, match="no fp16 ONNX model"):
         tb.build_engines(folder, "fp16")
 
 
@@ -457,12 +457,12 @@ def test_stale_engine_is_rebuilt_and_other_engines_kept(tmp_path, fakes):
 def test_tensorrt_11_builds_without_flags_and_refuses_int8(tmp_path, monkeypatch):
     cudart = FakeCudart()
     trt = FakeTrt("11.0.0.5", cudart)
-    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
-    monkeypatch.setattr(tb, "import_tensorrt_builder", lambda: trt)
+    monkeypatch.setattr(devices, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(devices, "import_tensorrt_builder", lambda: trt)
     folder = make_bundle(tmp_path / "b")
     assert tb.build_engines(folder, "fp16").name == "trt11.0.0_sm87_fp16.engine"
     assert trt.builds[-1]["flags"] == 0 and metadata(folder)["engines"]["trt11.0.0_sm87_fp16.engine"]["strongly_typed"]
-    with pytest.raises(tb.BuildError, match="explicit quantization.*Q/DQ"):
+    with pytest.raises(BuildError, match="explicit quantization.*Q/DQ"):
         tb.build_engines(folder, "int8", calib_dir=tmp_path)
     assert len(trt.builds) == 1
 
@@ -470,7 +470,7 @@ def test_tensorrt_11_builds_without_flags_and_refuses_int8(tmp_path, monkeypatch
 def test_parser_errors_name_the_nodes(tmp_path, fakes):
     folder = make_bundle(tmp_path / "b")
     fakes.parse_errors = [("node_lse_3", "ReduceLogSumExp", "unsupported attribute"), ("node_x", "Foo", "no importer")]
-    with pytest.raises(tb.BuildError) as err:
+    with pytest.raises(BuildError) as err:
         tb.build_engines(folder, "fp32", check=False)
     text = str(err.value)
     assert (
@@ -483,7 +483,7 @@ def test_parser_errors_name_the_nodes(tmp_path, fakes):
 
 def test_preflight_refuses_reduce_logsumexp(tmp_path, fakes):
     folder = make_bundle(tmp_path / "b", lse=True)
-    with pytest.raises(tb.BuildError, match="ReduceLogSumExp.*max shift"):
+    with pytest.raises(BuildError, match="ReduceLogSumExp.*max shift"):
         tb.build_engines(folder, "fp32")
     assert fakes.builders == 0
 
@@ -514,7 +514,7 @@ def test_int8_build_calibrates_and_pins_non_conv_layers(tmp_path, fakes):
 
 
 def test_int8_without_images_or_cache_names_the_option(tmp_path, fakes):
-    with pytest.raises(tb.BuildError, match="calib_dir"):
+    with pytest.raises(BuildError, match="calib_dir"):
         tb.build_engines(make_bundle(tmp_path / "b"), "int8")
 
 
@@ -532,7 +532,7 @@ def test_failed_calibration_batch_fails_the_build(tmp_path, fakes):
     images = write_images(tmp_path / "normal", 2)
     (images / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     folder = make_bundle(tmp_path / "b")
-    with pytest.raises(tb.BuildError, match="INT8 calibration failed"):
+    with pytest.raises(BuildError, match="INT8 calibration failed"):
         tb.build_engines(folder, "int8", batch=(1, 1, 1), calib_dir=images)
     assert not (folder / "engines" / "trt10.7.0_sm87_int8.engine").exists() and not fakes.cudart.blocks
 

@@ -26,11 +26,14 @@ from click.testing import CliRunner
 
 from hgad_edge.cli import main
 from hgad_edge.core.cuda_api import import_cuda
+from hgad_edge.core.engine_records import BuildError, engine_name, rebuild_reasons
+from hgad_edge.core.errors import EngineError
 from hgad_edge.core.files import sha256_file
 from hgad_edge.core.trt_common import rtx_capabilities
 from hgad_edge.export import trt_build as tb
-from hgad_edge.export.graph_check import HEAD_CLASS, HIERARCHY_KEY, fp32_node_names
+from hgad_edge.export.graph_check import HEAD_CLASSES, HIERARCHY_KEY, fp32_node_names
 from hgad_edge.export.trt_check import check_onnx
+from hgad_edge.export.trt_network import ParsedNetwork, network_facts, parse_network
 from hgad_edge.runtime import Status, create, destroy, infer, last_error
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 
@@ -70,18 +73,8 @@ def entry_of(folder: Path, precision: str) -> tuple[str, dict]:
     )
 
 
-def parsed(folder: Path, precision: str) -> tb.ParsedNetwork:
-    bundle = meta(folder)
-    options = tb.BuildOptions(
-        folder / bundle["models"][precision]["file"],
-        precision,
-        BATCH,
-        tuple(bundle["input_size"]),
-        "images",
-        "class_id",
-        target="rtx",
-    )
-    return tb.parse_network(trt, options)
+def parsed(folder: Path, precision: str) -> ParsedNetwork:
+    return parse_network(trt, folder / meta(folder)["models"][precision]["file"], precision, target="rtx")
 
 
 # ---- the builds and their records -------------------------------------------------------------------
@@ -91,14 +84,14 @@ def test_fp32_and_fp16_engines_are_built_and_recorded(rtx_bundle):
     for precision, gpus in (("fp32", default), ("fp16", GPUS)):
         name, entry = entry_of(rtx_bundle, precision)
         path = rtx_bundle / "engines" / name
-        assert name == tb.engine_name(trt.__version__, gpus, precision, target="rtx") and name.startswith("rtx")
+        assert name == engine_name(trt.__version__, gpus, precision, target="rtx") and name.startswith("rtx")
         assert entry["trt_version"] == trt.__version__ and entry["compute_capabilities"] == gpus
         assert entry["sha256"] == sha256_file(path) and entry["size_bytes"] == path.stat().st_size > 100_000
         assert entry["onnx_sha256"] == data["models"][precision]["sha256"] and entry["batch"] == list(BATCH)
         assert entry["plugins"] == [] and entry["strongly_typed"] and entry["fp32_policy_layers"] > 0
         assert trtb.choose_engine(data, trt.__version__, gpus[-1], precision, max_batch=4, target="rtx") == name
     assert entry_of(rtx_bundle, "fp16")[1]["half_layers"] > 0 and entry_of(rtx_bundle, "fp32")[1]["half_layers"] == 0
-    with pytest.raises(trtb.EngineError, match="this GPU is 8.7"):  # a Jetson runs JetPack's TensorRT, not RTX engines
+    with pytest.raises(EngineError, match="this GPU is 8.7"):  # a Jetson runs JetPack's TensorRT, not RTX engines
         trtb.choose_engine(data, trt.__version__, "8.7", "fp16", target="rtx")
     assert not (rtx_bundle / "engines" / tb.TIMING_CACHE).exists()  # TensorRT-RTX has no timing cache (no-op since 1.2)
 
@@ -122,9 +115,7 @@ def test_mixed_network_keeps_head_and_scoring_out_of_half(rtx_bundle):
     assert len(head) > 50  # the head and scoring are there, and mapped to the exporter's nodes
     assert not [layer.name for layer in head if any(outputs_half(layer))]
     assert sum(any(outputs_half(layer)) for layer, _ in tagged) > 50  # the body does run in HALF
-    facts = tb.network_facts(
-        trt, net.network, net.parser, model
-    )  # the build's own check agrees, untagged helpers included
+    facts = network_facts(trt, net.network, net.parser, model)  # the build's own check agrees, untagged helpers too
     assert facts.violations == [] and facts.unmapped == [] and len(facts.fp32_policy_layers) >= len(head)
     fp32 = parsed(rtx_bundle, "fp32").network
     assert not any(any(outputs_half(fp32.get_layer(i))) for i in range(fp32.num_layers))
@@ -142,8 +133,8 @@ def test_precision_check_catches_a_half_layer_in_the_head(rtx_bundle):
     }
     victim = next(node for node in model.graph.node if node.name in half_nodes and node.op_type == "Conv")
     prop = next((p for p in victim.metadata_props if p.key == HIERARCHY_KEY), None) or victim.metadata_props.add()
-    prop.key, prop.value = HIERARCHY_KEY, f"['{HEAD_CLASS}']"
-    facts = tb.network_facts(trt, net.network, net.parser, model)
+    prop.key, prop.value = HIERARCHY_KEY, f"['{HEAD_CLASSES[0]}']"
+    facts = network_facts(trt, net.network, net.parser, model)
     assert facts.violations and all(victim.name in v for v in facts.violations)
 
 
@@ -184,7 +175,7 @@ def test_rebuild_skips_current_engine_and_rebuilds_stale_one(rtx_bundle, tmp_pat
         fh.write(b"\0")
     assert any(
         "changed since it was built" in r
-        for r in tb.rebuild_reasons(entry, engine, "fp16", trt.__version__, GPUS, entry["onnx_sha256"], BATCH)
+        for r in rebuild_reasons(entry, engine, "fp16", trt.__version__, GPUS, entry["onnx_sha256"], BATCH)
     )
 
     model = onnx.load(str(folder / "model_fp16.onnx"))  # "re-export": same graph, new bytes, new sha256
@@ -212,7 +203,7 @@ def test_rebuild_skips_current_engine_and_rebuilds_stale_one(rtx_bundle, tmp_pat
 )
 def test_bad_build_requests_fail_before_building(rtx_bundle, kwargs, words):
     args = {"precision": "fp16", "target": "rtx", **kwargs}
-    with pytest.raises(tb.BuildError, match=words):
+    with pytest.raises(BuildError, match=words):
         tb.build_engines(rtx_bundle, args.pop("precision"), BATCH, **args)
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from hgad_edge.core.bundle import load_bundle
 from hgad_edge.core.cuda_api import import_cuda
 from hgad_edge.core.trt_common import TARGETS, rtx_capabilities, tensorrt_status
-from hgad_edge.export.trt_build import _RTX_ELSEWHERE, build_engines
+from hgad_edge.export.trt_build import build_engines
+from hgad_edge.export.trt_devices import RTX_ELSEWHERE
 from hgad_edge.runtime.backends import input_specs
 from hgad_edge.runtime.backends.tensorrt_backend import (
     EngineFromPath,
@@ -64,7 +65,7 @@ def time_rtx_engine(
     trt = import_runtime("rtx")
     supported = rtx_capabilities(trt)[0]
     if cc not in supported:
-        hint = _RTX_ELSEWHERE.get(cc, "not an RTX-class GPU")
+        hint = RTX_ELSEWHERE.get(cc, "not an RTX-class GPU")
         return RtxLatency(
             f"TensorRT-RTX {trt.__version__} not measured: this GPU is compute capability {cc} ({hint}); "
             f"TensorRT-RTX targets {', '.join(supported)}"

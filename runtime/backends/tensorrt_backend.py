@@ -2,7 +2,8 @@
 
 Engines are tied to one TensorRT version, to their GPUs (one compute capability for TensorRT, a
 list for TensorRT-RTX) and to one ONNX model, so `choose_engine` picks from the bundle's metadata
-before anything is deserialised and names the `hgad-edge build` command when nothing fits. The
+before anything is deserialised and names the `hgad-edge build` command when nothing fits (whether
+one record fits is `engine_problems`, hgad_edge/core/engine_records.py, shared with the builder). The
 CUDA device is checked *before* any TensorRT object exists: constructing one without a GPU can
 crash the process. Buffers follow NVIDIA's samples: pinned host + device memory per tensor name,
 sized from the optimisation profile's max shape, one stream, execute_async_v3 (cuda-python, or
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from hgad_edge.core.cuda_api import CudaError, HostDeviceMem, import_cuda
+from hgad_edge.core.engine_records import engine_problems
 from hgad_edge.core.errors import BackendUnavailableError, EngineError, InferenceError, InvalidArgumentError, Status
-from hgad_edge.core.trt_common import TARGETS, cc_text, entry_target, import_target, make_logger, version_tuple
+from hgad_edge.core.trt_common import TARGETS, entry_target, import_target, make_logger
 from hgad_edge.runtime.backends.base import Runner, TensorSpec
 
 __all__ = [
@@ -35,7 +37,6 @@ __all__ = [
     "TensorRTRunner",
     "build_fix",
     "choose_engine",
-    "engine_problems",
     "import_runtime",
     "load_tensorrt_runner",
     "require_device",
@@ -43,64 +44,11 @@ __all__ = [
 
 log = logging.getLogger("hgad_edge.runtime")
 
-HOST_CODE_FIX = (
-    "pass allow_engine_host_code=True to create() (hgad-edge run --allow-engine-host-code) if you trust it, "
-    "or rebuild it without version compatibility"
-)
 # Log lines of a deserialisation that failed for want of a GPU or driver (cudaError 35 / 100).
 _NO_GPU = re.compile(r"cudaError (35|100)|no CUDA-capable device|driver version is insufficient|cuInit", re.IGNORECASE)
 
 
 # ---- engine choice (pure: unit-tested without TensorRT) ------------------------------------------
-def _engine_capabilities(entry: dict[str, Any]) -> list[str]:
-    values = entry.get("compute_capabilities") or [entry.get("compute_capability", "?")]
-    out = []
-    for value in values:
-        try:
-            out.append(cc_text(value))
-        except (TypeError, ValueError):
-            out.append(str(value))
-    return out
-
-
-def engine_problems(
-    entry: dict[str, Any],
-    models: dict[str, Any],
-    trt_version: str,
-    compute_capability: Any,
-    max_batch: int | None = None,
-    allow_host_code: bool = True,
-) -> list[str]:
-    """Why one engine (a metadata `engines` entry) cannot run here; empty when it fits."""
-    problems = []
-    label = TARGETS.get(entry_target(entry), TARGETS["tensorrt"]).label
-    built = str(entry.get("trt_version", "?"))
-    if entry.get("version_compatible"):
-        if version_tuple(built, 1) != version_tuple(trt_version, 1) or version_tuple(trt_version, 3) < version_tuple(
-            built, 3
-        ):
-            problems.append(f"built with {label} {built} (version-compatible), this runtime has {trt_version}")
-        if not allow_host_code:
-            problems.append(f"version-compatible: it embeds host code that would run in this process; {HOST_CODE_FIX}")
-    elif version_tuple(built, 3) != version_tuple(trt_version, 3):
-        problems.append(f"built with {label} {built}, this runtime has {trt_version}")
-    gpus = _engine_capabilities(entry)
-    if cc_text(compute_capability) not in gpus:
-        what = "compute capability" if len(gpus) == 1 else "compute capabilities"
-        problems.append(f"built for {what} {', '.join(gpus)}, this GPU is {cc_text(compute_capability)}")
-    model_sha = (models.get(entry.get("model", entry.get("precision")), {}) or {}).get(
-        "sha256"
-    )  # int8 engines come from the fp32 ONNX
-    if model_sha and entry.get("onnx_sha256") != model_sha:
-        problems.append("built from another ONNX model (the bundle was re-exported since)")
-    limits = entry.get("batch") or []
-    if max_batch is not None and limits and int(limits[-1]) < max_batch:
-        problems.append(
-            f"built for batch <= {limits[-1]}, max_batch={max_batch} was requested (pass max_batch<={limits[-1]})"
-        )
-    return problems
-
-
 def build_fix(bundle: Any, precision: str, target: str = "tensorrt") -> str:
     """The command that builds the missing engine."""
     extra = " --calib-dir NORMAL_IMAGES" if precision == "int8" else ""
