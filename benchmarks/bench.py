@@ -6,7 +6,7 @@
 
 Writes <out>/<machine>/report.md, report.json, throughput.png, breakdown.png (and bundle/ unless
 --bundle names one). Run it on an otherwise idle machine: the report warns when it was not.
-The options are the CLI verb's own (hgad_edge/cli.py `bench`); the work is hgad_edge.bench.
+The options are the CLI verb's own (hgad_edge/cli/tools.py `bench`); the work is hgad_edge.bench.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from _bootstrap import bootstrap_package as _bootstrap_package  # noqa: E402
 def run_verb(argv: list[str], prog_name: str) -> int:
     """`hgad-edge bench ARGV`; returns its exit code (click errors print without a traceback)."""
     _bootstrap_package()
-    from hgad_edge.cli import bench
+    from hgad_edge.cli.tools import bench
 
     try:
         bench.main(args=argv, prog_name=prog_name, standalone_mode=True)

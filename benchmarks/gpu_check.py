@@ -15,17 +15,28 @@ OUT/<machine>/rtx.md beside report.md (give --bundle, or the report's own bundle
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, also when loaded by path
 from _bootstrap import bootstrap_package as _bootstrap_package  # noqa: E402
-from bench import run_verb  # noqa: E402
+
+
+def _bench_script():
+    """benchmarks/bench.py, by path: `import bench` finds the benchmarks/bench/ package first."""
+    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).resolve().with_name("bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_verb = _bench_script().run_verb
 
 
 def gpu_defaults() -> list[str]:
     _bootstrap_package()
-    from hgad_edge.bench import BACKENDS
+    from hgad_edge.bench.choices import BACKENDS
 
     return ["--backends", ",".join(BACKENDS), "--precisions", "fp32,fp16", "--budget-s", "270", "--max-images", "200"]
 

@@ -5,6 +5,7 @@ cuda-python are imported only when the TensorRT backend is asked for.
 
 C-style: `create`, `infer`, `destroy`, `last_error` (return `Status` codes).
 Pythonic: `Detector` (raises `HgadRuntimeError` subclasses carrying the Status).
+Their options, in one checked value: `RuntimeOptions` (`create_with_options`, `Detector.from_options`).
 """
 
 from hgad_edge.core.errors import (
@@ -17,8 +18,9 @@ from hgad_edge.core.errors import (
     InvalidHandleError,
     Status,
 )
-from hgad_edge.runtime.api import Result, create, destroy, infer, info, last_error
+from hgad_edge.runtime.api import Result, create, create_with_options, destroy, infer, info, last_error
 from hgad_edge.runtime.detector import Detector
+from hgad_edge.runtime.options import RuntimeOptions
 
 __all__ = [
     "BackendUnavailableError",
@@ -30,8 +32,10 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidHandleError",
     "Result",
+    "RuntimeOptions",
     "Status",
     "create",
+    "create_with_options",
     "destroy",
     "infer",
     "info",

@@ -19,6 +19,8 @@ inference milliseconds). Separate handles run in parallel.
 The graph returns anomaly_map, score and class_pred; PASS/FAIL happens here on the host with the
 bundle's per-class thresholds and scales (hgad_edge.core.thresholds), or with the per-class
 `thresholds={name: value}` given to `create`, which override the bundle without touching it.
+`create`'s keyword arguments make one `RuntimeOptions` (hgad_edge.runtime.options); a caller that
+holds one already (the CLI, `Detector.from_options`) passes it to `create_with_options`.
 score_normalized and anomalous are computed into fresh arrays per call, so they too are the caller's.
 """
 
@@ -38,9 +40,10 @@ from hgad_edge.core.bundle import Bundle, load_bundle
 from hgad_edge.core.errors import HgadRuntimeError, InvalidArgumentError, Status
 from hgad_edge.runtime.backends import create_runner, is_server_url, open_server
 from hgad_edge.runtime.backends.base import Runner
+from hgad_edge.runtime.options import RuntimeOptions
 from hgad_edge.runtime.preprocess import BatchPacker
 
-__all__ = ["Result", "Status", "create", "destroy", "infer", "info", "last_error"]
+__all__ = ["Result", "Status", "create", "create_with_options", "destroy", "infer", "info", "last_error"]
 
 log = logging.getLogger("hgad_edge.runtime")
 
@@ -99,20 +102,12 @@ def _unexpected(err: Exception) -> str:
     return f"unexpected {type(err).__name__}: {err} (a bug in hgad-edge; please report it with this message)"
 
 
-def _check_create_args(device: Any, max_batch: Any) -> None:
-    for name, value, low in (("device", device, 0), ("max_batch", max_batch, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise InvalidArgumentError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 def effective_thresholds(bundle: Bundle, overrides: dict[str, float] | None) -> np.ndarray:
-    """The bundle's per-class thresholds with `overrides` ({class name: threshold}) applied."""
+    """The bundle's per-class thresholds with `overrides` ({class name: threshold}, a RuntimeOptions'
+    checked dict) applied."""
     values = np.array(bundle.thresholds, np.float64)
     if overrides is None:
         return values
-    if not isinstance(overrides, dict):
-        kind = type(overrides).__name__
-        raise InvalidArgumentError(f"thresholds must be a dict {{class name: threshold}}, got {kind}")
     for name, value in overrides.items():
         if name not in bundle.classes:
             known = ", ".join(bundle.classes)
@@ -141,19 +136,29 @@ def create(
     thresholds: optional {class name: score threshold} used instead of the bundle's for those classes.
     """
     try:
-        _check_create_args(device, max_batch)
+        options = RuntimeOptions(backend, device, precision, max_batch, allow_engine_host_code, thresholds)
+    except HgadRuntimeError as err:
+        return _fail(err.status, str(err)), None
+    return create_with_options(bundle, options)
+
+
+def create_with_options(bundle: Any, options: RuntimeOptions) -> tuple[Status, int | None]:
+    """`create` with its options in one RuntimeOptions; returns (status, handle)."""
+    try:
+        if not isinstance(options, RuntimeOptions):
+            raise InvalidArgumentError(f"options must be a RuntimeOptions, got {type(options).__name__}")
         if is_server_url(bundle):
-            loaded, runner = open_server(bundle, backend, precision, int(max_batch))
+            loaded, runner = open_server(bundle, options)
             try:
-                effective = effective_thresholds(loaded, thresholds)
+                effective = effective_thresholds(loaded, options.thresholds)
             except HgadRuntimeError:
                 runner.deactivate()  # a bad override: nothing stays connected
                 raise
         else:
             loaded = load_bundle(bundle)
-            effective = effective_thresholds(loaded, thresholds)  # a bad override fails before any backend loads
-            host_code = bool(allow_engine_host_code)
-            runner = create_runner(loaded, backend, int(device), precision, int(max_batch), host_code)
+            # a bad override fails before any backend loads
+            effective = effective_thresholds(loaded, options.thresholds)
+            runner = create_runner(loaded, options)
     except HgadRuntimeError as err:
         return _fail(err.status, str(err)), None
     except Exception as err:

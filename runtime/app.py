@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +37,7 @@ from hgad_edge.core.errors import BackendUnavailableError
 from hgad_edge.core.files import atomic_path
 from hgad_edge.core.overlay import heatmap_overlay
 from hgad_edge.runtime.detector import Detector
+from hgad_edge.runtime.options import RuntimeOptions
 from hgad_edge.runtime.sources import Frame, FrameSource, SourceError, check_supported, parse_source
 
 __all__ = ["AppError", "format_summary", "run_app", "run_problems"]
@@ -356,24 +358,20 @@ def run_app(
     bundle: str | Path,
     source: Any,
     class_name: str = "auto",
-    backend: str = "auto",
     headless: bool = False,
     output_jsonl: str | Path | None = None,
     save_anomalies: str | Path | None = None,
     max_frames: int | None = None,
     reconnect_attempts: int = 5,
     *,
+    options: RuntimeOptions | None = None,
     overwrite: bool = False,
     backoff_s: float = 0.5,
-    precision: str = "auto",
-    device: int = 0,
     queue_size: int = 4,
     window_name: str = "hgad-edge",
     capture_factory: Callable[..., Any] | None = None,
     print_summary: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
-    allow_engine_host_code: bool = False,
-    thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Score `source` until it ends, `max_frames`, q/Esc in the window, or Ctrl-C; return the summary.
 
@@ -382,22 +380,16 @@ def run_app(
     Raises HgadRuntimeError (bundle/backend problems), SourceError (source cannot be opened or was
     lost for good) or AppError (no GUI, unwritable outputs); each message names the fix. A summary
     can still describe a failed run: see `run_problems`.
-    thresholds: {class name: score threshold} overriding the bundle's for this run only.
+    options: backend, precision, device, trusted engines and {class name: score threshold} overrides
+    (for this run only) as one RuntimeOptions (default: all "auto"); frames are scored one at a time,
+    so its max_batch is 1 here.
     """
     spec = parse_source(source)  # a typo in the source fails before the model loads
     check_supported(spec)
     if not headless:
         check_gui(window_name)
     _check_outputs(output_jsonl, save_anomalies)
-    with Detector(
-        bundle,
-        backend=backend,
-        device=device,
-        precision=precision,
-        max_batch=1,
-        allow_engine_host_code=allow_engine_host_code,
-        thresholds=thresholds,
-    ) as detector:
+    with Detector.from_options(bundle, replace(options or RuntimeOptions(), max_batch=1)) as detector:
         class_id = detector.class_id(class_name)
         frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
         anomaly_dir = _prepare_dir(save_anomalies)

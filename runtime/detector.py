@@ -14,6 +14,7 @@ from typing import Any
 from hgad_edge.core.errors import Status, error_for
 from hgad_edge.runtime import api
 from hgad_edge.runtime.api import Result
+from hgad_edge.runtime.options import RuntimeOptions
 from hgad_edge.runtime.preprocess import resolve_class_ids
 
 __all__ = ["Detector"]
@@ -37,9 +38,18 @@ class Detector:
         allow_engine_host_code: bool = False,
         thresholds: dict[str, float] | None = None,
     ) -> None:
+        self._open(bundle, RuntimeOptions(backend, device, precision, max_batch, allow_engine_host_code, thresholds))
+
+    @classmethod
+    def from_options(cls, bundle: Path | str, options: RuntimeOptions) -> Detector:
+        """A Detector for options built once (the CLI's `run`); the keywords of __init__ build the same."""
+        detector = cls.__new__(cls)
+        detector._open(bundle, options)
+        return detector
+
+    def _open(self, bundle: Path | str, options: RuntimeOptions) -> None:
         self._handle: int | None = None
-        status, handle = api.create(bundle, backend=backend, device=device, precision=precision, max_batch=max_batch,
-                                    allow_engine_host_code=allow_engine_host_code, thresholds=thresholds)
+        status, handle = api.create_with_options(bundle, options)
         self._raise_unless_ok(status)
         self._handle = handle
         self._release = weakref.finalize(self, api.destroy, handle)  # frees GPU memory if close() is forgotten

@@ -1,10 +1,12 @@
 """The CLI verbs on the tiny run, as a user types them: export, build (no GPU here), check-trt;
-errors without tracebacks. (train/eval: test_train_eval.py; bench: test_bench.py; run:
-test_runtime_integration.py.)"""
+errors without tracebacks; importing the CLI and every verb's --help stay light. (train/eval:
+test_train_eval.py; bench: test_bench.py; run: test_runtime_integration.py.)"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -37,7 +39,8 @@ def test_export_refuses_what_is_not_a_run(tmp_path):
 
 
 def test_build_without_a_gpu_says_what_is_missing(tiny_bundle):
-    from hgad_edge.export.trt_build import BuildError, require_cuda_device
+    from hgad_edge.core.engine_records import BuildError
+    from hgad_edge.export.trt_devices import require_cuda_device
 
     try:
         require_cuda_device(0)
@@ -63,3 +66,54 @@ def test_check_trt_passes_the_exported_graph_and_fails_an_unsupported_one(tiny_b
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "bad.onnx")
     res = _invoke("check-trt", tmp_path / "bad.onnx")
     assert res.exit_code == 1 and "Unique" in res.output and "will not build" in res.output
+
+
+def test_cli_and_every_help_import_no_torch_bench_or_training():
+    """Importing the CLI, `hgad-edge --help` and each verb's --help load no torch, no bench stage (only
+    the bench's choices) and no training side; `train --help` reads only its head-mode registry (plain Python)."""
+    code = """
+import json, sys
+from click.testing import CliRunner
+import hgad_edge.cli
+from hgad_edge.cli import main
+
+def heavy():
+    prefixes = ("torch.", "hgad_edge.bench", "hgad_edge.training")
+    light = ("hgad_edge.bench", "hgad_edge.bench.choices")  # the lazy package and the verb's choices
+    return sorted(m for m in sys.modules if (m == "torch" or m.startswith(prefixes)) and m not in light)
+
+loaded = {"import": heavy()}
+runner = CliRunner()
+for args in (["--help"], *([verb, "--help"] for verb in sorted(main.commands) if verb != "train")):
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0 and "Usage:" in result.output, (args, result.output)
+loaded["help"] = heavy()
+assert runner.invoke(main, ["train", "--help"]).exit_code == 0
+loaded["train"] = heavy()
+print(json.dumps(loaded))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout)
+    assert loaded["import"] == loaded["help"] == []
+    assert loaded["train"] == ["hgad_edge.training", "hgad_edge.training.config"]
+
+
+def test_bench_choices_name_the_bench_engines():
+    """The bench verb's --backends / --precisions (hgad_edge.bench.choices, light) are the keys and
+    precisions of the engine registry."""
+    from hgad_edge.bench.choices import BACKENDS, DEFAULT_BACKENDS, PRECISIONS
+    from hgad_edge.bench.engines import ENGINES
+
+    assert tuple(ENGINES) == BACKENDS and set(DEFAULT_BACKENDS) <= set(BACKENDS)
+    assert PRECISIONS == tuple(dict.fromkeys(p for kind in ENGINES.values() for p in kind.precisions))
+    backends = next(p for p in main.commands["bench"].params if p.name == "backends")
+    assert backends.default == ",".join(DEFAULT_BACKENDS) and ",".join(BACKENDS) in backends.help
+
+
+def test_python_m_runs_the_cli():
+    """`python -m hgad_edge.cli` (how ServeProcess starts `serve`) is the same group."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hgad_edge.cli", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and "triton-repo" in done.stdout, done.stderr

@@ -60,7 +60,8 @@ def _graph(nodes, inputs, outputs, value_info=()):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("package", ["hgad_edge.training", "hgad_edge"])  # today's paths, and a bundle's from before the move
+# the head's module path today, and in a bundle exported before the training side moved
+@pytest.mark.parametrize("package", ["hgad_edge.training", "hgad_edge"])
 def test_check_graph_catches_violations(package):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])

@@ -40,7 +40,17 @@ from hgad_edge.core.errors import (
     InvalidHandleError,
 )
 from hgad_edge.core.imaging import resize_image
-from hgad_edge.runtime import Detector, Status, api, create, destroy, infer, last_error
+from hgad_edge.runtime import (
+    Detector,
+    RuntimeOptions,
+    Status,
+    api,
+    create,
+    create_with_options,
+    destroy,
+    infer,
+    last_error,
+)
 from hgad_edge.runtime.app import AppError, run_app
 from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, LOCAL_BACKENDS, PRECISIONS, REGISTRY
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
@@ -217,6 +227,44 @@ def test_bad_class_is_invalid_argument(handle, class_id, words):
 def test_bad_create_arguments(bundle, kwargs):
     status, h = create(bundle, **kwargs)
     assert status == Status.INVALID_ARGUMENT and h is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"backend": "cuda"},
+        {"precision": "fp8"},
+        {"max_batch": 0},
+        {"max_batch": 2.0},
+        {"device": -1},
+        {"device": True},
+        {"thresholds": ["a", 1.0]},
+    ],
+)
+def test_runtime_options_refuse_what_create_refuses(bundle, kwargs):
+    """One set of checks: RuntimeOptions (what the CLI builds once) raises the message create() returns."""
+    status, h = create(bundle, **kwargs)
+    assert status == Status.INVALID_ARGUMENT and h is None
+    with pytest.raises(InvalidArgumentError) as err:
+        RuntimeOptions(**kwargs)
+    assert str(err.value) == last_error()
+
+
+def test_options_built_once_run_like_create_keywords(bundle):
+    """create_with_options / Detector.from_options take a RuntimeOptions; the keyword forms build the same."""
+    overrides = {"a": 0.5}
+    options = RuntimeOptions(backend="onnxruntime", max_batch=2, thresholds=overrides)
+    overrides["a"] = 9.0  # the options keep their own copy
+    status, h = create_with_options(bundle, options)
+    assert status == Status.OK, last_error()
+    with Detector.from_options(bundle, options) as det, Detector(
+        bundle, backend="onnxruntime", max_batch=2, thresholds={"a": 0.5}
+    ) as same:
+        assert det.info == same.info == api.info(h)[1] and det.info["max_batch"] == 2
+        assert det.info["thresholds"][0] == 0.5
+    assert destroy(h) == Status.OK
+    assert create_with_options(bundle, {"backend": "onnxruntime"}) == (Status.INVALID_ARGUMENT, None)
+    assert "RuntimeOptions" in last_error()
 
 
 def test_missing_precision_names_choices(bundle):
@@ -779,7 +827,7 @@ for name in {NOT_IN_BASE_INSTALL!r}:
     sys.modules[name] = None
 import numpy as np
 import hgad_edge.runtime, hgad_edge.runtime.api, hgad_edge.runtime.app, hgad_edge.runtime.sources
-import hgad_edge.runtime.backends.tensorrt_backend, hgad_edge.cli, hgad_edge.overlay
+import hgad_edge.runtime.backends.tensorrt_backend, hgad_edge.cli, hgad_edge.core.overlay
 status, h = hgad_edge.runtime.create({str(bundle)!r}, backend="auto")
 assert status == 0, hgad_edge.runtime.last_error()
 status, result = hgad_edge.runtime.infer(h, np.zeros((20, 30, 3), np.uint8), "b")

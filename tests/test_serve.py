@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 import pytest
 
-from hgad_edge.runtime import BackendUnavailableError, BundleError, Detector
+from hgad_edge.runtime import BackendUnavailableError, BundleError, Detector, RuntimeOptions
 from hgad_edge.runtime.app import ServerLostError, _Counters, _score, run_app
 from hgad_edge.runtime.sources import Frame
-from hgad_edge.runtime.triton.server import ServeProcess, python_library_env
+from hgad_edge.runtime.triton.server import ServeError, ServeOptions, ServeProcess, python_library_env, start_server
 from hgad_edge.training.data import load_image, open_roots
 from tests.conftest import load_benchmark
 
@@ -129,7 +129,7 @@ def test_run_scores_a_folder_through_the_server(server, tiny_bundle, frames, tmp
     here = run_app(
         tiny_bundle.bundle,
         folder,
-        backend="onnxruntime",
+        options=RuntimeOptions(backend="onnxruntime"),
         headless=True,
         output_jsonl=tmp_path / "local.jsonl",
         print_summary=False,
@@ -246,6 +246,14 @@ def test_python_library_env_leads_with_this_interpreter():
     env = python_library_env({"LD_LIBRARY_PATH": f"/opt/x:{libdir}"})
     assert env["LD_LIBRARY_PATH"] == f"{libdir}:/opt/x"
     assert python_library_env({})["LD_LIBRARY_PATH"] == libdir
+
+
+def test_serve_options_hold_one_runtime_options(tmp_path):
+    """The server's runtime part is a RuntimeOptions (its max_batch is also the batcher's, 16 by default);
+    threshold overrides belong to the stations and are refused before anything starts."""
+    assert ServeOptions().runtime == RuntimeOptions(max_batch=16)
+    with pytest.raises(ServeError, match="stations"):
+        start_server(tmp_path / "no-bundle", ServeOptions(runtime=RuntimeOptions(thresholds={"a": 1.0})))
 
 
 class ReplayCamera:

@@ -29,58 +29,56 @@ and benchmarks/gpu_check.py (GPU-session defaults).
 
 from __future__ import annotations
 
-from hgad_edge.bench.accuracy import bench_accuracy, cap_samples
-from hgad_edge.bench.components import REST, component_clock, component_latency, component_modules
-from hgad_edge.bench.engines import (
-    BACKENDS,
-    DEFAULT_BACKENDS,
-    ENGINES,
-    PRECISIONS,
-    open_engine,
-    skip_reason,
-    tensorrt_status,
-)
-from hgad_edge.bench.flops import count_complexity
-from hgad_edge.bench.latency import CAMERA_FRAME, latency_stats, time_engine
-from hgad_edge.bench.machine import cpu_model, machine_info, machine_name, physical_cores
-from hgad_edge.bench.official import PAPER_CONFIG, build_scorer
-from hgad_edge.bench.ort_profile import ort_op_profile, summarize_ort_profile
-from hgad_edge.bench.rows import SCHEMA, LatencyRow, LatencyStats
-from hgad_edge.bench.run import BenchError, bundle_problem, run_bench
-from hgad_edge.bench.targets import check_targets, compute_ratios
+import importlib
 
-__all__ = [
-    "BACKENDS",
-    "CAMERA_FRAME",
-    "DEFAULT_BACKENDS",
-    "ENGINES",
-    "PAPER_CONFIG",
-    "PRECISIONS",
-    "REST",
-    "SCHEMA",
-    "BenchError",
-    "LatencyRow",
-    "LatencyStats",
-    "bench_accuracy",
-    "build_scorer",
-    "bundle_problem",
-    "cap_samples",
-    "check_targets",
-    "component_clock",
-    "component_latency",
-    "component_modules",
-    "compute_ratios",
-    "count_complexity",
-    "cpu_model",
-    "latency_stats",
-    "machine_info",
-    "machine_name",
-    "open_engine",
-    "ort_op_profile",
-    "physical_cores",
-    "run_bench",
-    "skip_reason",
-    "summarize_ort_profile",
-    "tensorrt_status",
-    "time_engine",
-]
+# Each public name -> the stage that defines it, imported on first use (PEP 562), so light callers
+# (the CLI's choices in hgad_edge.bench.choices) do not load every stage and torch.
+_HOMES = {
+    "BACKENDS": "choices",
+    "BenchError": "run",
+    "CAMERA_FRAME": "latency",
+    "DEFAULT_BACKENDS": "choices",
+    "ENGINES": "engines",
+    "LatencyRow": "rows",
+    "LatencyStats": "rows",
+    "PAPER_CONFIG": "official",
+    "PRECISIONS": "choices",
+    "REST": "components",
+    "SCHEMA": "rows",
+    "bench_accuracy": "accuracy",
+    "build_scorer": "official",
+    "bundle_problem": "run",
+    "cap_samples": "accuracy",
+    "check_targets": "targets",
+    "component_clock": "components",
+    "component_latency": "components",
+    "component_modules": "components",
+    "compute_ratios": "targets",
+    "count_complexity": "flops",
+    "cpu_model": "machine",
+    "latency_stats": "latency",
+    "machine_info": "machine",
+    "machine_name": "machine",
+    "open_engine": "engines",
+    "ort_op_profile": "ort_profile",
+    "physical_cores": "machine",
+    "run_bench": "run",
+    "skip_reason": "engines",
+    "summarize_ort_profile": "ort_profile",
+    "tensorrt_status": "engines",
+    "time_engine": "latency",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

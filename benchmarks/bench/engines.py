@@ -1,9 +1,10 @@
 """The engines a benchmark times, one interface over torch and the torch-free runtime:
 `run(frames, class_ids) -> (maps, scores, model-only ms)`; wall time around run() is end to end.
 
-ENGINES is the registry the benchmark's backend choices come from: torch eager, torch replaying a
-CUDA graph, and every local runtime backend (hgad_edge.runtime.backends.REGISTRY) through the
-runtime's Detector. Each entry says which precisions it runs and why it cannot run here (None: it can).
+ENGINES is the registry of what the benchmark's backend choices name (hgad_edge.bench.choices,
+torch-free so that the CLI's help needs no bench import): torch eager, torch replaying a CUDA graph,
+and every local runtime backend (hgad_edge.runtime.backends.REGISTRY) through the runtime's Detector.
+Each entry says which precisions it runs and why it cannot run here (None: it can).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+# the verb's choices, re-exported here (run.py, the package): the engines' names and precisions
+from hgad_edge.bench.choices import BACKENDS as BACKENDS
+from hgad_edge.bench.choices import DEFAULT_BACKENDS as DEFAULT_BACKENDS
+from hgad_edge.bench.choices import PRECISIONS as PRECISIONS
+from hgad_edge.bench.choices import RUNTIME_ENGINES, TORCH_ENGINES
 from hgad_edge.bench.context import Setup
 from hgad_edge.core.trt_common import tensorrt_status
 from hgad_edge.runtime.backends import REGISTRY as RUNTIME_BACKENDS
@@ -242,19 +248,19 @@ def _runtime_kind(name: str) -> EngineKind:
     return EngineKind(open_, tuple(RUNTIME_BACKENDS[name].precisions), needs)
 
 
+# Keyed by the verb's choices (hgad_edge.bench.choices: BACKENDS, PRECISIONS, DEFAULT_BACKENDS).
 ENGINES: dict[str, EngineKind] = {
     "torch": EngineKind(
-        lambda s, p: TorchEngine(_torch_scorer(s, p), s.device, p), ("fp32", "fp16"), _torch_needs, True
+        lambda s, p: TorchEngine(_torch_scorer(s, p), s.device, p), TORCH_ENGINES["torch"], _torch_needs, True
     ),
     "torch-cudagraph": EngineKind(
-        lambda s, p: TorchGraphEngine(_torch_scorer(s, p), s.device, p), ("fp32", "fp16"), _graph_needs, True
+        lambda s, p: TorchGraphEngine(_torch_scorer(s, p), s.device, p),
+        TORCH_ENGINES["torch-cudagraph"],
+        _graph_needs,
+        True,
     ),
-    # A remote backend (triton) scores on a server, not on the bench's bundle: benchmarks/serve_bench.py measures it.
-    **{name: _runtime_kind(name) for name, entry in RUNTIME_BACKENDS.items() if entry.factory is not None},
+    **{name: _runtime_kind(name) for name in RUNTIME_ENGINES},
 }
-BACKENDS = tuple(ENGINES)
-PRECISIONS = tuple(dict.fromkeys(p for kind in ENGINES.values() for p in kind.precisions))
-DEFAULT_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def skip_reason(setup: Setup, backend: str, precision: str) -> str | None:

@@ -7,6 +7,7 @@ engine in the bundle that fits this TensorRT/GPU/model) and falls back to the ne
 last one's error goes to the caller. An explicitly requested backend never falls back.
 A remote backend ("triton") has `connect` instead of `factory`: it scores on an inference server
 named by a URL (grpc://host:8001[/model]) in place of a bundle folder, see `open_server`.
+Both take the checked options, hgad_edge.runtime.options.RuntimeOptions (which checks the names here).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +32,9 @@ from hgad_edge.runtime.backends.onnxruntime_backend import (
 )
 from hgad_edge.runtime.backends.tensorrt_backend import load_tensorrt_runner
 from hgad_edge.runtime.triton.client import is_server_url
+
+if TYPE_CHECKING:  # options.py imports BACKENDS and PRECISIONS from here
+    from hgad_edge.runtime.options import RuntimeOptions
 
 __all__ = [
     "AUTO_ORDER",
@@ -73,48 +78,50 @@ def _ort_precision(bundle: Bundle, precision: str, gpu: bool) -> str:
     return "fp32" if "fp32" in bundle.models else "fp16"
 
 
-def _onnxruntime_runner(
-    bundle: Bundle, device: int, precision: str, max_batch: int, allow_engine_host_code: bool = False
-) -> Runner:
-    providers = choose_providers(available_providers(), device)
-    chosen = _ort_precision(bundle, precision, uses_gpu(providers))
+def _onnxruntime_runner(bundle: Bundle, options: RuntimeOptions) -> Runner:
+    providers = choose_providers(available_providers(), options.device)
+    chosen = _ort_precision(bundle, options.precision, uses_gpu(providers))
     loader = SessionFromOnnx(bundle.model_path(chosen), providers)
-    runner = OnnxRuntimeRunner(loader, input_specs(bundle), list(OUTPUT_NAMES), max_batch)
+    runner = OnnxRuntimeRunner(loader, input_specs(bundle), list(OUTPUT_NAMES), options.max_batch)
     runner.precision = chosen
     return runner.activate()
 
 
-def _tensorrt_runner(
-    bundle: Bundle, device: int, precision: str, max_batch: int, allow_engine_host_code: bool = False
-) -> Runner:
+def _tensorrt_runner(bundle: Bundle, options: RuntimeOptions) -> Runner:
     try:
         runner = load_tensorrt_runner(
-            bundle, input_specs(bundle), list(OUTPUT_NAMES), device, precision, max_batch, allow_engine_host_code
+            bundle,
+            input_specs(bundle),
+            list(OUTPUT_NAMES),
+            options.device,
+            options.precision,
+            options.max_batch,
+            options.allow_engine_host_code,
         )
         return runner.activate()
     except CudaError as err:
         msg = (
-            f"CUDA device {device} is not usable ({err}); check the driver (nvidia-smi / tegrastats) "
+            f"CUDA device {options.device} is not usable ({err}); check the driver (nvidia-smi / tegrastats) "
             "or use backend='onnxruntime'"
         )
         raise BackendUnavailableError(msg, Status.NO_DEVICE) from err
 
 
-def _triton_connect(url: str, precision: str, max_batch: int) -> tuple[Bundle, Runner]:
+def _triton_connect(url: str, options: RuntimeOptions) -> tuple[Bundle, Runner]:
     from hgad_edge.runtime.triton import client as triton_backend  # tritonclient is imported only when a server is used
 
-    return triton_backend.connect(url, input_specs, list(OUTPUT_NAMES), precision, max_batch)
+    return triton_backend.connect(url, input_specs, list(OUTPUT_NAMES), options.precision, options.max_batch)
 
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """A runtime backend: factory(bundle, device, precision, max_batch, allow_engine_host_code) -> active
-    Runner, or for a remote one connect(url, precision, max_batch) -> (Bundle the server describes, Runner)."""
+    """A runtime backend: factory(bundle, options) -> active Runner, or for a remote one
+    connect(url, options) -> (Bundle the server describes, Runner); options: a RuntimeOptions."""
 
-    factory: Callable[[Bundle, int, str, int, bool], Runner] | None
+    factory: Callable[[Bundle, RuntimeOptions], Runner] | None
     precisions: tuple[str, ...]  # what it runs besides "auto"
     summary: str
-    connect: Callable[[str, str, int], tuple[Bundle, Runner]] | None = None
+    connect: Callable[[str, RuntimeOptions], tuple[Bundle, Runner]] | None = None
 
 
 REGISTRY: dict[str, BackendEntry] = {
@@ -135,52 +142,37 @@ LOCAL_BACKENDS = ("auto", *(name for name, entry in REGISTRY.items() if entry.fa
 PRECISIONS = ("auto", *dict.fromkeys(p for entry in REGISTRY.values() for p in entry.precisions))
 
 
-def open_server(url: str, backend: str = "auto", precision: str = "auto", max_batch: int = 8) -> tuple[Bundle, Runner]:
+def open_server(url: str, options: RuntimeOptions) -> tuple[Bundle, Runner]:
     """(Bundle the server describes, runner sending to it) for a server URL; "auto" picks the remote backend."""
     remote = [name for name, entry in REGISTRY.items() if entry.connect is not None]
-    if backend == "auto":
-        backend = remote[0]
+    backend = remote[0] if options.backend == "auto" else options.backend
     if backend not in remote:
         msg = f"{url} is an inference server: use backend={remote[0]!r} (or 'auto'), not {backend!r}"
         raise InvalidArgumentError(msg)
-    if precision not in PRECISIONS:
-        raise InvalidArgumentError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    return REGISTRY[backend].connect(url, precision, max_batch)
+    return REGISTRY[backend].connect(url, options)
 
 
-def create_runner(
-    bundle: Bundle,
-    backend: str = "auto",
-    device: int = 0,
-    precision: str = "auto",
-    max_batch: int = 8,
-    allow_engine_host_code: bool = False,
-) -> Runner:
+def create_runner(bundle: Bundle, options: RuntimeOptions) -> Runner:
     """An active runner for `bundle`; see the module docstring for what "auto" does.
 
-    allow_engine_host_code: load version-compatible TensorRT engines, which run host code embedded
-    in the engine file (only for engines you built or trust; metadata alone never enables it).
+    options.allow_engine_host_code: load version-compatible TensorRT engines, which run host code
+    embedded in the engine file (only for engines you built or trust; metadata alone never enables it).
     """
-    if backend not in BACKENDS:
-        raise InvalidArgumentError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if precision not in PRECISIONS:
-        raise InvalidArgumentError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    args = (bundle, device, precision, max_batch, allow_engine_host_code)
-    entry = REGISTRY.get(backend)
+    entry = REGISTRY.get(options.backend)
     if entry is not None and entry.factory is None:
         msg = (
-            f"backend {backend!r} scores on an inference server: pass its URL (grpc://host:8001) instead of the "
-            f"bundle {bundle.path}, serving the bundle there with `hgad-edge serve`"
+            f"backend {options.backend!r} scores on an inference server: pass its URL (grpc://host:8001) instead of "
+            f"the bundle {bundle.path}, serving the bundle there with `hgad-edge serve`"
         )
         raise InvalidArgumentError(msg)
     if entry is not None:
-        return entry.factory(*args)
+        return entry.factory(bundle, options)
     *fallible, last = AUTO_ORDER
     for name in fallible:
         try:
-            return REGISTRY[name].factory(*args)
+            return REGISTRY[name].factory(bundle, options)
         except (EngineError, InferenceError) as err:
             log.warning("not using %s: %s", name, err)
         except BackendUnavailableError as err:
             log.info("not using %s: %s", name, err)
-    return REGISTRY[last].factory(*args)
+    return REGISTRY[last].factory(bundle, options)

@@ -28,14 +28,16 @@ import sysconfig
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import hgad_edge
 from hgad_edge.core.bundle import Bundle, load_bundle
 from hgad_edge.runtime.backends import create_runner
+from hgad_edge.runtime.options import RuntimeOptions
 from hgad_edge.runtime.triton.client import MODEL_CANDIDATES, model_parameters
 from hgad_edge.runtime.triton.repository import Signature, read_signature
 
@@ -51,7 +53,7 @@ __all__ = [
     "start_server",
 ]
 
-log = logging.getLogger("hgad_edge.runtime.triton.server")
+log = logging.getLogger("hgad_edge.serve")
 
 SERVE_HINT = "pip install 'hgad-edge[serve]'"
 MODEL_NAME = MODEL_CANDIDATES[0]  # what a bare grpc://host:port URL asks for
@@ -74,17 +76,17 @@ class ServeError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServeOptions:
+    """The server's ports and batching, and the runtime each model instance runs (`runtime`): its
+    max_batch is also the largest batch the dynamic batcher forms; thresholds are not the server's
+    (stations apply theirs: `hgad-edge run --threshold`)."""
+
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
     host: str = "0.0.0.0"
-    max_batch: int = 16
     queue_delay_us: int = 2000
     instances: int = 1
-    backend: str = "auto"
-    precision: str = "auto"
-    device: int = 0
-    allow_engine_host_code: bool = False  # TensorRT version-compatible engines run host code: trusted engines only
+    runtime: RuntimeOptions = field(default_factory=lambda: RuntimeOptions(max_batch=16))
 
 
 def python_library_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -100,10 +102,7 @@ class _ModelInstance:
     """One model instance: a runtime runner fed from Triton's batches (one call at a time)."""
 
     def __init__(self, bundle: Bundle, signature: Signature, options: ServeOptions) -> None:
-        self.runner = create_runner(
-            bundle, options.backend, options.device, options.precision, options.max_batch,
-            options.allow_engine_host_code,
-        )
+        self.runner = create_runner(bundle, options.runtime)
         # serve what the runtime reads from the graph (a newer graph may carry more outputs)
         outputs = tuple(t for t in signature.outputs if t.name in self.runner.output_names)
         self.signature = Signature(signature.inputs, outputs)
@@ -134,8 +133,10 @@ def _check_options(options: ServeOptions) -> None:
     ports = (options.grpc_port, options.http_port, options.metrics_port)
     if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
         raise ServeError(f"gRPC, HTTP and metrics ports must be three different ports in 1..65535, got {ports}")
-    if options.max_batch < 1 or options.instances < 1 or options.queue_delay_us < 0:
+    if options.instances < 1 or options.queue_delay_us < 0:  # RuntimeOptions checked max_batch
         raise ServeError("--max-batch and --instances must be >= 1 and --queue-delay-us >= 0")
+    if options.runtime.thresholds is not None:
+        raise ServeError("the server serves raw scores: give threshold overrides to the stations (run --threshold)")
 
 
 @dataclass
@@ -196,14 +197,14 @@ def _start(
     tensors = [Tensor(name=t.name, dtype=_NUMPY[t.data_type], shape=t.dims) for t in signature.inputs]
     outputs = [Tensor(name=t.name, dtype=_NUMPY[t.data_type], shape=t.dims) for t in signature.outputs]
     batcher = DynamicBatcher(
-        max_queue_delay_microseconds=options.queue_delay_us, preferred_batch_size=[options.max_batch]
+        max_queue_delay_microseconds=options.queue_delay_us, preferred_batch_size=[options.runtime.max_batch]
     )
     server.bind(
         model_name=MODEL_NAME,
         infer_func=[batch(instance) for instance in instances],
         inputs=tensors,
         outputs=outputs,
-        config=ModelConfig(max_batch_size=options.max_batch, batcher=batcher),
+        config=ModelConfig(max_batch_size=options.runtime.max_batch, batcher=batcher),
         strict=True,
     )
     _add_parameters(server, model_parameters(bundle.metadata, precision, signature.shapes))
@@ -215,7 +216,7 @@ def _start(
         msg = f"Triton did not start ({type(err).__name__}: {err}); is a port of {ports} taken? pick others"
         raise ServeError(msg) from err
     runtime = instances[0].runner.description
-    description = f"{runtime}, {precision}, max batch {options.max_batch}, {options.instances} instance(s)"
+    description = f"{runtime}, {precision}, max batch {options.runtime.max_batch}, {options.instances} instance(s)"
     return RunningServer(server, instances, options, description)
 
 
@@ -356,7 +357,7 @@ class ServeProcess:
     @staticmethod
     def _env() -> dict[str, str]:
         """The child imports the same hgad_edge as this process (a checkout or site-packages)."""
-        home = str(Path(__file__).resolve().parents[1])
+        home = str(Path(hgad_edge.__file__).resolve().parents[1])  # the folder that holds the hgad_edge package
         return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH", "")) if p)}
 
     def tail(self, chars: int = 3000) -> str:
