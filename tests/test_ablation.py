@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from tests.conftest import TINY_CONFIG, load_benchmark
+from tests.helpers import TINY_CONFIG, load_benchmark
+
+pytestmark = pytest.mark.slow  # each test trains several models
 
 
 def _ablation_module():

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NOT_IN_BASE_INSTALL
+from tests.helpers import NOT_IN_BASE_INSTALL, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 # folder on disk -> the package it installs as
 FOLDERS = {
     "hgad_edge": "hgad_edge",
@@ -135,3 +134,23 @@ print("imported", len({names!r}))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert f"imported {len(names)}" in done.stdout
+
+
+def test_tests_share_code_through_helpers_and_import_no_private_names():
+    """Test modules share builders and fakes through tests/helpers.py (fixtures through conftest.py,
+    which pytest injects): none imports another test module or conftest, and none imports a `_private`
+    name of the package (a tested unit is public, or tested through the public API that uses it)."""
+    other_tests = ("tests.test_", "tests.conftest")
+    wrong = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                wrong += [f"{where}: {a.name}" for a in node.names if a.name.startswith(other_tests)]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith(other_tests):
+                    wrong.append(f"{where}: {node.module}")
+                if node.module.split(".")[0] == "hgad_edge":
+                    private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                    wrong += [f"{where}: {node.module}.{name}" for name in private]
+    assert not wrong, "import tests.helpers (or a public name) instead:\n" + "\n".join(wrong)

@@ -11,10 +11,10 @@ import torch
 
 from hgad_edge.training.backbone import (
     BackboneError,
-    _lite_weights_path,
-    _load_pretrained,
-    _match_state_dict,
-    _read_state_dict,
+    lite_weights_path,
+    load_pretrained,
+    match_state_dict,
+    read_state_dict,
 )
 from hgad_edge.training.config import BackboneConfig
 from hgad_edge.training.data import load_image, resize_image
@@ -26,8 +26,8 @@ MILITARY_UNIFORM = 652  # ImageNet-1k class of matplotlib's sample photo of Grac
 @pytest.fixture(scope="module")
 def lite0():
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    path = _lite_weights_path("tf_efficientnet_lite0")
-    return model, _read_state_dict(path), path
+    path = lite_weights_path("tf_efficientnet_lite0")
+    return model, read_state_dict(path), path
 
 
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])  # both ship with [train]
@@ -36,7 +36,7 @@ def test_shipped_lite_weights_classify_a_real_photo(name):
     from matplotlib import cbook
 
     model = timm.create_model(name, pretrained=False).eval()
-    _load_pretrained(model, BackboneConfig(name=name))
+    load_pretrained(model, BackboneConfig(name=name))
     image = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     cfg = model.pretrained_cfg
     x = (resize_image(image, cfg["input_size"][1:]).astype(np.float32) / 255 - np.array(cfg["mean"])) / np.array(
@@ -51,7 +51,7 @@ def test_renamed_weights_in_the_same_order_map(lite0):
     """The Lite package names its tensors differently from timm: mapped in order, every tensor."""
     model, state, path = lite0
     assert not set(model.state_dict()) <= set(state)  # really another naming scheme
-    mapped = _match_state_dict(model, state, path)
+    mapped = match_state_dict(model, state, path)
     assert list(mapped) == list(model.state_dict())
     assert all(a is b for a, b in zip(mapped.values(), state.values()))
 
@@ -62,32 +62,32 @@ def test_reordered_weights_fail_loudly(lite0):
     i = keys.index("_bn0.weight")
     swapped = keys[:i] + [keys[i + 1], keys[i]] + keys[i + 2 :]  # bias before weight: same shape (32,)
     with pytest.raises(BackboneError, match=r"_bn0\.bias lines up with timm's bn1\.weight"):
-        _match_state_dict(model, OrderedDict((k, state[k]) for k in swapped), path)
+        match_state_dict(model, OrderedDict((k, state[k]) for k in swapped), path)
     rng = np.random.default_rng(0)
     shuffled = OrderedDict((keys[j], state[keys[j]]) for j in rng.permutation(len(keys)))
     with pytest.raises(BackboneError, match="has shape|lines up"):
-        _match_state_dict(model, shuffled, path)
+        match_state_dict(model, shuffled, path)
 
 
 def test_wrong_architecture_fails_loudly(lite0, tmp_path):
     model, state, path = lite0
     with pytest.raises(BackboneError, match="295 tensors, but the timm model has 296"):
-        _match_state_dict(model, OrderedDict(list(state.items())[1:]), path)
+        match_state_dict(model, OrderedDict(list(state.items())[1:]), path)
     timm_named = model.state_dict()
     other = timm.create_model("tf_efficientnet_lite1", pretrained=False).state_dict()  # Lite0's names are a subset
     with pytest.raises(BackboneError, match=r"tensor\(s\) are extra .* right architecture"):
-        _match_state_dict(model, other, path)
+        match_state_dict(model, other, path)
     renamed = OrderedDict(("typo" + k if k == "bn1.bias" else k, v) for k, v in timm_named.items())
     with pytest.raises(BackboneError, match="1 tensor.* extra .*typobn1.bias.* 1 missing .*bn1.bias"):
-        _match_state_dict(model, renamed, path)
+        match_state_dict(model, renamed, path)
     wide = OrderedDict((k, torch.zeros(64) if k == "bn1.bias" else v) for k, v in timm_named.items())
     with pytest.raises(BackboneError, match=r"bn1\.bias has shape \(64,\)"):
-        _match_state_dict(model, wide, path)
+        match_state_dict(model, wide, path)
     with pytest.raises(BackboneError, match="does not exist"):
-        _read_state_dict(tmp_path / "missing.pth")
+        read_state_dict(tmp_path / "missing.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(BackboneError, match="not a state dict"):
-        _read_state_dict(tmp_path / "list.pth")
+        read_state_dict(tmp_path / "list.pth")
 
 
 def test_pool_border_zero_counts_the_padding_exclude_does_not():

@@ -14,7 +14,7 @@ import torch
 from hgad_edge import bench
 from hgad_edge.training.checkpoint import load_run
 from hgad_edge.training.config import HGADConfig
-from tests.conftest import load_benchmark
+from tests.helpers import load_benchmark
 
 # An official-like configuration small enough to build and time in seconds (the real one is B6 at 1024).
 SMALL_OFFICIAL = {
@@ -190,6 +190,7 @@ def test_bundle_of_another_checkpoint_is_refused(tiny_run, tiny_bundle, tmp_path
         bench.run_bench(other, tmp_path / "out", backends=("onnxruntime",), bundle=tiny_bundle.bundle, official=False)
 
 
+@pytest.mark.slow
 def test_own_stale_bundle_is_re_exported(tiny_run, tiny_bundle, tmp_path):
     import shutil
 

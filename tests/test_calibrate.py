@@ -29,8 +29,7 @@ from hgad_edge.threshold_calibration import (
     write_bundle_metadata,
 )
 from hgad_edge.training.data import load_image
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -285,6 +284,7 @@ def test_run_time_threshold_override_leaves_the_bundle(bundle, tiny_data, tmp_pa
     assert _digest(bundle) == before
 
 
+@pytest.mark.slow
 def test_run_folder_calibration_carries_into_export_and_undo(tiny_run, tiny_data, tmp_path):
     import torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import load_benchmark
+from tests.helpers import load_benchmark
 
 
 def _study_module():

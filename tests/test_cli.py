@@ -22,6 +22,7 @@ def _invoke(*args):
     return res
 
 
+@pytest.mark.slow
 def test_export_writes_a_checked_bundle(tiny_run, tmp_path):
     res = _invoke("export", tiny_run, "--out", tmp_path / "b", "--precision", "fp32", "--no-simplify")
     assert res.exit_code == 0, res.output

@@ -28,8 +28,6 @@ from hgad_edge.training.data import (
     resize_image,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-REALAD = REPO.parent / "shared" / "data" / "realad"
 H, W = 32, 40
 
 
@@ -540,10 +538,8 @@ def test_public_constants() -> None:
 
 
 @pytest.mark.realdata
-def test_realad_smoke() -> None:
-    if not REALAD.is_dir():
-        pytest.skip(f"{REALAD} not present")
-    ds = open_roots([REALAD])
+def test_realad_smoke(realad) -> None:
+    ds = open_roots([realad])
     assert ds.classes == ["battery_weld", "elpv_mono", "elpv_poly", "magnetic_tile"]
     assert ds.has_masks("battery_weld") and ds.has_masks("magnetic_tile")
     assert not ds.has_masks("elpv_mono") and not ds.has_masks("elpv_poly")

@@ -75,6 +75,7 @@ def test_subsets_take_the_same_split(tmp_path):
     assert len(list((small / "elpv_poly" / "train" / "good").iterdir())) == 4
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_every_step(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])

@@ -99,6 +99,7 @@ def test_onnxruntime_matches_pytorch_fp32(tiny_bundle, tiny_run, tiny_data):
         np.testing.assert_array_equal(got[2], ref[2])
 
 
+@pytest.mark.slow
 def test_fp16_body_stays_finite_and_accurate(tiny_run, tiny_data):
     """PyTorch half precision is the faithful FP16 check (ORT CPU is not, deployment notes)."""
     scorer, cfg, _ = load_run(tiny_run)
@@ -147,6 +148,7 @@ def test_fused_condition_flow_equals_freia(tiny_run, tiny_data):
     assert torch.equal(got[1] >= thr, ref[1] >= thr)
 
 
+@pytest.mark.slow
 def test_no_smoothing_exports_and_stays_finite(tiny_run, tiny_data, tmp_path):
     """score.smooth_sigma 0 means no smoothing, in PyTorch and in the exported graph (it gave NaN maps)."""
     import dataclasses
@@ -173,6 +175,7 @@ def test_export_refuses_unknown_precision(tiny_run, tmp_path):
         export_bundle(tiny_run, tmp_path / "b", precisions=("fp8",))
 
 
+@pytest.mark.slow
 def test_failed_reexport_leaves_the_old_bundle_working(tiny_bundle, tiny_run, tmp_path, monkeypatch):
     from hgad_edge.core.bundle import load_bundle
 
@@ -196,6 +199,7 @@ def test_failed_reexport_leaves_the_old_bundle_working(tiny_bundle, tiny_run, tm
     assert not (bundle / "model_fp16.onnx").exists() and set(load_bundle(bundle).models) == {"fp32"}
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_parity_on_real_class(realad, tmp_path):
     """The default backbone, briefly trained on battery_weld: ORT FP32 vs PyTorch on every real test

@@ -20,7 +20,7 @@ from hgad_edge.info import (
     gather,
     tensorrt_facts,
 )
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 HAS_RTX = any(importlib.util.find_spec(m) is not None for m in ("tensorrt_rtx", "tensorrt_rtx_bindings"))
 # Modules a base install (pip install hgad-edge, no extras, no GPU stack) does not have.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hgad_edge.training.knn import fit_bank, knn_maps, nearest_distance
-from tests.conftest import TINY_CONFIG
+from tests.helpers import TINY_CONFIG
 
 
 def test_nearest_distance_is_exact_in_any_chunking():

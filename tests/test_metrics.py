@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hgad_edge.core.metrics import _truncated_area, aupro, auroc, f1_max, image_and_pixel_metrics
+from hgad_edge.core.metrics import aupro, auroc, f1_max, image_and_pixel_metrics
 
 try:  # the reference implementation: only the comparisons against it need it (the `test` extra has it)
     from sklearn import metrics as sklearn_metrics
@@ -103,7 +103,19 @@ def _brute_force_aupro(masks: np.ndarray, maps: np.ndarray, limit: float) -> flo
     for t in np.unique(maps)[::-1]:
         fpr.append(float(np.mean(normal >= t)))
         pro.append(float(np.mean([np.mean(r >= t) for r in regions])))
-    return _truncated_area(np.array(fpr), np.array(pro), limit) / limit
+    return _area_up_to(fpr, pro, limit) / limit
+
+
+def _area_up_to(xs: list[float], ys: list[float], limit: float) -> float:
+    """Area under the polyline (xs nondecreasing) over [0, limit], segment by segment: each straight
+    piece integrated up to where it leaves [0, limit] (written apart from the metrics module)."""
+    area = 0.0
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+        end = min(x1, limit)
+        if end > x0:  # vertical steps (x0 == x1) and pieces past the limit add nothing
+            y_end = y0 + (y1 - y0) * (end - x0) / (x1 - x0)
+            area += (end - x0) * (y0 + y_end) / 2
+    return area
 
 
 def test_aupro_perfect_and_inverted() -> None:

@@ -25,13 +25,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from hgad_edge.core import cuda_api
-from hgad_edge.core.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.core.errors import (
     BackendUnavailableError,
     BundleError,
@@ -51,79 +48,29 @@ from hgad_edge.runtime import (
     infer,
     last_error,
 )
-from hgad_edge.runtime.app import AppError, run_app
+from hgad_edge.runtime.app import AppError, ServerLostError, run_app
 from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, LOCAL_BACKENDS, PRECISIONS, REGISTRY
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
 from hgad_edge.threshold_calibration import read_bundle_metadata, write_bundle_metadata
-from tests.conftest import NOT_IN_BASE_INSTALL
-from tests.fake_cuda import FakeCudart, FakePyCuda, FakeTrtModule
-
-H, W = 64, 96  # non-square so that an H/W swap anywhere fails
-CLASSES = ("a", "b")
-THRESHOLDS = (0.41, 0.37)
-SCALES = (0.1, 0.2)
-
-
-# ---- tiny bundle ---------------------------------------------------------------------------------
-def tiny_model() -> bytes:
-    """map = mean_c(images/255); score = max(map); c = max(id, 0)."""
-    f32 = TensorProto.FLOAT
-    nodes = [
-        helper.make_node("Cast", ["images"], ["xf"], to=f32),
-        helper.make_node("Div", ["xf", "c255"], ["xn"]),
-        helper.make_node("ReduceMean", ["xn"], ["anomaly_map"], axes=[3], keepdims=0),
-        helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2], keepdims=0),
-        helper.make_node("GreaterOrEqual", ["class_id", "zero"], ["given"]),
-        helper.make_node("Where", ["given", "class_id", "zero"], ["class_pred"]),
-    ]
-    consts = [
-        numpy_helper.from_array(np.array(255, np.float32), "c255"),
-        numpy_helper.from_array(np.array(0, np.int64), "zero"),
-    ]
-    inputs = [
-        helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", H, W, 3]),
-        helper.make_tensor_value_info("class_id", TensorProto.INT64, ["B"]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("anomaly_map", f32, ["B", H, W]),
-        helper.make_tensor_value_info("score", f32, ["B"]),
-        helper.make_tensor_value_info("class_pred", TensorProto.INT64, ["B"]),
-    ]
-    model = helper.make_model(
-        helper.make_graph(nodes, "tiny", inputs, outputs, consts), opset_imports=[helper.make_opsetid("", 17)]
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    # the copy of the deciding values an export writes into the ONNX file (checked on load)
-    helper.set_model_props(model, onnx_metadata_props(BundleMetadata(CLASSES, (H, W), THRESHOLDS, SCALES, {}), "fp32"))
-    return model.SerializeToString()
-
-
-def make_bundle(folder: Path, **overrides) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = tiny_model()
-    (folder / "model_fp32.onnx").write_bytes(data)
-    meta = {
-        "format": "hgad-edge-bundle",
-        "format_version": 1,
-        "package_version": "0.1.0",
-        "classes": list(CLASSES),
-        "input_size": [H, W],
-        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-        "class_input": {"name": "class_id", "dtype": "int64", "auto": -1},
-        "outputs": ["anomaly_map", "score", "class_pred"],
-        "thresholds": list(THRESHOLDS),
-        "scales": list(SCALES),
-        "normalized_threshold": 0.5,
-        "checkpoint_sha256": "0" * 64,
-        "models": {"fp32": {"file": "model_fp32.onnx", "sha256": hashlib.sha256(data).hexdigest()}},
-        "engines": {},
-    }
-    meta.update(overrides)
-    (folder / "metadata.json").write_text(json.dumps(meta))
-    return folder
+from tests.helpers import (
+    BGR,
+    CLASSES,
+    NOT_IN_BASE_INSTALL,
+    SCALES,
+    THRESHOLDS,
+    FakeCudart,
+    FakePyCuda,
+    FakeTrtModule,
+    H,
+    W,
+    fake_camera,
+    make_bundle,
+    read_jsonl,
+    reference,
+    rng_frames,
+)
 
 
 @pytest.fixture(scope="module")
@@ -139,21 +86,10 @@ def handle(bundle):
     destroy(h)
 
 
-def reference(bundle: Path, images: np.ndarray, class_ids) -> list[np.ndarray]:
-    """The tiny model run by onnxruntime directly, without the runtime in between."""
-    session = ort.InferenceSession(str(bundle / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": images, "class_id": np.asarray(class_ids, np.int64)})
-
-
 def expected_decision(score, class_pred, thresholds=THRESHOLDS, scales=SCALES):
     """score_normalized and the FAIL flag as the docs define them, written out independently."""
     thr, scale = np.asarray(thresholds)[class_pred], np.asarray(scales)[class_pred]
     return 1.0 / (1.0 + np.exp(-(score.astype(np.float64) - thr) / scale)), score >= thr
-
-
-def rng_frames(n: int, shape=(H, W), seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for _ in range(n)]
 
 
 # ---- C-style API: status codes -------------------------------------------------------------------
@@ -275,11 +211,11 @@ def test_missing_precision_names_choices(bundle):
 
 def test_forgotten_detector_releases_its_handle(bundle):
     det = Detector(bundle)
-    handle_id = det._handle
-    assert handle_id in api._handles
+    handle_id = det._handle  # no public accessor: a Detector owns its handle
+    assert api.info(handle_id)[0] == Status.OK
     del det
     gc.collect()
-    assert handle_id not in api._handles
+    assert api.info(handle_id)[0] == Status.INVALID_HANDLE
 
 
 def test_too_many_frames_for_max_batch(handle):
@@ -583,7 +519,7 @@ def test_tensorrt_threshold_path_after_recalibration(tmp_path, fake_tensorrt):
     for overrides, thr in ((None, new_thr), ({"b": 0.0}, [new_thr[0], 0.0])):
         status, h = create(folder, backend="tensorrt", max_batch=4, thresholds=overrides)
         assert status == Status.OK, last_error()
-        assert api._handles[h].runner.name == "tensorrt"
+        assert api.info(h)[1]["backend"] == "tensorrt"
         status, result = infer(h, frames, [0, 1, 0, 1])
         assert status == Status.OK, last_error(h)
         normalized, anomalous = expected_decision(ref[1], ref[2], thr, [0.05, 0.5])
@@ -616,7 +552,7 @@ def test_tensorrt_checks_device_before_any_tensorrt_object(tmp_path, fake_tensor
     assert status == Status.NO_DEVICE and "onnxruntime" in last_error()
     assert fake_tensorrt.runtimes == 0
     status, h = create(folder, backend="auto")  # auto falls back to onnxruntime
-    assert status == Status.OK and api._handles[h].runner.name == "onnxruntime"
+    assert status == Status.OK and api.info(h)[1]["backend"] == "onnxruntime"
     destroy(h)
 
 
@@ -644,7 +580,7 @@ def test_pycuda_runs_the_same_buffer_plan_when_cuda_python_is_missing(tmp_path, 
     folder = bundle_with_engine(tmp_path)
     status, h = create(folder, backend="tensorrt", max_batch=4)
     assert status == Status.OK, last_error()
-    assert "pycuda" in api._handles[h].runner.description and driver.context_stack == [0]
+    assert "pycuda" in api.info(h)[1]["description"] and driver.context_stack == [0]
     frames = rng_frames(2, seed=5)
     status, result = infer(h, frames, [0, 1])
     assert status == Status.OK, last_error(h)
@@ -722,7 +658,7 @@ def test_rtx_engine_runs_through_the_same_backend(tmp_path, monkeypatch):
     folder = bundle_with_engine(tmp_path, **entry)
     status, h = create(folder, backend="auto", max_batch=4)
     assert status == Status.OK, last_error()
-    assert api._handles[h].runner.description.startswith("TensorRT-RTX 1.7.1.116 engine")
+    assert api.info(h)[1]["description"].startswith("TensorRT-RTX 1.7.1.116 engine")
     assert infer(h, rng_frames(1))[0] == Status.OK
     destroy(h)
     cudart.cc = (9, 0)  # Hopper: not an RTX target
@@ -745,7 +681,7 @@ def test_registered_backend_runs_or_says_why(bundle, backend):
     and a message (never a traceback, never another backend in its place)."""
     status, h = create(bundle, backend=backend)
     if status == Status.OK:
-        assert api._handles[h].runner.name == backend
+        assert api.info(h)[1]["backend"] == backend
         assert infer(h, rng_frames(1, (H, W)))[0] == Status.OK
         assert destroy(h) == Status.OK
     else:
@@ -862,45 +798,6 @@ def test_parse_source_names(tmp_path):
             FrameSource(csi)
 
 
-class FakeCapture:
-    """cv2.VideoCapture stand-in fed from a script: arrays are frames, None an empty frame, "drop" a failed read."""
-
-    def __init__(self, script, delay: float = 0.0) -> None:
-        self.script = None if script is None else iter(script)
-        self.delay = delay
-
-    def isOpened(self):
-        return self.script is not None
-
-    def read(self):
-        time.sleep(self.delay)
-        item = next(self.script, "drop")
-        if isinstance(item, str):
-            return False, None
-        return True, item
-
-    def set(self, prop, value):
-        return True
-
-    def release(self):
-        pass
-
-
-def fake_camera(*scripts, delay: float = 0.0):
-    """Factory returning one scripted capture per open; the last script repeats (None = cannot open)."""
-    calls = []
-
-    def factory(target, api, *params):
-        calls.append(target)
-        return FakeCapture(scripts[min(len(calls), len(scripts)) - 1], delay)
-
-    factory.calls = calls
-    return factory
-
-
-BGR = np.full((24, 36, 3), (255, 0, 0), np.uint8)  # pure blue in BGR
-
-
 def test_unopenable_camera_fails_after_bounded_attempts():
     factory = fake_camera(None)
     source = FrameSource(parse_source(0), reconnect_attempts=2, backoff_s=0.001, capture_factory=factory)
@@ -955,10 +852,6 @@ def write_video(path: Path, n: int) -> Path:
 
 
 FIELDS = {"frame", "source", "timestamp", "class", "class_id", "score", "score_normalized", "anomalous", "latency_ms"}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_app_on_video_file(bundle, tmp_path, capsys):
@@ -1022,6 +915,41 @@ def test_app_without_gui_names_headless(bundle):
         pytest.skip("this OpenCV can show windows")
     with pytest.raises(AppError, match="--headless"):
         run_app(bundle, 0, headless=False)
+
+
+def test_app_waits_for_a_lost_server_on_files_and_counts_lost_live_frames(bundle, tmp_path, monkeypatch):
+    """A backend that raises BackendUnavailableError (the triton backend while its server is away):
+    a file/folder frame is not perishable, it waits (bounded retries) and giving up is a clear error,
+    not a crash; a live frame is lost and counted; the outage and the reconnect are counted once each.
+    (test_serve.py checks that a real server gone away raises BackendUnavailableError.)"""
+    answer = Detector.infer
+    unavailable = {"calls": 0}
+
+    def server_away(self, frames, class_id="auto"):
+        if unavailable["calls"]:
+            unavailable["calls"] -= 1
+            raise BackendUnavailableError("the inference server at grpc://127.0.0.1:8001 is unreachable (test)")
+        return answer(self, frames, class_id)
+
+    monkeypatch.setattr(Detector, "infer", server_away)
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    cv2.imwrite(str(shots / "000.png"), BGR)
+    folder = {"headless": True, "reconnect_attempts": 2, "backoff_s": 0.01, "print_summary": False}
+    unavailable["calls"] = 2  # the file frame waits through 2 failures, then is scored
+    summary = run_app(bundle, str(shots), **folder)
+    assert summary["frames"] == 1
+    assert (summary["server_outages"], summary["lost_to_server"], summary["server_reconnects"]) == (1, 0, 1)
+    unavailable["calls"] = 3  # one more failure than its 2 retries
+    with pytest.raises(ServerLostError, match="gave up on frame 0 after 2 retries"):
+        run_app(bundle, str(shots), **folder)
+    unavailable["calls"] = 3  # a camera's frames are not waited for
+    camera = fake_camera([BGR] * 200, delay=0.002)
+    summary = run_app(
+        bundle, 0, headless=True, max_frames=2, reconnect_attempts=0, capture_factory=camera, print_summary=False
+    )
+    assert summary["frames"] == 2 and summary["lost_to_server"] == 3
+    assert (summary["server_outages"], summary["server_reconnects"]) == (1, 1)
 
 
 def test_int8_engines_are_chosen_only_when_asked():

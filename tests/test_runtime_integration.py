@@ -16,7 +16,7 @@ from hgad_edge.cli import main
 from hgad_edge.runtime import Detector
 from hgad_edge.training.checkpoint import load_run
 from hgad_edge.training.data import load_image, open_roots, resize_image
-from tests.conftest import NOT_IN_BASE_INSTALL
+from tests.helpers import NOT_IN_BASE_INSTALL
 
 
 def _torch_scores(run, frames_rgb: list[np.ndarray], class_id: int = -1):

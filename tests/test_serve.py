@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 from hgad_edge.runtime import BackendUnavailableError, BundleError, Detector, RuntimeOptions
-from hgad_edge.runtime.app import ServerLostError, _Counters, _score, run_app
-from hgad_edge.runtime.sources import Frame
+from hgad_edge.runtime.app import run_app
 from hgad_edge.runtime.triton.server import ServeError, ServeOptions, ServeProcess, python_library_env, start_server
 from hgad_edge.training.data import load_image, open_roots
-from tests.conftest import load_benchmark
+from tests.helpers import load_benchmark
 
 try:
     import pytriton.triton  # noqa: F401
@@ -36,8 +35,7 @@ except ImportError as err:  # the only reason to skip: the wheel does not instal
         f"nvidia-pytriton / tritonclient cannot be imported ({err}); pip install '.[serve]'", allow_module_level=True
     )
 
-
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts a real Triton server (about 100 s for the module)
 
 
 def _children(pid: int) -> set[int]:
@@ -359,12 +357,9 @@ def test_sigterm_answers_requests_in_flight(server, frames):
     bad = [o for o in outcomes if o[2] not in ("ok", "unavailable")]
     assert not bad, bad[:3]  # requests were answered or refused as unavailable, never broken
     assert all(o[2] == "ok" for o in outcomes if o[0] < signalled - 0.005)  # sent before the signal: answered
-    # a file/folder frame is not perishable: it waits (bounded retries), and giving up is a clear error, not a crash
-    counters = _Counters()
-    frame = Frame(0, frames[0], "shots/000.png", 0.0)
-    with pytest.raises(ServerLostError, match="gave up on frame 0 after 2 retries"):
-        _score(station, frame, -1, counters, attempts=2, backoff_s=0.01)
-    assert (counters.server_outages, counters.lost_to_server, counters.server_reconnects) == (1, 0, 0)
-    assert _score(station, frame, -1, counters, attempts=0, backoff_s=0.01) is None  # a live frame is lost, counted
-    assert counters.lost_to_server == 1
+    # the server gone, a request is BackendUnavailableError: what `run` waits out for a file/folder frame
+    # (bounded retries, then a clear error) and counts as lost for a live one
+    # (test_runtime.py: test_app_waits_for_a_lost_server_on_files_and_counts_lost_live_frames)
+    with pytest.raises(BackendUnavailableError):
+        station.infer(frames[0])
     station.close()

@@ -15,9 +15,10 @@ from hgad_edge.training.config import HGADConfig, load_config, save_config
 from hgad_edge.training.data import open_roots
 from hgad_edge.training.evaluate import evaluate
 from hgad_edge.training.train import TrainingError, lr_factor, split_calibration
-from tests.conftest import TINY_CONFIG
+from tests.helpers import TINY_CONFIG
 
 
+@pytest.mark.slow
 def test_train_then_eval_detects_visible_defects(tiny_run, tiny_data, tmp_path):
     scorer, cfg, meta = load_run(tiny_run)
     assert meta["calibrated"] and meta["classes"] == ["dots", "stripes"]
@@ -109,6 +110,7 @@ def test_runs_from_before_pool_border_and_spreads_keep_their_scoring(tiny_run, t
         assert not torch.allclose(scorer(images, cls)[0], new(images, cls)[0])
 
 
+@pytest.mark.slow
 def test_cli_train_eval_and_resume(tiny_data, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     save_config(HGADConfig.from_dict({**TINY_CONFIG, "train": {**TINY_CONFIG["train"], "epochs": 2}}), cfg_path)

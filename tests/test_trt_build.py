@@ -23,7 +23,7 @@ from hgad_edge.export import int8_calibration as calib
 from hgad_edge.export import trt_build as tb
 from hgad_edge.export import trt_devices as devices
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
-from tests.fake_cuda import FakeCudart, FakeTrtModule
+from tests.helpers import FakeCudart, FakeTrtModule
 
 H = W = 64
 

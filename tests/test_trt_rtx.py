@@ -277,6 +277,7 @@ def test_without_gpu_deserialisation_is_no_device(rtx_bundle):
     )
 
 
+@pytest.mark.tensorrt
 def test_rtx_engine_matches_onnxruntime_on_an_rtx_gpu(rtx_bundle):
     count, cc = _gpu()
     if not count:
@@ -300,7 +301,7 @@ def test_rtx_engine_matches_onnxruntime_on_an_rtx_gpu(rtx_bundle):
 def test_gpu_check_rtx_stage_says_why_it_did_not_measure(rtx_bundle, monkeypatch):
     from hgad_edge.bench import rtx_latency
     from hgad_edge.core.cuda_api import CudaPython
-    from tests.fake_cuda import FakeCudart
+    from tests.helpers import FakeCudart
 
     if not _gpu()[0]:
         result = rtx_latency.time_rtx_engine(rtx_bundle)

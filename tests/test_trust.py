@@ -1,6 +1,6 @@
 """Issue 13, "trust nothing a bundle or a frame says": one test per row of the issue's table.
 
-Bundles are tampered copies of test_runtime's tiny bundle (a real ONNX graph with the exporter's
+Bundles are tampered copies of the tiny bundle of tests/helpers.py (a real ONNX graph with the exporter's
 metadata copy in its metadata_props); frames are generated files (a PNG header claiming
 30000x30000 pixels, a truncated MJPG video written by OpenCV). Torch-free except the export rows,
 which use run folders broken by hand (no training needed).
@@ -30,7 +30,7 @@ from hgad_edge.runtime import Status, api, create, destroy, infer, last_error
 from hgad_edge.runtime import app as app_module
 from hgad_edge.runtime.app import AppError, run_app, run_problems
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
-from tests.test_runtime import (
+from tests.helpers import (
     BGR,
     CLASSES,
     THRESHOLDS,

@@ -48,7 +48,7 @@ class Level:
         return f"s{'+'.join(map(str, self.stages))}_x{self.scale:g}{pooled}"
 
 
-def _lite_weights_path(name: str) -> Path | None:
+def lite_weights_path(name: str) -> Path | None:
     if name not in LITE_WEIGHT_PACKAGES:
         return None
     package, module, cls = LITE_WEIGHT_PACKAGES[name]
@@ -60,7 +60,7 @@ def _lite_weights_path(name: str) -> Path | None:
     return Path(getattr(mod, cls).get_model_file_path())
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"backbone weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -76,7 +76,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+def match_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """Same key names: use as is. Otherwise (other naming scheme, same architecture) map key by key
     in order, which is how the Lite packages' weights line up with timm, checking every shape and
     the tensor's kind (the name's last part: weight, bias, running_mean, ...), so a reordered file
@@ -130,7 +130,7 @@ def create_features_model(cfg: BackboneConfig, load_weights: bool = True) -> nn.
         raise BackboneError(f"unknown timm model {cfg.name!r}; see timm.list_models()")
     full = timm.create_model(cfg.name, pretrained=False)
     if load_weights:
-        _load_pretrained(full, cfg)
+        load_pretrained(full, cfg)
     features = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=computed_stages(cfg))
     features.load_state_dict({k: v for k, v in full.state_dict().items() if k in features.state_dict()})
     features.pretrained_cfg = full.pretrained_cfg
@@ -138,11 +138,11 @@ def create_features_model(cfg: BackboneConfig, load_weights: bool = True) -> nn.
     return features.eval().requires_grad_(False)
 
 
-def _load_pretrained(model: nn.Module, cfg: BackboneConfig) -> None:
-    path = Path(cfg.weights).expanduser() if cfg.weights else _lite_weights_path(cfg.name)
+def load_pretrained(model: nn.Module, cfg: BackboneConfig) -> None:
+    path = Path(cfg.weights).expanduser() if cfg.weights else lite_weights_path(cfg.name)
     if path is None:
         path = _timm_cache_path(model)
-    model.load_state_dict(_match_state_dict(model, _read_state_dict(path), path))
+    model.load_state_dict(match_state_dict(model, read_state_dict(path), path))
 
 
 def _timm_cache_path(model: nn.Module) -> Path:
