@@ -14,6 +14,8 @@ outputs `anomaly_map` (B, H, W), `score` (B,), `class_pred` (B,) int64. Resize o
 flows, head, scoring, upsampling, smoothing) is inside the graph. The PASS/FAIL decision is not:
 the runtime applies the metadata's per-class thresholds and scales on the host
 (hgad_edge.core.thresholds), so recalibrating never changes the graph or a TensorRT engine built from it.
+A run trained on tiles (config section `tiling`) exports the same tile-sized graph; metadata.json (and
+each ONNX file's copy) records its `tiling`, and the runtime cuts frames into tiles and stitches their maps.
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def export_bundle(
         models={},
         display_range=_display_range(scorer),
         package_version=__version__,
+        tiling=cfg.tiling.setting(),
         extra={
             "checkpoint_sha256": sha256_file(run_dir / WEIGHTS_FILE),
             "backbone": cfg.backbone.name,

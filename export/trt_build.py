@@ -17,6 +17,10 @@ Targets (hgad_edge/core/trt_common.py, TARGETS): one builder code path where the
 * timing cache: TensorRT reuses <bundle>/engines/timing.cache; TensorRT-RTX has none (no-op since 1.2);
 * INT8 calibration: TensorRT 10 only.
 
+Tiled bundles (metadata `tiling`): the graph takes tiles, and one camera frame is a batch of them, so
+`frame_hw` (--frame WIDTHxHEIGHT) sizes the profile to the tile count of such a frame: (1, tiles, tiles)
+unless a batch is given (`frame_tiles`); the runtime then scores a frame in one engine call.
+
 Precision lives in the ONNX graph (README, precision policy): fp16 engines are built from the mixed
 `model_fp16.onnx` as a strongly typed network, never with the FP16 builder flag, which would also put
 the mixture head in FP16 where its squared distances overflow. INT8 calibrates the fp32 graph and
@@ -44,6 +48,7 @@ from hgad_edge.core.engine_records import (
 )
 from hgad_edge.core.errors import BundleError
 from hgad_edge.core.files import atomic_write_bytes, sha256_file
+from hgad_edge.core.tiling import Tiling, TilingError, plan_tiles
 from hgad_edge.core.trt_common import TrtTarget, get_target, sm_text
 from hgad_edge.export.int8_calibration import (
     CalibrationBatches,
@@ -62,11 +67,12 @@ from hgad_edge.export.trt_network import (
     pin_fp32,
 )
 
-__all__ = ["TIMING_CACHE", "BuildOptions", "BuiltPlan", "build_engines", "build_plan"]
+__all__ = ["DEFAULT_BATCH", "TIMING_CACHE", "BuildOptions", "BuiltPlan", "build_engines", "build_plan", "frame_tiles"]
 
 log = logging.getLogger("hgad_edge.export")
 
 TIMING_CACHE = "timing.cache"
+DEFAULT_BATCH = (1, 4, 8)  # min, opt, max of the profile when neither a batch nor a frame is given
 
 
 @dataclass
@@ -288,6 +294,34 @@ def _build_with_calibrator(trt: Any, options: BuildOptions, make_calibrator: Any
             calibrator.free()
 
 
+def frame_tiles(tiling: Tiling | None, frame_hw: Sequence[int], bundle: Any = "the bundle") -> int:
+    """Tiles of one (H, W) frame for a tiled bundle's `tiling`; BuildError for an untiled bundle or a bad frame."""
+    height, width = (int(v) for v in frame_hw)
+    if tiling is None:
+        raise BuildError(
+            f"--frame {width}x{height} sizes the profile to the tiles of a frame, but {bundle} is not tiled "
+            "(each frame is resized whole to the model input, one batch row per frame): drop --frame and give "
+            "--batch min:opt:max"
+        )
+    try:
+        return plan_tiles((height, width), tiling).count
+    except TilingError as err:
+        raise BuildError(f"--frame {width}x{height}: {err}") from None
+
+
+def _profile_batch(
+    bundle: Any, batch: Sequence[int] | None, frame_hw: Sequence[int] | None
+) -> tuple[tuple[int, int, int], dict[str, Any]]:
+    """The profile's (min, opt, max) and what to record about the frame (tiled bundles, module doc)."""
+    if frame_hw is None:
+        return check_batch(DEFAULT_BATCH if batch is None else batch), {}
+    tiles = frame_tiles(bundle.tiling, frame_hw, f"bundle {bundle.path}")
+    batch3 = check_batch((1, tiles, tiles) if batch is None else batch)
+    if batch3[2] < tiles:
+        log.warning("max batch %d < %d tiles a frame: the runtime scores a frame in several calls", batch3[2], tiles)
+    return batch3, {"frame": f"{int(frame_hw[1])}x{int(frame_hw[0])}", "tiles_per_frame": tiles}
+
+
 def _check_request(
     target: str, precision: str, compute_capabilities: Sequence[str] | None, version_compatible: bool
 ) -> TrtTarget:
@@ -312,7 +346,7 @@ def _check_request(
 def build_engines(
     bundle_dir: Path | str,
     precision: str = "fp16",
-    batch: Sequence[int] = (1, 4, 8),
+    batch: Sequence[int] | None = DEFAULT_BATCH,
     workspace_mb: int | None = None,
     calib_dir: Path | str | None = None,
     calib_batches: int = 16,
@@ -324,6 +358,7 @@ def build_engines(
     version_compatible: bool = False,
     allow_tf32: bool = False,
     check: bool = True,
+    frame_hw: Sequence[int] | None = None,
 ) -> Path:
     """Build (or reuse) the engine of `precision` for `target`; returns the engine's path.
 
@@ -331,10 +366,14 @@ def build_engines(
     portable set) without needing a GPU. Skips the build when metadata.json already records a
     current engine (same library version, GPUs, ONNX sha256, batch profile, engine sha256) unless
     `force`; a stale one is rebuilt in place. TensorRT reuses and updates <bundle>/engines/timing.cache.
+    batch: (min, opt, max) of the profile, or None for the default: (1, tiles, tiles) for the (H, W)
+    `frame_hw` of a tiled bundle (refused for an untiled one), DEFAULT_BATCH without a frame.
     """
     spec = _check_request(target, precision, compute_capabilities, version_compatible)
-    batch3 = check_batch(batch)
+    if batch is not None:
+        check_batch(batch)
     bundle = _open_bundle(bundle_dir)
+    batch3, frame_record = _profile_batch(bundle, batch, frame_hw)
     onnx_path, onnx_sha = _onnx_for(bundle, precision)
     cudart, gpu, explicit = None, None, False
     if spec.builds_without_gpu:
@@ -408,6 +447,7 @@ def build_engines(
         fp32_policy_layers=len(facts.fp32_policy_layers),
         plugins=facts.plugins,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **frame_record,
     )
     update_metadata(bundle.path / "metadata.json", name, entry)
     return path

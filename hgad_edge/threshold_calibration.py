@@ -35,7 +35,7 @@ from hgad_edge.core.bundle_schema import (
     read_onnx_metadata_props,
 )
 from hgad_edge.core.files import atomic_dir, atomic_write_json, sha256_file
-from hgad_edge.core.imaging import IMAGE_EXTENSIONS, DataError, load_image, resize_image
+from hgad_edge.core.imaging import IMAGE_EXTENSIONS, DataError, load_image
 from hgad_edge.core.thresholds import POLICIES, PolicyError, choose_threshold, score_scale
 
 RUN_RECORD_KEY = "threshold_calibration"  # meta.json key of a run folder's calibration record
@@ -117,8 +117,10 @@ class BundleScorer:
     def __init__(self, folder: Path, backend: str = "auto", precision: str = "auto") -> None:
         from hgad_edge.runtime import Detector
 
-        # batch 1: every engine's optimisation profile takes it, so "auto" scores with TensorRT where it runs
-        self.detector = Detector(folder, backend=backend, precision=precision, max_batch=1)
+        # untiled, batch 1: every engine's optimisation profile takes it, so "auto" scores with TensorRT where it
+        # runs; tiled, a frame's tiles in as few calls as the engine takes (the runtime caps the batch to it)
+        tiled = read_bundle_metadata(folder).tiling is not None
+        self.detector = Detector(folder, backend=backend, precision=precision, max_batch=16 if tiled else 1)
         self.classes = self.detector.classes
         self.description = f"{self.detector.backend} ({self.detector.info['precision']})"
 
@@ -130,7 +132,8 @@ class BundleScorer:
 
 
 class RunScorer:
-    """Image scores from a run folder's PyTorch scorer (needs torch)."""
+    """Image scores from a run folder's PyTorch scorer (needs torch); a tiled run scores frames (the
+    max over each frame's tiles), as evaluation and the runtime do."""
 
     def __init__(self, folder: Path) -> None:
         from hgad_edge.training.checkpoint import load_run
@@ -140,27 +143,25 @@ class RunScorer:
         self.description = "torch (fp32)"
 
     def scores(self, images: Sequence[np.ndarray], class_id: int) -> np.ndarray:
-        import torch
+        from hgad_edge.training.evaluate import predict_frames
 
-        size = self.cfg.input_size
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), SCORE_BATCH):
-                batch = torch.from_numpy(np.stack([resize_image(im, size) for im in images[i : i + SCORE_BATCH]]))
-                out.append(self.scorer(batch, torch.full((batch.shape[0],), class_id, dtype=torch.long))[1].numpy())
-        return np.concatenate(out).astype(np.float64)
+        return predict_frames(self.scorer, self.cfg, images, class_id, SCORE_BATCH)[1].astype(np.float64)
 
     def refit_statistics(self, images: Sequence[np.ndarray], class_id: int) -> None:
         """Per-position means from half the images, spreads from the other half (as training does with
-        its training and held-out images), so the threshold scores that half honestly."""
-        import torch
-
+        its training and held-out images), so the threshold scores that half honestly. Tiled: the
+        statistics pool the frames' tiles."""
+        from hgad_edge.training.batching import iter_tile_batches
         from hgad_edge.training.scoring import fit_normal_statistics
 
-        size = self.cfg.input_size
-        tensor = torch.from_numpy(np.stack([resize_image(im, size) for im in images]))
-        positions, held_out = tensor[0::2], tensor[1::2]
-        fit_normal_statistics(self.scorer, {class_id: [held_out]}, {class_id: [positions]}, policy=("max", None))
+        tiling = self.cfg.tiling.setting()
+        batch = max(1, len(images)) if tiling is None else SCORE_BATCH  # untiled: each half one batch
+
+        def batches(frames: Sequence[np.ndarray]):
+            return iter_tile_batches(frames, self.cfg.input_size, batch, tiling)
+
+        positions, held_out = batches(images[0::2]), batches(images[1::2])
+        fit_normal_statistics(self.scorer, {class_id: held_out}, {class_id: positions}, policy=("max", None))
 
     def close(self) -> None:
         pass

@@ -22,6 +22,11 @@ bundle's per-class thresholds and scales (hgad_edge.core.thresholds), or with th
 `create`'s keyword arguments make one `RuntimeOptions` (hgad_edge.runtime.options); a caller that
 holds one already (the CLI, `Detector.from_options`) passes it to `create_with_options`.
 score_normalized and anomalous are computed into fresh arrays per call, so they too are the caller's.
+
+A bundle with `tiling` (hgad_edge.runtime.tiles) scores each frame as tiles: one call takes frames of
+one size (any number: the tiles go through the runner in as few max_batch-sized calls as needed), and
+the Result holds one stitched map per frame at the frame's resolution, the frame score (max of its
+tiles), the frame class (majority of its tiles) and PASS/FAIL decided on the frame score.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from hgad_edge.core.errors import HgadRuntimeError, InvalidArgumentError, Status
 from hgad_edge.runtime.backends import create_runner, is_server_url, open_server
 from hgad_edge.runtime.backends.base import Runner
 from hgad_edge.runtime.options import RuntimeOptions
-from hgad_edge.runtime.preprocess import BatchPacker
+from hgad_edge.runtime.preprocess import BatchPacker, as_frame_list, resolve_class_ids
+from hgad_edge.runtime.tiles import TiledRunner
 
 __all__ = ["Result", "Status", "create", "create_with_options", "destroy", "infer", "info", "last_error"]
 
@@ -52,8 +58,8 @@ log = logging.getLogger("hgad_edge.runtime")
 class Result:
     """Outputs of one batch; the (B, ...) arrays belong to the caller (see module doc)."""
 
-    anomaly_map: np.ndarray  # (B, H, W) float32, in the model's input resolution
-    score: np.ndarray  # (B,) float32 image score (max of the map)
+    anomaly_map: np.ndarray  # (B, H, W) float32, in the model's input resolution (tiled bundles: the frames')
+    score: np.ndarray  # (B,) float32 image score (tiled bundles: the max of the frame's tile scores)
     score_normalized: np.ndarray  # (B,) float32, 0.5 at the class's threshold
     anomalous: np.ndarray  # (B,) bool: score_normalized >= the bundle's normalized_threshold
     class_pred: np.ndarray  # (B,) int64 class used for scoring (given or predicted)
@@ -79,6 +85,7 @@ class _Handle:
     thresholds: np.ndarray  # (classes,) in effect: the bundle's, with the create() overrides; read-only
     scales: np.ndarray  # (classes,)
     cuts: np.ndarray  # (classes,) score at which score_normalized reaches the normalized threshold
+    tiler: TiledRunner | None = None  # set for a bundle with tiling: frames are scored as tiles
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_error: str = ""
 
@@ -167,17 +174,19 @@ def create_with_options(bundle: Any, options: RuntimeOptions) -> tuple[Status, i
     packer = BatchPacker(runner.inputs[specs[0].name], runner.inputs[specs[1].name], loaded.classes)
     scales = np.array(loaded.scales, np.float64)
     cuts = decision.decision_threshold(effective, scales, loaded.normalized_threshold)
-    state = _Handle(loaded, runner, packer, effective, scales, cuts)
+    tiler = None if loaded.tiling is None else TiledRunner(runner, loaded.tiling)
+    state = _Handle(loaded, runner, packer, effective, scales, cuts, tiler)
     with _handles_lock:
         handle = next(_next_id)
         _handles[handle] = state
     log.info(
-        "hgad-edge runtime: backend %s (%s), %s, max_batch %d, bundle %s",
+        "hgad-edge runtime: backend %s (%s), %s, max_batch %d, bundle %s%s",
         runner.name,
         runner.description,
         runner.precision,
         runner.max_batch,
         loaded.path,
+        "" if loaded.tiling is None else f", tiles of {loaded.tiling.tile} px",
     )
     return Status.OK, handle
 
@@ -212,18 +221,38 @@ def infer(handle: int, frames: Any, class_id: Any = "auto") -> tuple[Status, Res
 def _infer_locked(state: _Handle, frames: Any, class_id: Any) -> Result:
     """Pack, run, and copy the outputs out of the reused buffers while the caller holds the lock."""
     start = time.perf_counter()
+    if state.tiler is not None:
+        return _infer_tiled(state, frames, class_id, start)
     batch = state.packer.pack(frames, class_id)
     packed = time.perf_counter()
     out = {name: np.array(value, copy=True) for name, value in state.runner.infer(batch).items()}
     ran = time.perf_counter()
+    latency = {"preprocess": (packed - start) * 1e3, "model": (ran - packed) * 1e3}
+    return _decide(state, out["anomaly_map"], out["score"], out["class_pred"], latency, start)
+
+
+def _infer_tiled(state: _Handle, frames: Any, class_id: Any, start: float) -> Result:
+    """Tiles of every frame through the runner, stitched per frame (hgad_edge.runtime.tiles)."""
+    frame_list = as_frame_list(frames)
+    ids = resolve_class_ids(class_id, len(frame_list), state.bundle.classes)
+    out = state.tiler.run(frame_list, ids)
+    took = out.seconds
+    latency = {"preprocess": took["cut"] * 1e3, "model": took["model"] * 1e3, "stitch": took["stitch"] * 1e3}
+    latency["tiles"] = float(out.tiles)
+    return _decide(state, out.anomaly_map, out.score, out.class_pred, latency, start)
+
+
+def _decide(
+    state: _Handle, amap: np.ndarray, score: np.ndarray, class_pred: np.ndarray, latency: dict, start: float
+) -> Result:
+    """The host-side PASS/FAIL decision on (frame) scores, the same for tiled and untiled bundles."""
     classes = state.bundle.classes
-    cls = np.clip(out["class_pred"], 0, len(classes) - 1)
-    normalized = decision.normalize(out["score"], state.thresholds[cls], state.scales[cls])
-    anomalous = decision.is_anomalous(out["score"], state.cuts[cls])
-    names = [classes[c] if 0 <= c < len(classes) else "unknown" for c in out["class_pred"].tolist()]
-    done = time.perf_counter()
-    latency = {"preprocess": (packed - start) * 1e3, "model": (ran - packed) * 1e3, "total": (done - start) * 1e3}
-    return Result(out["anomaly_map"], out["score"], normalized, anomalous, out["class_pred"], names, latency)
+    cls = np.clip(class_pred, 0, len(classes) - 1)
+    normalized = decision.normalize(score, state.thresholds[cls], state.scales[cls])
+    anomalous = decision.is_anomalous(score, state.cuts[cls])
+    names = [classes[c] if 0 <= c < len(classes) else "unknown" for c in class_pred.tolist()]
+    latency["total"] = (time.perf_counter() - start) * 1e3
+    return Result(amap, score, normalized, anomalous, class_pred, names, latency)
 
 
 def destroy(handle: int) -> Status:
@@ -250,7 +279,7 @@ def last_error(handle: int | None = None) -> str:
 
 
 def info(handle: int) -> tuple[Status, dict[str, Any] | None]:
-    """What a handle runs: backend, precision, classes, input size, thresholds, bundle path."""
+    """What a handle runs: backend, precision, classes, input size, tiling, thresholds, bundle path."""
     state = _lookup(handle)
     if state is None:
         return _invalid_handle(handle), None
@@ -262,6 +291,7 @@ def info(handle: int) -> tuple[Status, dict[str, Any] | None]:
         "max_batch": runner.max_batch,
         "classes": list(bundle.classes),
         "input_size": tuple(bundle.input_size),
+        "tiling": None if bundle.tiling is None else bundle.tiling.to_dict(),
         "thresholds": state.thresholds.tolist(),
         "bundle_thresholds": list(bundle.thresholds),
         "scales": state.scales.tolist(),

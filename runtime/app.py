@@ -10,6 +10,10 @@ summaries must end in a non-zero exit (nothing scored, every frame corrupt, evid
 Scoring on an inference server (BUNDLE = grpc://...) survives the server going away: a live frame
 that cannot be scored is lost and counted, a file or folder frame waits for the server
 (--reconnect-attempts with backoff), and the summary says how many frames were lost.
+A tiled bundle (metadata `tiling`) scores each frame as a batch of tiles of up to options.max_batch
+(`hgad-edge run --max-batch`); its stitched map has the frame's resolution, so the overlay and the
+saved anomalies are drawn at full resolution through the same `heatmap_overlay` path that scales a
+model-sized map onto the frame for untiled bundles.
 The click command only maps flags onto `run_app`; everything testable lives here.
 """
 
@@ -33,12 +37,14 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
+from hgad_edge.core.bundle_schema import METADATA_FILE
 from hgad_edge.core.errors import BackendUnavailableError
 from hgad_edge.core.files import atomic_path
 from hgad_edge.core.overlay import heatmap_overlay
 from hgad_edge.runtime.detector import Detector
 from hgad_edge.runtime.options import RuntimeOptions
 from hgad_edge.runtime.sources import Frame, FrameSource, SourceError, check_supported, parse_source
+from hgad_edge.runtime.triton.client import is_server_url
 
 __all__ = ["AppError", "format_summary", "run_app", "run_problems"]
 
@@ -180,6 +186,22 @@ class _SigtermAsInterrupt:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+def frame_batch(bundle: str | Path, options: RuntimeOptions) -> int:
+    """max_batch for scoring one frame per call: 1 row, or for a tiled bundle up to options.max_batch tiles.
+
+    A server's tiling is known only once connected, so a server URL gets options.max_batch (client-side
+    buffers only). metadata.json is only peeked at here; loading the bundle verifies it.
+    """
+    if is_server_url(bundle):
+        return options.max_batch
+    path = Path(bundle)
+    try:
+        meta = json.loads((path if path.is_file() else path / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return 1  # load_bundle says what is wrong
+    return options.max_batch if isinstance(meta, dict) and meta.get("tiling") else 1
+
+
 # ---- per frame -----------------------------------------------------------------------------------
 def _record(frame: Frame, result: Any) -> dict[str, Any]:
     class_id = int(result.class_pred[0])
@@ -207,6 +229,7 @@ def _overlay(
 
 
 def _shrink(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    """An image (or map) no larger than max_side, by area; smaller ones are returned as they are."""
     scale = max_side / max(image.shape[:2])
     if scale >= 1.0:
         return image
@@ -382,14 +405,15 @@ def run_app(
     can still describe a failed run: see `run_problems`.
     options: backend, precision, device, trusted engines and {class name: score threshold} overrides
     (for this run only) as one RuntimeOptions (default: all "auto"); frames are scored one at a time,
-    so its max_batch is 1 here.
+    so its max_batch is 1 here, except for a tiled bundle: the most tiles per engine call (`frame_batch`).
     """
     spec = parse_source(source)  # a typo in the source fails before the model loads
     check_supported(spec)
     if not headless:
         check_gui(window_name)
     _check_outputs(output_jsonl, save_anomalies)
-    with Detector.from_options(bundle, replace(options or RuntimeOptions(), max_batch=1)) as detector:
+    options = options or RuntimeOptions()
+    with Detector.from_options(bundle, replace(options, max_batch=frame_batch(bundle, options))) as detector:
         class_id = detector.class_id(class_name)
         frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
         anomaly_dir = _prepare_dir(save_anomalies)
@@ -494,5 +518,6 @@ def _process(
     if saver is not None and record["anomalous"]:
         counters.save_failures += not _save_anomaly(saver[0], saver[1], frame, amap, record, vrange)
     if window is not None:
-        return window.show(_overlay(_shrink(frame.image), amap, record, vrange, counters.fps))
+        # a stitched (frame-sized) map shrinks with the frame, by area: linear sampling could skip a small hot spot
+        return window.show(_overlay(_shrink(frame.image), _shrink(amap), record, vrange, counters.fps))
     return True

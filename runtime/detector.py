@@ -68,6 +68,11 @@ class Detector:
         return tuple(self.info["input_size"])
 
     @property
+    def tiling(self) -> dict | None:
+        """The bundle's tiling {tile, overlap, blend} (frames scored as tiles, maps at frame size), or None."""
+        return self.info["tiling"]
+
+    @property
     def backend(self) -> str:
         """The backend actually used ("tensorrt" or "onnxruntime"), useful after backend="auto"."""
         return self.info["backend"]

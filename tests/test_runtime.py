@@ -29,6 +29,7 @@ import onnxruntime as ort
 import pytest
 
 from hgad_edge.core import cuda_api
+from hgad_edge.core.bundle import OUTPUT_NAMES, load_bundle
 from hgad_edge.core.errors import (
     BackendUnavailableError,
     BundleError,
@@ -37,6 +38,7 @@ from hgad_edge.core.errors import (
     InvalidHandleError,
 )
 from hgad_edge.core.imaging import resize_image
+from hgad_edge.core.tiling import Tiling
 from hgad_edge.runtime import (
     Detector,
     RuntimeOptions,
@@ -49,7 +51,7 @@ from hgad_edge.runtime import (
     last_error,
 )
 from hgad_edge.runtime.app import AppError, ServerLostError, run_app
-from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, LOCAL_BACKENDS, PRECISIONS, REGISTRY
+from hgad_edge.runtime.backends import AUTO_ORDER, BACKENDS, LOCAL_BACKENDS, PRECISIONS, REGISTRY, input_specs
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
 from hgad_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeRunner
 from hgad_edge.runtime.sources import FrameSource, SourceError, parse_source
@@ -543,6 +545,19 @@ def test_tensorrt_threshold_path_after_recalibration(tmp_path, fake_tensorrt):
 def test_bad_threshold_override(bundle, overrides, words):
     status, h = create(bundle, backend="onnxruntime", thresholds=overrides)
     assert status == Status.INVALID_ARGUMENT and h is None and words in last_error()
+
+
+def test_a_tiled_bundle_takes_any_engine_and_caps_the_batch_to_its_profile(tmp_path, fake_tensorrt, monkeypatch):
+    """Untiled, max_batch must fit the engine's profile; tiled, the runtime sends tiles in chunks, so the
+    engine is used and the runner takes at most what its profile does (build --frame sizes it)."""
+    bundle = load_bundle(bundle_with_engine(tmp_path, batch=[1, 2, 2]))
+    specs = input_specs(bundle)
+    with pytest.raises(EngineError, match="batch <= 2"):
+        trtb.load_tensorrt_runner(bundle, specs, list(OUTPUT_NAMES), max_batch=4)
+    monkeypatch.setattr(type(bundle), "tiling", property(lambda self: Tiling(64)))
+    runner = trtb.load_tensorrt_runner(bundle, specs, list(OUTPUT_NAMES), max_batch=4)
+    assert runner.max_batch == 2
+    assert trtb.load_tensorrt_runner(bundle, specs, list(OUTPUT_NAMES), max_batch=1).max_batch == 1
 
 
 def test_tensorrt_checks_device_before_any_tensorrt_object(tmp_path, fake_tensorrt):

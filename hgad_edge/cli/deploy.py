@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -98,6 +99,17 @@ def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix
     )
 
 
+def _frame_hw(ctx, param, value: str | None) -> tuple[int, int] | None:
+    """--frame WIDTHxHEIGHT -> (H, W)."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
+    if not match or min(int(v) for v in match.groups()) < 1:
+        raise click.BadParameter(f"use WIDTHxHEIGHT in pixels, e.g. 2448x2048, got {value!r}")
+    width, height = (int(v) for v in match.groups())
+    return height, width
+
+
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -120,7 +132,17 @@ def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix
     help="--target rtx only: GPUs the engine is for, e.g. 8.6,8.9 "
     "(default: TensorRT-RTX's portable set, Ampere and later).",
 )
-@click.option("--batch", default="1:4:8", show_default=True, help="min:opt:max batch of the optimisation profile.")
+@click.option(
+    "--batch",
+    help="min:opt:max batch of the optimisation profile [default: 1:4:8; with --frame 1:TILES:TILES].",
+)
+@click.option(
+    "--frame",
+    "frame_hw",
+    callback=_frame_hw,
+    metavar="WIDTHxHEIGHT",
+    help="Tiled bundles: the camera frame size; sizes the profile to its tile count (one engine call a frame).",
+)
 @click.option("--workspace-mb", type=click.IntRange(min=1), help="Builder workspace limit.")
 @click.option(
     "--calib-dir",
@@ -128,30 +150,58 @@ def triton_repo(bundle, repo, max_batch, queue_delay_us, instances, kind, prefix
     help="Normal images for INT8 calibration.",
 )
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
-def build(bundle, target, precision, capabilities, batch, workspace_mb, calib_dir, force):
+def build(bundle, target, precision, capabilities, batch, frame_hw, workspace_mb, calib_dir, force):
     """Build a TensorRT engine from an exported bundle: on this GPU, or ahead of time for RTX GPUs (--target rtx)."""
     from hgad_edge.core.engine_records import BuildError
     from hgad_edge.export.trt_build import build_engines
 
-    try:
-        parts = tuple(int(b) for b in batch.split(":"))
-    except ValueError:
-        raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch") from None
-    if len(parts) != 3:
-        raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch")
+    parts = None
+    if batch is not None:
+        try:
+            parts = tuple(int(b) for b in batch.split(":"))
+        except ValueError:
+            raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch") from None
+        if len(parts) != 3:
+            raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch")
     if precision == "int8" and calib_dir is None:
         raise click.BadParameter("INT8 needs --calib-dir with normal images", param_hint="--calib-dir")
     gpus = [c.strip() for c in capabilities.split(",") if c.strip()] if capabilities else None
     try:
         engine = build_engines(
-            bundle, precision, parts, workspace_mb, calib_dir, force=force, target=target, compute_capabilities=gpus
+            bundle,
+            precision,
+            parts,
+            workspace_mb,
+            calib_dir,
+            force=force,
+            target=target,
+            compute_capabilities=gpus,
+            frame_hw=frame_hw,
         )
     except BuildError as exc:
         raise click.ClickException(str(exc)) from exc
-    entry = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))["engines"][engine.name]
+    meta = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))
+    entry = meta["engines"][engine.name]
     click.echo(
         f"engine: {engine} ({entry.get('size_bytes', 0) / 2**20:.1f} MB, {TARGETS[target].label} "
-        f"{entry['trt_version']}, compute capability {', '.join(entry['compute_capabilities'])}, {precision})"
+        f"{entry['trt_version']}, compute capability {', '.join(entry['compute_capabilities'])}, {precision}, "
+        f"batch {':'.join(str(b) for b in entry['batch'])})"
+    )
+    if frame_hw is not None:
+        _echo_tiles(meta, frame_hw, entry["batch"][-1], bundle)
+
+
+def _echo_tiles(meta: dict, frame_hw: tuple[int, int], max_batch: int, bundle: Path) -> None:
+    """How a tiled bundle scores a frame of `frame_hw` with this engine (the bundle was checked by the build)."""
+    from hgad_edge.core.tiling import Tiling
+    from hgad_edge.export.trt_build import frame_tiles
+
+    tiling = Tiling.from_dict(meta.get("tiling"))
+    tiles = frame_tiles(tiling, frame_hw)
+    calls = -(-tiles // max_batch)
+    click.echo(
+        f"frame {frame_hw[1]}x{frame_hw[0]}: {tiles} tiles of {tiling.tile} px, {calls} engine call(s) a frame; "
+        f"run it with: hgad-edge run {bundle} SOURCE --max-batch {min(tiles, max_batch)}"
     )
 
 

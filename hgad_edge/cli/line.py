@@ -120,6 +120,14 @@ def _bundle_or_server(ctx, param, value: str):
 )
 @click.option("--max-frames", type=click.IntRange(min=1))
 @click.option("--reconnect-attempts", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Tiled bundles: most tiles per engine call (a TensorRT engine must take it: `hgad-edge build --frame` "
+    "prints the value for a frame size). Untiled bundles score one frame per call.",
+)
 @allow_engine_host_code_option
 @click.option(
     "--threshold",
@@ -141,6 +149,7 @@ def run(
     save_anomalies,
     max_frames,
     reconnect_attempts,
+    max_batch,
     allow_engine_host_code,
     threshold_overrides,
 ):
@@ -157,7 +166,11 @@ def run(
     thresholds = parse_thresholds(threshold_overrides)
     try:
         options = RuntimeOptions(
-            backend, precision=precision, allow_engine_host_code=allow_engine_host_code, thresholds=thresholds
+            backend,
+            precision=precision,
+            max_batch=max_batch,
+            allow_engine_host_code=allow_engine_host_code,
+            thresholds=thresholds,
         )
         summary = run_app(
             bundle,

@@ -9,6 +9,23 @@ import click
 from hgad_edge.cli.common import TRAIN_MODULES, BadConfig, LazyChoice, parse_classes, require, user_errors
 
 
+class TileSize(click.ParamType):
+    """`--tile`: a tile side in source pixels (0 = off) or `auto`."""
+
+    name = "SIZE|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            size = int(value)
+        except ValueError:
+            size = -1
+        if size < 0:
+            self.fail(f"{value!r} is not a tile size: give source pixels (e.g. 256), 0 for off, or auto", param, ctx)
+        return size
+
+
 def _head_modes() -> tuple[str, ...]:
     """--mode's choices: the head-mode registry (read when train's help or options need it)."""
     from hgad_edge.training.config import HEAD_MODES
@@ -33,12 +50,20 @@ def _head_modes() -> tuple[str, ...]:
 @click.option("--epochs", type=click.IntRange(min=1), help="Override train.epochs.")
 @click.option("--mode", type=LazyChoice(_head_modes), help="Override head.mode (ablation).")
 @click.option("--seed", type=int, help="Override train.seed.")
+@click.option(
+    "--tile",
+    type=TileSize(),
+    help="Train (and later score) on tiles of SIZE source pixels cut from native-resolution frames, each "
+    "resized to the model input (SIZE = the input side: native pixels); 0: off, frames resized whole; "
+    "auto: tiles when the training images are well above the input size. Overrides tiling.tile.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-def train(roots, classes, out, config_path, epochs, mode, seed, resume):
+def train(roots, classes, out, config_path, epochs, mode, seed, tile, resume):
     """Train one unified HGAD model on every class under the data roots."""
     require("train", TRAIN_MODULES, "train")
     from hgad_edge.training.config import ConfigError, load_config
     from hgad_edge.training.data import open_roots
+    from hgad_edge.training.train import resolve_tiling
     from hgad_edge.training.train import train as run_training
 
     if (out / "meta.json").exists() and not resume:
@@ -50,6 +75,8 @@ def train(roots, classes, out, config_path, epochs, mode, seed, resume):
         overrides.setdefault("train", {})["seed"] = seed
     if mode is not None:
         overrides["head"] = {"mode": mode}
+    if isinstance(tile, int):
+        overrides["tiling"] = {"tile": tile}
     try:
         cfg = load_config(config_path, overrides)  # checked before any image is read
     except ConfigError as exc:
@@ -57,7 +84,8 @@ def train(roots, classes, out, config_path, epochs, mode, seed, resume):
     try:
         dataset = open_roots(list(roots), parse_classes(classes))
         click.echo(f"training on {len(dataset.classes)} classes: {', '.join(dataset.classes)}")
-        run_training(cfg, dataset, out, resume=resume)
+        click.echo(resolve_tiling(cfg, dataset.samples("train"), tile))  # `auto` measures the images
+        run_training(cfg, dataset, out, resume=resume, log=click.echo)
     except user_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"model saved in {out}; next: hgad-edge eval {out} --data {' --data '.join(map(str, roots))}")

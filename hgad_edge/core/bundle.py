@@ -3,11 +3,11 @@
 A bundle is a folder with `metadata.json`, ONNX models and optional `engines/*.engine`; its format
 lives in `hgad_edge.core.bundle_schema`. On load, before any backend is touched:
   1. metadata.json is parsed by the schema: format/version, and every value that decides PASS/FAIL
-     (classes, input size, thresholds, scales, normalised threshold) type- and range-checked;
+     (classes, input size, thresholds, scales, normalised threshold, tiling) type- and range-checked;
   2. every file it names is a bare file name inside the bundle (no folders, no links out);
   3. every ONNX model's sha256 equals the one recorded at export;
-  4. classes, input size (and, unless metadata.json records a recalibration, thresholds and scales)
-     equal the copy the exporter wrote into each ONNX file's own metadata_props.
+  4. classes, input size, tiling (and, unless metadata.json records a recalibration, thresholds and
+     scales) equal the copy the exporter wrote into each ONNX file's own metadata_props.
 Any failure is a BundleError that says how to get a good bundle again. Thresholds and scales are
 read from metadata.json, never from a graph: the graphs output scores, the runtime decides PASS/FAIL
 on the host, so `hgad-edge calibrate` rewrites metadata.json and graphs and engines stay byte-identical.
@@ -32,6 +32,7 @@ from hgad_edge.core.bundle_schema import (
 )
 from hgad_edge.core.errors import BundleError, Status
 from hgad_edge.core.files import sha256_file
+from hgad_edge.core.tiling import Tiling
 
 __all__ = ["OUTPUT_NAMES", "Bundle", "load_bundle", "sha256_file"]
 
@@ -79,6 +80,11 @@ class Bundle:
     @property
     def display_range(self) -> tuple[float, float]:
         return self.schema.display_range
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """How frames are cut into tiles (hgad_edge.core.tiling), or None: each frame resized whole."""
+        return self.schema.tiling
 
     @property
     def calibration(self) -> dict[str, Any] | None:

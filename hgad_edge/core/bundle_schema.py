@@ -11,7 +11,12 @@ decision is made on the host from this metadata (hgad_edge.core.thresholds), so 
 changes a graph or an engine. Per class c, `thresholds[c]` is in score units and `scales[c]` > 0;
 score_normalized = sigmoid((score - thresholds[c]) / scales[c]), anomalous iff it is >=
 `normalized_threshold`. A `calibration` record (written by `hgad-edge calibrate`) allows
-thresholds and scales to differ from the ONNX copy; classes and input size never may.
+thresholds and scales to differ from the ONNX copy; classes, input size and tiling never may.
+
+Tiling (optional, `tiling`: {tile, overlap, blend} or null; absent in older bundles = null): the
+runtime cuts each frame into tiles, scores them as one batch and stitches their maps
+(hgad_edge.core.tiling); the frame's score is the max of its tiles', and the thresholds were fitted
+on such frame scores, so tiling is part of what a score means and is copied into the ONNX files too.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, BinaryIO
 
 from hgad_edge import __version__ as PACKAGE_VERSION
 from hgad_edge.core.thresholds import NORMALIZED_THRESHOLD
+from hgad_edge.core.tiling import Tiling, TilingError
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -59,7 +65,7 @@ MODEL_FILES = {"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx"}
 PRECISIONS = tuple(MODEL_FILES)
 INPUT_STRIDE, MIN_INPUT_SIDE = 32, 64  # the backbone downsamples by 32; below 64 px there is no feature map
 # Values the exporter copies into each ONNX file's metadata_props (JSON-encoded).
-FIXED_IN_ONNX = ("classes", "input_size")  # must always equal metadata.json
+FIXED_IN_ONNX = ("classes", "input_size", "tiling")  # must always equal metadata.json (tiling: when set)
 CALIBRATED_IN_ONNX = ("thresholds", "scales", "normalized_threshold")  # may differ after a recalibration
 _ONNX_PROPS = ("format", "format_version", "package_version", *FIXED_IN_ONNX, *CALIBRATED_IN_ONNX,
                "checkpoint_sha256", "precision")
@@ -129,6 +135,18 @@ def _normalized_threshold(value: Any) -> float:
                f"got {value!r}")
         raise SchemaError(msg)
     return number
+
+
+def _tiling(value: Any, input_size: tuple[int, int]) -> Tiling | None:
+    """The optional tiling: None (null or absent: frames resized whole) or a checked Tiling."""
+    fix = "fix the run config's `tiling` section and re-export (tiling: null resizes frames whole)"
+    try:
+        tiling = Tiling.from_dict(value)
+    except (TilingError, TypeError) as err:
+        raise SchemaError(f"'tiling' is not usable: {err}; {fix}") from err
+    if tiling is not None and input_size[0] != input_size[1]:
+        raise SchemaError(f"'tiling' needs a square input_size (tiles are square), got {list(input_size)}; {fix}")
+    return tiling
 
 
 def _display_range(value: Any) -> tuple[float, float]:
@@ -225,7 +243,8 @@ def check_compatible(meta: dict[str, Any]) -> None:
 
 
 _KNOWN = {"format", "format_version", "package_version", "classes", "input_size", "input", "class_input", "outputs",
-          "thresholds", "scales", "normalized_threshold", "display_range", "models", "engines", "calibration"}
+          "thresholds", "scales", "normalized_threshold", "display_range", "models", "engines", "calibration",
+          "tiling"}
 
 
 @dataclass(frozen=True)
@@ -245,6 +264,7 @@ class BundleMetadata:
     class_input_name: str = INPUT_NAMES[1]
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     package_version: str = PACKAGE_VERSION
+    tiling: Tiling | None = None  # None: frames resized whole to input_size (every bundle before tiling)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -260,9 +280,10 @@ class BundleMetadata:
         calibration = meta.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise SchemaError(f"'calibration' must be an object (policy, images, date, rates), got {calibration!r}")
+        input_size = _input_size(meta["input_size"])
         return cls(
             classes=classes,
-            input_size=_input_size(meta["input_size"]),
+            input_size=input_size,
             thresholds=_numbers(meta["thresholds"], "'thresholds'", len(classes)),
             scales=_numbers(meta["scales"], "'scales'", len(classes), positive=True),
             models=_models(meta["models"]),
@@ -274,6 +295,7 @@ class BundleMetadata:
             class_input_name=_tensor_name(meta.get("class_input"), "class_input", INPUT_NAMES[1]),
             engines=_engines(meta.get("engines")),
             package_version=str(meta.get("package_version")),
+            tiling=_tiling(meta.get("tiling"), input_size),
             extra={k: v for k, v in meta.items() if k not in _KNOWN},
         )
 
@@ -298,13 +320,16 @@ class BundleMetadata:
         }
         if self.calibration is not None:
             meta["calibration"] = dict(self.calibration)
+        if self.tiling is not None:  # untiled bundles keep the metadata.json of before tiling
+            meta["tiling"] = self.tiling.to_dict()
         BundleMetadata.from_json(json.loads(json.dumps(meta)))
         return meta
 
     def check_values(self) -> None:
         """The checks of `from_json` that need no model file: the exporter runs them before any export work."""
         classes = _classes(list(self.classes))
-        _input_size(list(self.input_size))
+        input_size = _input_size(list(self.input_size))
+        _tiling(None if self.tiling is None else self.tiling.to_dict(), input_size)
         _numbers(list(self.thresholds), "'thresholds'", len(classes))
         _numbers(list(self.scales), "'scales'", len(classes), positive=True)
         _normalized_threshold(self.normalized_threshold)
@@ -332,6 +357,7 @@ def onnx_metadata_props(meta: BundleMetadata, precision: str) -> dict[str, str]:
         "thresholds": list(meta.thresholds),
         "scales": list(meta.scales),
         "normalized_threshold": meta.normalized_threshold,
+        "tiling": None if meta.tiling is None else meta.tiling.to_dict(),
         "checkpoint_sha256": meta.extra.get("checkpoint_sha256"),
         "precision": precision,
     }
@@ -341,8 +367,9 @@ def onnx_metadata_props(meta: BundleMetadata, precision: str) -> dict[str, str]:
 def check_onnx_copy(meta: BundleMetadata, props: dict[str, str], file: str) -> None:
     """Raise SchemaError when metadata.json disagrees with the copy inside ONNX `file`.
 
-    Classes and input size must always agree; thresholds, scales and the normalised threshold may
-    differ only when metadata.json carries a `calibration` record (a deliberate recalibration).
+    Classes, input size and tiling (when either side has one) must always agree; thresholds, scales
+    and the normalised threshold may differ only when metadata.json carries a `calibration` record
+    (a deliberate recalibration).
     """
     ours = onnx_metadata_props(meta, "")
     keys = FIXED_IN_ONNX if meta.calibration is not None else (*FIXED_IN_ONNX, *CALIBRATED_IN_ONNX)
@@ -358,7 +385,8 @@ def check_onnx_copy(meta: BundleMetadata, props: dict[str, str], file: str) -> N
         except json.JSONDecodeError:
             same = False
         if not same:
-            raise SchemaError(f"{key!r} in metadata.json ({mine}) differs from the copy inside {file} ({theirs})")
+            shown = "absent" if mine is None else mine
+            raise SchemaError(f"{key!r} in metadata.json ({shown}) differs from the copy inside {file} ({theirs})")
 
 
 def _varint(fh: BinaryIO) -> int | None:

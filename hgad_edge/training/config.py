@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
+from hgad_edge.core.tiling import BLENDS, MAX_OVERLAP, MAX_TILE, MIN_TILE, Tiling
+
 # ImageNet statistics: the fallback when a timm model's pretrained_cfg names none.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -398,13 +400,35 @@ class ScoreConfig:
 
 
 @dataclass
+class TilingConfig:
+    """High-resolution frames as tiles (hgad_edge.core.tiling): `tile` source pixels a side (0: off,
+    each frame resized whole to input_size), at least `overlap` of a tile shared with a neighbour,
+    overlaps blended by `blend`. The tile is resized to input_size (tile == input side: native pixels)."""
+
+    tile: int = 0
+    overlap: float = 0.125
+    blend: str = "mean"
+
+    LIMITS = {
+        "tile": Limit(0, MAX_TILE),
+        "overlap": Limit(0, MAX_OVERLAP),
+        "blend": OneOf(BLENDS),
+    }
+
+    def setting(self) -> Tiling | None:
+        """The tiling frames get, or None (resized whole)."""
+        return Tiling(self.tile, self.overlap, self.blend) if self.tile else None
+
+
+@dataclass
 class HGADConfig:
-    input_size: tuple[int, int] = (256, 256)  # (H, W) the model sees; frames are resized to it
+    input_size: tuple[int, int] = (256, 256)  # (H, W) the model sees; frames (or tiles) are resized to it
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
 
     LIMITS = {"input_size": Limit(64, multiple_of=32)}  # the backbone's stride-32 stage needs whole cells
 
@@ -441,6 +465,7 @@ class HGADConfig:
             raise ConfigError(msg)
         _check_windows(bb)
         _check_threshold_policy(self.score)
+        _check_tiling(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -450,6 +475,21 @@ class HGADConfig:
     def from_dict(cls, data: dict[str, Any]) -> HGADConfig:
         """Build from a (possibly partial) nested dict; unknown keys are errors, not silently dropped."""
         return _from_dict(cls, data or {}, "").validate()
+
+
+def _check_tiling(cfg: HGADConfig) -> None:
+    """A tile is square, so the model's input must be too; a tile below MIN_TILE has no stride-32 cell."""
+    tile = cfg.tiling.tile
+    if not tile:
+        return
+    if tile < MIN_TILE:
+        raise ConfigError(f"tiling.tile={tile}: use 0 (off) or at least {MIN_TILE} source pixels")
+    if cfg.input_size[0] != cfg.input_size[1]:
+        msg = (
+            f"tiling.tile={tile} needs a square input_size (tiles are square), got {list(cfg.input_size)}; "
+            f"e.g. input_size: [{max(cfg.input_size)}, {max(cfg.input_size)}]"
+        )
+        raise ConfigError(msg)
 
 
 def _check_windows(bb: BackboneConfig) -> None:

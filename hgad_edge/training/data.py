@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hgad_edge.core.imaging import IMAGE_EXTENSIONS, DataError, load_image, load_mask, resize_image
+from hgad_edge.core.imaging import IMAGE_EXTENSIONS, DataError, image_size, load_image, load_mask, resize_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -27,6 +27,7 @@ __all__ = [
     "Sample",
     "UnionDataset",
     "VisA",
+    "image_shape",
     "load_image",
     "load_mask",
     "open_dataset",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
+HEADER_BYTES = 1 << 16  # where an image file's size is read from (`image_shape`)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,24 @@ class Sample:
     label: int
     defect: str
     mask_path: Path | None
+
+
+def image_shape(path: Path | str) -> tuple[int, int]:
+    """(H, W) of an image file, as `load_image` will decode it, from its header: the first
+    HEADER_BYTES, else the whole file (a JPEG whose EXIF block comes before its frame header), else
+    decoded (a format whose header `imaging.image_size` cannot read)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            size = image_size(handle.read(HEADER_BYTES))
+        if size is None:
+            size = image_size(path.read_bytes())
+    except OSError as err:
+        msg = f"cannot read image file {path}: {err.strerror or err}; check that it exists and is readable"
+        raise DataError(msg) from err
+    if size is None:
+        size = load_image(path).shape[:2]
+    return int(size[0]), int(size[1])
 
 
 # --------------------------------------------------------------------------------------------

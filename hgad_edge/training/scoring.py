@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgad_edge.core import thresholds as decision
+from hgad_edge.core.tiling import frame_score
 from hgad_edge.training.config import ScoreConfig
 from hgad_edge.training.model import HGADModel
 
@@ -225,8 +226,9 @@ class AnomalyScorer(nn.Module):
 
     @torch.no_grad()
     def evaluate_batch(self, images: torch.Tensor, class_id: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Evaluation in one pass: scores with the given class, the class 'auto' would pick, and
-        each image's lowest per-dimension log-likelihood per level (for histograms)."""
+        """Evaluation in one pass: scores with the given class (-1: the auto class, as the graph does),
+        the class 'auto' would pick, and each image's lowest per-dimension log-likelihood per level
+        (for histograms)."""
         return self.evaluate_features(self.model.features(self.model.preprocess(images)), class_id)
 
     @torch.no_grad()
@@ -234,44 +236,68 @@ class AnomalyScorer(nn.Module):
         """`evaluate_batch` from backbone maps already computed (cached test features)."""
         terms = self.model.terms_from_features([f.to(self.model.body_dtype) for f in feats])
         auto, _ = self.select_class(terms, torch.full_like(class_id, -1))
-        lls, nhs = self.level_maps(terms, class_id)
-        amap, score = self.map_and_score(lls, nhs, class_id)
+        cls = torch.where(class_id >= 0, class_id, auto)
+        lls, nhs = self.level_maps(terms, cls)
+        amap, score = self.map_and_score(lls, nhs, cls)
         min_loglik = torch.stack([ll.flatten(1).amin(1) for ll in lls], 1)
         return {
             "anomaly_map": amap,
             "score": score,
-            "score_normalized": self.normalize(score, class_id),
+            "score_normalized": self.normalize(score, cls),
+            "class_pred": cls,
             "auto_class": auto,
             "min_loglik": min_loglik,
         }
 
 
 # ---- calibration --------------------------------------------------------------------------------
+# A batch of normal images: uint8 (B, H, W, 3), each its own frame; or (tiles, frame index of each
+# tile) as batching.iter_tile_batches yields them, the tiles of a frame sharing its index.
+NormalBatch = torch.Tensor | tuple[torch.Tensor, np.ndarray]
+
+
 @torch.no_grad()
-def _level_values(scorer: AnomalyScorer, batches: Iterable[torch.Tensor], y: int):
-    """Per batch: (class log-likelihood maps, negative-entropy maps, class ids) of class y."""
+def _level_values(scorer: AnomalyScorer, batches: Iterable[NormalBatch], y: int):
+    """Per batch: (class log-likelihood maps, negative-entropy maps, class ids, frame ids or None) of class y."""
     model = scorer.model
-    for images in batches:
+    for batch in batches:
+        images, frames = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], np.asarray(batch[1]))
         cls = torch.full((images.shape[0],), y, dtype=torch.long)
         lls, nhs = scorer.level_maps(model.level_terms(model.preprocess(images)), cls)
-        yield lls, nhs, cls
+        yield lls, nhs, cls, frames
+
+
+def frame_scores(scores: np.ndarray, frames: Sequence[np.ndarray | None]) -> np.ndarray:
+    """Per frame in index order: the max of its tiles' scores (core.tiling.frame_score), as float64.
+    `scores`: the inputs' scores, batch after batch; `frames`: per batch, each input's frame index
+    (None: each input is a frame)."""
+    if all(f is None for f in frames):
+        return np.asarray(scores, np.float64)
+    if any(f is None for f in frames):
+        raise ValueError("mixed batches: give every batch frame indices, or none")
+    ids = np.concatenate(frames)
+    return np.array([frame_score(scores[ids == f]) for f in np.unique(ids)], np.float64)
 
 
 @torch.no_grad()
 def fit_normal_statistics(
     scorer: AnomalyScorer,
-    batches_by_class: dict[int, Iterable[torch.Tensor]],
-    position_batches_by_class: dict[int, Iterable[torch.Tensor]] | None = None,
+    batches_by_class: dict[int, Iterable[NormalBatch]],
+    position_batches_by_class: dict[int, Iterable[NormalBatch]] | None = None,
     policy: tuple[str, float | None] | None = None,
 ) -> dict:
-    """Fit the scoring constants on normal images; batches yield uint8 (B, H, W, 3).
+    """Fit the scoring constants on normal images; batches yield uint8 (B, H, W, 3) or, tiled,
+    (tiles, frame index of each tile) (`NormalBatch`).
 
     Per class and level: the per-position normal mean of log-likelihood and negative entropy from
     position_batches (many normal images, e.g. training images; default: the held-out ones), the
     std of the centred values on the held-out images, and from the held-out images' scores the
     threshold (the configured policy, hgad_edge.core.thresholds) and scale, so score_normalized =
     sigmoid((s - thr) / scale) is 0.5 at the threshold. Held-out images are never trained on, so
-    std and threshold are honest. Returns the constants and, per class, the held-out scores.
+    std and threshold are honest. Tiled: means, spreads and std pool every tile of the class, but
+    the scores that set threshold and scale are frame scores (the max over each held-out frame's
+    tiles), so PASS/FAIL is decided on frames. Returns the constants and, per class, the held-out
+    (frame) scores.
     Only the classes in batches_by_class change; `policy` (name, parameter) defaults to the config's.
     """
     policy, param = policy or scorer.cfg.policy()
@@ -296,8 +322,8 @@ def fit_normal_statistics(
                 centred = torch.cat([((v[idx][k] - ref) / spread).flatten() for v in held_out])
                 tau = centred.pow(2).mean().sqrt()  # RMS around the position means
                 getattr(scorer, f"tau_{name}")[y, k] = tau.clamp_min(TAU_MIN)
-        scores = torch.cat([scorer.map_and_score(lls, nhs, cls)[1] for lls, nhs, cls in held_out])
-        s = scores.numpy().astype(np.float64)
+        scores = torch.cat([scorer.map_and_score(lls, nhs, cls)[1] for lls, nhs, cls, _ in held_out])
+        s = frame_scores(scores.numpy(), [frames for *_, frames in held_out])
         class_name = model.class_names[y]
         scorer.threshold[y] = decision.choose_threshold(policy, param, s, what=f"class {class_name}").threshold
         scorer.scale[y] = decision.score_scale(s)

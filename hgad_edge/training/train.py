@@ -3,6 +3,11 @@
 The backbone is frozen, so its features are computed once and cached; each step then trains the
 flows and heads on a random sample of feature vectors per image and level, which is what makes
 CPU training practical. Two stages (app. C): inter-class terms first, then the intra-class loss.
+
+Tiled (config `tiling`, hgad_edge.core.tiling): every tile cut from a native-resolution training
+image is one cache entry with its image's class, sampled like an image; the normal statistics pool
+the tiles of a class, while the held-out scores that set the threshold are frame scores (the max
+over each held-out frame's tiles), so PASS/FAIL is decided on frames.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from hgad_edge.core.thresholds import POLICIES
-from hgad_edge.training.batching import iter_batches
+from hgad_edge.core.tiling import Tiling, TilingError, auto_tile, plan_tiles
+from hgad_edge.training.batching import iter_tile_batches
 from hgad_edge.training.checkpoint import load_train_state, save_run, save_train_state
 from hgad_edge.training.config import HGADConfig, TrainConfig
-from hgad_edge.training.data import ADDataset, Sample
+from hgad_edge.training.data import ADDataset, DataError, Sample, image_shape
 from hgad_edge.training.model import HGADModel
 from hgad_edge.training.scoring import AnomalyScorer, fit_normal_statistics
+
+# Most memory the tiled feature cache may take (FP16 backbone maps of every training tile).
+CACHE_BUDGET_BYTES = 16 * 2**30
 
 
 class TrainingError(RuntimeError):
@@ -83,23 +92,94 @@ def check_calibration_size(calib: Sequence[Sample], cfg: HGADConfig) -> None:
 
 @dataclass
 class FeatureCache:
-    """Backbone maps of every training image, per level (N, C, h, w) in FP16, and class ids (N,)."""
+    """Backbone maps of every training image (tiled: of every tile), per level (N, C, h, w) in FP16,
+    class ids (N,), and the index of each entry's image in the samples (N,)."""
 
     levels: list[torch.Tensor]
     labels: torch.Tensor
+    frames: torch.Tensor | None = None
 
 
 @torch.no_grad()
-def extract_features(model: HGADModel, samples: Sequence[Sample], batch_size: int = 16) -> FeatureCache:
+def extract_features(
+    model: HGADModel, samples: Sequence[Sample], batch_size: int = 16, tiling: Tiling | None = None
+) -> FeatureCache:
+    """The backbone maps of `samples` resized whole, or of every tile cut from them (`tiling`)."""
     per_level: list[list[torch.Tensor]] = [[] for _ in model.levels]
+    frames: list[np.ndarray] = []
     bar = tqdm(total=len(samples), desc="backbone features", unit="img")
-    for images in iter_batches(samples, model.cfg.input_size, batch_size):
-        for k, feat in enumerate(model.features(model.preprocess(images))):
+    for batch in iter_tile_batches(samples, model.cfg.input_size, batch_size, tiling):
+        for k, feat in enumerate(model.features(model.preprocess(batch.tiles))):
             per_level[k].append(feat.to(torch.float16))
-        bar.update(images.shape[0])
+        bar.update(int(batch.frame_ids[-1]) + 1 - bar.n)  # frames whose tiles have begun
+        frames.append(batch.frame_ids)
     bar.close()
-    labels = torch.tensor([s.class_id for s in samples], dtype=torch.long)
-    return FeatureCache([torch.cat(x) for x in per_level], labels)
+    index = torch.from_numpy(np.concatenate(frames)) if frames else torch.zeros(0, dtype=torch.long)
+    labels = torch.tensor([s.class_id for s in samples], dtype=torch.long)[index]
+    return FeatureCache([torch.cat(x) for x in per_level], labels, index)
+
+
+def tile_counts(samples: Sequence[Sample], tiling: Tiling) -> list[int]:
+    """Tiles each sample's image is cut into (sizes from the file headers; nothing is decoded)."""
+    counts = []
+    for s in samples:
+        try:
+            counts.append(plan_tiles(image_shape(s.path), tiling).count)
+        except TilingError as err:
+            raise DataError(f"{s.path}: {err}") from err
+    return counts
+
+
+def cache_entry_bytes(model: HGADModel) -> int:
+    """Bytes one cache entry (an image, or a tile) takes: every level's FP16 backbone map."""
+    return sum(2 * lv.channels * h * w for lv, (h, w) in zip(model.levels, model.map_shapes))
+
+
+def check_cache_memory(model: HGADModel, counts: Sequence[int], budget: int | None = None) -> str:
+    """Before extracting: what the tiled cache will take (per image: tiles x bytes, and in all), or a
+    TrainingError naming the settings to change if that is over `budget` (CACHE_BUDGET_BYTES)."""
+    budget = CACHE_BUDGET_BYTES if budget is None else budget
+    entry, tiles = cache_entry_bytes(model), sum(counts)
+    total, per_image = entry * tiles, tiles / max(1, len(counts))
+    line = (
+        f"feature cache: {tiles} tiles of {len(counts)} training images, per image {per_image:.3g} tiles x "
+        f"{_bytes(entry)} = {_bytes(per_image * entry)}, {_bytes(total)} in all"
+    )
+    if total > budget:
+        msg = (
+            f"{line}: over the {_bytes(budget)} budget. Raise tiling.tile (fewer, larger tiles, each "
+            "resized to input_size), lower tiling.overlap, train on fewer images, or set tiling.tile 0 "
+            "(frames resized whole)"
+        )
+        raise TrainingError(msg)
+    return line
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.{1 if n < 10 * scale else 0}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def resolve_tiling(cfg: HGADConfig, samples: Sequence[Sample], tile: int | str | None = None) -> str:
+    """Apply `--tile` to cfg (a side in source pixels, 0 = off, "auto": core.tiling.auto_tile on the
+    training images' sizes, read from their headers; None: the config's) and say what training gets."""
+    if tile == "auto":
+        chosen = auto_tile([image_shape(s.path) for s in samples], cfg.input_size)
+        cfg.tiling.tile = chosen or 0
+        if chosen is None:
+            return "tiling: off (frames near the input size are resized whole)"
+    elif tile is not None:
+        cfg.tiling.tile = int(tile)
+    cfg.validate()
+    tiling = cfg.tiling.setting()
+    if tiling is None:
+        return f"tiling: off (frames resized whole to {cfg.input_size[1]}x{cfg.input_size[0]})"
+    per_image = sum(tile_counts(samples, tiling)) / max(1, len(samples))
+    return (
+        f"tiling: {tiling.tile} px tiles, overlap {tiling.overlap:g}, ~{per_image:.3g} tiles per training image"
+    )
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -131,14 +211,16 @@ def init_centers(model: HGADModel, cache: FeatureCache, gen: torch.Generator, pe
 def fit_run_statistics(scorer: AnomalyScorer, cfg: HGADConfig, fit: Sequence[Sample], calib: Sequence[Sample]) -> dict:
     """Fit a trained model's scoring constants (scoring.fit_normal_statistics): std and threshold on the
     held-out normal images `calib`, per-position statistics on up to train.position_images fit
-    images per class. Also what a changed score config needs instead of retraining."""
-    tcfg, classes = cfg.train, range(len(scorer.model.class_names))
-    batches = {y: iter_batches([s for s in calib if s.class_id == y], cfg.input_size, tcfg.batch_size) for y in classes}
-    positions = {
-        y: iter_batches([s for s in fit if s.class_id == y][: tcfg.position_images], cfg.input_size, tcfg.batch_size)
-        for y in classes
-    }
-    return fit_normal_statistics(scorer, batches, positions)
+    images per class. Also what a changed score config needs instead of retraining. Tiled: the
+    statistics pool the images' tiles, the threshold is chosen on frame scores."""
+    tcfg, classes, tiling = cfg.train, range(len(scorer.model.class_names)), cfg.tiling.setting()
+
+    def batches(samples: list[Sample]):
+        return iter_tile_batches(samples, cfg.input_size, tcfg.batch_size, tiling)
+
+    held_out = {y: batches([s for s in calib if s.class_id == y]) for y in classes}
+    positions = {y: batches([s for s in fit if s.class_id == y][: tcfg.position_images]) for y in classes}
+    return fit_normal_statistics(scorer, held_out, positions)
 
 
 class Trainer:
@@ -149,29 +231,34 @@ class Trainer:
         out_dir: Path,
         resume: bool = False,
         cache: FeatureCache | None = None,
+        log: Callable[[str], None] = print,
     ):
         self.cfg, self.dataset, self.out_dir = cfg, dataset, Path(out_dir)
         self.resume = resume
-        self.cache = cache  # features of the fit split, reusable across runs that share backbone and seed
+        self.cache = cache  # features of the fit split, reusable across runs that share backbone, seed and tiling
+        self.log = log
 
     def run(self) -> AnomalyScorer:
-        cfg, tcfg = self.cfg, self.cfg.train
+        cfg, tcfg, tiling = self.cfg, self.cfg.train, self.cfg.tiling.setting()
         seed_everything(tcfg.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         model = HGADModel(cfg, self.dataset.classes)
         scorer = AnomalyScorer(model, cfg.score)
         fit, calib = split_calibration(self.dataset.samples("train"), tcfg)
         check_calibration_size(calib, cfg)
+        counts = tile_counts(fit, tiling) if tiling is not None else [1] * len(fit)  # cache entries per image
+        if tiling is not None and self.cache is None:
+            self.log(check_cache_memory(model, counts))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         params = [p for p in list(model.flows.parameters()) + list(model.heads.parameters()) if p.requires_grad]
         optim = torch.optim.Adam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        steps_per_epoch = math.ceil(len(fit) / tcfg.batch_size)
+        steps_per_epoch = math.ceil(sum(counts) / tcfg.batch_size)  # a step: batch_size images (or tiles)
         total, warmup = steps_per_epoch * tcfg.epochs, int(round(tcfg.warmup_epochs * steps_per_epoch))
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, total, max(1, warmup)))
         start_epoch = self._maybe_resume(scorer, optim, sched)
 
         t0 = time.time()
         if self.cache is None:
-            self.cache = extract_features(model, fit, batch_size=tcfg.batch_size)
+            self.cache = extract_features(model, fit, batch_size=tcfg.batch_size, tiling=tiling)
         cache = self.cache
         feature_seconds = time.time() - t0
         if start_epoch == 0 and cfg.head.center_init == "data":
@@ -198,6 +285,7 @@ class Trainer:
             "data_roots": [str(r) for r in getattr(self.dataset, "roots", [self.dataset.root])],
             "n_train": {c: sum(s.class_id == i for s in fit) for i, c in enumerate(self.dataset.classes)},
             "n_calib": {c: sum(s.class_id == i for s in calib) for i, c in enumerate(self.dataset.classes)},
+            **({"n_train_tiles": _per_class(fit, counts, self.dataset.classes)} if tiling is not None else {}),
             "feature_seconds": round(feature_seconds, 1),
             "train_seconds": round(train_seconds, 1),
         }
@@ -258,7 +346,16 @@ class Trainer:
         return total, logged
 
 
+def _per_class(samples: Sequence[Sample], counts: Sequence[int], classes: Sequence[str]) -> dict[str, int]:
+    return {c: sum(n for s, n in zip(samples, counts) if s.class_id == i) for i, c in enumerate(classes)}
+
+
 def train(
-    cfg: HGADConfig, dataset: ADDataset, out_dir: Path | str, resume: bool = False, cache: FeatureCache | None = None
+    cfg: HGADConfig,
+    dataset: ADDataset,
+    out_dir: Path | str,
+    resume: bool = False,
+    cache: FeatureCache | None = None,
+    log: Callable[[str], None] = print,
 ) -> AnomalyScorer:
-    return Trainer(cfg, dataset, Path(out_dir), resume, cache).run()
+    return Trainer(cfg, dataset, Path(out_dir), resume, cache, log).run()

@@ -359,6 +359,9 @@ def load_tensorrt_runner(
     if not runtimes:
         raise BackendUnavailableError("; ".join(missing) + "; or use backend='onnxruntime'")
     errors: list[EngineError] = []
+    # A tiled bundle's frames are cut into tiles that the runtime sends in chunks of the runner's batch:
+    # any engine fits, and the runner takes at most what the engine's profile does (build --frame).
+    tiled = getattr(bundle, "tiling", None) is not None
     for target, trt in runtimes.items():
         try:
             name = choose_engine(
@@ -366,7 +369,7 @@ def load_tensorrt_runner(
                 trt.__version__,
                 capability,
                 precision,
-                max_batch,
+                None if tiled else max_batch,
                 bundle.path,
                 target,
                 allow_engine_host_code,
@@ -384,7 +387,9 @@ def load_tensorrt_runner(
             allow_engine_host_code and bool(entry.get("version_compatible")),
         )
         loader.read()  # missing file or wrong sha256: refuse before any TensorRT object exists
-        runner = TensorRTRunner(loader, input_specs, output_names, max_batch, device, cuda, TARGETS[target].label)
+        limits = entry.get("batch") or []
+        batch = min(max_batch, int(limits[-1])) if tiled and limits else max_batch
+        runner = TensorRTRunner(loader, input_specs, output_names, batch, device, cuda, TARGETS[target].label)
         runner.precision = entry["precision"]
         return runner
     status = Status.ENGINE_STALE if any(e.status == Status.ENGINE_STALE for e in errors) else Status.ENGINE_NOT_FOUND

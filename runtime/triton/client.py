@@ -5,7 +5,9 @@
 
 Frames are resized here (the runtime's BatchPacker) and travel as uint8 at the model's input size,
 never as float. The server returns the graph's outputs; the host-side steps after them are the
-runtime's own (api.py), so a `Result` from a server equals one from local inference.
+runtime's own (api.py), so a `Result` from a server equals one from local inference. For a tiled
+bundle (metadata `tiling`, read from the served config like the rest) the frames are cut into tiles
+here and the tiles travel as the batch; stitching and the frame score happen here too (tiles.py).
 
 What the client knows about the model comes from the server: `hgad-edge serve` and
 `hgad-edge triton-repo` put the bundle's metadata into the model config's `parameters`
@@ -60,7 +62,15 @@ PRECISION_PARAMETER = "hgad_edge.precision"  # the served graph/engine: fp32, fp
 # Per-sample shapes in the graph, {name: [dims]}: Triton declares a (B,) tensor as dims [1] (with
 # reshape [] where the backend allows it), so the client needs the graph's own shape for its buffers.
 SHAPES_PARAMETER = "hgad_edge.graph_shapes"
-READABLE_KEYS = ("classes", "input_size", "thresholds", "format_version", "package_version", "checkpoint_sha256")
+READABLE_KEYS = (
+    "classes",
+    "input_size",
+    "tiling",
+    "thresholds",
+    "format_version",
+    "package_version",
+    "checkpoint_sha256",
+)
 TIMEOUT_S = 10.0  # per request; a server that takes longer counts as unreachable
 BACKOFF_S, BACKOFF_MAX_S = 0.25, 5.0  # between reconnect attempts while the server is away
 # gRPC status codes that mean "the server is not there (yet)" rather than "this request is wrong".
@@ -183,10 +193,11 @@ def _check_tensors(config: dict[str, Any], bundle: Bundle, where: str) -> None:
 
 
 def identity(bundle: Bundle) -> tuple[Any, ...]:
-    """What must not change across a reconnect: the model's classes, input size and weights."""
+    """What must not change across a reconnect: the model's classes, input size, tiling and weights."""
     return (
         bundle.classes,
         bundle.input_size,
+        bundle.tiling,
         bundle.metadata.get("checkpoint_sha256"),
         bundle.metadata.get("package_version"),
     )
@@ -303,8 +314,8 @@ class TritonRunner(Runner):
         if identity(bundle) != identity(self.bundle):
             msg = (
                 f"inference server {self.url} came back with another model {self.model!r} "
-                f"(classes {list(bundle.classes)}, "
-                f"input {bundle.input_size}); restart this client to use it, or serve the previous bundle again"
+                f"(classes {list(bundle.classes)}, input {bundle.input_size}, tiling {bundle.tiling}); "
+                "restart this client to use it, or serve the previous bundle again"
             )
             raise BundleError(msg, Status.BUNDLE_INCOMPATIBLE)
         self.failures, self.reconnects = 0, self.reconnects + 1

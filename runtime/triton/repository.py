@@ -10,7 +10,9 @@ and tensorrt backends. Tensor names, types and dims are read from the bundle's O
 assumed. With batching on, the batch axis is implicit: a graph tensor of shape (B,) is declared
 `dims: [1]` with `reshape: { shape: [] }` (Triton's rule for batch-only tensors). The bundle
 metadata rides in `parameters` (runtime/triton/client.py reads it), so a client checks
-classes, input size and versions before it sends a frame. Each model folder is replaced in one
+classes, input size and versions before it sends a frame, and knows a tiled bundle's `tiling`: it
+cuts frames into tiles and sends them as the batch (a TensorRT model's max batch is its engine's
+profile: `hgad-edge build --frame` sizes it to the tiles of a frame). Each model folder is replaced in one
 rename; other models in the repository are left alone. Torch-free (onnxruntime reads the graphs).
 """
 
