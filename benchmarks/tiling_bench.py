@@ -30,7 +30,7 @@ from _bootstrap import bootstrap_package  # noqa: E402
 bootstrap_package()
 
 from hgad_edge.core.files import atomic_write_json, atomic_write_text  # noqa: E402
-from hgad_edge.core.tiling import plan_tiles  # noqa: E402
+from hgad_edge.core.tiling import Tiling, plan_tiles  # noqa: E402
 from hgad_edge.runtime import Detector  # noqa: E402
 
 # (width, height) of common camera sensors at about 1, 5 and 12 MP
@@ -41,7 +41,7 @@ TARGET_RATIO = 0.9
 def bench_one(bundle: Path, backend: str, precision: str, mp: int, frames: int, max_batch: int) -> dict:
     width, height = FRAMES[mp]
     with Detector(bundle, backend=backend, precision=precision, max_batch=max_batch) as det:
-        tiling = det.tiling
+        tiling = Tiling.from_dict(det.tiling)
         if tiling is None:
             raise SystemExit(f"{bundle} is not tiled: export a run trained with --tile")
         grid = plan_tiles((height, width), tiling)

@@ -146,7 +146,7 @@ def train_and_eval(roots: list[Path], classes: list[str] | None, out: Path, tile
 
 
 def table(rows: dict[str, dict]) -> str:
-    classes = sorted({c for m in rows.values() for c in m.get("per_class", {})})
+    classes = sorted({c for m in rows.values() for c in m.get("classes", {})})
     head = "| model | " + " | ".join(classes) + " | mean | train s |\n"
     head += "|---|" + "---|" * (len(classes) + 2) + "\n"
 
@@ -161,7 +161,7 @@ def table(rows: dict[str, dict]) -> str:
 
     lines = []
     for name, m in rows.items():
-        per = [cell(m.get("per_class", {}).get(c, {})) for c in classes]
+        per = [cell(m.get("classes", {}).get(c, {})) for c in classes]
         mean, seconds = cell(m.get("mean", {})), m.get("train_seconds", 0)
         lines.append(f"| {name} | " + " | ".join(per) + f" | {mean} | {seconds:.0f} |")
     return head + "\n".join(lines) + "\n"
