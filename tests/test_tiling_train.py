@@ -288,3 +288,40 @@ def test_untiled_results_are_unchanged(tiny_run, tiny_data, tmp_path):
         )
     assert results["default"] == results["off"]
     assert results["off"][2]["map_resolution"] == "input 64x64"
+
+
+@pytest.mark.slow  # trains the tiled run (module fixture), exports it and starts a Triton server
+def test_the_runtime_stitches_what_pytorch_stitches(tiled, tmp_path):
+    """The exported tiled run through the torch-free runtime (ONNX Runtime, and a real Triton server)
+    gives PyTorch's stitched maps, frame scores and classes on the same frames (predict_frames)."""
+    from hgad_edge.export.onnx_export import export_bundle
+    from hgad_edge.runtime import Detector
+
+    bundle = tmp_path / "bundle"
+    export_bundle(tiled.run, bundle, ("fp32",), simplify=False)
+    scorer, cfg, _ = load_run(tiled.run)
+    frames = [load_image(p) for p in sorted(tiled.data.glob("*/test/*/*.png"))[:5]]  # assorted native sizes
+    sizes = {f.shape[:2] for f in frames}
+    assert len(sizes) > 1 and any(h > FRAME // 2 or w > FRAME // 2 for h, w in sizes)
+
+    def compare(detector: Detector) -> None:
+        for frame, class_id in zip(frames, (0, 1, -1, 0, -1)):
+            maps, scores, classes = predict_frames(scorer, cfg, [frame], class_id)
+            got = detector.infer(frame, "auto" if class_id < 0 else class_id)
+            assert got.anomaly_map.shape == (1, *frame.shape[:2]) == (1, *maps[0].shape)
+            np.testing.assert_allclose(got.anomaly_map[0], maps[0], atol=2e-3, rtol=1e-4)
+            np.testing.assert_allclose(got.score, scores, atol=2e-3, rtol=1e-4)
+            np.testing.assert_array_equal(got.class_pred, classes)
+
+    with Detector(bundle, backend="onnxruntime", max_batch=3) as local:  # 4 tiles a frame: two calls
+        compare(local)
+    pytest.importorskip("pytriton.triton", reason="pip install '.[serve]'")
+    from hgad_edge.runtime.triton.server import ServeProcess
+
+    server = ServeProcess(bundle, tmp_path / "serve", max_batch=4)
+    try:
+        server.start()
+        with Detector(server.url, backend="triton") as remote:
+            compare(remote)
+    finally:
+        server.stop()
