@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hgad_edge.core.errors import InvalidArgumentError
-from hgad_edge.core.tiling import TileGrid, Tiling, cut_tiles, frame_class, frame_score, plan_tiles, stitch_maps
+from hgad_edge.core.tiling import TileGrid, Tiling, combine_tiles, cut_tiles, plan_tiles
 from hgad_edge.runtime.backends.base import Runner
 
 __all__ = ["TiledOutputs", "TiledRunner", "frame_size"]
@@ -173,9 +173,9 @@ class _Call:
         self.seconds["stitch"] += time.perf_counter() - ran
 
     def _finish(self, index: int, rows: dict[str, np.ndarray]) -> None:
-        self.maps[index] = stitch_maps(rows["anomaly_map"], self.grid, self.tiler.tiling.blend)
-        self.scores[index] = frame_score(rows["score"])
-        self.classes[index] = frame_class(rows["class_pred"])
+        self.maps[index], self.scores[index], self.classes[index] = combine_tiles(
+            rows["anomaly_map"], rows["score"], rows["class_pred"], self.grid, self.tiler.tiling.blend
+        )
 
     def outputs(self) -> TiledOutputs:
         tiles = self.count * len(self.scores)

@@ -14,6 +14,7 @@ from hgad_edge.core.tiling import (
     TilingError,
     auto_tile,
     axis_starts,
+    combine_tiles,
     cut_tiles,
     frame_class,
     frame_score,
@@ -136,3 +137,15 @@ def test_auto_tile():
     assert auto_tile([(edge, edge)], (256, 256)) is None and auto_tile([(edge + 1, 10)], (256, 256)) == 256
     with pytest.raises(TilingError):
         auto_tile([], (256, 256))
+
+
+def test_combine_tiles_is_the_stitch_the_max_and_the_majority():
+    grid = plan_tiles((300, 520), Tiling(tile=256, overlap=0.125, blend="max"))
+    maps = np.stack([np.full((256, 256), float(i), np.float32) for i in range(grid.count)])
+    scores, classes = np.array([0.5, 3.0, 1.0, 0, 0, 0]), np.array([1, 0, 1, 2, 1, 0])
+    amap, score, cls = combine_tiles(maps, scores, classes, grid, "max")
+    np.testing.assert_array_equal(amap, stitch_maps(maps, grid, "max"))
+    assert score == 3.0 and cls == 1
+    one, score, cls = combine_tiles(maps[:1], np.array([0.25]), np.array([2]), None)  # untiled: the one map
+    np.testing.assert_array_equal(one, maps[0])
+    assert score == 0.25 and cls == 2

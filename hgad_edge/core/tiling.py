@@ -46,6 +46,7 @@ __all__ = [
     "TilingError",
     "auto_tile",
     "axis_starts",
+    "combine_tiles",
     "cut_tiles",
     "frame_class",
     "frame_score",
@@ -203,6 +204,15 @@ def frame_class(class_preds: np.ndarray) -> int:
     """A frame's class: the one most of its tiles predict (ties: the lower index)."""
     values, counts = np.unique(np.asarray(class_preds, np.int64), return_counts=True)
     return int(values[np.argmax(counts)])
+
+
+def combine_tiles(
+    maps: np.ndarray, scores: np.ndarray, class_preds: np.ndarray, grid: TileGrid | None, blend: str = "mean"
+) -> tuple[np.ndarray, float, int]:
+    """A frame's (map, score, class) from the outputs of its tiles: the one rule that training,
+    evaluation and the runtime share. `grid` None: an untiled frame, whose one map is its map."""
+    amap = np.asarray(maps[0], np.float32) if grid is None else stitch_maps(maps, grid, blend)
+    return amap, frame_score(scores), frame_class(class_preds)
 
 
 def auto_tile(frame_sizes: Sequence[Sequence[int]], input_size: Sequence[int]) -> int | None:

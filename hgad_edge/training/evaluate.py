@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hgad_edge.core.files import atomic_write_json, atomic_write_text
 from hgad_edge.core.metrics import aupro, auroc, image_and_pixel_metrics
 from hgad_edge.core.thresholds import NORMALIZED_THRESHOLD, fpr_at_recall, recall_at_fpr
-from hgad_edge.core.tiling import TileGrid, frame_class, frame_score, stitch_maps
+from hgad_edge.core.tiling import TileGrid, combine_tiles, frame_class
 from hgad_edge.training.batching import Frame, frame_pixels, iter_tile_batches
 from hgad_edge.training.config import HGADConfig
 from hgad_edge.training.data import ADDataset, DataError, Sample, load_mask, resize_image
@@ -63,11 +63,11 @@ def _frame_result(rows: dict[str, list[np.ndarray]], grid: TileGrid | None, blen
     """One frame's outputs from its inputs' (tiles') outputs: the map stitched at the frame's resolution
     (untiled: the one map, at the input size), score the tiles' max, classes the tiles' majority."""
     out = {k: np.concatenate(v) for k, v in rows.items()}
-    maps = out["anomaly_map"].astype(np.float32)
+    amap, score, class_pred = combine_tiles(out["anomaly_map"], out["score"], out["class_pred"], grid, blend)
     return {
-        "anomaly_map": maps[0] if grid is None else stitch_maps(maps, grid, blend),
-        "score": np.float32(frame_score(out["score"])),  # the max of float32s: exactly one of them
-        "class_pred": frame_class(out["class_pred"]),
+        "anomaly_map": amap,
+        "score": np.float32(score),  # the max of float32s: exactly one of them
+        "class_pred": class_pred,
         "auto_class": frame_class(out["auto_class"]),
         "min_loglik": out["min_loglik"].min(0),
     }
