@@ -124,7 +124,9 @@ def time_local(bundle: Path, frames: list[np.ndarray], n: int, warmup: int, batc
 
 
 def server_stats(url: str) -> tuple[int, int, dict[int, int]]:
-    """(inferences, executions, {batch size: executions}) so far, from the server's own statistics."""
+    """(inferences, executions, {batch size: executions}) so far, from the server's own statistics.
+
+    Triton counts a request just after its answer left, so the figures are read until they hold still."""
     import tritonclient.grpc as grpcclient
 
     from hgad_edge.runtime.triton.client import parse_url
@@ -132,11 +134,17 @@ def server_stats(url: str) -> tuple[int, int, dict[int, int]]:
     address, model = parse_url(url)
     client = grpcclient.InferenceServerClient(address)
     try:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        read, previous = None, ()
+        while read != previous:
+            previous = read
+            stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+            batches = stats.get("batch_stats", [])
+            sizes = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in batches}
+            read = (int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), sizes)
+            time.sleep(0.05)
     finally:
         client.close()
-    sizes = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), sizes
+    return read
 
 
 def time_streams(url: str, frames: list[np.ndarray], streams: int, n: int, warmup: int) -> dict[str, Any]:
@@ -154,6 +162,7 @@ def time_streams(url: str, frames: list[np.ndarray], streams: int, n: int, warmu
         try:
             for i in range(warmup):
                 det.infer(frames[(k + i) % len(frames)])
+            barrier.wait()  # warm: the server's statistics are read while nothing is sent
             barrier.wait()
             for i in range(n):
                 t0 = time.perf_counter()
@@ -168,7 +177,9 @@ def time_streams(url: str, frames: list[np.ndarray], streams: int, n: int, warmu
     for t in threads:
         t.start()
     barrier.wait()
-    before, start = server_stats(served), time.perf_counter()
+    before = server_stats(served)
+    barrier.wait()
+    start = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start

@@ -1,4 +1,5 @@
 """Serving through Triton, all in one place: the model repository a bundle becomes (repository.py),
-the embedded server behind `hgad-edge serve` (server.py, PyTriton) and the runtime's client backend
-for `grpc://` / `http://` bundles (client.py, tritonclient). Torch-free, like the rest of the runtime.
+`hgad-edge serve` (server.py: the nvidia-pytriton wheel's tritonserver on a repository it writes, and
+backend_model.py: the model its Python backend runs, the runtime behind model `hgad`) and the runtime's
+client backend for `grpc://` bundles (client.py, tritonclient). Torch-free, like the rest of the runtime.
 """

@@ -14,6 +14,8 @@ classes, input size and versions before it sends a frame, and knows a tiled bund
 cuts frames into tiles and sends them as the batch (a TensorRT model's max batch is its engine's
 profile: `hgad-edge build --frame` sizes it to the tiles of a frame). Each model folder is replaced in one
 rename; other models in the repository are left alone. Torch-free (onnxruntime reads the graphs).
+`config_text` also writes the config of `hgad-edge serve`'s own model (platform "python": Triton's
+Python backend running the runtime, server.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ MODEL_PREFIX = "hgad"  # runtime/triton/client.py MODEL_CANDIDATES lists the nam
 MAX_BATCH = 16  # ONNX graphs have a free batch axis; this caps what the dynamic batcher forms
 QUEUE_DELAY_US = 2000  # how long a request may wait for others to fill a batch (2 ms << one frame)
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+PYTHON_BACKEND = "python"  # config_text's platform for Triton's Python backend (hgad-edge serve)
 _ONNX_TYPES = {
     "tensor(uint8)": "TYPE_UINT8",
     "tensor(int64)": "TYPE_INT64",
@@ -147,13 +150,13 @@ def _list(values: Sequence[int]) -> str:
     return "[ " + ", ".join(str(int(v)) for v in values) + " ]"
 
 
-def _tensor_block(tensor: TritonTensor) -> str:
+def _tensor_block(tensor: TritonTensor, reshape: bool = True) -> str:
     lines = [
         f"    name: {_quote(tensor.name)}",
         f"    data_type: {tensor.data_type}",
         f"    dims: {_list(tensor.dims)}",
     ]
-    if tensor.reshaped:
+    if tensor.reshaped and reshape:
         lines.append("    reshape: { shape: [ ] }")
     return "  {\n" + "\n".join(lines) + "\n  }"
 
@@ -184,13 +187,17 @@ def config_text(
     parameters: dict[str, str],
     cc_model_filenames: dict[str, str] | None = None,
 ) -> str:
-    """A complete config.pbtxt; tests parse it with Triton's own ModelConfig schema."""
+    """A complete config.pbtxt; tests parse it with Triton's own ModelConfig schema.
+
+    platform "python" is Triton's Python backend (`hgad-edge serve`): `backend: "python"`, and (B,)
+    tensors keep dims [1] (the model reshapes its own rows)."""
+    python = platform == PYTHON_BACKEND
     parts = [
         f"name: {_quote(name)}",
-        f"platform: {_quote(platform)}",
+        f"backend: {_quote(platform)}" if python else f"platform: {_quote(platform)}",
         f"max_batch_size: {int(max_batch)}",
-        "input [\n" + ",\n".join(_tensor_block(t) for t in signature.inputs) + "\n]",
-        "output [\n" + ",\n".join(_tensor_block(t) for t in signature.outputs) + "\n]",
+        "input [\n" + ",\n".join(_tensor_block(t, not python) for t in signature.inputs) + "\n]",
+        "output [\n" + ",\n".join(_tensor_block(t, not python) for t in signature.outputs) + "\n]",
         f"dynamic_batching {{\n  preferred_batch_size: {_list(preferred)}\n"
         f"  max_queue_delay_microseconds: {int(queue_delay_us)}\n}}",
         f"instance_group [\n  {{\n    count: {int(instances)}\n    kind: {INSTANCE_KINDS[kind]}\n  }}\n]",
