@@ -11,16 +11,26 @@ and swapped whole): a failed or killed calibration leaves the old thresholds in 
 new metadata goes through the bundle schema (`BundleMetadata.with_calibration` / `to_json`) and is
 checked against each ONNX file's copy before it is written, so calibrate never writes a bundle the
 runtime would refuse. Each write records the policy, the images (count, folder, sha256), the date,
-the expected FPR / recall and the previous thresholds, so `--undo` restores them. Bad input fails
-before anything is written.
+the expected FPR / recall and the previous thresholds, so `--undo` restores them; earlier records
+are kept as a flat list of at most HISTORY_LIMIT (older versions nested each record in the next; such
+bundles are read and written back flat). Bad input fails before anything is written.
+
+One calibration (or undo) of a target runs at a time: `calibration_lock` (fcntl.flock on a lock
+file in the folder) is held from the first read to the write, a second run waits or is refused,
+and creating the lock file refuses a read-only target before any image is scored. Images are decoded
+one at a time as they are scored (`ImageFiles`), never all held at full resolution.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import os
 import shutil
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +44,8 @@ from hgad_edge.core.bundle_schema import (
     check_onnx_copy,
     read_onnx_metadata_props,
 )
-from hgad_edge.core.files import atomic_dir, atomic_write_json, sha256_file
-from hgad_edge.core.imaging import IMAGE_EXTENSIONS, DataError, load_image
+from hgad_edge.core.files import atomic_dir, atomic_write_json, remove_orphans, sha256_file
+from hgad_edge.core.imaging import IMAGE_EXTENSIONS, DataError, image_size, load_image
 from hgad_edge.core.thresholds import POLICIES, PolicyError, choose_threshold, score_scale
 
 RUN_RECORD_KEY = "threshold_calibration"  # meta.json key of a run folder's calibration record
@@ -48,11 +58,44 @@ class CalibrationError(ValueError):
 
 
 # ---- images ------------------------------------------------------------------------------------
+HEADER_BYTES = 1 << 20  # read to find an image's size without decoding it (the whole file if not enough)
+
+
+class ImageFiles(Sequence[np.ndarray]):
+    """Image files decoded one at a time, as they are read, and dropped after scoring: six 49 MP
+    images never sit in memory together. A slice is another lazy sequence. A file that cannot be
+    decoded (truncated, unreadable) or is not `size` is a CalibrationError naming it."""
+
+    def __init__(self, paths: Sequence[Path], what: str, size: tuple[int, int] | None = None) -> None:
+        self.paths, self.what, self.size = list(paths), what, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return ImageFiles(self.paths[index], self.what, self.size)
+        path = self.paths[index]
+        try:
+            image = load_image(path)
+        except DataError as err:
+            raise CalibrationError(f"{self.what} images: {err}") from err
+        if self.size is not None and image.shape[:2] != self.size:
+            raise CalibrationError(_mixed_sizes_message(self.size, [(path, image.shape[:2])]))
+        return image
+
+
 @dataclass
 class ImageSet:
     folder: Path
     paths: list[Path]
-    images: list[np.ndarray]  # HxWx3 uint8 RGB (grey and RGBA converted as in training)
+    sizes: list[tuple[int, int] | None]  # (H, W) of each file from its header (None: not an image load_image decodes)
+    what: str = "normal"
+
+    @property
+    def images(self) -> ImageFiles:
+        """HxWx3 uint8 RGB (grey and RGBA converted as in training), decoded as they are read."""
+        return ImageFiles(self.paths, self.what, _common_size(self))
 
     def record(self) -> dict[str, Any]:
         return {
@@ -82,32 +125,55 @@ def image_paths(folder: Path | str, what: str) -> list[Path]:
     return paths
 
 
-def load_image_set(folder: Path | str, what: str) -> ImageSet:
-    """Decode every image of the folder (a truncated or unreadable one is an error naming it)."""
-    paths = image_paths(folder, what)
+def _header_size(path: Path, what: str) -> tuple[int, int] | None:
+    """(H, W) from the file's header, without decoding (TIFF may keep it at the end: then the whole file)."""
     try:
-        images = [load_image(p) for p in paths]
-    except DataError as err:
-        raise CalibrationError(f"{what} images: {err}") from err
-    return ImageSet(Path(folder), paths, images)
+        with open(path, "rb") as fh:
+            size = image_size(fh.read(HEADER_BYTES))
+            if size is None and fh.read(1):
+                fh.seek(0)
+                size = image_size(fh.read())
+    except OSError as err:
+        raise CalibrationError(
+            f"cannot read {what} image {path}: {err.strerror or err}; check its permissions"
+        ) from err
+    return size
+
+
+def load_image_set(folder: Path | str, what: str) -> ImageSet:
+    """The folder's images with their sizes read from the headers; the pixels are decoded only when
+    scored (`ImageSet.images`), one at a time."""
+    paths = image_paths(folder, what)
+    return ImageSet(Path(folder), paths, [_header_size(p, what) for p in paths], what)
+
+
+def _common_size(*sets: ImageSet) -> tuple[int, int] | None:
+    """The size most of the images have (None when no header gives one)."""
+    counts: dict[tuple[int, int], int] = {}
+    for s in sets:
+        for size in s.sizes:
+            if size is not None:
+                counts[size] = counts.get(size, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
+def _mixed_sizes_message(common: tuple[int, int], odd_sizes: list[tuple[Path, tuple[int, int]]]) -> str:
+    odd = [f"{p.name} ({k[1]}x{k[0]})" for p, k in odd_sizes]
+    return (
+        f"calibration images differ in size: most are {common[1]}x{common[0]}, but {', '.join(odd[:5])}"
+        f"{' ...' if len(odd) > 5 else ''}; use images from the deployed camera setup only (crop/resize them "
+        "to one size, or calibrate each setup separately)"
+    )
 
 
 def check_same_size(*sets: ImageSet) -> None:
     """All calibration images must come from one camera setup: one size. Mixed sizes are refused
-    (the model would see them stretched differently); grey, RGBA and 16-bit images are converted."""
-    sizes: dict[tuple[int, int], list[Path]] = {}
-    for s in sets:
-        for path, img in zip(s.paths, s.images):
-            sizes.setdefault(img.shape[:2], []).append(path)
-    if len(sizes) > 1:
-        common = max(sizes, key=lambda k: len(sizes[k]))
-        odd = [(f"{p.name} ({k[1]}x{k[0]})") for k, ps in sizes.items() if k != common for p in ps]
-        msg = (
-            f"calibration images differ in size: most are {common[1]}x{common[0]}, but {', '.join(odd[:5])}"
-            f"{' ...' if len(odd) > 5 else ''}; use images from the deployed camera setup only (crop/resize them "
-            "to one size, or calibrate each setup separately)"
-        )
-        raise CalibrationError(msg)
+    (the model would see them stretched differently), from the headers, before anything is decoded;
+    grey, RGBA and 16-bit images are converted."""
+    common = _common_size(*sets)
+    odd = [(p, k) for s in sets for p, k in zip(s.paths, s.sizes) if k is not None and k != common]
+    if odd:
+        raise CalibrationError(_mixed_sizes_message(common, odd))
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -125,7 +191,11 @@ class BundleScorer:
         self.description = f"{self.detector.backend} ({self.detector.info['precision']})"
 
     def scores(self, images: Sequence[np.ndarray], class_id: int) -> np.ndarray:
-        return np.array([float(self.detector.infer(image, class_id).score[0]) for image in images], np.float64)
+        """One image at a time: images[i] is decoded for its call and freed before the next is decoded."""
+        out = np.empty(len(images), np.float64)
+        for i in range(len(images)):
+            out[i] = float(self.detector.infer(images[i], class_id).score[0])
+        return out
 
     def close(self) -> None:
         self.detector.close()
@@ -220,7 +290,150 @@ def write_bundle_metadata(folder: Path, meta: BundleMetadata) -> None:
         data = meta.to_json()
     except SchemaError as err:
         raise CalibrationError(f"refusing to write {folder / METADATA_FILE}: {err}; nothing was changed") from err
-    atomic_write_json(folder / METADATA_FILE, data)
+    try:
+        atomic_write_json(folder / METADATA_FILE, data)
+    except OSError as err:
+        reason = err.strerror or err
+        msg = f"cannot write {folder / METADATA_FILE}: {reason}; nothing was changed (is the bundle writable?)"
+        raise CalibrationError(msg) from err
+
+
+# ---- one calibration at a time ------------------------------------------------------------------
+LOCK_FILE = ".calibrate.lock"  # in the bundle or run folder, flock'ed while a calibration or an undo runs
+
+
+@contextlib.contextmanager
+def calibration_lock(folder: Path, wait: bool = True, announce: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold `folder`'s calibration lock (fcntl.flock on LOCK_FILE inside it) from before its first
+    read to after its write, so two calibrations (or undos) of one bundle never lose one another's
+    thresholds or history. Another holder: wait (saying who it is), or with wait=False a
+    CalibrationError. Creating the lock file is also the write test: a read-only target is refused
+    here, before any image is scored. Once held, what killed writers left beside the files a
+    calibration writes is removed. The kernel drops the lock of a killed holder; the file goes on release."""
+    path = folder / LOCK_FILE
+    fd = _acquire(path, wait, announce)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
+        written = METADATA_FILE if is_bundle(folder) else None  # a run folder is staged and swapped whole
+        removed = remove_orphans(folder / written if written else folder)
+        if removed and announce is not None:
+            announce(f"removed {len(removed)} temporary file(s) an interrupted write left: {removed[0].name} ...")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if _same_file(fd, path):
+                path.unlink()
+        os.close(fd)
+
+
+def _acquire(path: Path, wait: bool, announce: Callable[[str], None] | None) -> int:
+    folder, announced = path.parent, False
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as err:
+            if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                msg = (
+                    f"{folder} is read-only ({err.strerror}): calibrate rewrites its "
+                    f"{METADATA_FILE if is_bundle(folder) else 'files'}; make it writable (or copy it somewhere "
+                    "writable) and run again; no image was scored"
+                )
+            else:
+                msg = f"cannot create the lock file {path}: {err.strerror or err}; no image was scored"
+            raise CalibrationError(msg) from err
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a process"
+                if not wait:
+                    msg = (
+                        f"another calibration of {folder} is running ({holder}); try again once it has finished "
+                        "(without --no-wait, hgad-edge calibrate waits for it)"
+                    )
+                    raise CalibrationError(msg) from None
+                if announce is not None and not announced:
+                    announce(f"waiting for another calibration of {folder} to finish ({holder}) ...")
+                announced = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder removed the file as it let go: lock the one that is there now
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+# ---- the calibration record and its history ----------------------------------------------------
+HISTORY_LIMIT = 10  # earlier calibrations a record keeps for --undo; beyond it the oldest go (counted)
+_HISTORY_KEYS = ("history_dropped", "history")
+
+
+def _entry(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in _HISTORY_KEYS}
+
+
+def _history(record: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int]:
+    """Every calibration up to `record` (itself last), oldest first, as flat entries, and how many older
+    ones were dropped. Records of older versions nest each previous record in the next
+    (previous.calibration, near 500 levels deep a RecursionError): they are unrolled here in a loop,
+    whatever the depth, and written back flat by the next calibration or undo."""
+    if record is None:
+        return [], 0
+    if isinstance(record.get("history"), list):
+        return [*record["history"], _entry(record)], int(record.get("history_dropped", 0))
+    chain, current = [], record
+    while isinstance(current, dict):
+        previous, entry = current.get("previous"), _entry(current)
+        if isinstance(previous, dict):
+            entry["previous"] = {k: v for k, v in previous.items() if k != "calibration"}
+        chain.append(entry)
+        current = previous.get("calibration") if isinstance(previous, dict) else None
+    return chain[::-1], 0
+
+
+def _chained(fields: dict[str, Any], thresholds, scales, current: dict[str, Any] | None) -> dict[str, Any]:
+    """A new record: `fields`, the thresholds and scales it replaces, and the earlier records as a flat
+    list of at most HISTORY_LIMIT (not one nested in the next: a file that grows without bound)."""
+    history, dropped = _history(current)
+    extra = len(history) - HISTORY_LIMIT
+    if extra > 0:
+        history, dropped = history[extra:], dropped + extra
+    previous = {"thresholds": list(thresholds), "scales": list(scales)}
+    return {**fields, "previous": previous, "history_dropped": dropped, "history": history}
+
+
+def _undone(record: dict[str, Any], where: Path) -> tuple[list[float], list[float], dict[str, Any] | None]:
+    """What --undo of `record` restores: the thresholds and scales it replaced and the record before it
+    (None: the exported or trained thresholds), byte for byte as it was unless history was dropped since."""
+    previous = record.get("previous")
+    if not isinstance(previous, dict) or not all(k in previous for k in ("thresholds", "scales")):
+        raise CalibrationError(
+            f"the calibration record in {where} keeps no previous thresholds, so it cannot be "
+            "undone; calibrate again with the policy you want"
+        )
+    history, dropped = _history(record)
+    earlier = history[:-1]
+    if not earlier and dropped:
+        raise CalibrationError(
+            f"the calibrations before this one in {where} were dropped from its history (it keeps "
+            f"{HISTORY_LIMIT} for --undo), so this one cannot be undone; calibrate again with the policy you want"
+        )
+    restored = {**earlier[-1], "history_dropped": dropped, "history": earlier[:-1]} if earlier else None
+    return list(previous["thresholds"]), list(previous["scales"]), restored
 
 
 # ---- calibrate / undo --------------------------------------------------------------------------
@@ -245,9 +458,13 @@ def calibrate_target(
     precision: str = "auto",
     refit_statistics: bool = False,
     date: str | None = None,
+    wait: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> CalibrationResult:
-    """Score `normal` (and `defects`) images, choose the class's threshold with `policy`, write it.
-    Every check (folders, images, class, policy and image counts) runs before anything is written."""
+    """Score `normal` (and `defects`) images one at a time, choose the class's threshold with `policy`,
+    write it. Folders, image sizes, policy and target kind are checked before the lock (wait=False:
+    refused if another calibration holds it; `announce` gets the waiting line); nothing is written
+    before every image was scored and the threshold chosen."""
     target = Path(target)
     kind = target_kind(target)
     if policy not in POLICIES:
@@ -262,67 +479,82 @@ def calibrate_target(
     normal_set = load_image_set(normal, "normal")
     defect_set = load_image_set(defects, "defect") if defects is not None else None
     check_same_size(normal_set, *([defect_set] if defect_set else []))
-    scorer = BundleScorer(target, backend, precision) if kind == "bundle" else RunScorer(target)
-    try:
-        y = _class_index(scorer.classes, class_name)
-        name = scorer.classes[y]
-        if kind == "run":  # the run's thresholds, read before a refit changes them
-            current = (
-                scorer.meta,
-                scorer.scorer.threshold.tolist(),
-                scorer.scorer.scale.tolist(),
-                scorer.meta.get(RUN_RECORD_KEY),
+    with calibration_lock(target, wait, announce):
+        scorer = BundleScorer(target, backend, precision) if kind == "bundle" else RunScorer(target)
+        try:
+            return _calibrate(
+                target, kind, scorer, normal_set, defect_set, policy, param, class_name, refit_statistics, date
             )
-        normal_images = normal_set.images
-        if refit_statistics:
-            _check_counts(
-                policy,
-                param,
-                len(normal_images[1::2]),
-                defect_set,
-                name,
-                " (half of them: the other half refits the statistics)",
-            )
-            previous_state = _statistics(scorer.scorer)
-            scorer.refit_statistics(normal_images, y)
-            normal_images = normal_images[1::2]
-        normal_scores = scorer.scores(normal_images, y)
-        defect_scores = scorer.scores(defect_set.images, y) if defect_set else np.zeros(0)
-        choice = choose_threshold(policy, param, normal_scores, defect_scores, what=f"class {name}")
-        scale = score_scale(normal_scores)
-        if kind == "bundle":  # read just before the write: a `build` meanwhile keeps its engine entry
-            meta = read_bundle_metadata(target)
-            current = (meta, list(meta.thresholds), list(meta.scales), meta.calibration)
-        meta, thresholds, scales, previous = current
-        record = {
-            "policy": policy,
-            "params": {} if param is None else {policy: param},
-            "class": name,
-            "method": choice.method,
-            "scored_with": scorer.description,
-            "images": normal_set.record(),
-            "defect_images": defect_set.record() if defect_set else None,
-            "refit_statistics": refit_statistics,
-            "date": date or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "expected": {"fpr": choice.expected_fpr, "recall": choice.expected_recall},
-            "previous": {"thresholds": list(thresholds), "scales": list(scales), "calibration": previous},
-        }
-        old_threshold = float(thresholds[y])
-        thresholds[y], scales[y] = choice.threshold, scale
-        if kind == "bundle":
-            write_bundle_metadata(target, meta.with_calibration(thresholds, scales, record))
-        else:
-            _write_run(
-                target,
-                scorer,
-                thresholds,
-                scales,
-                {**meta, RUN_RECORD_KEY: record},
-                previous_state if refit_statistics else None,
-            )
-    finally:
-        scorer.close()
+        finally:
+            scorer.close()
+
+
+def _calibrate(target, kind, scorer, normal_set, defect_set, policy, param, class_name, refit_statistics, date):
+    """calibrate_target once the lock is held and the scorer loaded."""
+    y = _class_index(scorer.classes, class_name)
+    name = scorer.classes[y]
+    if kind == "run":  # the run's thresholds, read before a refit changes them
+        current = (scorer.meta, scorer.scorer.threshold.tolist(), scorer.scorer.scale.tolist())
+    normal_images = normal_set.images
+    if refit_statistics:
+        _check_counts(
+            policy,
+            param,
+            len(normal_images[1::2]),
+            defect_set,
+            name,
+            " (half of them: the other half refits the statistics)",
+        )
+        previous_state = _statistics(scorer.scorer)
+        scorer.refit_statistics(normal_images, y)
+        normal_images = normal_images[1::2]
+    normal_scores = scorer.scores(normal_images, y)
+    defect_scores = scorer.scores(defect_set.images, y) if defect_set else np.zeros(0)
+    choice = choose_threshold(policy, param, normal_scores, defect_scores, what=f"class {name}")
+    _check_not_degenerate(policy, param, normal_scores, choice, name)
+    scale = score_scale(normal_scores)
+    if kind == "bundle":  # read just before the write: a `build` meanwhile keeps its engine entry
+        meta = read_bundle_metadata(target)
+        current = (meta, list(meta.thresholds), list(meta.scales))
+    meta, thresholds, scales = current
+    fields = {
+        "policy": policy,
+        "params": {} if param is None else {policy: param},
+        "class": name,
+        "method": choice.method,
+        "scored_with": scorer.description,
+        "images": normal_set.record(),
+        "defect_images": defect_set.record() if defect_set else None,
+        "refit_statistics": refit_statistics,
+        "date": date or _now(),
+        "expected": {"fpr": choice.expected_fpr, "recall": choice.expected_recall},
+    }
+    previous_record = meta.calibration if kind == "bundle" else meta.get(RUN_RECORD_KEY)
+    record = _chained(fields, thresholds, scales, previous_record)
+    old_threshold = float(thresholds[y])
+    thresholds[y], scales[y] = choice.threshold, scale
+    if kind == "bundle":
+        write_bundle_metadata(target, meta.with_calibration(thresholds, scales, record))
+    else:
+        backup = previous_state if refit_statistics else None
+        _write_run(target, scorer, thresholds, scales, {**meta, RUN_RECORD_KEY: record}, backup)
     return CalibrationResult(target, kind, name, old_threshold, choice.threshold, record)
+
+
+def _check_not_degenerate(policy: str, param: float | None, scores: np.ndarray, choice, name: str) -> None:
+    """A quantile that lands on tied scores fails far more normal images than 1 - Q (FAIL is score >=
+    threshold): refuse it, saying why. Without ties the empirical quantile fails at most 1 - Q + 1/n."""
+    if policy != "quantile" or choice.expected_fpr is None:
+        return
+    if choice.expected_fpr <= 1.0 - param + 1.0 / scores.size + 1e-12:
+        return
+    tied = int(np.count_nonzero(scores == choice.threshold))
+    raise CalibrationError(
+        f"--quantile {param} is degenerate here: {tied} of the {scores.size} normal scores of class {name} are tied "
+        f"at {choice.threshold:.6g}, so it would fail {choice.expected_fpr:.0%} of the normal images, not about "
+        f"{1.0 - param:.0%}; the images are likely duplicates (or the model scores them alike): calibrate with "
+        "varied normal images of the line, or use --max (just above the highest score)"
+    )
 
 
 def _check_counts(policy, param, n_normal, defect_set, name, detail) -> None:
@@ -333,50 +565,73 @@ def _check_counts(policy, param, n_normal, defect_set, name, detail) -> None:
             f"policy {policy} needs at least {need} normal images for class {name}{detail}, "
             f"got {n_normal}: add normal images"
         )
-    if defect_set is not None and len(defect_set.images) < POLICIES[policy].min_defects(param):
+    if defect_set is not None and len(defect_set.paths) < POLICIES[policy].min_defects(param):
         raise PolicyError(
             f"policy {policy} needs at least {POLICIES[policy].min_defects(param)} defect images, "
-            f"got {len(defect_set.images)}"
+            f"got {len(defect_set.paths)}"
         )
 
 
-def undo_target(target: Path | str) -> dict[str, Any]:
-    """Restore the thresholds (and, after a refit, the statistics) from before the last calibration."""
+def set_threshold(
+    target: Path | str, class_name: str, threshold: float, how: str = "set by hand", date: str | None = None
+) -> CalibrationResult:
+    """Write one class's threshold chosen by a person (the live page's slider, `hgad-edge run --web`) into a
+    bundle, recorded like a calibration (policy "manual", no images) so that `undo_target` restores it;
+    the scale stays. Atomic through `write_bundle_metadata`, like every calibration."""
+    target = Path(target)
+    if target_kind(target) != "bundle":
+        raise CalibrationError(f"{target} is a run folder: set a threshold by hand on its exported bundle")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+        raise CalibrationError(f"a threshold must be a finite number, got {threshold!r}")
+    with calibration_lock(target, wait=False):  # never waits behind a calibrate that is scoring
+        meta = read_bundle_metadata(target)
+        y = _class_index(meta.classes, class_name)
+        thresholds, scales = list(meta.thresholds), list(meta.scales)
+        fields = {
+            "policy": "manual",
+            "params": {},
+            "class": meta.classes[y],
+            "method": how,
+            "scored_with": None,
+            "images": None,
+            "defect_images": None,
+            "refit_statistics": False,
+            "date": date or _now(),
+            "expected": {"fpr": None, "recall": None},
+        }
+        record = _chained(fields, thresholds, scales, meta.calibration)
+        old_threshold, thresholds[y] = float(thresholds[y]), float(threshold)
+        write_bundle_metadata(target, meta.with_calibration(thresholds, scales, record))
+    return CalibrationResult(target, "bundle", meta.classes[y], old_threshold, float(threshold), record)
+
+
+def undo_target(target: Path | str, wait: bool = True, announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Restore the thresholds (and, after a refit, the statistics) from before the last calibration,
+    under the calibration lock (see `calibration_lock`); returns the record undone."""
     target = Path(target)
     kind = target_kind(target)
-    if kind == "bundle":
-        meta = read_bundle_metadata(target)
-        record = meta.calibration
+    with calibration_lock(target, wait, announce):
+        if kind == "bundle":
+            meta = read_bundle_metadata(target)
+            record = meta.calibration
+            if not record:
+                raise CalibrationError(f"{target} has no calibration to undo: its thresholds are the exported ones")
+            thresholds, scales, restored = _undone(record, target / METADATA_FILE)
+            write_bundle_metadata(target, meta.with_calibration(thresholds, scales, restored))
+            return record
+        scorer = RunScorer(target)
+        record = scorer.meta.get(RUN_RECORD_KEY)
         if not record:
-            raise CalibrationError(f"{target} has no calibration to undo: its thresholds are the exported ones")
-        prev = _previous(record, target / METADATA_FILE)
-        write_bundle_metadata(target, meta.with_calibration(prev["thresholds"], prev["scales"], prev["calibration"]))
+            raise CalibrationError(f"{target} has no calibration to undo: its thresholds are the trained ones")
+        thresholds, scales, restored = _undone(record, target / "meta.json")
+        meta = {k: v for k, v in scorer.meta.items() if k != RUN_RECORD_KEY}
+        if restored:
+            meta[RUN_RECORD_KEY] = restored
+        refit = bool(record.get("refit_statistics"))
+        if refit:
+            _load_statistics(scorer.scorer, target / STATISTICS_BACKUP)
+        _write_run(target, scorer, thresholds, scales, meta, None, drop_backup=refit)
         return record
-    scorer = RunScorer(target)
-    record = scorer.meta.get(RUN_RECORD_KEY)
-    if not record:
-        raise CalibrationError(f"{target} has no calibration to undo: its thresholds are the trained ones")
-    prev = _previous(record, target / "meta.json")
-    meta = {k: v for k, v in scorer.meta.items() if k != RUN_RECORD_KEY}
-    if prev["calibration"]:
-        meta[RUN_RECORD_KEY] = prev["calibration"]
-    if record.get("refit_statistics"):
-        _load_statistics(scorer.scorer, target / STATISTICS_BACKUP)
-    _write_run(
-        target, scorer, prev["thresholds"], prev["scales"], meta, None, drop_backup=bool(record.get("refit_statistics"))
-    )
-    return record
-
-
-def _previous(record: dict[str, Any], where: Path) -> dict[str, Any]:
-    """The thresholds, scales and record a calibration replaced (what --undo restores)."""
-    prev = record.get("previous")
-    if not isinstance(prev, dict) or not all(k in prev for k in ("thresholds", "scales", "calibration")):
-        raise CalibrationError(
-            f"the calibration record in {where} keeps no previous thresholds, so it cannot be "
-            "undone; calibrate again with the policy you want"
-        )
-    return prev
 
 
 # ---- run folders -------------------------------------------------------------------------------

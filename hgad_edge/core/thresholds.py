@@ -199,8 +199,16 @@ def _expected(
     return Choice(float(threshold), r["fpr"] if fpr is None else fpr, r["recall"], method)
 
 
+def just_above(score: float) -> float:
+    """The next float32 above `score`: FAIL is score >= threshold, so a threshold ON the highest normal
+    score would fail that image. float32, because a run folder keeps its thresholds in float32 (a step
+    of float64 would round back onto the score) and every score is a float32."""
+    up = float(np.nextafter(np.float32(score), np.float32(np.inf)))
+    return up if math.isfinite(up) and up > score else float(np.nextafter(score, np.inf))
+
+
 def _max(normal, defects, _param) -> Choice:
-    return _expected(normal, defects, float(normal.max()), "max of the normal scores")
+    return _expected(normal, defects, just_above(float(normal.max())), "just above the max of the normal scores")
 
 
 def _quantile(normal, defects, q) -> Choice:
@@ -258,7 +266,7 @@ def _recall_images(r: float | None) -> int:
 POLICIES: dict[str, Policy] = {
     p.name: p
     for p in (
-        Policy("max", False, _max, help="max of the normal scores (no normal calibration image fails)"),
+        Policy("max", False, _max, help="just above the max of the normal scores (no normal calibration image fails)"),
         Policy(
             "quantile",
             False,
