@@ -3,7 +3,7 @@
 high-resolution frames built as mosaics of real images.
 
     python benchmarks/tiling_study.py --data ROOT --out DIR [--classes a,b] [--grid 2] [--epochs N]
-        [--parts native,mosaic] [--tile 256]
+        [--tiled-epochs N] [--parts native,mosaic] [--tile 256]
 
 * native: one model resized whole (today's default) and one tiled at native resolution (`--tile`),
   per class and mean image / pixel AUROC and AUPRO, on the tuning half and the report half of the
@@ -13,6 +13,10 @@ high-resolution frames built as mosaics of real images.
   defective image among normal ones, its mask mosaicked the same way; cells of unequal size are
   padded by repeating their border pixels, which the normal frames have too). Both models train on
   the mosaic training frames and are scored on whole mosaic frames: the high-resolution camera case.
+
+An epoch of a tiled model is tiles-per-image times as many optimizer steps as the resized model's:
+`--tiled-epochs` gives the tiled model its own epoch count (e.g. the resized default's step budget),
+and every row reports its epochs.
 
 Writes DIR/tiling_study.json and DIR/tiling_study.md; the mosaic data under DIR/mosaic_data (MVTec
 layout, so `hgad-edge train/eval --data DIR/mosaic_data` reproduces each row by hand).
@@ -129,7 +133,9 @@ def train_and_eval(roots: list[Path], classes: list[str] | None, out: Path, tile
 
     metrics_file = out / "eval" / "metrics.json"
     if metrics_file.exists():
-        return json.loads(metrics_file.read_text())
+        from hgad_edge.training.checkpoint import load_run_config
+
+        return json.loads(metrics_file.read_text()) | {"epochs": load_run_config(out).train.epochs}
     overrides = {"tiling": {"tile": tile}} | ({"train": {"epochs": epochs}} if epochs else {})
     cfg = load_config(None, overrides)
     dataset = open_roots(roots, classes=classes)
@@ -141,14 +147,43 @@ def train_and_eval(roots: list[Path], classes: list[str] | None, out: Path, tile
     t1 = time.time()
     metrics = evaluate(scorer, dataset, out / "eval")
     metrics["train_seconds"], metrics["eval_seconds"] = train_s, time.time() - t1
+    metrics["epochs"] = cfg.train.epochs
     atomic_write_json(metrics_file, metrics)
     return metrics
 
 
+def halves(roots: list[Path], classes: list[str] | None, out: Path) -> dict:
+    """The run's metrics on the tuning half and the report half of each class's test images
+    (hgad_edge.training.evaluate.tuning_half): what tiling is chosen on, and what it is reported on;
+    cached in out/eval/halves.json."""
+    from hgad_edge.training.checkpoint import load_run
+    from hgad_edge.training.data import open_roots
+    from hgad_edge.training.evaluate import class_metrics, mean_metrics, predict_class, subset, tuning_half
+
+    cached = out / "eval" / "halves.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    scorer, _, _ = load_run(out)
+    dataset = open_roots(roots, classes=classes)
+    names, test = scorer.model.class_names, dataset.samples("test")
+    result: dict = {"tuning": {"classes": {}}, "report": {"classes": {}}}
+    for name in dataset.classes:
+        samples = [s for s in test if s.class_name == name]
+        class_id = names.index(name)
+        pred = predict_class(scorer, samples, class_id, dataset.has_masks(name))
+        tune = tuning_half(samples)
+        for half, keep in (("tuning", tune), ("report", ~tune)):
+            result[half]["classes"][name] = class_metrics(subset(pred, keep), class_id)
+    for half in result.values():
+        half["mean"] = mean_metrics(half["classes"])
+    atomic_write_json(cached, result)
+    return result
+
+
 def table(rows: dict[str, dict]) -> str:
     classes = sorted({c for m in rows.values() for c in m.get("classes", {})})
-    head = "| model | " + " | ".join(classes) + " | mean | train s |\n"
-    head += "|---|" + "---|" * (len(classes) + 2) + "\n"
+    head = "| model | " + " | ".join(classes) + " | mean | epochs | train s |\n"
+    head += "|---|" + "---|" * (len(classes) + 3) + "\n"
 
     def cell(m: dict) -> str:
         img, pix, pro = (m.get(k) for k in ("image_auroc", "pixel_auroc", "aupro"))
@@ -163,7 +198,8 @@ def table(rows: dict[str, dict]) -> str:
     for name, m in rows.items():
         per = [cell(m.get("classes", {}).get(c, {})) for c in classes]
         mean, seconds = cell(m.get("mean", {})), m.get("train_seconds", 0)
-        lines.append(f"| {name} | " + " | ".join(per) + f" | {mean} | {seconds:.0f} |")
+        epochs = m.get("epochs", "-")
+        lines.append(f"| {name} | " + " | ".join(per) + f" | {mean} | {epochs} | {seconds:.0f} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -175,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=int, default=2, help="mosaic frames of grid x grid images")
     ap.add_argument("--tile", type=int, default=256, help="tile side in source pixels for the tiled model")
     ap.add_argument("--epochs", type=int, help="override train.epochs for every model of the study")
+    ap.add_argument("--tiled-epochs", type=int, help="train.epochs of the tiled models (default: --epochs)")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -186,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--grid must be >= 1")
     classes = [c for c in args.classes.split(",") if c] if args.classes else None
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = [("resized whole (tiling off)", "resize", 0), (f"tiled, {args.tile} px", "tiled", args.tile)]
+    if args.epochs is not None and args.epochs < 1 or args.tiled_epochs is not None and args.tiled_epochs < 1:
+        ap.error("--epochs and --tiled-epochs must be >= 1")
+    tiled_epochs = args.tiled_epochs or args.epochs
+    variants = [
+        ("resized whole (tiling off)", "resize", 0, args.epochs),
+        (f"tiled, {args.tile} px", "tiled", args.tile, tiled_epochs),
+    ]
     command = "python benchmarks/tiling_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report: dict = {"command": command}
     md = [
@@ -197,11 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if "native" in parts:
         rows = {
-            name: train_and_eval(args.data, classes, args.out / f"native_{key}", tile, args.epochs)
-            for name, key, tile in variants
+            name: train_and_eval(args.data, classes, args.out / f"native_{key}", tile, epochs)
+            for name, key, tile, epochs in variants
         }
         report["native"] = rows
-        md += ["## The classes at their native size\n", table(rows)]
+        md += ["## The classes at their native size\n", "Full test sets:\n", table(rows)]
+        split = {name: halves(args.data, classes, args.out / f"native_{key}") for name, key, _, _ in variants}
+        report["native_halves"] = split
+        for half, words in (("tuning", "the tuning half (what the choice is made on)"), ("report", "the report half")):
+            part = {
+                name: split[name][half]
+                | {"epochs": rows[name].get("epochs"), "train_seconds": rows[name].get("train_seconds", 0)}
+                for name in rows
+            }
+            md += [f"On {words} of each class's test images:\n", table(part)]
     if "mosaic" in parts:
         from hgad_edge.training.data import open_roots
 
@@ -214,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(data / ".complete", counts)
         mosaic_classes = sorted(json.loads((data / ".complete").read_text()))
         rows = {
-            name: train_and_eval([data], mosaic_classes, args.out / f"mosaic_{key}", tile, args.epochs)
-            for name, key, tile in variants
+            name: train_and_eval([data], mosaic_classes, args.out / f"mosaic_{key}", tile, epochs)
+            for name, key, tile, epochs in variants
         }
         report["mosaic"] = rows
         md += [f"## High-resolution frames: {args.grid}x{args.grid} mosaics of real images\n", table(rows)]
