@@ -1,35 +1,56 @@
-"""INT8 entropy calibration data for TensorRT 10 (implicit quantization).
+"""INT8 calibration: which normal images, fed to the graph exactly as the runtime feeds it, give the
+value ranges that every Q/DQ graph of a bundle is written from (export/int8_quantize.py).
 
-Why a separate module: the image side (find normal images, resize them exactly like the runtime,
-stack uint8 NHWC batches) is plain numpy and is tested on CPU; only `make_entropy_calibrator`
-touches TensorRT and CUDA, and it does so through objects passed in, so it can be faked too.
+One calibration pass: ONNX Runtime's calibrator runs the FP32 graph once over the images and records
+the range of every tensor that may be quantized; the ranges are saved as JSON (ONNX Runtime's
+calibration cache) and both graphs, asymmetric uint8 for ONNX Runtime and symmetric int8 for
+TensorRT, are quantized from that one file, so they share their scales' source.
 
-The calibrator feeds the graph's two inputs: `images` (uint8 NHWC, the real pixels) and
-`class_id` (int64, all -1 = "auto", so calibration does not depend on class labels). TensorRT
-asks `get_batch(names)` for one device pointer per requested input name, in that order.
-The calibration cache sits in the bundle's engines/ folder, keyed by the ONNX model's sha256,
-so a rebuild of the same model on the same device skips the image pass.
-
-INT8 calibration (IInt8EntropyCalibrator2) exists only in TensorRT 10; TensorRT 11 removed
-implicit quantization in favour of explicit Q/DQ nodes in the ONNX graph.
+The images are normal (defect-free) only: the ranges describe what a good part looks like, and a
+defect that saturates a quantized tensor only makes its score larger. By default they are the run's
+own training images (the fit split, not the held-out normals its thresholds were set on); else a
+folder (--calib-dir). They are picked evenly per class (CALIBRATION_IMAGES at most), resized with the
+runtime's own resize, or cut into tiles for a tiled bundle, and fed with class_id -1 (auto): the
+quantized parts (backbone, flows) do not see the class, so calibration needs no labels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hgad_edge.core.cuda_api import cuda_call
-from hgad_edge.core.imaging import IMAGE_EXTENSIONS, load_image, resize_image
+from hgad_edge.core.imaging import IMAGE_EXTENSIONS, DataError, load_image, resize_image
 from hgad_edge.core.imaging import find_images as _find_images
+from hgad_edge.core.tiling import Tiling, cut_tiles, plan_tiles
 
-__all__ = ["CalibrationBatches", "CalibrationError", "calibration_cache_path", "find_images", "make_entropy_calibrator"]
+__all__ = [
+    "CALIBRATION_IMAGES",
+    "CALIBRATION_METHOD",
+    "CalibrationError",
+    "CalibrationSet",
+    "calibrate_ranges",
+    "find_images",
+    "folder_set",
+    "run_set",
+]
 
 log = logging.getLogger("hgad_edge.export")
+
+CALIBRATION_IMAGES = 256  # at most this many images, spread evenly over the classes
+FEED_BATCH = 8  # images per calibration run of the graph (its batch axis is dynamic)
+# MinMax only: the run returns two numbers per tensor, so any number of images fits in memory. ONNX
+# Runtime's histogram methods (percentile, entropy) get every activation back (about 0.1-0.5 GB per
+# 256x256 image of the default model: 225 images grew a process to 23 GB before the OOM killer ended
+# it) and cannot be fed in parts (merging its histograms across calls asked for a 38 GB array).
+CALIBRATION_METHOD = "MinMax"
 
 
 class CalibrationError(ValueError):
@@ -39,7 +60,7 @@ class CalibrationError(ValueError):
 def find_images(folder: Path | str) -> list[Path]:
     """All images under `folder` (recursive, IMAGE_EXTENSIONS, hidden files skipped), sorted.
 
-    Sorted so that the same folder always gives the same batches, hence the same scales.
+    Sorted so that the same folder always gives the same images, hence the same ranges.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -56,142 +77,133 @@ def find_images(folder: Path | str) -> list[Path]:
     return found
 
 
-def calibration_cache_path(engines_dir: Path, onnx_sha256: str) -> Path:
-    """Where the INT8 scales of one ONNX model live (reused across rebuilds of that model)."""
-    return Path(engines_dir) / f"int8_calibration_{onnx_sha256[:16]}.cache"
+def _evenly(items: Sequence[Any], k: int) -> list[Any]:
+    """k items spread evenly over `items` (all of them when k >= len), order kept."""
+    if k >= len(items):
+        return list(items)
+    idx = np.unique(np.linspace(0, len(items) - 1, k).round().astype(int))
+    return [items[i] for i in idx]
 
 
-class CalibrationBatches:
-    """Fixed-size uint8 (B, H, W, 3) batches of resized images, at most `max_batches` of them.
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The images a calibration runs on and where they came from (recorded in metadata.json)."""
 
-    Every batch is full (TensorRT calibrates on the profile's fixed calibration shape): when the
-    folder runs out, images are reused from the start, so even a handful of images works.
-    """
+    paths: tuple[Path, ...]
+    source: str  # for people: "training images of run X (fit split)" or "folder D"
+    per_class: dict[str, int] | None = None
 
-    def __init__(self, paths: Sequence[Path], input_size: tuple[int, int], batch_size: int, max_batches: int) -> None:
-        if batch_size < 1 or max_batches < 1:
-            raise CalibrationError(
-                f"calibration needs batch_size >= 1 and batches >= 1, got {batch_size} and {max_batches}"
-            )
-        if not paths:
-            raise CalibrationError("no calibration images given")
-        self.paths = list(paths)
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.batch_size = int(batch_size)
-        wanted = -(-len(self.paths) // self.batch_size)  # one pass over the folder, rounded up
-        self.num_batches = max(1, min(int(max_batches), wanted))
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (self.batch_size, *self.input_size, 3)
-
-    def batch(self, index: int) -> np.ndarray:
-        """Batch `index` as a C-contiguous uint8 array, resized with the runtime's resize_image."""
-        if not 0 <= index < self.num_batches:
-            raise IndexError(f"calibration batch {index} out of range 0..{self.num_batches - 1}")
-        start = index * self.batch_size
-        picks = [self.paths[(start + i) % len(self.paths)] for i in range(self.batch_size)]
-        return np.ascontiguousarray(np.stack([resize_image(load_image(p), self.input_size) for p in picks]))
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for index in range(self.num_batches):
-            yield self.batch(index)
+    def record(self) -> dict[str, Any]:
+        """What metadata.json keeps: the source, the count and a digest of exactly these files."""
+        digest = hashlib.sha256()
+        for path in self.paths:
+            digest.update(path.name.encode("utf-8") + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        out: dict[str, Any] = {"source": self.source, "images": len(self.paths), "sha256": digest.hexdigest()}
+        if self.per_class:
+            out["per_class"] = dict(self.per_class)
+        return out
 
 
-class _DeviceInputs:
-    """Device buffers for one calibration batch of both inputs (cuda-python runtime API)."""
-
-    def __init__(self, cudart: Any, batches: CalibrationBatches) -> None:
-        self.cudart = cudart
-        self.image_bytes = int(np.prod(batches.shape))
-        self.class_ids = np.full((batches.batch_size,), -1, dtype=np.int64)
-        self.images = self.classes = 0
-        self.images = int(cuda_call(cudart.cudaMalloc(self.image_bytes), cudart, "cudaMalloc (calibration images)"))
-        self.classes = int(
-            cuda_call(cudart.cudaMalloc(self.class_ids.nbytes), cudart, "cudaMalloc (calibration class ids)")
-        )
-        self.copy(self.classes, self.class_ids)
-
-    def copy(self, device: int, host: np.ndarray) -> None:
-        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        cuda_call(
-            self.cudart.cudaMemcpy(device, host.ctypes.data, host.nbytes, kind), self.cudart, "cudaMemcpy (calibration)"
-        )
-
-    def free(self) -> None:
-        for ptr in (self.images, self.classes):
-            if ptr:
-                self.cudart.cudaFree(ptr)
-        self.images = self.classes = 0
+def folder_set(folder: Path | str, limit: int = CALIBRATION_IMAGES) -> CalibrationSet:
+    """Up to `limit` images of a folder of normal images, evenly spread over its sorted list."""
+    found = find_images(folder)
+    return CalibrationSet(tuple(_evenly(found, limit)), f"folder {Path(folder)} ({len(found)} images)")
 
 
-def make_entropy_calibrator(
-    trt: Any,
-    cudart: Any,
-    batches: CalibrationBatches | None,
-    input_names: tuple[str, str],
-    cache_path: Path,
-    use_cache: bool = True,
-) -> Any:
-    """A `trt.IInt8EntropyCalibrator2` feeding `batches`; call `.free()` after the build.
+def run_set(run_dir: Path | str, limit: int = CALIBRATION_IMAGES) -> CalibrationSet:
+    """The run's own training images (the fit split: never the held-out normals its thresholds came
+    from), up to `limit` spread evenly over the classes. CalibrationError when they are not reachable."""
+    from hgad_edge.training.checkpoint import load_run_config, read_meta
+    from hgad_edge.training.data import open_roots
+    from hgad_edge.training.train import split_calibration
 
-    The class is created here because its base class only exists once TensorRT is imported.
-    `batches` may be None when a calibration cache exists: TensorRT then never asks for data.
-    `input_names` = (images input, class id input) as named in the bundle metadata.
-    """
-    base = getattr(trt, "IInt8EntropyCalibrator2", None)
-    if base is None:
-        msg = (
-            f"TensorRT {getattr(trt, '__version__', '?')} has no IInt8EntropyCalibrator2: "
-            "implicit INT8 calibration is gone "
-            "(TensorRT 11); quantize the ONNX model explicitly with Q/DQ nodes (TensorRT Model Optimizer) or build fp16"
-        )
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    roots = [Path(r) for r in meta.get("data_roots") or []]
+    fix = "pass --calib-dir with a folder of normal images of these classes"
+    if not roots:
+        raise CalibrationError(f"run {run_dir} does not record its training data (no data_roots in meta.json); {fix}")
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        msg = f"the training data of run {run_dir} ({', '.join(missing)}) is not reachable from here; {fix}"
         raise CalibrationError(msg)
+    cfg = load_run_config(run_dir)
+    try:
+        samples = open_roots(roots, meta["classes"]).samples("train")
+    except DataError as err:
+        raise CalibrationError(f"cannot read the training images of run {run_dir}: {err}; {fix}") from err
+    fit, _ = split_calibration(samples, cfg.train)
+    by_class: dict[str, list[Path]] = {}
+    for sample in fit:
+        by_class.setdefault(sample.class_name, []).append(Path(sample.path))
+    share = max(1, math.ceil(limit / max(1, len(by_class))))
+    picked = {name: _evenly(paths, share) for name, paths in sorted(by_class.items())}
+    paths = tuple(p for chosen in picked.values() for p in chosen)
+    if not paths:
+        raise CalibrationError(f"run {run_dir} has no training images under {', '.join(map(str, roots))}; {fix}")
+    source = f"training images of run {run_dir} (fit split of {', '.join(map(str, roots))})"
+    return CalibrationSet(paths, source, {name: len(chosen) for name, chosen in picked.items()})
 
-    class EntropyCalibrator(base):
-        """Entropy calibration over normal images; errors are kept and re-raised after the build."""
 
-        def __init__(self) -> None:
-            base.__init__(self)
-            self.batches = batches
-            self.image_name, self.class_name = input_names
-            self.cache_path = Path(cache_path)
-            self.index = 0
-            self.error: BaseException | None = None
-            self.device = _DeviceInputs(cudart, batches) if batches is not None else None
+def graph_inputs(calibration: CalibrationSet, input_size: Sequence[int], tiling: Tiling | None) -> Iterator[np.ndarray]:
+    """uint8 (B, H, W, 3) batches of what the graph sees: resized frames, or a tiled bundle's tiles."""
+    size = (int(input_size[0]), int(input_size[1]))
+    pending: list[np.ndarray] = []
+    for path in calibration.paths:
+        try:
+            frame = load_image(path)
+        except DataError as err:
+            raise CalibrationError(f"calibration image {path} cannot be used: {err}") from err
+        if tiling is None:
+            pending.append(resize_image(frame, size))
+        else:
+            pending.extend(cut_tiles(frame, plan_tiles(frame.shape[:2], tiling), size))
+        while len(pending) >= FEED_BATCH:
+            yield np.stack(pending[:FEED_BATCH])
+            pending = pending[FEED_BATCH:]
+    if pending:
+        yield np.stack(pending)
 
-        def get_batch_size(self) -> int:
-            return 1  # explicit-batch network: the batch dimension is part of the input shape
 
-        def get_batch(self, names: list[str], *args: Any) -> list[int] | None:
-            if self.batches is None or self.index >= len(self.batches):
-                return None
-            try:
-                host = self.batches.batch(self.index)
-                self.device.copy(self.device.images, host)
-                self.index += 1
-                log.info("INT8 calibration batch %d/%d", self.index, len(self.batches))
-                pointers = {self.image_name: self.device.images, self.class_name: self.device.classes}
-                return [pointers[name] for name in names]
-            except BaseException as err:  # TensorRT swallows callback errors: keep it for the builder
-                self.error = err
-                return None
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol (get_next -> feed dict, None at the end)."""
 
-        def read_calibration_cache(self, *args: Any) -> bytes | None:
-            if use_cache and self.cache_path.is_file():
-                log.info("using INT8 calibration cache %s", self.cache_path)
-                return self.cache_path.read_bytes()
+    def __init__(self, batches: Iterator[np.ndarray], image_input: str, class_input: str) -> None:
+        self.batches, self.image_input, self.class_input = batches, image_input, class_input
+        self.fed = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        images = next(self.batches, None)
+        if images is None:
             return None
+        self.fed += len(images)
+        return {self.image_input: images, self.class_input: np.full((len(images),), -1, np.int64)}
 
-        def write_calibration_cache(self, cache: Any, *args: Any) -> None:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            self.cache_path.write_bytes(bytes(cache))
 
-        def free(self) -> None:
-            if self.device is not None:
-                self.device.free()
+def calibrate_ranges(
+    fp32_onnx: Path,
+    calibration: CalibrationSet,
+    out: Path,
+    op_types: Sequence[str],
+    input_size: Sequence[int],
+    tiling: Tiling | None = None,
+    inputs: tuple[str, str] = ("images", "class_id"),
+) -> dict[str, Any]:
+    """Run the FP32 graph over the calibration images once; write the MinMax ranges of every input and
+    output of the `op_types` nodes to `out` (ONNX Runtime's calibration cache, JSON). Returns the facts."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
 
-    return EntropyCalibrator()
+    with tempfile.TemporaryDirectory(prefix="hgad-int8-") as work:
+        calibrator = create_calibrator(
+            Path(fp32_onnx),
+            list(op_types),
+            augmented_model_path=str(Path(work) / "augmented.onnx"),
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHOD),
+        )
+        reader = _Reader(graph_inputs(calibration, input_size, tiling), *inputs)
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+        save_tensors_data(ranges, out)
+    log.info("int8 calibration: %d graph inputs from %d images", reader.fed, len(calibration.paths))
+    return {"method": CALIBRATION_METHOD, "inputs": reader.fed, "tensors": len(ranges.data)}

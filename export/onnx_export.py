@@ -5,6 +5,8 @@ bundle/
   model_fp16.onnx   mixed precision in the graph: backbone + flows FP16, explicit casts to FP32
                     before the mixture head (TensorRT 11 networks are strongly typed: precision
                     has to be in the graph, not in builder flags)
+  model_int8.onnx, model_int8_trt.onnx   with --int8: Q/DQ copies of the FP32 graph, ONNX Runtime's
+                    and TensorRT's, from one calibration on normal images (export/int8_quantize.py)
   metadata.json     classes, input size, thresholds + scales, versions, checksums (the exported
                     values are also in metadata_props; `hgad-edge calibrate` rewrites only this file)
 
@@ -32,6 +34,7 @@ import numpy as np
 
 from hgad_edge.core.bundle_schema import (
     ENGINES_DIR,
+    FLOAT_MODELS,
     INPUT_NAMES,
     METADATA_FILE,
     MODEL_FILES,
@@ -43,6 +46,7 @@ from hgad_edge.core.bundle_schema import (
     onnx_metadata_props,
 )
 from hgad_edge.export.graph_check import check_graph
+from hgad_edge.export.int8_calibration import CalibrationSet
 
 log = logging.getLogger("hgad_edge.export")
 
@@ -121,7 +125,7 @@ def _slim(model):
     return slim
 
 
-def _set_metadata_props(path: Path, props: dict[str, str]) -> None:
+def set_metadata_props(path: Path, props: dict[str, str]) -> None:
     import onnx
 
     model = onnx.load(str(path))
@@ -131,10 +135,15 @@ def _set_metadata_props(path: Path, props: dict[str, str]) -> None:
 
 
 def export_bundle(
-    run_dir: Path | str, out: Path | str, precisions: tuple[str, ...] = ("fp32", "fp16"), simplify: bool = True
+    run_dir: Path | str,
+    out: Path | str,
+    precisions: tuple[str, ...] = ("fp32", "fp16"),
+    simplify: bool = True,
+    int8: CalibrationSet | None = None,
 ) -> ExportResult:
     """Run folder -> bundle folder (see module docstring). Every graph passes `check_graph`.
 
+    int8: calibrate on these normal images and add the Q/DQ graphs (needs "fp32" in `precisions`).
     The bundle is written into a staging folder beside `out` and swapped in at the end: a failed
     or interrupted export leaves the previous bundle as it was (and no empty `out` behind).
     """
@@ -145,9 +154,11 @@ def export_bundle(
     from hgad_edge.training.checkpoint import WEIGHTS_FILE, load_run
 
     run_dir, out = Path(run_dir), Path(out)
-    unknown = [p for p in precisions if p not in MODEL_FILES]
+    unknown = [p for p in precisions if p not in FLOAT_MODELS]
     if unknown:
-        raise ExportError(f"unknown precision(s) {unknown}; choose from {', '.join(MODEL_FILES)}")
+        raise ExportError(f"unknown precision(s) {unknown}; choose from {', '.join(FLOAT_MODELS)}")
+    if int8 is not None and "fp32" not in precisions:
+        raise ExportError("--int8 quantizes the FP32 graph: export it too (--precision fp32)")
     _check_out(out)
     scorer, cfg, meta = load_run(run_dir)
     scorer.model.fuse_condition()  # per-position constants instead of 256 condition columns per coupling
@@ -180,12 +191,20 @@ def export_bundle(
             if problems:
                 listed = "\n- ".join(problems)
                 raise ExportError(f"{out / path.name} breaks deployment rules (nothing was written):\n- {listed}")
-            _set_metadata_props(path, onnx_metadata_props(metadata, precision))
+            set_metadata_props(path, onnx_metadata_props(metadata, precision))
             models[precision] = ModelFile(path.name, sha256_file(path), facts)
         scorer.model.set_body_dtype(torch.float32)
-        metadata = _carry_over(out, staging, metadata.with_models(models))
+        metadata = metadata.with_models(models)
+        if int8 is not None:
+            from hgad_edge.export.int8_quantize import QuantizeError, add_int8_graphs
+
+            try:
+                metadata = add_int8_graphs(staging, metadata, int8)
+            except QuantizeError as err:
+                raise ExportError(str(err)) from err
+        metadata = _carry_over(out, staging, metadata)
         atomic_write_json(staging / METADATA_FILE, metadata.to_json())
-    return ExportResult(out, {p: out / MODEL_FILES[p] for p in precisions}, metadata.to_json())
+    return ExportResult(out, {p: out / MODEL_FILES[p] for p in metadata.models}, metadata.to_json())
 
 
 def _check_out(out: Path) -> None:
@@ -204,7 +223,7 @@ def _carry_over(out: Path, staging: Path, metadata: BundleMetadata) -> BundleMet
         return metadata
     for entry in out.iterdir():
         if entry.name not in (METADATA_FILE, *MODEL_FILES.values()) and not (staging / entry.name).exists():
-            _link_tree(entry, staging / entry.name)
+            link_tree(entry, staging / entry.name)
     try:
         engines = json.loads((out / METADATA_FILE).read_text(encoding="utf-8")).get("engines") or {}
         kept = {
@@ -220,7 +239,7 @@ def _carry_over(out: Path, staging: Path, metadata: BundleMetadata) -> BundleMet
     return replace(metadata, engines=kept)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def link_tree(src: Path, dst: Path) -> None:
     """Hard links where the file system has them (no copy of large engines), copies elsewhere."""
 
     def link_or_copy(a: str, b: str) -> None:

@@ -14,8 +14,7 @@ Targets (hgad_edge/core/trt_common.py, TARGETS): one builder code path where the
   builds for a list (--compute-capability, default its portable set), no GPU;
 * strong typing: TensorRT 10 needs NetworkDefinitionCreationFlag.STRONGLY_TYPED, TensorRT 11 and
   TensorRT-RTX networks always are;
-* timing cache: TensorRT reuses <bundle>/engines/timing.cache; TensorRT-RTX has none (no-op since 1.2);
-* INT8 calibration: TensorRT 10 only.
+* timing cache: TensorRT reuses <bundle>/engines/timing.cache; TensorRT-RTX has none (no-op since 1.2).
 
 Tiled bundles (metadata `tiling`): the graph takes tiles, and one camera frame is a batch of them, so
 `frame_hw` (--frame WIDTHxHEIGHT) sizes the profile to the tile count of such a frame: (1, tiles, tiles)
@@ -23,8 +22,9 @@ unless a batch is given (`frame_tiles`); the runtime then scores a frame in one 
 
 Precision lives in the ONNX graph (README, precision policy): fp16 engines are built from the mixed
 `model_fp16.onnx` as a strongly typed network, never with the FP16 builder flag, which would also put
-the mixture head in FP16 where its squared distances overflow. INT8 calibrates the fp32 graph and
-keeps every layer but convolutions and pooling in FP32.
+the mixture head in FP16 where its squared distances overflow. int8 engines likewise, from the
+explicitly quantized `model_int8_trt.onnx` (symmetric Q/DQ, `hgad-edge quantize`): no calibrator and
+no INT8 flag, TensorRT 10 (STRONGLY_TYPED), TensorRT 11 and TensorRT-RTX alike.
 """
 
 from __future__ import annotations
@@ -50,22 +50,8 @@ from hgad_edge.core.errors import BundleError
 from hgad_edge.core.files import atomic_write_bytes, sha256_file
 from hgad_edge.core.tiling import Tiling, TilingError, plan_tiles
 from hgad_edge.core.trt_common import TrtTarget, get_target, sm_text
-from hgad_edge.export.int8_calibration import (
-    CalibrationBatches,
-    calibration_cache_path,
-    find_images,
-    make_entropy_calibrator,
-)
-from hgad_edge.export.trt_devices import import_builder, require_cuda_device, require_int8_support, target_capabilities
-from hgad_edge.export.trt_network import (
-    INT8_LAYER_TYPES,
-    NetworkFacts,
-    check_network,
-    network_facts,
-    network_flags,
-    parse_network,
-    pin_fp32,
-)
+from hgad_edge.export.trt_devices import import_builder, require_cuda_device, target_capabilities
+from hgad_edge.export.trt_network import NetworkFacts, check_network, network_facts, network_flags, parse_network
 
 __all__ = ["DEFAULT_BATCH", "TIMING_CACHE", "BuildOptions", "BuiltPlan", "build_engines", "build_plan", "frame_tiles"]
 
@@ -125,14 +111,6 @@ def _set_flags(trt: Any, config: Any, options: BuildOptions) -> None:
         config.clear_flag(trt.BuilderFlag.TF32)  # FP32 layers stay IEEE FP32, like PyTorch's default matmul
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if options.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        if hasattr(trt.BuilderFlag, "FP16"):
-            config.set_flag(trt.BuilderFlag.FP16)  # convolutions may fall back to FP16 where INT8 is slower
-        constraint = (
-            getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None) or trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS
-        )
-        config.set_flag(constraint)
 
 
 def _set_capabilities(trt: Any, config: Any, options: BuildOptions) -> None:
@@ -179,7 +157,7 @@ class BuiltPlan:
     seconds: float
 
 
-def build_plan(trt: Any, options: BuildOptions, calibrator: Any = None) -> BuiltPlan:
+def build_plan(trt: Any, options: BuildOptions) -> BuiltPlan:
     """Parse, check, configure and build one serialized engine (the TensorRT part of build_engines)."""
     parsed = parse_network(trt, options.onnx_path, options.precision, options.target)
     builder, network, logger = parsed.builder, parsed.network, parsed.logger
@@ -190,12 +168,6 @@ def build_plan(trt: Any, options: BuildOptions, calibrator: Any = None) -> Built
     _add_profile(builder, config, options, options.batch)
     _set_flags(trt, config, options)
     _set_capabilities(trt, config, options)
-    if options.precision == "int8":
-        log.info("int8: %d layers pinned to FP32 (all but %s)", pin_fp32(trt, network), ", ".join(INT8_LAYER_TYPES))
-        config.int8_calibrator = calibrator
-        opt = options.batch[1]
-        calib_profile = _calibration_profile(builder, options, opt)
-        _check(config.set_calibration_profile(calib_profile), "the calibration profile")
     if get_target(options.target).timing_cache:
         _load_timing_cache(config, options.timing_cache)
     started, mark = time.perf_counter(), logger.count
@@ -210,11 +182,6 @@ def build_plan(trt: Any, options: BuildOptions, calibrator: Any = None) -> Built
     return BuiltPlan(bytes(plan), facts, seconds)
 
 
-def _calibration_profile(builder: Any, options: BuildOptions, batch: int) -> Any:
-    """Calibration runs at one fixed shape: the profile's opt batch."""
-    return _set_shapes(builder.create_optimization_profile(), options, (batch, batch, batch))
-
-
 # ---- entry point ----------------------------------------------------------------------------------
 def _open_bundle(bundle_dir: Path | str) -> Any:
     try:
@@ -227,9 +194,8 @@ def _onnx_for(bundle: Any, precision: str) -> tuple[Path, str]:
     """(ONNX path, sha256 recorded by the exporter) for an engine of `precision`; verified on disk."""
     key = source_model(precision)
     if key not in bundle.models:
-        raise BuildError(
-            f"bundle {bundle.path} has no {key} ONNX model (needed for {precision}); re-export with --precision {key}"
-        )
+        fix = f"hgad-edge quantize {bundle.path}" if precision == "int8" else f"re-export with --precision {key}"
+        raise BuildError(f"bundle {bundle.path} has no {key} ONNX model (needed for {precision}); {fix}")
     path = bundle.path / bundle.models[key]["file"]
     if not path.is_file():
         raise BuildError(f"{path} is missing from the bundle; copy the whole bundle folder or re-export it")
@@ -255,43 +221,6 @@ def _preflight(onnx_path: Path) -> None:
             f"{onnx_path.name} fails the TensorRT support check:\n  {listed}\n"
             "Fix the export (or pass check=False to try anyway)."
         )
-
-
-def _make_calibrator(
-    trt: Any, cudart: Any, bundle: Any, onnx_sha: str, calib_dir: Any, calib_batches: int, opt: int, force: bool
-) -> Any:
-    """Calibrator over calib_dir; without it, the cached scales of this ONNX model (engines/).
-
-    A cache exists per ONNX sha256 and is reused unless `force` (then calib_dir is required).
-    """
-    cache = calibration_cache_path(bundle.engines_dir(), onnx_sha)
-    batches = None
-    if calib_dir is not None:
-        batches = CalibrationBatches(find_images(calib_dir), bundle.input_size, opt, calib_batches)
-    elif not cache.is_file() or force:
-        raise BuildError(
-            "int8 needs calibration images: pass calib_dir (--calib-dir) with normal images, "
-            "e.g. <dataset>/<class>/train/good"
-        )
-    names = (bundle.input_name, bundle.class_input_name)
-    return make_entropy_calibrator(trt, cudart, batches, names, cache, use_cache=not force)
-
-
-def _build_with_calibrator(trt: Any, options: BuildOptions, make_calibrator: Any) -> BuiltPlan:
-    """build_plan, with the INT8 calibrator (if any) created first and its device memory freed after.
-
-    TensorRT swallows exceptions raised inside calibrator callbacks, so a failed batch is
-    re-raised here instead of yielding an engine calibrated on half the data.
-    """
-    calibrator = make_calibrator() if make_calibrator is not None else None
-    try:
-        built = build_plan(trt, options, calibrator)
-        if calibrator is not None and calibrator.error is not None:
-            raise BuildError(f"INT8 calibration failed: {calibrator.error}") from calibrator.error
-        return built
-    finally:
-        if calibrator is not None:
-            calibrator.free()
 
 
 def frame_tiles(tiling: Tiling | None, frame_hw: Sequence[int], bundle: Any = "the bundle") -> int:
@@ -331,8 +260,7 @@ def _check_request(
     except ValueError as err:
         raise BuildError(str(err)) from None
     if precision not in spec.precisions:
-        hint = " (INT8 calibration exists only in TensorRT 10: --target tensorrt)" if precision == "int8" else ""
-        raise BuildError(f"--target {target} builds {'/'.join(spec.precisions)}, not {precision!r}{hint}")
+        raise BuildError(f"--target {target} builds {'/'.join(spec.precisions)}, not {precision!r}")
     if compute_capabilities and not spec.selectable_capabilities:
         raise BuildError(
             "--compute-capability applies to ahead-of-time targets (--target rtx); "
@@ -348,8 +276,6 @@ def build_engines(
     precision: str = "fp16",
     batch: Sequence[int] | None = DEFAULT_BATCH,
     workspace_mb: int | None = None,
-    calib_dir: Path | str | None = None,
-    calib_batches: int = 16,
     force: bool = False,
     *,
     target: str = "tensorrt",
@@ -375,16 +301,14 @@ def build_engines(
     bundle = _open_bundle(bundle_dir)
     batch3, frame_record = _profile_batch(bundle, batch, frame_hw)
     onnx_path, onnx_sha = _onnx_for(bundle, precision)
-    cudart, gpu, explicit = None, None, False
+    gpu, explicit = None, False
     if spec.builds_without_gpu:
         trt = import_builder(target)
         capabilities, explicit = target_capabilities(trt, spec, compute_capabilities)
     else:
-        cudart, capability, gpu = require_cuda_device(device)
+        _, capability, gpu = require_cuda_device(device)
         trt = import_builder(target)
         capabilities = [capability]
-    if precision == "int8":
-        require_int8_support(trt)
     name = engine_name(trt.__version__, capabilities, precision, version_compatible, target)
     engines_dir = bundle.engines_dir()
     path = engines_dir / name
@@ -417,12 +341,7 @@ def build_engines(
         capabilities=capabilities if explicit else None,
         outputs=tuple(bundle.metadata.get("outputs") or ()) or None,
     )
-    calibrate = (
-        (lambda: _make_calibrator(trt, cudart, bundle, onnx_sha, calib_dir, calib_batches, batch3[1], force))
-        if precision == "int8"
-        else None
-    )
-    built = _build_with_calibrator(trt, options, calibrate)
+    built = build_plan(trt, options)
     atomic_write_bytes(path, built.plan)
     facts = built.facts
     entry = engine_entry(
@@ -444,6 +363,7 @@ def build_engines(
         workspace_mb=workspace_mb,
         layers=facts.layers,
         half_layers=len(facts.half_layers),
+        int8_layers=len(facts.int8_layers),
         fp32_policy_layers=len(facts.fp32_policy_layers),
         plugins=facts.plugins,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -25,7 +25,6 @@ __all__ = [
     "import_builder",
     "import_tensorrt_builder",
     "require_cuda_device",
-    "require_int8_support",
     "target_capabilities",
     "trt_major",
 ]
@@ -119,15 +118,3 @@ def target_capabilities(trt: Any, target: TrtTarget, requested: Sequence[str] | 
             )
         wanted.append(cc)
     return sorted(set(wanted), key=lambda c: version_tuple(c, 2)), True
-
-
-def require_int8_support(trt: Any) -> None:
-    """BuildError unless this TensorRT still has implicit INT8 calibration (TensorRT 10 only)."""
-    if trt_major(trt) >= 11 or not hasattr(trt, "IInt8EntropyCalibrator2") or not hasattr(trt.BuilderFlag, "INT8"):
-        msg = (
-            f"TensorRT {trt.__version__} removed implicit INT8 calibration "
-            "(IInt8EntropyCalibrator2 / BuilderFlag.INT8): "
-            "INT8 needs explicit quantization, i.e. Q/DQ nodes in the ONNX graph (NVIDIA TensorRT Model Optimizer); "
-            "build --precision fp16 instead"
-        )
-        raise BuildError(msg)

@@ -4,9 +4,10 @@ Precision lives in the ONNX graph (README, precision policy): the mixed fp16 gra
 flows in FP16 and casts to FP32 before the mixture head, whose squared distances (1e6-1e9) overflow
 in FP16. So the builder trusts the graph only after TensorRT's own network is checked layer by layer:
 each layer is mapped back to its ONNX node(s) and from there to the module the exporter recorded
-(export/graph_check.py); no layer of the head or scoring may output HALF, no plugin may be needed,
-and the inputs/outputs must be the bundle's, with a dynamic batch axis. INT8 builds pin every
-layer but convolutions and pooling to FP32 here too. Parser errors name the node that failed.
+(export/graph_check.py); no layer of the head or scoring may output HALF or INT8, no dequantized
+tensor may feed one (the Q/DQ graph's rule: nothing quantized at or after z - mu), no plugin may be
+needed, and the inputs/outputs must be the bundle's, with a dynamic batch axis. Parser errors name
+the node that failed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from hgad_edge.core.trt_common import make_logger
 from hgad_edge.export.trt_devices import trt_major
 
 __all__ = [
-    "INT8_LAYER_TYPES",
     "NetworkFacts",
     "ParsedNetwork",
     "check_network",
@@ -31,12 +31,11 @@ __all__ = [
     "parse_network",
     "parser_error_text",
     "parser_errors",
-    "pin_fp32",
     "plugin_layer_types",
 ]
 
-# Layer types that may run in INT8/FP16 in an int8 build; everything else is pinned to FP32.
-INT8_LAYER_TYPES = ("CONVOLUTION", "POOLING")
+_QDQ_LAYER_TYPES = ("QUANTIZE", "DEQUANTIZE")
+_MOVE_LAYER_TYPES = ("SHUFFLE", "IDENTITY", "SLICE", "CONCATENATION", "GATHER", "CAST")
 _PLUGIN_LAYER_TYPES = ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
 # The ONNX parser tags every layer with the node it came from: "[ONNX Layer: node_Add_12]".
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
@@ -48,8 +47,9 @@ class NetworkFacts:
 
     layers: int
     half_layers: list[str] = field(default_factory=list)
+    int8_layers: list[str] = field(default_factory=list)  # Q/DQ layers and layers with an INT8 output
     fp32_policy_layers: list[str] = field(default_factory=list)  # made from head/scoring nodes
-    violations: list[str] = field(default_factory=list)  # policy layers that output HALF
+    violations: list[str] = field(default_factory=list)  # policy layers that output HALF or INT8, or take a DQ output
     unmapped: list[str] = field(default_factory=list)  # non-constant layers with no ONNX node
     plugins: list[str] = field(default_factory=list)
     inputs: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
@@ -61,13 +61,11 @@ def network_flags(trt: Any, precision: str, target: str = "tensorrt") -> tuple[i
     if target != "tensorrt" or trt_major(trt) >= 11:
         return 0, True  # TensorRT-RTX and TensorRT 11: always strongly typed, the flag is gone
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if precision == "int8":
-        return 0, False  # implicit INT8 calibration needs a weakly typed network
     if strongly is None:
-        if precision == "fp16":
+        if precision != "fp32":
             raise BuildError(
-                f"TensorRT {trt.__version__} lacks STRONGLY_TYPED networks, needed for the mixed fp16 graph; "
-                "install TensorRT >= 10"
+                f"TensorRT {trt.__version__} lacks STRONGLY_TYPED networks, needed for the {precision} graph "
+                "(its precision is in the graph); install TensorRT >= 10"
             )
         return 0, False
     return 1 << int(strongly), True
@@ -181,6 +179,21 @@ def _layer_nodes(network: Any) -> list[list[str]]:
     return [nodes_of(i, set()) for i in range(len(layers))]
 
 
+def _dequantized_tensors(trt: Any, network: Any, dequantize: Any) -> set[str]:
+    """Tensors a DEQUANTIZE layer wrote, followed through layers that only move data (the network's
+    layers are in topological order): a head or scoring layer must read none of them."""
+    moving = {getattr(trt.LayerType, n) for n in _MOVE_LAYER_TYPES if hasattr(trt.LayerType, n)}
+    found: set[str] = set()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        inputs = [layer.get_input(k) for k in range(getattr(layer, "num_inputs", 0))]
+        if layer.type == dequantize or (
+            layer.type in moving and any(t is not None and t.name in found for t in inputs)
+        ):
+            found.update(layer.get_output(k).name for k in range(layer.num_outputs))
+    return found
+
+
 def network_facts(trt: Any, network: Any, parser: Any, onnx_model: Any) -> NetworkFacts:
     """Layer-by-layer facts of a parsed network against the exporter's precision policy.
 
@@ -194,27 +207,38 @@ def network_facts(trt: Any, network: Any, parser: Any, onnx_model: Any) -> Netwo
 
     model = onnx.load(str(onnx_model), load_external_data=False) if isinstance(onnx_model, (str, Path)) else onnx_model
     policy = fp32_node_names(model)
-    half = trt.DataType.HALF
+    half, int8 = trt.DataType.HALF, getattr(trt.DataType, "INT8", None)
     plugin_types = plugin_layer_types(trt)
+    qdq_types = {getattr(trt.LayerType, n) for n in _QDQ_LAYER_TYPES if hasattr(trt.LayerType, n)}
+    dequantize = getattr(trt.LayerType, "DEQUANTIZE", None)
     constant = getattr(trt.LayerType, "CONSTANT", None)
     facts = NetworkFacts(layers=network.num_layers)
-    for i, nodes in enumerate(_layer_nodes(network)):
+    layer_nodes = _layer_nodes(network)
+    dequantized = _dequantized_tensors(trt, network, dequantize)
+    for i, nodes in enumerate(layer_nodes):
         layer = network.get_layer(i)
         name = str(getattr(layer, "name", f"#{i}"))
-        is_half = any(layer.get_output(k).dtype == half for k in range(layer.num_outputs))
+        kind = getattr(layer.type, "name", layer.type)
+        dtypes = [layer.get_output(k).dtype for k in range(layer.num_outputs)]
+        is_half = half in dtypes
+        is_int8 = layer.type in qdq_types or (int8 is not None and int8 in dtypes)
         if is_half:
             facts.half_layers.append(name)
+        if is_int8:
+            facts.int8_layers.append(name)
         if layer.type in plugin_types:
             facts.plugins.append(f"plugin layer {name}")
         if not nodes and layer.type != constant:
             facts.unmapped.append(name)
         if any(n in policy for n in nodes):
             facts.fp32_policy_layers.append(name)
-            if is_half:
-                node = next(n for n in nodes if n in policy)
-                facts.violations.append(
-                    f"layer {name} ({getattr(layer.type, 'name', layer.type)}) of head/scoring node {node} outputs HALF"
-                )
+            node = next(n for n in nodes if n in policy)
+            if is_half or is_int8:
+                what = "HALF" if is_half else "INT8"
+                facts.violations.append(f"layer {name} ({kind}) of head/scoring node {node} outputs {what}")
+            inputs = [layer.get_input(k) for k in range(getattr(layer, "num_inputs", 0))]
+            if any(t is not None and t.name in dequantized for t in inputs):
+                facts.violations.append(f"layer {name} ({kind}) of head/scoring node {node} reads a dequantized tensor")
     used = getattr(parser, "get_used_vc_plugin_libraries", lambda: [])()
     facts.plugins += [f"plugin library {lib}" for lib in (used or [])]
     facts.inputs = {network.get_input(i).name: _tensor_facts(network.get_input(i)) for i in range(network.num_inputs)}
@@ -264,26 +288,3 @@ def check_network(
         raise BuildError(
             f"{onnx_name} breaks the precision policy (head and scoring FP32):\n  {listed}\nRe-export the bundle."
         )
-
-
-def pin_fp32(trt: Any, network: Any) -> int:
-    """int8 builds: every floating-point layer except convolutions/pooling runs in FP32.
-
-    The mixture head's squared distances reach 1e6-1e9: in FP16 they overflow, in INT8 they lose
-    all resolution. Flows stay FP32 too (their clamp/exp path is sensitive); the backbone's
-    convolutions are where INT8 pays off.
-    """
-    floating = {trt.DataType.FLOAT, trt.DataType.HALF}
-    keep = {getattr(trt.LayerType, name) for name in INT8_LAYER_TYPES}
-    skip = {getattr(trt.LayerType, name, None) for name in ("CAST", "CONSTANT", "SHAPE", "IDENTITY")}
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        outputs = [layer.get_output(k) for k in range(layer.num_outputs)]
-        if layer.type in keep or layer.type in skip or not outputs or any(o.dtype not in floating for o in outputs):
-            continue
-        layer.precision = trt.float32
-        for k in range(layer.num_outputs):
-            layer.set_output_type(k, trt.float32)
-        pinned += 1
-    return pinned

@@ -100,13 +100,17 @@ def test_targets_pass_miss_and_not_applicable():
     cpu = {"cores": 2, "gpu": None}
     rows = [_row("onnxruntime", "fp32", 1, 30.0), _row("onnxruntime", "fp32", 8, 40.0), _row("torch", "fp32", 8, 25.0)]
     targets = bench.check_targets(rows, None, cfg, cpu)
-    assert [x.status for x in targets] == ["PASS", "MISS", "N/A"]  # 40 >= 25; 40/25 = 1.6 < 2; no GPU
+    assert [x.status for x in targets] == ["PASS", "MISS", "N/A", "N/A"]  # 40 >= 25; 1.6 < 2; no int8; no GPU
     assert targets[0].value == pytest.approx(40.0) and targets[1].value == pytest.approx(1.6)
+    int8 = {"speedup": 1.5, "reference_ms_p50": 30.0, "ms_p50": 20.0, "pairs": 40}
+    verdict = bench.check_targets(rows, None, cfg, cpu, int8)[2]
+    assert verdict.status == "MISS" and verdict.value == pytest.approx(1.5) and "30.0 ms -> 20.0 ms" in verdict.detail
+    assert bench.check_targets(rows, None, cfg, cpu, {**int8, "speedup": 1.9})[2].status == "PASS"
     tiny = HGADConfig.from_dict({"input_size": [64, 64]})
-    assert [x.status for x in bench.check_targets(rows, None, tiny, cpu)] == ["N/A"] * 3
+    assert [x.status for x in bench.check_targets(rows, None, tiny, cpu, int8)] == ["N/A"] * 4
     official = _row("official torch eager", "fp32", 1, 2.0, "cuda")
     gpu_rows = rows + [_row("tensorrt", "fp16", 8, 50.0, "cuda")]
-    gpu = bench.check_targets(gpu_rows, official, cfg, {"cores": 16, "gpu": "NVIDIA H200"})[2]
+    gpu = bench.check_targets(gpu_rows, official, cfg, {"cores": 16, "gpu": "NVIDIA H200"})[3]
     assert gpu.status == "PASS" and gpu.value == pytest.approx(25.0) and "tensorrt fp16 batch 8" in gpu.detail
     ratios = bench.compute_ratios(gpu_rows, official)
     assert any(r.ratio == pytest.approx(20.0) and "onnxruntime fp32 (best batch: 8)" in r.what for r in ratios)
@@ -214,8 +218,12 @@ def test_own_stale_bundle_is_re_exported(tiny_run, tiny_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
-    """Export reused from the session bundle, ORT + torch timed with 2 iterations, accuracy on 4
-    images per class, the small official-like configuration timed beside it."""
+    """Export reused from a copy of the session bundle (int8 quantizes it), ORT + torch timed with 2
+    iterations, accuracy on 4 images per class, the small official-like configuration timed beside it."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.bundle, bundle)
     folder = bench.run_bench(
         tiny_run,
         tmp_path,
@@ -226,7 +234,7 @@ def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
         iters=2,
         max_images=4,
         official=SMALL_OFFICIAL,
-        bundle=tiny_bundle.bundle,
+        bundle=bundle,
     )
     for name in ("report.md", "report.json", "throughput.png", "breakdown.png"):
         assert (folder / name).is_file(), name
@@ -260,10 +268,9 @@ def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
         and ok["model"]["images_per_s"] > 0
     )
     assert rows[("torch", "fp32", 1)]["status"] == "ok"
-    assert (
-        rows[("onnxruntime", "int8", 1)]["status"] == "skipped"
-        and "TensorRT" in rows[("onnxruntime", "int8", 1)]["reason"]
-    )
+    assert rows[("onnxruntime", "int8", 1)]["status"] == "ok"  # the bundle's Q/DQ graph, on the CPU
+    assert r["int8_speedup"]["pairs"] == 2 and r["int8_speedup"]["speedup"] > 0
+    assert "int8" in r["targets"][2]["target"] and r["targets"][2]["status"] == "N/A"  # not the default model
     if not torch.cuda.is_available():
         assert "CPU half" in rows[("torch", "fp16", 1)]["reason"]
     assert r["official"]["random_weights"] and r["official"]["latency"]["e2e"]["images_per_s"] > 0
@@ -273,6 +280,7 @@ def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
         drift[("onnxruntime", "fp32")]["max_abs_score_diff"] < 1e-3 and drift[("onnxruntime", "fp32")]["n_images"] == 8
     )
     assert all(per["torch fp32"]["image_auroc"] is not None for per in r["accuracy"]["classes"].values())
+    assert drift[("onnxruntime", "int8")]["n_images"] == 8 and drift[("onnxruntime", "int8")]["nonfinite"] == 0
     assert [t["status"] for t in r["targets"]][:2] == ["N/A", "N/A"]  # 64x64 is not the 256x256 default
     assert r["breakdown"]["torch_components"]["components"] and r["breakdown"]["ort_profile"]["top_ops"]
     md = (folder / "report.md").read_text()
@@ -281,6 +289,7 @@ def test_bench_report_end_to_end(tiny_run, tiny_data, tiny_bundle, tmp_path):
         "## FLOPs and parameters",
         "## Latency and throughput",
         "## Accuracy and drift",
+        "## INT8 against FP32, interleaved",
         "## Where the time goes",
         "RANDOM weights",
     ):

@@ -1,5 +1,5 @@
-"""Engine building: pure helpers, the build flow against fakes of TensorRT / cuda-python, INT8
-calibration data, and one real build (marked `tensorrt`, skipped without TensorRT and a GPU)."""
+"""Engine building: pure helpers, the build flow against fakes of TensorRT / cuda-python (INT8 from the
+bundle's Q/DQ graph), and one real build (marked `tensorrt`, skipped without TensorRT and a GPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnx
 import pytest
@@ -19,7 +18,6 @@ from hgad_edge.core.bundle_schema import BundleMetadata, onnx_metadata_props
 from hgad_edge.core.cuda_api import CudaPython, import_cudart
 from hgad_edge.core.engine_records import BuildError, check_batch, engine_entry, engine_name, rebuild_reasons
 from hgad_edge.core.errors import EngineError
-from hgad_edge.export import int8_calibration as calib
 from hgad_edge.export import trt_build as tb
 from hgad_edge.export import trt_devices as devices
 from hgad_edge.runtime.backends import tensorrt_backend as trtb
@@ -63,10 +61,11 @@ def tiny_graph(half: bool = False, lse: bool = False) -> bytes:
     return model.SerializeToString()
 
 
-def make_bundle(folder: Path, lse: bool = False) -> Path:
+def make_bundle(folder: Path, lse: bool = False, int8: bool = False) -> Path:
+    """fp32 + fp16 graphs; int8: also an "int8_trt" entry (the fp32 graph stands in for the Q/DQ one here)."""
     folder.mkdir(parents=True, exist_ok=True)
     models = {}
-    for precision, half in (("fp32", False), ("fp16", True)):
+    for precision, half in (("fp32", False), ("fp16", True), *((("int8_trt", False),) if int8 else ())):
         data = tiny_graph(half, lse)
         (folder / f"model_{precision}.onnx").write_bytes(data)
         models[precision] = {"file": f"model_{precision}.onnx", "sha256": hashlib.sha256(data).hexdigest()}
@@ -99,10 +98,6 @@ class FakeTrt(FakeTrtModule):
     MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
     LayerType = enum.Enum("LayerType", "CONVOLUTION POOLING ELEMENTWISE MATRIX_MULTIPLY CAST CONSTANT SHAPE IDENTITY")
 
-    class IInt8EntropyCalibrator2:
-        def __init__(self) -> None:
-            pass
-
     def __init__(self, version: str = "10.7.0.23", cudart: FakeCudart | None = None) -> None:
         self.__version__ = version
         self.major = int(version.split(".")[0])
@@ -116,8 +111,6 @@ class FakeTrt(FakeTrtModule):
             else "TF32 VERSION_COMPATIBLE"
         )
         self.BuilderFlag = enum.Enum("BuilderFlag", names)
-        if self.major >= 11:
-            self.IInt8EntropyCalibrator2 = None  # implicit INT8 calibration is gone
         self.float32 = self.DataType.FLOAT
         self.cudart = cudart
         self.builders = 0
@@ -145,14 +138,7 @@ class FakeTrt(FakeTrtModule):
                     "config_flags": sorted(f.name for f in config.flags),
                     "profiles": [p.shapes for p in config.profiles],
                     "pool": config.pool,
-                    "calibrator": config.int8_calibrator is not None,
-                    "calib_profile": config.calib_profile,
-                    "pinned": sum(layer.precision is not None for layer in network.layers),
                 }
-                if config.int8_calibrator is not None:
-                    record["calib_batches"] = []
-                    while (ptrs := config.int8_calibrator.get_batch(["class_id", "images"])) is not None:
-                        record["calib_batches"].append(ptrs)
                 trt.builds.append(record)
                 return json.dumps(record).encode()
 
@@ -210,14 +196,11 @@ class FakeTensor:
 
 class FakeLayer:
     def __init__(self, trt, kind, dtype) -> None:
-        self.type, self.num_outputs, self.precision, self.name = trt.LayerType[kind], 1, None, kind.lower()
+        self.type, self.num_outputs, self.name = trt.LayerType[kind], 1, kind.lower()
         self._out = type("T", (), {"dtype": trt.DataType[dtype], "name": f"{kind.lower()}_out"})()
 
     def get_output(self, k):
         return self._out
-
-    def set_output_type(self, k, dtype):
-        assert dtype == self.precision
 
 
 class FakeNetwork:
@@ -275,7 +258,7 @@ class FakeCache:
 class FakeConfig:
     def __init__(self, trt) -> None:
         self.trt, self.flags, self.profiles, self.pool = trt, {trt.BuilderFlag.TF32}, [], None
-        self.int8_calibrator = self.calib_profile = self.cache = None
+        self.cache = None
 
     def set_flag(self, flag):
         self.flags.add(flag)
@@ -289,10 +272,6 @@ class FakeConfig:
     def add_optimization_profile(self, profile):
         self.profiles.append(profile)
         return len(self.profiles) - 1
-
-    def set_calibration_profile(self, profile):
-        self.calib_profile = profile.shapes
-        return True
 
     def create_timing_cache(self, data):
         return FakeCache(bytes(data))
@@ -454,17 +433,18 @@ def test_stale_engine_is_rebuilt_and_other_engines_kept(tmp_path, fakes):
     assert meta["engines"]["trt10.3.0_sm72_fp16.engine"] == other
 
 
-def test_tensorrt_11_builds_without_flags_and_refuses_int8(tmp_path, monkeypatch):
+def test_tensorrt_11_builds_fp16_and_int8_without_flags(tmp_path, monkeypatch):
+    """TensorRT 11 has no INT8 calibrator: int8 is the Q/DQ graph, built strongly typed like fp16."""
     cudart = FakeCudart()
     trt = FakeTrt("11.0.0.5", cudart)
     monkeypatch.setattr(devices, "import_cudart", lambda: cudart)
     monkeypatch.setattr(devices, "import_tensorrt_builder", lambda: trt)
-    folder = make_bundle(tmp_path / "b")
-    assert tb.build_engines(folder, "fp16").name == "trt11.0.0_sm87_fp16.engine"
-    assert trt.builds[-1]["flags"] == 0 and metadata(folder)["engines"]["trt11.0.0_sm87_fp16.engine"]["strongly_typed"]
-    with pytest.raises(BuildError, match="explicit quantization.*Q/DQ"):
-        tb.build_engines(folder, "int8", calib_dir=tmp_path)
-    assert len(trt.builds) == 1
+    folder = make_bundle(tmp_path / "b", int8=True)
+    for precision in ("fp16", "int8"):
+        name = f"trt11.0.0_sm87_{precision}.engine"
+        assert tb.build_engines(folder, precision).name == name
+        assert trt.builds[-1]["flags"] == 0 and metadata(folder)["engines"][name]["strongly_typed"]
+        assert trt.builds[-1]["config_flags"] == []
 
 
 def test_parser_errors_name_the_nodes(tmp_path, fakes):
@@ -488,94 +468,32 @@ def test_preflight_refuses_reduce_logsumexp(tmp_path, fakes):
     assert fakes.builders == 0
 
 
-def write_images(folder: Path, n: int, size: int = 40) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        sub = folder / ("a" if i % 2 else "b/c")
-        sub.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(sub / f"{i}.png"), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-    (folder / "notes.txt").write_text("not an image")
-    return folder
-
-
-def test_int8_build_calibrates_and_pins_non_conv_layers(tmp_path, fakes):
-    folder = make_bundle(tmp_path / "b")
-    images = write_images(tmp_path / "normal", 5)
-    path = tb.build_engines(folder, "int8", batch=(1, 2, 4), calib_dir=images, calib_batches=16)
+def test_int8_builds_the_qdq_graph_strongly_typed(tmp_path, fakes):
+    """TensorRT 10: the symmetric Q/DQ graph, STRONGLY_TYPED, no INT8/FP16 builder flag, no calibrator."""
+    folder = make_bundle(tmp_path / "b", int8=True)
+    path = tb.build_engines(folder, "int8", batch=(1, 2, 4))
     assert path.name == "trt10.7.0_sm87_int8.engine"
     build = fakes.builds[-1]
-    assert build["flags"] == 0 and {"INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"} <= set(build["config_flags"])
-    assert build["pinned"] == 2  # elementwise + matmul; not conv, shape or cast
-    assert build["calib_profile"] == {"images": [[2, H, W, 3]] * 3, "class_id": [[2]] * 3}
-    assert len(build["calib_batches"]) == 3  # ceil(5 images / batch 2)
-    assert not fakes.cudart.blocks  # calibration buffers freed
-    entry = metadata(folder)["engines"][path.name]
-    assert entry["model"] == "fp32" and entry["onnx_sha256"] == metadata(folder)["models"]["fp32"]["sha256"]
+    assert build["flags"] == 1 << 5 and not {"INT8", "FP16"} & set(build["config_flags"])
+    meta = metadata(folder)
+    entry = meta["engines"][path.name]
+    assert entry["model"] == "int8_trt" and entry["onnx"] == "model_int8_trt.onnx"
+    assert entry["onnx_sha256"] == meta["models"]["int8_trt"]["sha256"] and entry["strongly_typed"]
+    assert trtb.choose_engine(meta, "10.7.0.23", "8.7", "int8") == path.name
+    with pytest.raises(EngineError, match="no fp16/fp32"):  # auto never picks int8
+        trtb.choose_engine(meta, "10.7.0.23", "8.7", "auto")
+    meta["models"]["int8_trt"]["sha256"] = "quantized again"
+    with pytest.raises(EngineError, match="another ONNX model"):
+        trtb.choose_engine(meta, "10.7.0.23", "8.7", "int8")
 
 
-def test_int8_without_images_or_cache_names_the_option(tmp_path, fakes):
-    with pytest.raises(BuildError, match="calib_dir"):
-        tb.build_engines(make_bundle(tmp_path / "b"), "int8")
-
-
-def test_int8_reuses_the_calibration_cache_without_images(tmp_path, fakes):
+def test_int8_without_a_qdq_graph_says_quantize(tmp_path, fakes):
     folder = make_bundle(tmp_path / "b")
-    sha = metadata(folder)["models"]["fp32"]["sha256"]
-    cache = calib.calibration_cache_path(folder / "engines", sha)
-    cache.parent.mkdir(parents=True)
-    cache.write_bytes(b"scales")
-    tb.build_engines(folder, "int8")
-    assert fakes.builds[-1]["calib_batches"] == []  # the fake asks; no images, so no batches
-
-
-def test_failed_calibration_batch_fails_the_build(tmp_path, fakes):
-    images = write_images(tmp_path / "normal", 2)
-    (images / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    folder = make_bundle(tmp_path / "b")
-    with pytest.raises(BuildError, match="INT8 calibration failed"):
-        tb.build_engines(folder, "int8", batch=(1, 1, 1), calib_dir=images)
-    assert not (folder / "engines" / "trt10.7.0_sm87_int8.engine").exists() and not fakes.cudart.blocks
-
-
-# ---- calibration data ------------------------------------------------------------------------------
-def test_calibration_batches_are_full_resized_uint8(tmp_path):
-    paths = calib.find_images(write_images(tmp_path / "normal", 5))
-    assert len(paths) == 5 and paths == sorted(paths)
-    batches = calib.CalibrationBatches(paths, (16, 24), batch_size=4, max_batches=16)
-    assert len(batches) == 2 and batches.shape == (4, 16, 24, 3)
-    last = batches.batch(1)
-    assert last.dtype == np.uint8 and last.shape == (4, 16, 24, 3) and last.flags.c_contiguous
-    assert len(calib.CalibrationBatches(paths, (16, 24), 1, max_batches=3)) == 3
-
-
-def test_calibration_folder_errors(tmp_path):
-    with pytest.raises(calib.CalibrationError, match="does not exist"):
-        calib.find_images(tmp_path / "nope")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(calib.CalibrationError, match="no images"):
-        calib.find_images(tmp_path / "empty")
-
-
-def test_calibrator_feeds_both_inputs_by_name(tmp_path):
-    cudart = FakeCudart()
-    batches = calib.CalibrationBatches(calib.find_images(write_images(tmp_path / "n", 3)), (8, 8), 2, 5)
-    cache = tmp_path / "engines" / "c.cache"
-    calibrator = calib.make_entropy_calibrator(
-        FakeTrt("10.7.0", cudart), cudart, batches, ("images", "class_id"), cache
-    )
-    assert calibrator.get_batch_size() == 1 and calibrator.read_calibration_cache() is None
-    cls_ptr, img_ptr = calibrator.get_batch(["class_id", "images"])
-    ids = np.frombuffer(cudart.blocks[cls_ptr].tobytes(), np.int64)
-    assert ids.tolist() == [-1, -1]
-    assert np.array_equal(cudart.blocks[img_ptr].reshape(2, 8, 8, 3), batches.batch(0))
-    assert (
-        calibrator.get_batch(["images", "class_id"]) is not None
-        and calibrator.get_batch(["images", "class_id"]) is None
-    )
-    calibrator.write_calibration_cache(b"scales")
-    assert calibrator.read_calibration_cache() == b"scales"
-    calibrator.free()
-    assert not cudart.blocks
+    with pytest.raises(BuildError, match=r"no int8_trt ONNX model.*hgad-edge quantize"):
+        tb.build_engines(folder, "int8")
+    assert fakes.builders == 0
+    with pytest.raises(EngineError, match="hgad-edge quantize .* then hgad-edge build .* --precision int8"):
+        trtb.choose_engine(metadata(folder), "10.7.0.23", "8.7", "int8", bundle=folder)
 
 
 # ---- real TensorRT ---------------------------------------------------------------------------------

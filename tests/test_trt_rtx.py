@@ -1,9 +1,10 @@
 """Real TensorRT-RTX engines, built on this CPU from the freshly exported tiny bundle.
 
 TensorRT-RTX builds ahead of time without a GPU, so CI checks the real builder and ONNX parser on
-every run: FP32 and mixed-FP16 engines for a dynamic batch profile, the precision policy on the
-parsed network (no layer of the mixture head or scoring in HALF), I/O names/dtypes/batch axis, no
-plugin, the metadata record and the staleness logic. Running an engine needs a GPU: without one the
+every run: FP32, mixed-FP16 and INT8 (the explicitly quantized Q/DQ graph) engines for a dynamic
+batch profile, the precision policy on the parsed network (no layer of the mixture head or scoring
+in HALF or INT8, none reading a dequantized tensor), I/O names/dtypes/batch axis, no plugin, the
+metadata record and the staleness logic. Running an engine needs a GPU: without one the
 deserialisation error must become a clear NO_DEVICE status; the inference check skips with the reason.
 CI sets HGAD_EDGE_REQUIRE_RTX=1 so that a missing [tensorrt-rtx] extra fails instead of skipping.
 """
@@ -31,7 +32,9 @@ from hgad_edge.core.errors import EngineError
 from hgad_edge.core.files import sha256_file
 from hgad_edge.core.trt_common import rtx_capabilities
 from hgad_edge.export import trt_build as tb
-from hgad_edge.export.graph_check import HEAD_CLASSES, HIERARCHY_KEY, fp32_node_names
+from hgad_edge.export.graph_check import HEAD_CLASSES, HIERARCHY_KEY, check_graph, fp32_node_names
+from hgad_edge.export.int8_calibration import folder_set
+from hgad_edge.export.int8_quantize import quantize_bundle
 from hgad_edge.export.trt_check import check_onnx
 from hgad_edge.export.trt_network import ParsedNetwork, network_facts, parse_network
 from hgad_edge.runtime import Status, create, destroy, infer, last_error
@@ -197,7 +200,7 @@ def test_rebuild_skips_current_engine_and_rebuilds_stale_one(rtx_bundle, tmp_pat
         ({"compute_capabilities": ["8.7"]}, "Jetson Orin: use --target tensorrt"),
         ({"compute_capabilities": ["9.0"]}, "Hopper"),
         ({"compute_capabilities": ["fast"]}, "not a compute capability"),
-        ({"precision": "int8"}, "INT8 calibration exists only in TensorRT 10"),
+        ({"precision": "int8"}, "no int8_trt ONNX model.*hgad-edge quantize"),
         ({"target": "tensorrt", "compute_capabilities": ["8.6"]}, "applies to ahead-of-time targets"),
     ],
 )
@@ -205,6 +208,58 @@ def test_bad_build_requests_fail_before_building(rtx_bundle, kwargs, words):
     args = {"precision": "fp16", "target": "rtx", **kwargs}
     with pytest.raises(BuildError, match=words):
         tb.build_engines(rtx_bundle, args.pop("precision"), BATCH, **args)
+
+
+# ---- INT8: the explicitly quantized graph ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rtx_int8_bundle(rtx_bundle, tiny_data, tmp_path_factory) -> Path:
+    """rtx_bundle quantized on one class's normal images, with a real INT8 engine built by the CLI."""
+    folder = tmp_path_factory.mktemp("rtx_int8") / "bundle"
+    shutil.copytree(rtx_bundle, folder)
+    quantize_bundle(folder, folder_set(tiny_data / "stripes" / "train" / "good"))
+    done = CliRunner().invoke(
+        main, ["build", str(folder), "--target", "rtx", "--precision", "int8", "--batch", "1:2:4"]
+    )
+    assert done.exit_code == 0, done.output
+    return folder
+
+
+def test_int8_engine_is_built_from_the_qdq_graph(rtx_int8_bundle, rtx_bundle):
+    data = meta(rtx_int8_bundle)
+    name, entry = entry_of(rtx_int8_bundle, "int8")
+    assert name == engine_name(trt.__version__, list(rtx_capabilities(trt)[1]), "int8", target="rtx")
+    assert entry["model"] == "int8_trt" and entry["onnx_sha256"] == data["models"]["int8_trt"]["sha256"]
+    assert entry["sha256"] == sha256_file(rtx_int8_bundle / "engines" / name) and entry["batch"] == list(BATCH)
+    assert entry["strongly_typed"] and entry["int8_layers"] > 0 and entry["half_layers"] == 0
+    assert entry["plugins"] == [] and entry["fp32_policy_layers"] > 50
+    assert trtb.choose_engine(data, trt.__version__, "8.6", "int8", max_batch=4, target="rtx") == name
+    assert entry_of(rtx_int8_bundle, "fp16")[1] == entry_of(rtx_bundle, "fp16")[1]  # quantize kept the engines
+
+
+def test_int8_network_keeps_head_and_scoring_unquantized(rtx_int8_bundle):
+    """No head/scoring layer outputs INT8 or reads a dequantized tensor, on TensorRT's own network."""
+    model = onnx.load(str(rtx_int8_bundle / "model_int8_trt.onnx"))
+    net = parse_network(trt, rtx_int8_bundle / "model_int8_trt.onnx", "int8", target="rtx")
+    facts = network_facts(trt, net.network, net.parser, model)
+    assert facts.violations == [] and facts.unmapped == [] and len(facts.int8_layers) > 10
+    layers = [net.network.get_layer(i) for i in range(net.network.num_layers)]
+    kinds = {layer.type for layer in layers}
+    assert trt.LayerType.QUANTIZE in kinds and trt.LayerType.DEQUANTIZE in kinds
+
+
+def test_int8_check_catches_a_dequantized_tensor_in_the_head(rtx_int8_bundle):
+    """Label a node that reads a dequantized tensor as mixture head: both checks must name it."""
+    model = onnx.load(str(rtx_int8_bundle / "model_int8_trt.onnx"))
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    victim = next(n for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & dequantized)
+    prop = next((p for p in victim.metadata_props if p.key == HIERARCHY_KEY), None) or victim.metadata_props.add()
+    prop.key, prop.value = HIERARCHY_KEY, f"['{HEAD_CLASSES[0]}']"
+    problems = check_graph(model, mixed=False, quantized=True, symmetric=True)
+    assert any(victim.name in p for p in problems), problems
+    net = parse_network(trt, rtx_int8_bundle / "model_int8_trt.onnx", "int8", target="rtx")
+    facts = network_facts(trt, net.network, net.parser, model)
+    assert facts.violations and all(victim.name in v for v in facts.violations)
+    assert any("reads a dequantized tensor" in v for v in facts.violations)
 
 
 # ---- check-trt with the real parser -----------------------------------------------------------------

@@ -22,7 +22,6 @@ class Setup:
     warmup: int
     iters: int
     log: Log
-    calib_dir: Path | None = None
     trt_status: tuple[bool, str] | None = None  # (usable, why not), checked once when first asked
 
     @property

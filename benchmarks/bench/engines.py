@@ -135,29 +135,6 @@ class RuntimeEngine:
         self.detector.close()
 
 
-class RunnerEngine:
-    """A bare runtime runner + packer (TensorRT INT8: the runtime's Detector loads fp16/fp32 only)."""
-
-    def __init__(self, runner, classes: Sequence[str], backend: str, precision: str) -> None:
-        from hgad_edge.runtime.preprocess import BatchPacker
-
-        self.runner, self.backend, self.precision = runner, backend, precision
-        specs = runner.input_specs
-        self.packer = BatchPacker(runner.inputs[specs[0].name], runner.inputs[specs[1].name], classes)
-        self.description = runner.description
-        self.device = "cuda"
-
-    def run(self, frames: Sequence[np.ndarray], class_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float]:
-        batch = self.packer.pack(list(frames), list(class_ids))
-        t0 = time.perf_counter()
-        out = self.runner.infer(batch)
-        model_ms = (time.perf_counter() - t0) * 1e3
-        return out["anomaly_map"].copy(), out["score"].copy(), model_ms
-
-    def close(self) -> None:
-        self.runner.deactivate()
-
-
 def _torch_scorer(setup: Setup, precision: str):
     scorer = setup.scorer
     if precision == "fp16":  # mixed: backbone + flows FP16, heads FP32 (as the FP16 graph)
@@ -187,10 +164,8 @@ def _runtime_engine(name: str) -> Callable[[Setup, str], RuntimeEngine]:
 
 
 def _tensorrt_engine(setup: Setup, precision: str):
-    """Build (or reuse) the engine for this GPU first; INT8 through a bare runner."""
-    path = _build_trt(setup, precision)
-    if precision == "int8":
-        return _int8_engine(setup, path)
+    """Build (or reuse) the engine for this GPU first (int8: from the bundle's Q/DQ graph)."""
+    _build_trt(setup, precision)
     return _runtime_engine("tensorrt")(setup, precision)
 
 
@@ -200,8 +175,6 @@ def _tensorrt_needs(setup: Setup, precision: str) -> str | None:
     ok, reason = setup.trt_status
     if not ok:
         return f"TensorRT unavailable: {reason}"
-    if precision == "int8" and setup.calib_dir is None:
-        return "TensorRT int8 needs calibration images: pass --data"
     return None
 
 
@@ -209,27 +182,7 @@ def _build_trt(setup: Setup, precision: str) -> Path:
     from hgad_edge.export.trt_build import build_engines
 
     top = setup.max_batch
-    return build_engines(
-        setup.bundle,
-        precision,
-        batch=(1, max(1, top // 2), top),
-        calib_dir=setup.calib_dir if precision == "int8" else None,
-    )
-
-
-def _int8_engine(setup: Setup, path: Path) -> RunnerEngine:
-    from hgad_edge.core.bundle import OUTPUT_NAMES, load_bundle
-    from hgad_edge.core.cuda_api import import_cuda
-    from hgad_edge.runtime.backends import input_specs
-    from hgad_edge.runtime.backends.tensorrt_backend import EngineFromPath, TensorRTRunner, import_runtime
-
-    bundle = load_bundle(setup.bundle)
-    trt, cuda = import_runtime("tensorrt"), import_cuda()
-    sha = (bundle.metadata.get("engines") or {}).get(path.name, {}).get("sha256")
-    loader = EngineFromPath(trt, path, f"hgad-edge build {setup.bundle} --precision int8", sha)
-    runner = TensorRTRunner(loader, input_specs(bundle), list(OUTPUT_NAMES), setup.max_batch, 0, cuda)
-    runner.precision = "int8"
-    return RunnerEngine(runner.activate(), bundle.classes, "tensorrt", "int8")
+    return build_engines(setup.bundle, precision, batch=(1, max(1, top // 2), top))
 
 
 @dataclass(frozen=True)
@@ -267,10 +220,7 @@ def skip_reason(setup: Setup, backend: str, precision: str) -> str | None:
     """Why (backend, precision) is not measured here, or None when it is."""
     kind = ENGINES[backend]
     if precision not in kind.precisions:
-        return (
-            f"no {precision} path for {backend} (it runs {', '.join(kind.precisions)}); "
-            "int8 runs only as a calibrated TensorRT engine"
-        )
+        return f"no {precision} path for {backend} (it runs {', '.join(kind.precisions)})"
     return kind.needs(setup, precision)
 
 

@@ -105,3 +105,42 @@ def _time_case(setup: Setup, backend: str, precision: str, budget: Budget) -> li
     finally:
         engine.close()
     return rows
+
+
+def interleaved_speedup(
+    setup: Setup, backend: str, precision: str, reference: str, budget: Budget, batch: int = 1
+) -> dict[str, Any]:
+    """`precision` against `reference` on one backend, end to end, their calls alternating one by one
+    in this process: load from other work on the machine slows both alike, so their ratio holds where
+    the absolute numbers of separately timed rows drift (a shared 2-core machine). Median per call."""
+    frames, cls = camera_frames(batch), [-1] * batch
+    engines = [open_engine(setup, backend, reference)]
+    try:
+        engines.append(open_engine(setup, backend, precision))
+        for engine in engines:
+            for _ in range(setup.warmup):
+                engine.run(frames, cls)
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in tqdm(range(setup.iters), desc=f"{backend} {precision} vs {reference}", leave=False, unit="pair"):
+            for k, engine in enumerate(engines):
+                t0 = time.perf_counter()
+                engine.run(frames, cls)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+            if budget.spent():
+                break
+    finally:
+        for engine in engines:
+            engine.close()
+    ref_ms, ms = float(np.median(times[0])), float(np.median(times[1]))
+    return {
+        "backend": backend,
+        "precision": precision,
+        "reference": reference,
+        "batch": batch,
+        "timing": "e2e",
+        "pairs": len(times[0]),
+        "reference_ms_p50": ref_ms,
+        "ms_p50": ms,
+        "speedup": ref_ms / ms,
+        "description": engines[1].description,
+    }

@@ -102,7 +102,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
     ]
     lines += _targets_md(report) + _complexity_section(report) + _latency_section(report)
-    lines += _official_section(report) + _accuracy_section(report) + _breakdown_section(report)
+    lines += _int8_section(report) + _official_section(report) + _accuracy_section(report)
+    lines += _breakdown_section(report)
     if report["skipped"]:
         lines += ["## Skipped", ""] + [f"- {x['what']}: {x['reason']}" for x in report["skipped"]] + [""]
     lines += ["## Stages", ""] + _table(
@@ -216,10 +217,14 @@ def _accuracy_section(report: dict) -> list[str]:
     cases = sorted({k for per in acc["classes"].values() for k in per})
     rows = []
     for name, per in acc["classes"].items():
+        ref = per.get("torch fp32", {})
         for case in cases:
             r = per.get(case, {})
-            rows.append((name, case, r.get("n"), r.get("image_auroc"), r.get("pixel_auroc"), r.get("finite")))
-    lines += _table(["class", "backend precision", "images", "image AUROC", "pixel AUROC", "finite"], rows)
+            drift = [_drift(r.get(k), ref.get(k)) for k in ("image_auroc", "pixel_auroc")]
+            rows.append((name, case, r.get("n"), r.get("image_auroc"), r.get("pixel_auroc"), *drift, r.get("finite")))
+    headers = ["class", "backend precision", "images", "image AUROC", "pixel AUROC"]
+    lines += _table([*headers, "image drift (x100)", "pixel drift (x100)", "finite"], rows)
+    lines += ["Drift: AUROC minus PyTorch FP32's on the same images, in AUROC points (x100).", ""]
     lines += ["Largest drift against PyTorch FP32 (same images, same class ids):", ""]
     lines += _table(
         ["backend", "precision", "images", "max |score diff|", "max |map diff|", "non-finite images"],
@@ -235,6 +240,24 @@ def _accuracy_section(report: dict) -> list[str]:
             for d in acc["drift"]
         ],
     )
+    return lines
+
+
+def _drift(value: float | None, reference: float | None) -> str:
+    return "" if value is None or reference is None else f"{100 * (value - reference):+.2f}"
+
+
+def _int8_section(report: dict) -> list[str]:
+    ratio = report.get("int8_speedup")
+    if not ratio:
+        return []
+    lines = ["## INT8 against FP32, interleaved", ""]
+    lines += [
+        f"{ratio['backend']} {ratio['precision']} and {ratio['reference']} at batch {ratio['batch']}, end to end, "
+        f"their calls alternating ({ratio['pairs']} pairs, medians): {ratio['reference_ms_p50']:.1f} ms -> "
+        f"{ratio['ms_p50']:.1f} ms, **{ratio['speedup']:.2f}x** ({ratio['description']}).",
+        "",
+    ]
     return lines
 
 

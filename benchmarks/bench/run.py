@@ -13,7 +13,7 @@ from hgad_edge.bench.components import component_latency
 from hgad_edge.bench.context import Setup
 from hgad_edge.bench.engines import BACKENDS, DEFAULT_BACKENDS, ENGINES, PRECISIONS
 from hgad_edge.bench.flops import count_complexity
-from hgad_edge.bench.latency import CAMERA_FRAME, bench_latency
+from hgad_edge.bench.latency import CAMERA_FRAME, bench_latency, interleaved_speedup
 from hgad_edge.bench.log import Budget, Log
 from hgad_edge.bench.machine import busy_warning, load_average, machine_info
 from hgad_edge.bench.official import PAPER_CONFIG, bench_official, build_scorer, paper_config_at
@@ -36,16 +36,6 @@ def _torch_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _calib_dir(data_roots: Sequence[Path], classes: Sequence[str]) -> Path | None:
-    """The folder of the first model class's normal training images (TensorRT int8 calibration)."""
-    if not data_roots:
-        return None
-    from hgad_edge.training.data import open_roots
-
-    train = [s for s in open_roots([Path(r) for r in data_roots]).samples("train") if s.class_name in classes]
-    return Path(train[0].path).parent if train else None
 
 
 def _run_facts(run_dir: Path, cfg, meta: dict, scorer) -> dict[str, Any]:
@@ -81,8 +71,9 @@ def run_bench(
     official: True = the paper's configuration (random weights) timed beside ours; False = skip
     it; a config dict = time that configuration instead (labelled as such; for quick tests).
     budget_s: wall-clock cap of the whole benchmark; stages past it are recorded as skipped.
-    bundle: an exported bundle to reuse (TensorRT engines get built into it); default: export
-    the run into `<report folder>/bundle`. classes: accuracy on these classes only.
+    bundle: an exported bundle to reuse (TensorRT engines, and for int8 its Q/DQ graphs calibrated on
+    the run's training images, get built into it); default: export the run into `<report
+    folder>/bundle`. classes: accuracy on these classes only.
     Stage failures are written into the report, not raised.
     """
     import torch
@@ -148,6 +139,7 @@ def run_bench(
         "official": None,
         "ratios": [],
         "accuracy": None,
+        "int8_speedup": None,
         "breakdown": {},
         "targets": [],
     }
@@ -221,6 +213,18 @@ def bundle_problem(bundle: Path, run_dir: Path, precisions: Sequence[str]) -> st
     return None
 
 
+def _ensure_int8(setup: Setup) -> None:
+    """The bundle's Q/DQ graphs, quantized on the run's own training images unless it has them."""
+    from hgad_edge.core.bundle import load_bundle
+
+    if "int8" in load_bundle(setup.bundle).models:
+        return
+    from hgad_edge.export.int8_calibration import run_set
+    from hgad_edge.export.int8_quantize import quantize_bundle
+
+    quantize_bundle(setup.bundle, run_set(setup.run_dir))
+
+
 def _run_stages(
     setup: Setup, report: dict, data_roots, backends, precisions, max_images, official, budget: Budget, classes=None
 ) -> None:
@@ -236,13 +240,17 @@ def _run_stages(
 
                 export_bundle(setup.run_dir, setup.bundle, precisions=wanted)
         report["bundle"] = str(setup.bundle)
-    if "int8" in precisions and "tensorrt" in backends and data_roots:
-        with log.stage("int8 calibration folder") as ok:
+    if "int8" in precisions and _needs_bundle(backends):
+        with log.stage("int8 graphs") as ok:
             if ok:
-                setup.calib_dir = _calib_dir(data_roots, setup.scorer.model.class_names)
+                _ensure_int8(setup)
     with log.stage("latency") as ok:
         if ok:
             report["latency"] = bench_latency(setup, backends, precisions, budget)
+    if "int8" in precisions and "onnxruntime" in backends:
+        with log.stage("int8 vs fp32, interleaved") as ok:
+            if ok:
+                report["int8_speedup"] = interleaved_speedup(setup, "onnxruntime", "int8", "fp32", budget)
     off = None
     if official:
         config, label = (
@@ -263,7 +271,9 @@ def _run_stages(
     else:
         log.skip("official configuration", "official=False")
     report["ratios"] = compute_ratios(report["latency"], off.latency if off else None)
-    report["targets"] = check_targets(report["latency"], off.latency if off else None, setup.cfg, report["machine"])
+    report["targets"] = check_targets(
+        report["latency"], off.latency if off else None, setup.cfg, report["machine"], report["int8_speedup"]
+    )
     if data_roots:
         with log.stage("accuracy") as ok:
             if ok:

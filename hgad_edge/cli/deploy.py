@@ -1,4 +1,5 @@
-"""The deploy verbs: export a run to a bundle, write a Triton repository, build and check TensorRT engines."""
+"""The deploy verbs: export a run to a bundle, quantize it (INT8 Q/DQ graphs), write a Triton repository,
+build and check TensorRT engines."""
 
 from __future__ import annotations
 
@@ -24,30 +25,121 @@ from hgad_edge.core.trt_common import ENGINE_PRECISIONS, TARGETS
 )
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @click.option(
+    "--int8",
+    is_flag=True,
+    help="Also write the INT8 Q/DQ graphs (ONNX Runtime's and TensorRT's) from one calibration on normal images.",
+)
+@click.option(
+    "--calib-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="--int8: normal images to calibrate on [default: the run's own training images].",
+)
+@click.option(
     "--triton",
     "triton_repo",
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write a Triton model repository of the bundle here (see `hgad-edge triton-repo`).",
 )
-def export_cmd(run, out, precisions, no_simplify, triton_repo):
-    """Fused ONNX graphs (FP32 and mixed FP16) + metadata: the bundle the runtime and `build` use."""
+def export_cmd(run, out, precisions, no_simplify, int8, calib_dir, triton_repo):
+    """Fused ONNX graphs (FP32 and mixed FP16; with --int8 also INT8 Q/DQ) + metadata: the bundle the runtime
+    and `build` use."""
     require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "export")
+    from hgad_edge.export.int8_calibration import CalibrationError
     from hgad_edge.export.onnx_export import ExportError, export_bundle
     from hgad_edge.export.trt_check import check_onnx
 
+    if calib_dir is not None and not int8:
+        raise click.BadParameter("--calib-dir calibrates the INT8 graphs: add --int8", param_hint="--calib-dir")
     try:
-        result = export_bundle(run, out, tuple(precisions) or ("fp32", "fp16"), simplify=not no_simplify)
-    except (*user_errors(), ExportError) as exc:
+        calibration = _calibration_set(calib_dir, run) if int8 else None
+        result = export_bundle(
+            run, out, tuple(precisions) or ("fp32", "fp16"), simplify=not no_simplify, int8=calibration
+        )
+    except (*user_errors(), ExportError, CalibrationError) as exc:
         raise click.ClickException(str(exc)) from exc
     for precision, path in result.files.items():
         facts = result.metadata["models"][precision]
+        if "quantized_nodes" in facts:
+            what = f"{facts['nodes']} nodes, {facts['quantized_nodes']} quantized (Q/DQ, for {facts['runs_on']})"
+        else:
+            what = f"opset {facts['opset']}, {facts['nodes']} nodes, {facts['exporter']}"
+        if facts.get("runs_on") == "onnxruntime":  # asymmetric Q/DQ: TensorRT refuses it by design (int8_trt is its)
+            click.echo(f"{path}: {what}")
+            continue
         check = check_onnx(path)
         problems = "TensorRT import problems: " + "; ".join(check.problems)
         verdict = f"imports into TensorRT ({check.checker})" if check.ok else problems
-        click.echo(f"{path}: opset {facts['opset']}, {facts['nodes']} nodes, {facts['exporter']}; {verdict}")
+        click.echo(f"{path}: {what}; {verdict}")
     if triton_repo is not None:
         _write_triton_repo(out, triton_repo)
     click.echo(f"next: hgad-edge build {out} --precision fp16   (on the target GPU; --target rtx: for RTX GPUs, here)")
+
+
+def _calibration_set(calib_dir: Path | None, run: Path | None):
+    """The INT8 calibration images: a folder of normal images, else the run's own training images."""
+    from hgad_edge.export.int8_calibration import CalibrationError, folder_set, run_set
+
+    if calib_dir is not None:
+        return folder_set(calib_dir)
+    if run is None:
+        raise CalibrationError("no calibration images: pass --calib-dir with normal images, or --run RUN")
+    return run_set(run)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--calib-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Normal (defect-free) images to calibrate on.",
+)
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Calibrate on the training images of this run (the one the bundle was exported from).",
+)
+def quantize(bundle, calib_dir, run_dir):
+    """Add INT8 to an exported bundle: model_int8.onnx (ONNX Runtime, CPU) and model_int8_trt.onnx (TensorRT,
+    `build --precision int8`), Q/DQ graphs from one calibration on normal images; the head and scoring stay FP32."""
+    require("train", ("onnx", *(TRAIN_MODULES if run_dir is not None else ())), "quantize")
+    from hgad_edge.export.int8_calibration import CalibrationError
+    from hgad_edge.export.int8_quantize import QuantizeError, quantize_bundle
+
+    if (calib_dir is None) == (run_dir is None):
+        raise click.UsageError("give the calibration images: either --calib-dir NORMAL_DIR or --run RUN")
+    try:
+        if run_dir is not None:
+            _check_run_of(bundle, run_dir)
+        meta = quantize_bundle(bundle, _calibration_set(calib_dir, run_dir))
+    except (CalibrationError, QuantizeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    record = meta["quantization"]
+    calibration = record["calibration"]
+    for key in record["graphs"]:
+        facts = meta["models"][key]
+        click.echo(
+            f"{bundle / facts['file']}: {facts['quantized_nodes']} nodes quantized ({facts['activations']} "
+            f"activations, for {facts['runs_on']})"
+        )
+    click.echo(f"calibrated on {calibration['images']} images ({calibration['source']}), {calibration['method']}")
+    click.echo(f"next: hgad-edge run {bundle} SOURCE --precision int8 (CPU); hgad-edge build {bundle} --precision int8")
+
+
+def _check_run_of(bundle: Path, run_dir: Path) -> None:
+    """--run must be the run the bundle was exported from (same checkpoint sha256)."""
+    from hgad_edge.core.bundle import load_bundle
+    from hgad_edge.core.errors import BundleError
+    from hgad_edge.core.files import sha256_file
+    from hgad_edge.export.int8_calibration import CalibrationError
+
+    try:
+        exported = load_bundle(bundle).metadata.get("checkpoint_sha256")
+    except BundleError as err:
+        raise CalibrationError(str(err)) from err
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file() or exported != sha256_file(weights):
+        raise CalibrationError(f"bundle {bundle} was not exported from run {run_dir} (checkpoint sha256 differs)")
 
 
 def _write_triton_repo(bundle: Path, repo: Path, **options) -> None:
@@ -124,7 +216,7 @@ def _frame_hw(ctx, param, value: str | None) -> tuple[int, int] | None:
     type=click.Choice(list(ENGINE_PRECISIONS)),
     default="fp16",
     show_default=True,
-    help="int8: --target tensorrt (TensorRT 10) only.",
+    help="int8: the bundle's symmetric Q/DQ graph (hgad-edge quantize), strongly typed like fp16.",
 )
 @click.option(
     "--compute-capability",
@@ -144,13 +236,8 @@ def _frame_hw(ctx, param, value: str | None) -> tuple[int, int] | None:
     help="Tiled bundles: the camera frame size; sizes the profile to its tile count (one engine call a frame).",
 )
 @click.option("--workspace-mb", type=click.IntRange(min=1), help="Builder workspace limit.")
-@click.option(
-    "--calib-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Normal images for INT8 calibration.",
-)
 @click.option("--force", is_flag=True, help="Rebuild even if an up-to-date engine exists.")
-def build(bundle, target, precision, capabilities, batch, frame_hw, workspace_mb, calib_dir, force):
+def build(bundle, target, precision, capabilities, batch, frame_hw, workspace_mb, force):
     """Build a TensorRT engine from an exported bundle: on this GPU, or ahead of time for RTX GPUs (--target rtx)."""
     from hgad_edge.core.engine_records import BuildError
     from hgad_edge.export.trt_build import build_engines
@@ -163,8 +250,6 @@ def build(bundle, target, precision, capabilities, batch, frame_hw, workspace_mb
             raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch") from None
         if len(parts) != 3:
             raise click.BadParameter("use min:opt:max, e.g. 1:4:8", param_hint="--batch")
-    if precision == "int8" and calib_dir is None:
-        raise click.BadParameter("INT8 needs --calib-dir with normal images", param_hint="--calib-dir")
     gpus = [c.strip() for c in capabilities.split(",") if c.strip()] if capabilities else None
     try:
         engine = build_engines(
@@ -172,7 +257,6 @@ def build(bundle, target, precision, capabilities, batch, frame_hw, workspace_mb
             precision,
             parts,
             workspace_mb,
-            calib_dir,
             force=force,
             target=target,
             compute_capabilities=gpus,

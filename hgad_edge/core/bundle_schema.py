@@ -13,6 +13,10 @@ score_normalized = sigmoid((score - thresholds[c]) / scales[c]), anomalous iff i
 `normalized_threshold`. A `calibration` record (written by `hgad-edge calibrate`) allows
 thresholds and scales to differ from the ONNX copy; classes, input size and tiling never may.
 
+INT8 (optional): the Q/DQ graphs `models.int8` (ONNX Runtime) and `models.int8_trt` (TensorRT) are
+checked like the others (sha256, the ONNX copy); `quantization` records how (tool, calibration
+images and method, the parts quantized); informative, kept as it is.
+
 Tiling (optional, `tiling`: {tile, overlap, blend} or null; absent in older bundles = null): the
 runtime cuts each frame into tiles, scores them as one batch and stitches their maps
 (hgad_edge.core.tiling); the frame's score is the max of its tiles', and the thresholds were fitted
@@ -61,8 +65,17 @@ METADATA_FILE = "metadata.json"
 ENGINES_DIR = "engines"
 INPUT_NAMES = ("images", "class_id")  # uint8 (B, H, W, 3) RGB; int64 (B,) with -1 = auto
 OUTPUT_NAMES = ("anomaly_map", "score", "class_pred")  # graph outputs, in order (score_normalized is host-side)
-MODEL_FILES = {"fp32": "model_fp32.onnx", "fp16": "model_fp16.onnx"}
+# The bundle's ONNX graphs by metadata "models" key. The two INT8 graphs are Q/DQ copies of the FP32 graph
+# from one calibration (`hgad-edge quantize`): "int8" for ONNX Runtime (uint8 asymmetric activations), "int8_trt"
+# for TensorRT (symmetric int8 only); bundles without them (every bundle before INT8) load as before.
+MODEL_FILES = {
+    "fp32": "model_fp32.onnx",
+    "fp16": "model_fp16.onnx",
+    "int8": "model_int8.onnx",
+    "int8_trt": "model_int8_trt.onnx",
+}
 PRECISIONS = tuple(MODEL_FILES)
+FLOAT_MODELS = ("fp32", "fp16")  # what `hgad-edge export` writes; every bundle has at least one
 INPUT_STRIDE, MIN_INPUT_SIDE = 32, 64  # the backbone downsamples by 32; below 64 px there is no feature map
 # Values the exporter copies into each ONNX file's metadata_props (JSON-encoded).
 FIXED_IN_ONNX = ("classes", "input_size", "tiling")  # must always equal metadata.json (tiling: when set)
@@ -83,16 +96,25 @@ def check_file_name(name: Any, what: str) -> str:
         raise SchemaError(f"{what} must be a file name, got {name!r}")
     if "/" in name or "\\" in name or ":" in name or os.path.isabs(name) or Path(name).name != name:
         raise SchemaError(f"{what} {name!r} is not a bare file name inside the bundle (no folders, no absolute paths)")
+    try:  # a name no file system can hold would otherwise end in an OSError or UnicodeEncodeError on use
+        encoded = os.fsencode(name)
+    except UnicodeError:
+        raise SchemaError(f"{what} {name!r} is not a file name this system can encode") from None
+    if len(encoded) > 255:
+        raise SchemaError(f"{what} is {len(encoded)} bytes long; a file name has at most 255")
     return name
 
 
 def resolve_in(folder: Path, name: str, what: str) -> Path:
     """folder/name after `check_file_name`, refusing a symlink that points outside `folder`."""
     path = Path(folder) / check_file_name(name, what)
-    if path.is_symlink() or path.exists():
-        real, root = os.path.realpath(path), os.path.realpath(folder)
-        if os.path.commonpath([real, root]) != root:
-            raise SchemaError(f"{what} {name!r} is a link to {real}, outside the bundle")
+    try:
+        if path.is_symlink() or path.exists():
+            real, root = os.path.realpath(path), os.path.realpath(folder)
+            if os.path.commonpath([real, root]) != root:
+                raise SchemaError(f"{what} {name!r} is a link to {real}, outside the bundle")
+    except OSError as err:  # a link loop, no permission
+        raise SchemaError(f"{what} {name!r} cannot be resolved: {err.strerror or err}") from err
     return path
 
 
@@ -205,6 +227,9 @@ def _models(value: Any) -> dict[str, ModelFile]:
     unknown = [p for p in value if p not in PRECISIONS]
     if unknown:
         raise SchemaError(f"'models' has unknown precision(s) {unknown}; allowed: {list(PRECISIONS)}")
+    if not any(p in value for p in FLOAT_MODELS):
+        msg = f"'models' has no {' or '.join(FLOAT_MODELS)} graph (INT8 graphs are quantized copies of fp32)"
+        raise SchemaError(msg)
     return {p: ModelFile.from_json(value[p], p) for p in PRECISIONS if p in value}
 
 
@@ -424,11 +449,12 @@ def read_onnx_metadata_props(path: Path | str) -> dict[str, str]:
     props: dict[str, str] = {}
     skip = {0: None, 1: 8, 5: 4}  # wire type -> fixed size (None: a varint)
     with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
         while (tag := _varint(fh)) is not None:
             wire, number = (tag & 7, tag >> 3) if tag >= 0 else (-1, 0)
             if wire == 2:
                 length = _varint(fh)
-                if length is None or length < 0:
+                if length is None or length < 0 or fh.tell() + length > size:  # never read or seek past the end
                     raise SchemaError(f"{Path(path).name} is not a complete ONNX file")
                 if number == 14:
                     key, value = _string_pair(fh.read(length))

@@ -67,8 +67,9 @@ def engine_name(
 
 
 def source_model(precision: str) -> str:
-    """Which ONNX model of the bundle an engine of `precision` is built from ("fp16" / "fp32")."""
-    return "fp16" if precision == "fp16" else "fp32"
+    """Which ONNX model of the bundle an engine of `precision` is built from ("fp16", "fp32", and for
+    int8 the symmetric Q/DQ graph "int8_trt"; int8 engines of before Q/DQ recorded "fp32" themselves)."""
+    return {"fp16": "fp16", "int8": "int8_trt"}.get(precision, "fp32")
 
 
 def check_batch(batch: Sequence[int]) -> tuple[int, int, int]:
@@ -167,7 +168,7 @@ def engine_problems(
         problems.append(f"built for {what} {', '.join(gpus)}, this GPU is {cc_text(compute_capability)}")
     model_sha = (models.get(entry.get("model", entry.get("precision")), {}) or {}).get(
         "sha256"
-    )  # int8 engines come from the fp32 ONNX
+    )  # the entry names its ONNX model (int8 engines: int8_trt)
     if model_sha and entry.get("onnx_sha256") != model_sha:
         problems.append("built from another ONNX model (the bundle was re-exported since)")
     limits = entry.get("batch") or []

@@ -87,7 +87,7 @@ TARGETS: dict[str, TrtTarget] = {
             "tensorrt_rtx_bindings",
             ("tensorrt_rtx_bindings",),
             "rtx",
-            ("fp16", "fp32"),
+            ("fp16", "fp32", "int8"),
             builds_without_gpu=True,
             timing_cache=False,
             selectable_capabilities=True,

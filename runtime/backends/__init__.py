@@ -64,11 +64,12 @@ def input_specs(bundle: Bundle) -> list[TensorSpec]:
 
 
 def _ort_precision(bundle: Bundle, precision: str, gpu: bool) -> str:
-    """fp32 on CPU (ORT's CPU kernels gain nothing from fp16); fp16 on GPU when exported."""
-    if precision == "int8":
+    """fp32 on CPU (ORT's CPU kernels gain nothing from fp16); fp16 on GPU when exported. int8 (the Q/DQ graph
+    for ONNX Runtime, hgad-edge quantize) only when asked for: "auto" never picks it, its scores differ slightly."""
+    if precision == "int8" and "int8" not in bundle.models:
         msg = (
-            "INT8 runs only as a TensorRT engine (hgad-edge build BUNDLE --precision int8 --calib-dir DIR); "
-            "use fp32 or fp16 with ONNX Runtime"
+            f"bundle {bundle.path} has no int8 graph; quantize it: hgad-edge quantize {bundle.path} "
+            "(or export with --int8), or use fp32"
         )
         raise InvalidArgumentError(msg)
     if precision != "auto":
@@ -81,6 +82,8 @@ def _ort_precision(bundle: Bundle, precision: str, gpu: bool) -> str:
 def _onnxruntime_runner(bundle: Bundle, options: RuntimeOptions) -> Runner:
     providers = choose_providers(available_providers(), options.device)
     chosen = _ort_precision(bundle, options.precision, uses_gpu(providers))
+    if chosen == "int8":
+        providers = ["CPUExecutionProvider"]  # uint8 asymmetric Q/DQ: the CPU's integer kernels (TensorRT: int8_trt)
     loader = SessionFromOnnx(bundle.model_path(chosen), providers)
     runner = OnnxRuntimeRunner(loader, input_specs(bundle), list(OUTPUT_NAMES), options.max_batch)
     runner.precision = chosen
@@ -128,7 +131,9 @@ REGISTRY: dict[str, BackendEntry] = {
     "tensorrt": BackendEntry(
         _tensorrt_runner, ("fp32", "fp16", "int8"), "TensorRT or TensorRT-RTX engine in the bundle (hgad-edge build)"
     ),
-    "onnxruntime": BackendEntry(_onnxruntime_runner, ("fp32", "fp16"), "ONNX Runtime on CPU, or CUDA where available"),
+    "onnxruntime": BackendEntry(
+        _onnxruntime_runner, ("fp32", "fp16", "int8"), "ONNX Runtime on CPU, or CUDA where available (int8: CPU)"
+    ),
     "triton": BackendEntry(
         None,
         ("fp32", "fp16", "int8"),

@@ -51,12 +51,9 @@ _NO_GPU = re.compile(r"cudaError (35|100)|no CUDA-capable device|driver version 
 # ---- engine choice (pure: unit-tested without TensorRT) ------------------------------------------
 def build_fix(bundle: Any, precision: str, target: str = "tensorrt") -> str:
     """The command that builds the missing engine."""
-    extra = " --calib-dir NORMAL_IMAGES" if precision == "int8" else ""
-    return (
-        f"hgad-edge build {bundle} --precision {precision}"
-        + ("" if target == "tensorrt" else f" --target {target}")
-        + extra
-    )
+    first = f"hgad-edge quantize {bundle} (if not yet), then " if precision == "int8" else ""
+    where = "" if target == "tensorrt" else f" --target {target}"
+    return f"{first}hgad-edge build {bundle} --precision {precision}{where}"
 
 
 def choose_engine(
