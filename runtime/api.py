@@ -49,7 +49,17 @@ from hgad_edge.runtime.options import RuntimeOptions
 from hgad_edge.runtime.preprocess import BatchPacker, as_frame_list, resolve_class_ids
 from hgad_edge.runtime.tiles import TiledRunner
 
-__all__ = ["Result", "Status", "create", "create_with_options", "destroy", "infer", "info", "last_error"]
+__all__ = [
+    "Result",
+    "Status",
+    "create",
+    "create_with_options",
+    "destroy",
+    "infer",
+    "info",
+    "last_error",
+    "set_thresholds",
+]
 
 log = logging.getLogger("hgad_edge.runtime")
 
@@ -82,12 +92,13 @@ class _Handle:
     bundle: Bundle
     runner: Runner
     packer: BatchPacker
-    thresholds: np.ndarray  # (classes,) in effect: the bundle's, with the create() overrides; read-only
+    thresholds: np.ndarray  # (classes,) in effect: the bundle's with the overrides; replaced whole (set_thresholds)
     scales: np.ndarray  # (classes,)
     cuts: np.ndarray  # (classes,) score at which score_normalized reaches the normalized threshold
     tiler: TiledRunner | None = None  # set for a bundle with tiling: frames are scored as tiles
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_error: str = ""
+    overrides: dict[str, float] | None = None  # create()'s or set_thresholds' overrides, kept for a server's new bundle
 
 
 _handles: dict[int, _Handle] = {}
@@ -175,7 +186,7 @@ def create_with_options(bundle: Any, options: RuntimeOptions) -> tuple[Status, i
     scales = np.array(loaded.scales, np.float64)
     cuts = decision.decision_threshold(effective, scales, loaded.normalized_threshold)
     tiler = None if loaded.tiling is None else TiledRunner(runner, loaded.tiling)
-    state = _Handle(loaded, runner, packer, effective, scales, cuts, tiler)
+    state = _Handle(loaded, runner, packer, effective, scales, cuts, tiler, overrides=options.thresholds)
     with _handles_lock:
         handle = next(_next_id)
         _handles[handle] = state
@@ -246,6 +257,11 @@ def _decide(
     state: _Handle, amap: np.ndarray, score: np.ndarray, class_pred: np.ndarray, latency: dict, start: float
 ) -> Result:
     """The host-side PASS/FAIL decision on (frame) scores, the same for tiled and untiled bundles."""
+    served = getattr(state.runner, "bundle", state.bundle)  # a server's runner follows its recalibrated bundle
+    if served is not state.bundle:
+        state.bundle, state.scales = served, np.array(served.scales, np.float64)
+        state.thresholds = effective_thresholds(served, state.overrides)
+        state.cuts = decision.decision_threshold(state.thresholds, state.scales, served.normalized_threshold)
     classes = state.bundle.classes
     cls = np.clip(class_pred, 0, len(classes) - 1)
     normalized = decision.normalize(score, state.thresholds[cls], state.scales[cls])
@@ -253,6 +269,25 @@ def _decide(
     names = [classes[c] if 0 <= c < len(classes) else "unknown" for c in class_pred.tolist()]
     latency["total"] = (time.perf_counter() - start) * 1e3
     return Result(amap, score, normalized, anomalous, class_pred, names, latency)
+
+
+def set_thresholds(handle: int, thresholds: dict[str, float] | None) -> Status:
+    """Decide with these {class name: threshold} overrides from the handle's next call on (None: the
+    bundle's), checked like create's `thresholds`; the bundle is not changed (the live page's slider)."""
+    state = _lookup(handle)
+    if state is None:
+        return _invalid_handle(handle)
+    try:
+        if thresholds is not None and not isinstance(thresholds, dict):
+            kind = type(thresholds).__name__
+            raise InvalidArgumentError(f"thresholds must be a dict {{class name: threshold}}, got {kind}")
+        effective = effective_thresholds(state.bundle, thresholds)
+    except HgadRuntimeError as err:
+        return _fail(err.status, str(err), state)
+    cuts = decision.decision_threshold(effective, state.scales, state.bundle.normalized_threshold)
+    with state.lock:  # a call in flight finishes with the thresholds it started with
+        state.thresholds, state.cuts, state.overrides = effective, cuts, thresholds
+    return Status.OK
 
 
 def destroy(handle: int) -> Status:
@@ -279,7 +314,8 @@ def last_error(handle: int | None = None) -> str:
 
 
 def info(handle: int) -> tuple[Status, dict[str, Any] | None]:
-    """What a handle runs: backend, precision, classes, input size, tiling, thresholds, bundle path."""
+    """What a handle runs: backend, precision, classes, input size, tiling, thresholds, bundle path, the
+    model file's sha256 and the calibration record."""
     state = _lookup(handle)
     if state is None:
         return _invalid_handle(handle), None
@@ -298,4 +334,7 @@ def info(handle: int) -> tuple[Status, dict[str, Any] | None]:
         "normalized_threshold": bundle.normalized_threshold,
         "display_range": tuple(bundle.display_range),
         "bundle": getattr(runner, "url", str(bundle.path)),
+        # what a decision is traced to (hgad_edge.runtime.sinks.message): the model file and the calibration
+        "model_sha256": bundle.models.get(runner.precision, {}).get("sha256"),
+        "calibration": bundle.calibration,
     }

@@ -3,10 +3,11 @@
 Capture runs on the source's thread while this thread infers, so grabbing overlaps scoring; with
 a slow model, live sources drop their oldest frames (counted) instead of lagging behind.
 Ctrl-C (SIGINT) or SIGTERM ends the loop cleanly and the summary is still printed and returned.
-Outputs never lose what was there: `--output` is opened only once bundle, source and class are
-checked, appended to when it exists (replaced only with overwrite=True, and then written aside and
-renamed at the end); saved anomalies carry the run id in their names. `run_problems` says which
-summaries must end in a non-zero exit (nothing scored, every frame corrupt, evidence not saved).
+Outputs never lose what was there: `--output` (hgad_edge.runtime.outputs: where results are written,
+and how a device, FIFO or symlink is written through) is opened only once bundle, source and class are
+checked; a failed write ends the run with its summary; saved anomalies carry the run id in their
+names. `run_problems` says which summaries must end in a non-zero exit (nothing scored, every frame
+corrupt, evidence not saved).
 Scoring on an inference server (BUNDLE = grpc://...) survives the server going away: a live frame
 that cannot be scored is lost and counted, a file or folder frame waits for the server
 (--reconnect-attempts with backoff), and the summary says how many frames were lost.
@@ -19,6 +20,7 @@ The click command only maps flags onto `run_app`; everything testable lives here
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -26,25 +28,26 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
 from hgad_edge.core.bundle_schema import METADATA_FILE
-from hgad_edge.core.errors import BackendUnavailableError
+from hgad_edge.core.errors import BackendUnavailableError, Status
 from hgad_edge.core.files import atomic_path
 from hgad_edge.core.overlay import heatmap_overlay
 from hgad_edge.runtime.detector import Detector
 from hgad_edge.runtime.options import RuntimeOptions
+from hgad_edge.runtime.outputs import OutputError, ResultSink, check_output, open_output, writable_folder
+from hgad_edge.runtime.sinks.publisher import Publisher, delivery_summary
 from hgad_edge.runtime.sources import Frame, FrameSource, SourceError, check_supported, parse_source
-from hgad_edge.runtime.triton.client import is_server_url
+from hgad_edge.runtime.triton.client import is_server_url, require_client
 
 __all__ = ["AppError", "format_summary", "run_app", "run_problems"]
 
@@ -80,64 +83,16 @@ def check_gui(window_name: str) -> None:
         raise AppError(f"cannot open a window ({err}); pass --headless") from err
 
 
-def _writable_folder(path: Path) -> bool:
-    """Whether `path` (a folder, existing or to be created) can receive files."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
-
-
-def _check_outputs(output: str | Path | None, anomalies: str | Path | None) -> None:
+def _check_outputs(output: str | Path | None, overwrite: bool, anomalies: str | Path | None) -> None:
     """Refuse unusable output paths before the model loads; nothing is created or opened here."""
-    if output is not None and str(output) != "-":
-        path = Path(output)
-        if path.is_dir():
-            raise AppError(f"--output {path} is a folder; give a file name, e.g. {path / 'results.jsonl'}")
-        if not _writable_folder(path.parent) or (path.exists() and not os.access(path, os.W_OK)):
-            raise AppError(f"cannot write JSON lines to {path} (not writable); pick a writable path")
+    if output is not None:
+        check_output(output, overwrite)
     if anomalies is not None:
         path = Path(anomalies)
         if path.exists() and not path.is_dir():
             raise AppError(f"--save-anomalies {path} is a file; pass a folder")
-        if not _writable_folder(path):
+        if not writable_folder(path):
             raise AppError(f"cannot write anomalous frames to {path} (not writable); pick a writable folder")
-
-
-class _JsonLines:
-    """One JSON line per frame. An existing file is appended to; a new file (or overwrite=True) is
-    written under a temporary name and renamed at the end, and only if a line was written, so a
-    failed run never truncates earlier results."""
-
-    def __init__(self, path: str | Path, overwrite: bool) -> None:
-        self.path, self.tmp, self.lines = Path(path), None, 0
-        self.to_stdout = str(path) == "-"
-        try:
-            if self.to_stdout:
-                self.fh: IO[str] = sys.stdout
-            elif self.path.exists() and not overwrite:
-                self.fh = open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered: `tail -f` sees lines
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-                self.tmp, self.fh = Path(name), os.fdopen(fd, "w", encoding="utf-8", buffering=1)
-        except OSError as err:
-            msg = f"cannot write JSON lines to {self.path}: {err.strerror or err}; pick a writable path"
-            raise AppError(msg) from err
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.lines += 1
-
-    def close(self) -> None:
-        if self.to_stdout:
-            return
-        self.fh.close()
-        if self.tmp is not None:
-            if self.lines:
-                os.replace(self.tmp, self.path)
-            else:
-                self.tmp.unlink(missing_ok=True)
 
 
 def _prepare_dir(path: str | Path | None) -> Path | None:
@@ -166,20 +121,35 @@ class _SigtermAsInterrupt:
 
     SIGINT gets an explicit handler too: a process started in the background by a non-interactive
     shell inherits SIGINT as *ignored*, and Python then never raises KeyboardInterrupt.
+    Inside `deferred()` (one frame's outputs) the first signal waits for the block's end, so a frame's
+    JSON line, sink message and evidence go out together or not at all; a second one does not wait.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> _SigtermAsInterrupt:
         self.previous: dict[int, Any] = {}
+        self.deferring = self.pending = False
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._raise)
         return self
 
-    @staticmethod
-    def _raise(signum: int, frame: Any) -> None:
+    def _raise(self, signum: int, frame: Any) -> None:
+        if self.deferring and not self.pending:
+            self.pending = True
+            return
         raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self.previous.items():
@@ -200,6 +170,23 @@ def frame_batch(bundle: str | Path, options: RuntimeOptions) -> int:
     except (OSError, UnicodeDecodeError, ValueError):
         return 1  # load_bundle says what is wrong
     return options.max_batch if isinstance(meta, dict) and meta.get("tiling") else 1
+
+
+def open_detector(bundle: str | Path, options: RuntimeOptions, attempts: int, backoff_s: float) -> Detector:
+    """The Detector. A server that is not up yet, or up without its model (still loading), is waited for
+    like a server lost mid-run, whatever the source: `attempts` more tries with doubling backoff (the
+    source is opened only once the model answers, so no frame is lost meanwhile)."""
+    if is_server_url(bundle):
+        require_client()
+    for failures in itertools.count():
+        try:
+            return Detector.from_options(bundle, options)
+        except BackendUnavailableError as err:
+            if not is_server_url(bundle) or err.status != Status.BACKEND_UNAVAILABLE or failures >= attempts:
+                raise
+            delay = backoff_s * 2**failures
+            log.warning("%s; trying again in %.1f s (%d/%d)", err, delay, failures + 1, attempts)
+            time.sleep(delay)
 
 
 # ---- per frame -----------------------------------------------------------------------------------
@@ -239,8 +226,9 @@ def _shrink(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
 
 def _save_anomaly(
     folder: Path, run: str, frame: Frame, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float]
-) -> bool:
-    """Overlay + raw frame as <run id>_<frame>[_<file stem>]_{overlay,raw}.png; False if a write failed."""
+) -> Path | None:
+    """Overlay + raw frame as <run id>_<frame>[_<file stem>]_{overlay,raw}.png; the overlay's path (the
+    decision's evidence), None if a write failed."""
     stem = f"{run}_{frame.index:06d}"
     if Path(frame.source).suffix:
         stem += f"_{Path(frame.source).stem}"
@@ -258,7 +246,7 @@ def _save_anomaly(
             reason = getattr(err, "strerror", None) or err
             log.warning("could not write %s (%s): disk full or not writable?", path, reason)
             saved = False
-    return saved
+    return folder / f"{stem}_overlay.png" if saved else None
 
 
 class _Window:
@@ -295,6 +283,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             if summary["server_outages"]
             else ""
         )
+        + delivery_summary(summary)
         + (" (interrupted)" if summary["interrupted"] else "")
     )
 
@@ -395,14 +384,23 @@ def run_app(
     capture_factory: Callable[..., Any] | None = None,
     print_summary: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    sinks: tuple[str, ...] | list[str] = (),
+    history: str | Path | None = None,
+    spool: str | Path | None = None,
+    web: Any = None,
 ) -> dict[str, Any]:
     """Score `source` until it ends, `max_frames`, q/Esc in the window, or Ctrl-C; return the summary.
 
     `on_record` gets each frame's JSON-line record as it is scored (a progress bar, a tally).
+    `sinks` (URLs: mqtt://, opc.tcp://, http(s)://, jsonl:) and `history` (a SQLite file or a
+    postgresql:// URL) get each decision from their own threads (hgad_edge.runtime.sinks; disk queues
+    in `spool`); SinkError when one is unusable; the summary's "sinks"/"history" hold their counts.
+    `web`: a started LivePage (hgad_edge.runtime.web, `--web`) that shows the run; it outlives the run.
 
     Raises HgadRuntimeError (bundle/backend problems), SourceError (source cannot be opened or was
-    lost for good) or AppError (no GUI, unwritable outputs); each message names the fix. A summary
-    can still describe a failed run: see `run_problems`.
+    lost for good), AppError (no GUI, unwritable anomaly folder) or OutputError (an --output that
+    cannot be opened, or a result that could not be written: the run ends there, after its summary);
+    each message names the fix. A summary can still describe a failed run: see `run_problems`.
     options: backend, precision, device, trusted engines and {class name: score threshold} overrides
     (for this run only) as one RuntimeOptions (default: all "auto"); frames are scored one at a time,
     so its max_batch is 1 here, except for a tiled bundle: the most tiles per engine call (`frame_batch`).
@@ -411,20 +409,35 @@ def run_app(
     check_supported(spec)
     if not headless:
         check_gui(window_name)
-    _check_outputs(output_jsonl, save_anomalies)
+    _check_outputs(output_jsonl, overwrite, save_anomalies)
+    line = Publisher(sinks, history, spool) if sinks or history is not None else None  # checked before the model
     options = options or RuntimeOptions()
-    with Detector.from_options(bundle, replace(options, max_batch=frame_batch(bundle, options))) as detector:
+    options = replace(options, max_batch=frame_batch(bundle, options))
+    with open_detector(bundle, options, reconnect_attempts, backoff_s) as detector:
         class_id = detector.class_id(class_name)
         frames = FrameSource(spec, queue_size, reconnect_attempts, backoff_s, capture_factory=capture_factory)
         anomaly_dir = _prepare_dir(save_anomalies)
         window = None if headless else _Window(window_name)
-        jsonl = None if output_jsonl is None else _JsonLines(output_jsonl, overwrite)  # opened last: nothing truncated
+        jsonl = None if output_jsonl is None else open_output(output_jsonl, overwrite)  # opened last: nothing truncated
         try:
             retry = (0 if frames.spec.live else reconnect_attempts, backoff_s)
             return _run_loop(
-                detector, frames, class_id, jsonl, anomaly_dir, window, max_frames, print_summary, on_record, retry
+                detector,
+                frames,
+                class_id,
+                jsonl,
+                anomaly_dir,
+                window,
+                max_frames,
+                print_summary,
+                on_record,
+                retry,
+                line,
+                web,
             )
         finally:
+            if line is not None:
+                line.close()  # flushed and counted by _run_loop already, unless it failed before
             if jsonl is not None:
                 jsonl.close()
 
@@ -433,35 +446,58 @@ def _run_loop(
     detector: Detector,
     frames: FrameSource,
     class_id: int,
-    jsonl: _JsonLines | None,
+    jsonl: ResultSink | None,
     anomaly_dir: Path | None,
     window: _Window | None,
     max_frames: int | None,
     print_summary: bool,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     retry: tuple[int, float] = (0, 0.5),
+    line: Publisher | None = None,
+    page: Any = None,
 ) -> dict[str, Any]:
     counters, interrupted, error = _Counters(), False, None
     vrange = tuple(detector.info["display_range"])
-    saver = None if anomaly_dir is None else (anomaly_dir, run_id())
+    run = run_id()
+    saver = None if anomaly_dir is None else (anomaly_dir, run)
+    if line is not None:
+        line.open_for(detector, run, frames.spec.name)
+    if page is not None:
+
+        def live() -> dict[str, Any]:  # the counts so far, read on the page's thread when polled or scraped
+            depths = line.queue_depths() if line is not None else {}
+            return {**_summary(counters, frames, detector.backend, False, anomaly_dir), "queue_depths": depths}
+
+        page.open_for(detector, run, frames.spec.name, live)
     try:
-        with _SigtermAsInterrupt(), frames:
+        with _SigtermAsInterrupt() as signals, frames:
             for frame in frames:
                 result = _score(detector, frame, class_id, counters, *retry)
                 if result is None:
                     continue
-                if not _process(result, frame, jsonl, saver, window, counters, vrange, on_record):
+                with signals.deferred():
+                    keep_going = _process(result, frame, jsonl, saver, window, counters, vrange, on_record, line, page)
+                if not keep_going:
                     break
                 if max_frames is not None and counters.frames >= max_frames:
                     break
     except KeyboardInterrupt:
         interrupted = True
-    except (SourceError, ServerLostError) as err:
+    except (SourceError, ServerLostError, OutputError) as err:
         error = err
     finally:
         if window is not None:
             window.close()
+        if page is not None:
+            page.finish()
+    if jsonl is not None:
+        try:
+            jsonl.flush()
+        except OutputError as err:
+            error = error or err
     summary = _summary(counters, frames, detector.backend, interrupted, anomaly_dir)
+    if line is not None:
+        summary.update(line.close())  # flushed, or persisted for the next run: {"sinks": ..., "history": ...}
     if error is not None and counters.frames == 0:
         raise error
     if print_summary:
@@ -500,12 +536,14 @@ def _score(
 def _process(
     result: Any,
     frame: Frame,
-    jsonl: _JsonLines | None,
+    jsonl: ResultSink | None,
     saver: tuple[Path, str] | None,
     window: _Window | None,
     counters: _Counters,
     vrange: tuple[float, float],
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    line: Publisher | None = None,
+    page: Any = None,
 ) -> bool:
     """Emit one scored frame's outputs; False when the user asked to quit."""
     record = _record(frame, result)
@@ -515,8 +553,14 @@ def _process(
     if on_record is not None:
         on_record(record)
     amap = result.anomaly_map[0]
+    evidence = None
     if saver is not None and record["anomalous"]:
-        counters.save_failures += not _save_anomaly(saver[0], saver[1], frame, amap, record, vrange)
+        evidence = _save_anomaly(saver[0], saver[1], frame, amap, record, vrange)
+        counters.save_failures += evidence is None
+    if line is not None:
+        line.publish(record, evidence)  # a hand-over to the sinks' threads: never waits for a receiver
+    if page is not None:
+        page.publish(frame.image, amap, record)  # the page's latest-frame slot: drawn on its thread, or dropped
     if window is not None:
         # a stitched (frame-sized) map shrinks with the frame, by area: linear sampling could skip a small hot spot
         return window.show(_overlay(_shrink(frame.image), _shrink(amap), record, vrange, counters.fps))

@@ -53,7 +53,17 @@ class Detector:
         self._raise_unless_ok(status)
         self._handle = handle
         self._release = weakref.finalize(self, api.destroy, handle)  # frees GPU memory if close() is forgotten
-        _, self.info = api.info(handle)
+        _, self._info = api.info(handle)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the detector runs, read now: thresholds follow `set_thresholds` and a server's
+        recalibrated bundle; after close() the last reading."""
+        if self._handle is not None:
+            status, info = api.info(self._handle)
+            if status == Status.OK:
+                self._info = info
+        return self._info
 
     def _raise_unless_ok(self, status: Status) -> None:
         if status != Status.OK:
@@ -90,6 +100,11 @@ class Detector:
         status, result = api.infer(self._handle, frames, class_id)
         self._raise_unless_ok(status)
         return result
+
+    def set_thresholds(self, thresholds: dict[str, float] | None) -> None:
+        """Decide with these {class name: threshold} overrides from the next call on (None: the bundle's
+        thresholds); the bundle is not changed. `info["thresholds"]` shows them."""
+        self._raise_unless_ok(api.set_thresholds(self._handle, thresholds))
 
     def close(self) -> None:
         """Release the backend; safe to call twice."""

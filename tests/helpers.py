@@ -3,7 +3,8 @@
 - paths: REPO, REALAD (../shared/data/realad), NOT_IN_BASE_INSTALL, load_benchmark
 - the tiny training data set: TINY_SIZE, TINY_CONFIG, make_tiny_dataset
 - the tiny runtime bundle: a real ONNX graph with the bundle's exact signature (H x W, CLASSES,
-  THRESHOLDS, SCALES), make_bundle, reference, rng_frames, read_jsonl
+  THRESHOLDS, SCALES), make_bundle, reference, rng_frames, read_jsonl, image_folder
+- servers a test starts: free_port
 - camera fakes: FakeCapture, fake_camera, BGR
 - CUDA and TensorRT fakes: cuda-python's runtime bindings (host memory plays device memory, calls
   return (err, value) tuples like cuda.bindings.runtime), pycuda's driver, and the parts of the
@@ -191,6 +192,24 @@ def rng_frames(n: int, shape=(H, W), seed: int = 0) -> list[np.ndarray]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def image_folder(folder: Path, n: int, seed: int = 0) -> Path:
+    """n PNG frames of the tiny bundle's size, 000.png, 001.png, ... (a source for `run`): the tiny model
+    FAILs the even ones (noise up to 255) and PASSes the odd ones (dimmed to a third)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(rng_frames(n, seed=seed)):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), frame if i % 2 == 0 else frame // 3)
+    return folder
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ---- camera fakes --------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ stations) and calibrate (a new PASS/FAIL threshold from the line's own images)."
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 import click
@@ -18,6 +20,7 @@ from hgad_edge.runtime.backends import BACKENDS as RUNTIME_BACKENDS
 from hgad_edge.runtime.backends import LOCAL_BACKENDS, is_server_url
 from hgad_edge.runtime.backends import PRECISIONS as RUNTIME_PRECISIONS
 from hgad_edge.runtime.options import RuntimeOptions
+from hgad_edge.runtime.sinks.registry import SINKS as SINK_SCHEMES
 
 
 @click.command()
@@ -26,7 +29,11 @@ from hgad_edge.runtime.options import RuntimeOptions
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option(
-    "--host", default="0.0.0.0", show_default=True, help="Address to listen on (127.0.0.1: this machine only)."
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on: 127.0.0.1 serves this machine only; 0.0.0.0 every network, to anyone who reaches "
+    "the ports (inference is not authenticated: a private network, a firewall or an authenticating proxy).",
 )
 @click.option(
     "--max-batch",
@@ -59,8 +66,11 @@ def serve(
     precision,
     allow_engine_host_code,
 ):
-    """Serve a bundle with an embedded Triton Inference Server (PyTriton) for many camera stations."""
-    require("serve", ("pytriton", "tritonclient.grpc"), "serve")
+    """Serve a bundle with a Triton Inference Server (the nvidia-pytriton wheel's) for many camera stations.
+
+    Ready (/v2/health/ready, the "ready" line) once the model answered its warm-up; the bundle is
+    reloaded when its metadata.json changes (a new calibration); stop with Ctrl-C or SIGTERM."""
+    require("serve", ("tritonclient.grpc",), "serve")
     from hgad_edge.core.errors import HgadRuntimeError
     from hgad_edge.runtime.triton.server import ServeError, ServeOptions, serve_forever
 
@@ -101,17 +111,20 @@ def _bundle_or_server(ctx, param, value: str):
     type=click.Choice(RUNTIME_PRECISIONS),
     default="auto",
     show_default=True,
-    help="Engine/graph precision; int8 needs a TensorRT engine built with --calib-dir.",
+    help="Engine/graph precision; int8: the bundle's Q/DQ graph or an int8 engine (hgad-edge quantize).",
 )
 @click.option("--headless", is_flag=True, help="No window; print JSON lines / summary only.")
 @click.option(
     "--output",
     "output_jsonl",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write one JSON line per frame (appended to an existing file; - for stdout).",
+    help="Write one JSON line per frame (appended to an existing file; - for stdout; a FIFO or device such as "
+    "/dev/null is written through, a symlink's target written to).",
 )
 @click.option(
-    "--overwrite", is_flag=True, help="Replace an existing --output file (at the end of the run) instead of appending."
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing --output file (at the end of the run, only if a line was written) instead of appending.",
 )
 @click.option(
     "--save-anomalies",
@@ -136,6 +149,38 @@ def _bundle_or_server(ctx, param, value: str):
     metavar="NAME=VALUE",
     help="Score threshold for class NAME for this run only (the bundle is not changed); repeatable.",
 )
+@click.option(
+    "--sink",
+    "sinks",
+    multiple=True,
+    metavar="URL",
+    help="Also send each decision to URL, from its own thread, queued on disk while it is down (repeatable): "
+    f"{', '.join(f'{s}://' for s in SINK_SCHEMES if s != 'jsonl')} or jsonl:FILE. See docs/line.md.",
+)
+@click.option(
+    "--history",
+    metavar="DB",
+    help="Keep every decision in DB: a SQLite file (runs.db) or a postgresql:// URL; read it with `hgad-edge history`.",
+)
+@click.option(
+    "--spool",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the sinks' disk queues (default $HGAD_EDGE_SPOOL or ~/.local/state/hgad-edge/spool).",
+)
+@click.option(
+    "--web",
+    "web_bind",
+    metavar="[HOST:]PORT",
+    help="Serve the live inspection page and Prometheus /metrics on this port (127.0.0.1 unless HOST is given; "
+    "0.0.0.0 for every network). Needs the web extra. See docs/web.md.",
+)
+@click.option(
+    "--web-token",
+    envvar="HGAD_EDGE_WEB_TOKEN",
+    metavar="TOKEN",
+    help="Operator token of the page (default: generated and printed at start; also $HGAD_EDGE_WEB_TOKEN): "
+    "threshold changes need it, and off loopback looking does too.",
+)
 def run(
     bundle,
     source,
@@ -152,14 +197,23 @@ def run(
     max_batch,
     allow_engine_host_code,
     threshold_overrides,
+    sinks,
+    history,
+    spool,
+    web_bind,
+    web_token,
 ):
     """Score a camera, stream, video file, image folder (sub-folders too) or glob with a bundle or an
     inference server's grpc:// URL (no torch needed).
 
-    Exits non-zero when no frame could be scored or an anomalous frame could not be saved."""
+    Exits non-zero when no frame could be scored, a result could not be written (full disk, closed
+    pipe: the run ends there, after its summary) or an anomalous frame could not be saved."""
     from hgad_edge.core.errors import HgadRuntimeError
     from hgad_edge.runtime.app import AppError, run_app, run_problems
+    from hgad_edge.runtime.outputs import OutputError
+    from hgad_edge.runtime.sinks import SinkError
     from hgad_edge.runtime.sources import SourceError
+    from hgad_edge.runtime.web import WebError
 
     if (source is None) == (camera is None):
         raise click.UsageError("give exactly one of SOURCE or --camera")
@@ -172,23 +226,46 @@ def run(
             allow_engine_host_code=allow_engine_host_code,
             thresholds=thresholds,
         )
-        summary = run_app(
-            bundle,
-            source if source is not None else camera,
-            class_name,
-            headless,
-            output_jsonl,
-            save_anomalies,
-            max_frames,
-            reconnect_attempts,
-            options=options,
-            overwrite=overwrite,
-        )
-    except (HgadRuntimeError, SourceError, AppError) as exc:
+        page = None if web_bind is None else _live_page(web_bind, web_token, bundle)
+        with page or contextlib.nullcontext():
+            summary = run_app(
+                bundle,
+                source if source is not None else camera,
+                class_name,
+                headless,
+                output_jsonl,
+                save_anomalies,
+                max_frames,
+                reconnect_attempts,
+                options=options,
+                overwrite=overwrite,
+                sinks=sinks,
+                history=history,
+                spool=spool,
+                web=page,
+            )
+    except (HgadRuntimeError, SourceError, AppError, OutputError, SinkError, WebError) as exc:
         raise click.ClickException(str(exc)) from exc
     problems = run_problems(summary)
     if problems:
         raise click.ClickException("; ".join(problems))
+
+
+def _live_page(bind: str, token: str | None, bundle):
+    """--web: the page's port bound and served before the model loads; a saved threshold goes through
+    `hgad-edge calibrate`'s code (hgad_edge.threshold_calibration), which the runtime does not import."""
+    require("web", ("starlette", "uvicorn", "prometheus_client"), "run --web")
+    from hgad_edge import threshold_calibration as calibration
+    from hgad_edge.runtime.web import LivePage, ThresholdStore, WebOptions
+
+    store = None
+    if not is_server_url(bundle):
+        store = ThresholdStore(
+            functools.partial(calibration.set_threshold, bundle, how="hgad-edge run --web"),
+            functools.partial(calibration.undo_target, bundle, wait=False),  # the page never blocks on a calibrate
+            functools.partial(calibration.read_bundle_metadata, bundle),
+        )
+    return LivePage(WebOptions.parse(bind, token), store).start(announce=lambda line: click.echo(line, err=True))
 
 
 def policy_options(command):
@@ -244,14 +321,25 @@ def chosen_policy(options: dict) -> tuple[str, float | None]:
     show_default=True,
     help="Backend scoring a bundle's images (its own runtime).",
 )
-def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, backend, **options):
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Refuse at once when another calibrate (or --undo) of TARGET is running, instead of waiting for it.",
+)
+def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, backend, no_wait, **options):
     """New PASS/FAIL threshold for one class of a bundle or run folder, from new normal images.
 
     A bundle is scored with its own runtime backend (no torch needed) and only its metadata.json
-    changes: graphs and TensorRT engines stay valid. The write is atomic; --undo restores."""
+    changes: graphs and TensorRT engines stay valid. The write is atomic; --undo restores. One
+    calibrate of a TARGET runs at a time: a second one waits for it (--no-wait: refused)."""
     from hgad_edge.core.errors import HgadRuntimeError
     from hgad_edge.core.thresholds import PolicyError
     from hgad_edge.threshold_calibration import CalibrationError, calibrate_target, target_kind, undo_target
+
+    lock = {"wait": not no_wait, "announce": lambda line: click.echo(line, err=True)}
+    served = (
+        "a running `hgad-edge serve` of this bundle reloads its thresholds within a few seconds (no restart needed)"
+    )
 
     errors: tuple = (CalibrationError, PolicyError, HgadRuntimeError)
     try:
@@ -263,19 +351,21 @@ def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, b
         errors = (*errors, *user_errors())
     if undo:
         try:
-            record = undo_target(target)
+            record = undo_target(target, **lock)
         except errors as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(
             f"{target}: restored the thresholds from before the calibration of {record['date']} ({record['policy']})"
         )
+        if kind == "bundle":
+            click.echo(served)
         return
     if normal is None:
         raise click.UsageError("give --normal DIR (a folder of normal images), or --undo")
     policy, param = chosen_policy(options)
     try:
         result = calibrate_target(
-            target, normal, policy, param, defects, class_name, backend, refit_statistics=refit_statistics
+            target, normal, policy, param, defects, class_name, backend, refit_statistics=refit_statistics, **lock
         )
     except errors as exc:
         raise click.ClickException(str(exc)) from exc
@@ -288,3 +378,5 @@ def calibrate_cmd(target, normal, defects, class_name, refit_statistics, undo, b
     )
     if kind == "run":
         click.echo(f"re-export to deploy it: hgad-edge export {target} --out BUNDLE")
+    else:
+        click.echo(served)
