@@ -130,46 +130,54 @@ def _speed(fp32, other, image: np.ndarray, iters: int) -> float:
     return float(np.median(times[0]) / np.median(times[1]))
 
 
-def _profile(path: Path, image: np.ndarray, parts: dict[str, list[str]], runs: int) -> dict:
-    """ONNX Runtime's own kernel times per run, by part of the graph (backbone, flows, the Q/DQ
-    conversions, layout reorders, and the rest: head, scoring, glue) and by (part, op type): where
-    INT8 saves time and where it cannot."""
+def _profiles(paths: list[Path], image: np.ndarray, parts: dict[str, list[str]], runs: int) -> list[dict]:
+    """ONNX Runtime's own kernel times per run of each graph, their runs alternating (a loaded machine
+    slows them alike), by part (backbone, flows, the Q/DQ conversions, layout reorders, and the rest:
+    head, scoring, glue) and by (part, op type): where INT8 saves time and where it cannot."""
     import json
+    import re
 
     import onnx
     import onnxruntime as ort
 
-    part_of = {n: ("backbone" if p == "backbone" else "flows") for p, names in parts.items() for n in names}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:  # ORT renames what it rewrites
-        for out in node.output:  # after an output: "<tensor>_nchwc"
-            if node.name in part_of:
-                part_of[out] = part_of[node.name]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
+    sessions, part_of = [], []
     with tempfile.TemporaryDirectory(prefix="int8-profile-") as work:
-        opts.profile_file_prefix = str(Path(work) / "profile")
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        for k, path in enumerate(paths):
+            where = {n: ("backbone" if p == "backbone" else "flows") for p, names in parts.items() for n in names}
+            for node in onnx.load(str(path), load_external_data=False).graph.node:
+                for out in node.output:  # ORT names some rewritten nodes after an output: "<tensor>_nchwc"
+                    if node.name in where:
+                        where[out] = where[node.name]
+            part_of.append(where)
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(work) / f"profile{k}")
+            sessions.append(ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"]))
         feed = {"images": image[None], "class_id": np.array([-1])}
         for _ in range(runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    by_part: dict[str, float] = {}
-    by_op: dict[str, float] = {}
-    for event in events:
-        name = event.get("name", "")
-        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
-            continue
-        node, op = name[: -len("_kernel_time")], event["args"]["op_name"]
-        part = part_of.get(node) or part_of.get(node.removesuffix("_nchwc"))
-        if part is None:
-            special = {"QuantizeLinear": "Q/DQ", "DequantizeLinear": "Q/DQ", "ReorderOutput": "layout reorders"}
-            part = special.get(op, "head, scoring, glue")
-        ms = event["dur"] / 1e3 / runs
-        by_part[part] = by_part.get(part, 0.0) + ms
-        by_op[f"{part}: {op}"] = by_op.get(f"{part}: {op}", 0.0) + ms
-    top = dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])
-    return {"runs": runs, "ms_by_part": by_part, "ms_by_op": top, "ms_total": sum(by_part.values())}
+            for session in sessions:
+                session.run(None, feed)
+        events = [json.loads(Path(session.end_profiling()).read_text()) for session in sessions]
+    special = {"QuantizeLinear": "Q/DQ", "DequantizeLinear": "Q/DQ", "ReorderOutput": "layout reorders"}
+    out = []
+    for where, evs in zip(part_of, events):
+        by_part: dict[str, float] = {}
+        by_op: dict[str, float] = {}
+        for event in evs:
+            name = event.get("name", "")
+            if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+                continue
+            node, op = name[: -len("_kernel_time")], event["args"]["op_name"]
+            base = re.split(r"_token_\d+$|/", node)[0]  # fused: "<node>_token_32", "<node>/SomeFusion"
+            part = where.get(node) or where.get(base) or where.get(node.removesuffix("_nchwc"))
+            part = part or special.get(op, "head, scoring, glue")
+            ms = event["dur"] / 1e3 / runs
+            by_part[part] = by_part.get(part, 0.0) + ms
+            by_op[f"{part}: {op}"] = by_op.get(f"{part}: {op}", 0.0) + ms
+        top = dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])
+        out.append({"runs": runs, "ms_by_part": by_part, "ms_by_op": top, "ms_total": sum(by_part.values())})
+    return out
 
 
 def _variants(parts: dict[str, list[str]], wanted: list[str] | None) -> dict[str, tuple[list[str], str]]:
@@ -207,18 +215,21 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {name} | {parts} | {speed} | " + " | ".join(cells) + f" | {row['worst_drift']:.2f} | {fpr} |")
     parts = ["backbone", "flows", "Q/DQ", "layout reorders", "head, scoring, glue"]
     profile = ["| variant | " + " | ".join(parts) + " | total |", "|---|" + "---:|" * (len(parts) + 1)]
+    kernels = []
     for name, row in report["variants"].items():
-        ms = row["profile"]["ms_by_part"]
-        cells = " | ".join(f"{ms.get(p, 0.0):.1f}" for p in parts)
-        profile.append(f"| {name} | {cells} | {row['profile']['ms_total']:.1f} |")
-    kernels = [
-        f"- {name}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in list(row["profile"]["ms_by_op"].items())[:8])
-        for name, row in report["variants"].items()
-    ]
+        if "profile" not in row:
+            continue
+        ref, ms = row["profile"]["fp32"], row["profile"]["int8"]
+        cells = " | ".join(f"{ref['ms_by_part'].get(p, 0.0):.1f} -> {ms['ms_by_part'].get(p, 0.0):.1f}" for p in parts)
+        profile.append(f"| {name} | {cells} | {ref['ms_total']:.1f} -> {ms['ms_total']:.1f} |")
+        kernels.append(f"- {name}: " + ", ".join(f"{op} {v:.1f}" for op, v in list(ms["ms_by_op"].items())[:8]))
+    first = next((row["profile"]["fp32"] for row in report["variants"].values() if "profile" in row), None)
+    if first:
+        kernels.insert(0, "- fp32: " + ", ".join(f"{op} {v:.1f}" for op, v in list(first["ms_by_op"].items())[:8]))
     facts = report["calibration"]
     tail = (
-        "\n\n## Where the time goes\n\nONNX Runtime's kernel time per run (ms, batch 1, its own profiler; "
-        "the rest of a call is the session's overhead):\n\n"
+        "\n\n## Where the time goes\n\nONNX Runtime's kernel time per run (ms, batch 1, its own profiler), FP32 -> "
+        "the variant, the two sessions' runs alternating; the rest of a call is the session's overhead:\n\n"
         + "\n".join(profile)
         + "\n\nLargest kernels (part: op type, ms per run):\n\n"
         + "\n".join(kernels)
@@ -306,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                 speed = _speed(fp32, session, probe, args.iters)
                 del session
             row = {"parts": chosen, "graph": key, "speed": speed, "classes": {}}
-            row["profile"] = _profile(path, probe, parts, args.iters)
+            if key is not None:  # beside FP32, alternating: {"fp32": ..., "int8": ...}
+                pair = _profiles([fp32_path, path], probe, parts, args.iters)
+                row["profile"] = {"fp32": pair[0], "int8": pair[1]}
             drifts = []
             for c in classes:
                 r, ref = scored[c], reference[c]
