@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, 
 from _bootstrap import bootstrap_package as _bootstrap_package  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def machine_name() -> str:
@@ -78,14 +77,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def image_paths(folder: Path, limit: int) -> list[Path]:
+    """Images under folder (masks of an MVTec layout left out), every k-th in sorted order so that
+    about `limit` of them spread over classes and defect types; exits when there are none."""
+    from hgad_edge.core.imaging import IMAGE_EXTENSIONS
+
+    found = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and "ground_truth" not in p.parts)
+    paths = sorted(found)
+    if not paths:
+        raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return paths[:: max(1, len(paths) // limit)]
+
+
 def load_frames(folder: Path, limit: int) -> list[np.ndarray]:
     from hgad_edge.core.imaging import load_image
 
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "ground_truth" not in p.parts)
-    if not paths:
-        raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    step = max(1, len(paths) // limit)  # spread over classes and defect types
-    return [load_image(p) for p in paths[::step][:limit]]
+    return [load_image(p) for p in image_paths(folder, limit)[:limit]]
 
 
 def percentiles(latencies_ms: list[float]) -> dict[str, float]:

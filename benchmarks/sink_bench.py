@@ -25,8 +25,6 @@ import argparse
 import http.server
 import json
 import os
-import platform
-import re
 import shutil
 import socket
 import statistics
@@ -40,23 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, also when loaded by path
 from _bootstrap import bootstrap_package as _bootstrap_package  # noqa: E402
+from serve_bench import machine_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def machine_name() -> str:
-    model = platform.processor() or ""
-    try:
-        model = next(
-            line.split(":", 1)[1]
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    words = re.findall(r"[a-z0-9]+", model.lower())[:2] or ["cpu"]
-    return f"{'-'.join(words)}-{os.cpu_count()}c"
 
 
 def free_port() -> int:
@@ -100,7 +84,9 @@ def start_receiver() -> tuple[http.server.ThreadingHTTPServer, int]:
 
 def image_subset(images: Path, frames: int, folder: Path) -> Path:
     """The first `frames` images under `images`, linked into one folder (a source for run_app)."""
-    found = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:frames]
+    from hgad_edge.core.imaging import IMAGE_EXTENSIONS
+
+    found = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:frames]
     if not found:
         raise SystemExit(f"no images under {images}")
     folder.mkdir(parents=True)

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -41,26 +39,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, also when loaded by path
 from _bootstrap import bootstrap_package as _bootstrap_package  # noqa: E402
+from serve_bench import image_paths, machine_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MODES = ("off", "page", "watched")
 TARGET = 0.05  # the page may cost at most 5 % of the run's frames/s
-
-
-def machine_name() -> str:
-    """e.g. amd-epyc-2c: CPU vendor and family from /proc/cpuinfo, and the core count."""
-    model = platform.processor() or ""
-    try:
-        model = next(
-            line.split(":", 1)[1]
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    words = re.findall(r"[a-z0-9]+", model.lower())[:2] or ["cpu"]
-    return f"{'-'.join(words)}-{os.cpu_count()}c"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,11 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def frames_folder(images: Path, n: int, into: Path) -> Path:
     """n frames as symlinks 00000.png ... cycling through the images (spread over classes)."""
-    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "ground_truth" not in p.parts)
-    if not paths:
-        raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
-    step = max(1, len(paths) // n)
-    paths = paths[::step]
+    paths = image_paths(images, n)
     for i in range(n):
         source = paths[i % len(paths)].resolve()
         (into / f"{i:05d}{source.suffix.lower()}").symlink_to(source)
