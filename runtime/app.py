@@ -41,7 +41,7 @@ import numpy as np
 from hgad_edge.core.bundle_schema import METADATA_FILE
 from hgad_edge.core.errors import BackendUnavailableError, Status
 from hgad_edge.core.files import atomic_path
-from hgad_edge.core.overlay import heatmap_overlay
+from hgad_edge.core.overlay import heatmap_overlay, shrink
 from hgad_edge.runtime.detector import Detector
 from hgad_edge.runtime.options import RuntimeOptions
 from hgad_edge.runtime.outputs import OutputError, ResultSink, check_output, open_output, writable_folder
@@ -215,13 +215,9 @@ def _overlay(
     return heatmap_overlay(image, amap, vrange[0], vrange[1], alpha=0.5, label=label)
 
 
-def _shrink(image: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
-    """An image (or map) no larger than max_side, by area; smaller ones are returned as they are."""
-    scale = max_side / max(image.shape[:2])
-    if scale >= 1.0:
-        return image
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+def _shrink(image: np.ndarray) -> np.ndarray:
+    """An image (or map) no larger than the window's DISPLAY_MAX_SIDE (core.overlay.shrink)."""
+    return shrink(image, DISPLAY_MAX_SIDE)
 
 
 def _save_anomaly(

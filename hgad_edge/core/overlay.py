@@ -19,6 +19,16 @@ def check_rgb(image: np.ndarray, name: str = "image_rgb") -> None:
         raise ValueError(msg)
 
 
+def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+    """An image (or map) no larger than max_side on its long side, by area (a small hot spot of a map
+    is averaged in, not skipped); smaller ones are returned as they are."""
+    scale = max_side / max(image.shape[:2])
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def text_scale(height: int, width: int) -> tuple[float, int]:
     """Font scale and stroke that stay legible from 128 px thumbnails to full camera frames."""
     scale = max(0.4, min(height, width) / 512.0)

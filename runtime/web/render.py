@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from hgad_edge.core.overlay import heatmap_overlay
+from hgad_edge.core.overlay import heatmap_overlay, shrink
 
 __all__ = ["LIVE_MAX_SIDE", "THUMB_MAX_SIDE", "overlay_jpeg"]
 
@@ -21,22 +21,14 @@ THUMB_MAX_SIDE = 360  # gallery thumbnails
 JPEG_QUALITY = 82
 
 
-def _shrink(image: np.ndarray, max_side: int) -> np.ndarray:
-    scale = max_side / max(image.shape[:2])
-    if scale >= 1.0:
-        return image
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
 def overlay_jpeg(
     image: np.ndarray, amap: np.ndarray, record: dict[str, Any], vrange: tuple[float, float], max_side: int
 ) -> bytes:
     """The frame with its heatmap and label, at most `max_side` pixels on its long side, as JPEG bytes."""
-    small = _shrink(image, max_side)
+    small = shrink(image, max_side)
     amap = np.asarray(amap, np.float32)
     if amap.shape[:2] != small.shape[:2] and max(amap.shape) > max_side:
-        amap = _shrink(amap, max(small.shape[:2]))  # a frame-sized (tiled) map shrinks with the frame
+        amap = shrink(amap, max(small.shape[:2]))  # a frame-sized (tiled) map shrinks with the frame
     verdict = "FAIL" if record["anomalous"] else "PASS"
     label = f"{verdict} {record['score_normalized']:.2f} {record['class']}  #{record['frame']}"
     drawn = heatmap_overlay(small, amap, vrange[0], vrange[1], alpha=0.45, label=label)
