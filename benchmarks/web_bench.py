@@ -17,9 +17,12 @@ up to --frames frames; ground-truth masks left out), exactly as `hgad-edge run B
 The modes take turns within each repeat (the order rotating), so a machine that other work slows
 down slows all of them alike; the figure per mode is the median of its repeats, the cost is
 1 - median(mode) / median(off). Where other work shares the cores, frames/s wander by more than 5 %
-from run to run, so the page's own work is measured too: the CPU time of its thread (the server,
-its event loop and the drawing; /proc/self/task/TID/stat) per second of the run, i.e. the share of
-one core the page takes from inference. Writes report.md and report.json (atomically) to --out.
+from run to run, so CPU time is measured too, which other work disturbs far less: the run's process
+(user + system, getrusage) per frame scored, from the first frame's record to the run's end (model
+loading left out), and its cost median(mode) / median(off) - 1; the page's own thread (the server,
+its event loop and the drawing; /proc/self/task/TID/stat) as a share of one core over the run; and
+the viewer process's share of one core (what a browser on the station itself would take).
+Writes report.md and report.json (atomically) to --out.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -83,10 +87,41 @@ class Viewer:
         self.process = subprocess.Popen(
             [sys.executable, __file__, "viewer", url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        self.started = time.perf_counter()
+        self.children_cpu = children_cpu_s()
 
-    def close(self) -> dict[str, int]:
+    def close(self) -> dict[str, float]:
+        """What it read, and its CPU as a share of one core over its life (it is reaped here)."""
         out, _ = self.process.communicate("stop\n", timeout=30)
-        return json.loads(out.strip().splitlines()[-1])
+        share = (children_cpu_s() - self.children_cpu) / (time.perf_counter() - self.started)
+        return {**json.loads(out.strip().splitlines()[-1]), "viewer_core_share": share}
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of this process's reaped children so far (the viewers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuPerFrame:
+    """The run's on_record hook: the process's CPU seconds (user + system) per frame, counted from
+    the first frame's record, so the model's loading and the first inference's set-up are left out."""
+
+    def __init__(self) -> None:
+        self.frames, self.start = 0, 0.0
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.frames == 0:
+            self.start = process_cpu_s()
+        self.frames += 1
+
+    def value(self) -> float:
+        return (process_cpu_s() - self.start) / max(self.frames - 1, 1)
+
+
+def process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def view(url: str) -> None:
@@ -137,20 +172,28 @@ def one_run(bundle: Path, folder: Path, mode: str, backend: str) -> dict[str, An
     from hgad_edge.runtime.app import run_app
     from hgad_edge.runtime.web import LivePage, WebOptions
 
-    options = RuntimeOptions(backend)
+    options, meter = RuntimeOptions(backend), CpuPerFrame()
+    run = {"headless": True, "options": options, "print_summary": False, "on_record": meter}
     if mode == "off":
-        summary = run_app(bundle, folder, headless=True, options=options, print_summary=False)
-        return {"fps": summary["fps"], "frames": summary["frames"]}
+        summary = run_app(bundle, folder, **run)
+        return {"fps": summary["fps"], "frames": summary["frames"], "cpu_s_per_frame": meter.value()}
     with LivePage(WebOptions(port=0)).start(announce=lambda line: None) as page:
         viewer = Viewer(page.url) if mode == "watched" else None
         cpu = thread_cpu_s("hgad-edge web")
         try:
-            summary = run_app(bundle, folder, headless=True, options=options, print_summary=False, web=page)
+            summary = run_app(bundle, folder, web=page, **run)
+            per_frame = meter.value()
         finally:
             cpu = thread_cpu_s("hgad-edge web") - cpu
             load = viewer.close() if viewer is not None else {}
     share = cpu / summary["elapsed_s"] if summary["elapsed_s"] else 0.0
-    return {"fps": summary["fps"], "frames": summary["frames"], "page_core_share": share, **load}
+    return {
+        "fps": summary["fps"],
+        "frames": summary["frames"],
+        "cpu_s_per_frame": per_frame,
+        "page_core_share": share,
+        **load,
+    }
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -163,23 +206,30 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"`{report['images']}`, {report['repeats']} runs per mode taking turns; {report['cpus']} CPUs, load average "
         f"{report['load_average'][0]:.1f} at the start and {report['load_average'][1]:.1f} at the end (other work).",
         "",
-        "| mode | median frames/s | min | max | cost vs off (frames/s) | page thread: share of one core |",
-        "|---|---|---|---|---|---|",
+        "| mode | median frames/s | min | max | cost vs off (frames/s) | process CPU ms/frame (median) "
+        "| cost vs off (CPU/frame) | page thread: share of one core | viewer: share of one core |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         m = report["modes"][mode]
         cost = "" if mode == "off" else f"{100 * m['cost']:+.1f} %"
-        core = f"{100 * m['page_core_share']:.2f} %" if "page_core_share" in m else ""
-        row = f"| {mode} | {m['median_fps']:.2f} | {min(m['fps']):.2f} | {max(m['fps']):.2f} | {cost} | {core} |"
-        lines.append(row)
+        cpu_cost = "" if mode == "off" else f"{100 * m['cpu_cost']:+.1f} %"
+        core, viewer = (f"{100 * m[k]:.2f} %" if k in m else "" for k in ("page_core_share", "viewer_core_share"))
+        lines.append(
+            f"| {mode} | {m['median_fps']:.2f} | {min(m['fps']):.2f} | {max(m['fps']):.2f} | {cost} "
+            f"| {1e3 * m['median_cpu_s_per_frame']:.1f} | {cpu_cost} | {core} | {viewer} |"
+        )
     watched = report["modes"]["watched"]
+    costs = [report["modes"][m]["cost"] for m in MODES[1:]]
+    cpu_costs = [report["modes"][m]["cpu_cost"] for m in MODES[1:]]
     lines += [
         "",
         f"watched: the viewer read {watched['stream_bytes'] / 1e6:.1f} MB of MJPEG and polled the page "
         f"{watched['polls']} times per run (median). Target: cost < {100 * TARGET:.0f} % of the frames/s: "
-        + ("met" if max(report["modes"][m]["cost"] for m in MODES[1:]) < TARGET else "NOT met")
-        + f" by the medians; the page's thread took {100 * watched['page_core_share']:.2f} % of one core of the "
-        f"{report['cpus']} while watched.",
+        + ("met" if max(costs) < TARGET else "NOT met")
+        + f" by the medians of frames/s; by the CPU time per frame the page costs {100 * max(cpu_costs):+.1f} % at "
+        f"most (the viewer's own CPU, in its process, not counted there); the page's thread took "
+        f"{100 * watched['page_core_share']:.2f} % of one core of the {report['cpus']} while watched.",
         "",
     ]
     return "\n".join(lines)
@@ -205,13 +255,22 @@ def main(argv: list[str] | None = None) -> int:
             for mode in order:
                 result = one_run(args.bundle, folder, mode, args.backend)
                 runs[mode].append(result)
-                print(f"repeat {repeat + 1}/{args.repeats} {mode:8s} {result['fps']:.2f} frames/s", flush=True)
+                what = f"{result['fps']:.2f} frames/s, {1e3 * result['cpu_s_per_frame']:.1f} ms CPU/frame"
+                print(f"repeat {repeat + 1}/{args.repeats} {mode:8s} {what}", flush=True)
     base = statistics.median(r["fps"] for r in runs["off"])
+    base_cpu = statistics.median(r["cpu_s_per_frame"] for r in runs["off"])
     modes = {}
     for mode, results in runs.items():
-        fps = [r["fps"] for r in results]
-        modes[mode] = {"fps": fps, "median_fps": statistics.median(fps), "cost": 1 - statistics.median(fps) / base}
-        for key in ("stream_bytes", "polls", "page_core_share"):
+        fps, cpu = [r["fps"] for r in results], [r["cpu_s_per_frame"] for r in results]
+        modes[mode] = {
+            "fps": fps,
+            "median_fps": statistics.median(fps),
+            "cost": 1 - statistics.median(fps) / base,
+            "cpu_s_per_frame": cpu,
+            "median_cpu_s_per_frame": statistics.median(cpu),
+            "cpu_cost": statistics.median(cpu) / base_cpu - 1,
+        }
+        for key in ("stream_bytes", "polls", "page_core_share", "viewer_core_share"):
             if key in results[0]:
                 modes[mode][key] = statistics.median(r[key] for r in results)
     report = {

@@ -378,6 +378,30 @@ def test_stream_sends_the_newest_frames_as_mjpeg(tmp_path):
         assert all(j.startswith(b"\xff\xd8") for j in jpegs) and len({j for j in jpegs}) == 3  # new frames
 
 
+def test_live_frames_are_drawn_only_while_watched_and_paced_by_their_cost(tmp_path):
+    """Nobody watching, the page draws the gallery's thumbnails (they free the FAILs' frames) and no live
+    frame; a viewer gets frames at once; the live frame's pace is max_fps, or slower when drawing one
+    would take more than LIVE_CPU_SHARE of a core at that rate."""
+    from hgad_edge.runtime.web.server import LIVE_CPU_SHARE
+
+    frames = image_folder(tmp_path / "frames", 400)
+    with live_run(tmp_path, frames, fps=100) as (page, run, bundle):
+        web = page._server
+        wait_for(lambda: any(g["ready"] for g in page.state.snapshot()["gallery"]), what="a FAIL's thumbnail")
+        assert web.live_jpeg is None and web.draw_s == 0.0  # no live frame drawn for nobody
+        with urllib.request.urlopen(page.url + "stream.mjpg", timeout=10) as response:
+            data = b""
+            while data.count(b"--frame") < 2:
+                data += response.read1(65536)
+        assert web.live_jpeg is not None and web.draw_s > 0.0
+        wait_for(lambda: web.viewers == 0, what="the viewer gone")
+        max_fps = page.options.max_fps
+        web.draw_s = 0.2 * LIVE_CPU_SHARE / max_fps  # a frame drawn in a fifth of the budget: max_fps
+        assert web.live_period() == pytest.approx(1 / max_fps)
+        web.draw_s = 0.1  # a frame that takes 100 ms to draw: one every 0.1 / LIVE_CPU_SHARE s (5 s at 2 %)
+        assert web.live_period() == pytest.approx(0.1 / LIVE_CPU_SHARE)
+
+
 def test_cli_refuses_a_taken_port_before_the_model_loads(tmp_path):
     bundle, frames = make_bundle(tmp_path / "bundle"), image_folder(tmp_path / "frames", 4)
     with socket.socket() as taken:

@@ -12,9 +12,11 @@
     POST /api/undo           the bundle's last calibration undone                    (token)
     POST /api/mark           {"id", "mark": "good" | "defect" | null}                 (token)
 
-Frames are encoded here, at most `max_fps` a second and only while someone watches; a stream sends
-the newest frame when its viewer has taken the last one, so a slow viewer sees fewer frames and never
-slows the run (the run loop only swaps a reference, hgad_edge.runtime.web.state). Access rules:
+Frames are encoded here, only while someone watches, at the pace of `WebServer.live_period` (at most
+`max_fps` a second, and slower where drawing a frame would take more than LIVE_CPU_SHARE of a core);
+a stream sends the newest frame when its viewer has taken the last one, so a slow viewer sees fewer
+frames and never slows the run (the run loop only swaps a reference, hgad_edge.runtime.web.state).
+Nobody watching, the drawing loop wakes once a second, for the gallery's thumbnails only. Access rules:
 hgad_edge.runtime.web.access; on a loopback bind the Host header must name this machine, so a web
 page elsewhere cannot reach the station through a DNS name pointed at 127.0.0.1. The server writes
 no access log; its own warnings never carry a header.
@@ -23,6 +25,7 @@ no access log; its own warnings never carry a header.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -54,7 +57,13 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
-GALLERY_PER_TICK = 2  # FAIL thumbnails drawn per frame period at most; older undrawn ones may drop out
+GALLERY_PER_TICK = 2  # FAIL thumbnails drawn per tick at most; older undrawn ones may drop out
+# The live frame's budget: drawing and encoding it may take at most this share of one core. The page must
+# cost the run < 5 % of its frames/s; inference keeps every core busy in parallel sections, so a share of a
+# core the page takes stalls it by about that share, and sending, polls and the viewer need their part too.
+LIVE_CPU_SHARE = 0.02
+IDLE_TICK_S = 1.0  # nobody watching: the drawing loop's tick (thumbnails free the FAILs' full-size frames)
+STREAM_RECHECK_S = 1.0  # a stream waiting for a new frame looks at least this often whether the page stops
 START_TIMEOUT_S = 10.0
 
 
@@ -88,7 +97,11 @@ class WebServer:
         self.page, self.sock = page, sock
         self.viewers = 0
         self.live_jpeg: tuple[int, bytes] | None = None
+        self.draw_s = 0.0  # the live frame's recent drawing + encoding time (moving average, wall seconds)
         self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.wake: asyncio.Event | None = None  # the drawing loop's: a first viewer came, or the page stops
+        self.fresh: asyncio.Event | None = None  # the streams': set (then replaced) when a new live frame is drawn
         config = uvicorn.Config(
             _app(page, self),
             log_level="warning",
@@ -113,21 +126,41 @@ class WebServer:
 
     def stop(self) -> None:
         self.stopping = True
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended already
+                self.loop.call_soon_threadsafe(self.notify)
         self.server.should_exit = True
         self.thread.join(START_TIMEOUT_S)
         self.sock.close()
 
     # ---- drawing, on the server's event loop ----------------------------------------------------
+    def live_period(self) -> float:
+        """Seconds between live frames: 1 / max_fps, or longer where drawing one frame (`draw_s`) would
+        take more than LIVE_CPU_SHARE of a core at that rate (large frames, a slow or busy CPU)."""
+        return max(1.0 / self.page.options.max_fps, self.draw_s / LIVE_CPU_SHARE)
+
+    def notify(self) -> None:
+        """Wake the drawing loop and every stream (on the event loop): a first viewer, a new frame, stopping."""
+        if self.wake is not None:
+            self.wake.set()
+        if self.fresh is not None:
+            self.fresh.set()
+            self.fresh = asyncio.Event()
+
     async def render_loop(self) -> None:
-        """Each frame period: FAIL thumbnails (freeing their frames), and the live frame while watched."""
-        period = 1.0 / self.page.options.max_fps
+        """Thumbnails of new FAILs (freeing their frames) each tick; the live frame while watched, paced by
+        `live_period`. Nobody watching, a tick a second; a first viewer wakes the loop at once."""
+        self.loop, self.wake, self.fresh = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
         while not self.stopping:
             started = time.perf_counter()
             try:
                 self.render_once()
             except Exception:  # a drawing bug must not end the page; the run is unaffected either way
                 log.exception("live page: drawing a frame failed")
-            await asyncio.sleep(max(0.0, period - (time.perf_counter() - started)))
+            pause = self.live_period() if self.viewers else IDLE_TICK_S
+            self.wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(0.0, pause - (time.perf_counter() - started)))
 
     def render_once(self) -> None:
         state, vrange = self.page.state, self.page.vrange
@@ -136,7 +169,11 @@ class WebServer:
         latest = state.latest()
         if self.viewers and latest is not None and (self.live_jpeg is None or self.live_jpeg[0] != latest[0]):
             seq, image, amap, record = latest
+            started = time.perf_counter()
             self.live_jpeg = (seq, overlay_jpeg(image, amap, record, vrange, LIVE_MAX_SIDE))
+            took = time.perf_counter() - started
+            self.draw_s = took if self.draw_s == 0.0 else 0.8 * self.draw_s + 0.2 * took
+            self.notify()
 
 
 def _app(page: LivePage, web: WebServer) -> Any:
@@ -178,10 +215,10 @@ def _app(page: LivePage, web: WebServer) -> Any:
         return JSONResponse(body, headers=no_store)
 
     async def stream(request: Request) -> StreamingResponse:
-        period = 1.0 / page.options.max_fps
-
         async def parts():
             web.viewers += 1
+            if web.viewers == 1 and web.wake is not None:
+                web.wake.set()  # the drawing loop was on its idle tick: the first frame now
             try:
                 sent = None
                 while not web.stopping:
@@ -192,7 +229,12 @@ def _app(page: LivePage, web: WebServer) -> Any:
                             len(jpeg),
                             jpeg,
                         )
-                    await asyncio.sleep(period / 2)
+                        continue  # a newer frame may have come while this one was sent
+                    if web.fresh is None:  # not started yet (only before the lifespan ran)
+                        await asyncio.sleep(0.05)
+                        continue
+                    with contextlib.suppress(asyncio.TimeoutError):  # woken by the next frame, or to recheck
+                        await asyncio.wait_for(web.fresh.wait(), STREAM_RECHECK_S)
             finally:
                 web.viewers -= 1
 
