@@ -43,6 +43,7 @@ from hgad_edge.core.bundle_schema import (
     ModelFile,
     SchemaError,
     check_file_name,
+    check_lineage,
     onnx_metadata_props,
 )
 from hgad_edge.export.graph_check import check_graph
@@ -140,10 +141,14 @@ def export_bundle(
     precisions: tuple[str, ...] = ("fp32", "fp16"),
     simplify: bool = True,
     int8: CalibrationSet | None = None,
+    keep_calibration: Path | str | None = None,
 ) -> ExportResult:
     """Run folder -> bundle folder (see module docstring). Every graph passes `check_graph`.
 
     int8: calibrate on these normal images and add the Q/DQ graphs (needs "fp32" in `precisions`).
+    keep_calibration: the bundle of the run's parent (or of the run itself), whose `hgad-edge calibrate`
+    records of the classes the run's change kept carry over (export/keep_calibration.py); checked
+    before any export work. The run's lineage (`train --from`) is recorded in the metadata.
     The bundle is written into a staging folder beside `out` and swapped in at the end: a failed
     or interrupted export leaves the previous bundle as it was (and no empty `out` behind).
     """
@@ -178,9 +183,11 @@ def export_bundle(
         },
     )
     try:
+        metadata = replace(metadata, lineage=check_lineage(meta.get("lineage")))
         metadata.check_values()
     except SchemaError as err:
         raise ExportError(f"{run_dir} cannot be exported: {err}") from err
+    carried = _kept_calibration(keep_calibration, metadata, meta) if keep_calibration is not None else None
     with atomic_dir(out) as staging:
         models = {}
         for precision in precisions:
@@ -203,8 +210,33 @@ def export_bundle(
             except QuantizeError as err:
                 raise ExportError(str(err)) from err
         metadata = _carry_over(out, staging, metadata)
+        if carried is not None:
+            metadata = metadata.with_calibration(*carried)
         atomic_write_json(staging / METADATA_FILE, metadata.to_json())
     return ExportResult(out, {p: out / MODEL_FILES[p] for p in metadata.models}, metadata.to_json())
+
+
+def _kept_calibration(old_bundle: Path | str, metadata: BundleMetadata, run_meta: dict):
+    """(thresholds, scales, record) carried from `old_bundle` (export/keep_calibration.py), or ExportError."""
+    from hgad_edge.core.bundle import load_bundle
+    from hgad_edge.core.errors import BundleError
+    from hgad_edge.export.keep_calibration import (
+        KeepCalibrationError,
+        carry_calibration,
+        check_same_frames,
+        kept_classes,
+    )
+
+    where = Path(old_bundle)
+    try:
+        old = load_bundle(where).schema
+        check_same_frames(old, metadata.input_size, metadata.tiling, where)
+        kept = kept_classes(old, run_meta, metadata.extra["checkpoint_sha256"], where)
+        return carry_calibration(old, metadata.classes, metadata.thresholds, metadata.scales, kept, where)
+    except BundleError as err:
+        raise ExportError(f"--keep-calibration {where}: {err}") from err
+    except KeepCalibrationError as err:
+        raise ExportError(str(err)) from err
 
 
 def _check_out(out: Path) -> None:

@@ -249,3 +249,31 @@ def format_info(facts: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)
+
+
+# ---- a bundle -------------------------------------------------------------------------------------
+def format_bundle(path: Path | str) -> str:
+    """`hgad-edge info BUNDLE`: what the bundle holds and where its model came from (its lineage: the
+    class changes since training from scratch), verified as the runtime loads it."""
+    from hgad_edge.core.bundle import load_bundle
+    from hgad_edge.core.bundle_schema import describe_lineage
+
+    bundle = load_bundle(path)
+    calibration = bundle.calibration
+    rows = [
+        ("bundle", str(bundle.path)),
+        ("classes", ", ".join(bundle.classes)),
+        ("models", ", ".join(f"{p} ({m['sha256'][:12]})" for p, m in bundle.models.items())),
+        ("checkpoint", str(bundle.metadata.get("checkpoint_sha256"))),
+        (
+            "calibration",
+            f"{calibration['policy']} of {calibration['class']} on {calibration['date']}"
+            if calibration
+            else "as exported",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows + [("lineage", "")])
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for i, line in enumerate(describe_lineage(bundle.lineage)):
+        lines.append(f"{'lineage' if i == 0 else '':<{width}}  {line}")
+    return "\n".join(lines)

@@ -315,7 +315,7 @@ def last_error(handle: int | None = None) -> str:
 
 def info(handle: int) -> tuple[Status, dict[str, Any] | None]:
     """What a handle runs: backend, precision, classes, input size, tiling, thresholds, bundle path, the
-    model file's sha256 and the calibration record."""
+    model file's sha256, the calibration record and the model's lineage."""
     state = _lookup(handle)
     if state is None:
         return _invalid_handle(handle), None
@@ -337,4 +337,5 @@ def info(handle: int) -> tuple[Status, dict[str, Any] | None]:
         # what a decision is traced to (hgad_edge.runtime.sinks.message): the model file and the calibration
         "model_sha256": bundle.models.get(runner.precision, {}).get("sha256"),
         "calibration": bundle.calibration,
+        "lineage": list(bundle.lineage),  # class changes of the model (train --from), oldest first
     }

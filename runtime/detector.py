@@ -83,6 +83,12 @@ class Detector:
         return self.info["tiling"]
 
     @property
+    def lineage(self) -> list[dict]:
+        """The class changes the model went through (`hgad-edge train --from`: parent model sha256, what
+        changed, when), oldest first; [] for a model trained from scratch."""
+        return list(self.info.get("lineage") or [])
+
+    @property
     def backend(self) -> str:
         """The backend actually used ("tensorrt" or "onnxruntime"), useful after backend="auto"."""
         return self.info["backend"]

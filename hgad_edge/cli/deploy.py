@@ -40,7 +40,14 @@ from hgad_edge.core.trt_common import ENGINE_PRECISIONS, TARGETS
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write a Triton model repository of the bundle here (see `hgad-edge triton-repo`).",
 )
-def export_cmd(run, out, precisions, no_simplify, int8, calib_dir, triton_repo):
+@click.option(
+    "--keep-calibration",
+    "keep_calibration",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="RUN came from `train --from PARENT`: keep the `calibrate` records of this bundle of PARENT for the "
+    "classes the change did not touch.",
+)
+def export_cmd(run, out, precisions, no_simplify, int8, calib_dir, triton_repo, keep_calibration):
     """Fused ONNX graphs (FP32 and mixed FP16; with --int8 also INT8 Q/DQ) + metadata: the bundle the runtime
     and `build` use."""
     require("train", (*TRAIN_MODULES, "onnx", "onnxscript"), "export")
@@ -53,7 +60,12 @@ def export_cmd(run, out, precisions, no_simplify, int8, calib_dir, triton_repo):
     try:
         calibration = _calibration_set(calib_dir, run) if int8 else None
         result = export_bundle(
-            run, out, tuple(precisions) or ("fp32", "fp16"), simplify=not no_simplify, int8=calibration
+            run,
+            out,
+            tuple(precisions) or ("fp32", "fp16"),
+            simplify=not no_simplify,
+            int8=calibration,
+            keep_calibration=keep_calibration,
         )
     except (*user_errors(), ExportError, CalibrationError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -70,6 +82,9 @@ def export_cmd(run, out, precisions, no_simplify, int8, calib_dir, triton_repo):
         problems = "TensorRT import problems: " + "; ".join(check.problems)
         verdict = f"imports into TensorRT ({check.checker})" if check.ok else problems
         click.echo(f"{path}: {what}; {verdict}")
+    kept = result.metadata.get("calibration", {}).get("kept_from") if keep_calibration is not None else None
+    if kept:
+        click.echo(f"kept the calibrations of {', '.join(kept['classes'])} from {keep_calibration}")
     if triton_repo is not None:
         _write_triton_repo(out, triton_repo)
     click.echo(f"next: hgad-edge build {out} --precision fp16   (on the target GPU; --target rtx: for RTX GPUs, here)")

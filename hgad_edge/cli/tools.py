@@ -14,11 +14,20 @@ from hgad_edge.cli.common import TRAIN_MODULES, parse_classes, require, user_err
 
 
 @click.command()
-def info():
-    """Versions, extras, backends, GPUs, cameras and the fitting `build --target`: paste it into bug reports."""
-    from hgad_edge.info import format_info, gather
+@click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+def info(bundle):
+    """Versions, extras, backends, GPUs, cameras and the fitting `build --target`: paste it into bug reports.
+    With BUNDLE: also what the bundle holds and its model's lineage (class changes since training)."""
+    from hgad_edge.info import format_bundle, format_info, gather
 
     click.echo(format_info(gather()))
+    if bundle is not None:
+        from hgad_edge.core.errors import BundleError
+
+        try:
+            click.echo(format_bundle(bundle))
+        except BundleError as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 def _csv(kind: type, allowed: tuple[str, ...] | None = None):

@@ -87,6 +87,11 @@ class Bundle:
         return self.schema.tiling
 
     @property
+    def lineage(self) -> tuple[dict[str, Any], ...]:
+        """The class changes the model went through (`hgad-edge train --from`), oldest first; () from scratch."""
+        return self.schema.lineage
+
+    @property
     def calibration(self) -> dict[str, Any] | None:
         """The recalibration record (`hgad-edge calibrate`), or None for the thresholds of the export."""
         return self.schema.calibration

@@ -21,6 +21,12 @@ Tiling (optional, `tiling`: {tile, overlap, blend} or null; absent in older bund
 runtime cuts each frame into tiles, scores them as one batch and stitches their maps
 (hgad_edge.core.tiling); the frame's score is the max of its tiles', and the thresholds were fitted
 on such frame scores, so tiling is part of what a score means and is copied into the ONNX files too.
+
+Lineage (optional, `lineage`: a list, oldest first; absent in older bundles and in models trained from
+scratch = []): one entry per class change the model went through (`hgad-edge train --from`), each with
+the parent model's sha256, the change ({add, retrain, remove}: class names), the date and what the
+change did (informative: classes, flows, steps, per-class threshold status). Type-checked, not copied
+into the ONNX files: it says where a model came from and decides nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ __all__ = [
     "FORMAT_VERSION",
     "FORMAT_VERSIONS",
     "INPUT_NAMES",
+    "LINEAGE_CHANGES",
     "METADATA_FILE",
     "MODEL_FILES",
     "OUTPUT_NAMES",
@@ -52,7 +59,9 @@ __all__ = [
     "ModelFile",
     "SchemaError",
     "check_file_name",
+    "check_lineage",
     "check_onnx_copy",
+    "describe_lineage",
     "onnx_metadata_props",
     "read_onnx_metadata_props",
     "resolve_in",
@@ -83,6 +92,7 @@ CALIBRATED_IN_ONNX = ("thresholds", "scales", "normalized_threshold")  # may dif
 _ONNX_PROPS = ("format", "format_version", "package_version", *FIXED_IN_ONNX, *CALIBRATED_IN_ONNX,
                "checkpoint_sha256", "precision")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+LINEAGE_CHANGES = ("add", "retrain", "remove")  # the class changes a lineage entry records
 
 
 class SchemaError(ValueError):
@@ -169,6 +179,51 @@ def _tiling(value: Any, input_size: tuple[int, int]) -> Tiling | None:
     if tiling is not None and input_size[0] != input_size[1]:
         raise SchemaError(f"'tiling' needs a square input_size (tiles are square), got {list(input_size)}; {fix}")
     return tiling
+
+
+def check_lineage(value: Any) -> tuple[dict[str, Any], ...]:
+    """A model's lineage (see the module docstring): () for None (trained from scratch), else each entry
+    checked for a parent sha256, a change of class-name lists and a date; other keys kept as they are."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SchemaError(f"'lineage' must be a list of changes, got {type(value).__name__}")
+    for i, entry in enumerate(value):
+        what = f"'lineage'[{i}]"
+        if not isinstance(entry, dict):
+            raise SchemaError(f"{what} must be an object, got {entry!r}")
+        sha = entry.get("parent_sha256")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise SchemaError(f"{what}.parent_sha256 must be the parent model's 64-hex-digit sha256, got {sha!r}")
+        change = entry.get("change")
+        if not isinstance(change, dict) or set(change) - set(LINEAGE_CHANGES) or not any(change.values()):
+            raise SchemaError(f"{what}.change must name classes under {'/'.join(LINEAGE_CHANGES)}, got {change!r}")
+        for key, names in change.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise SchemaError(f"{what}.change.{key} must be a list of class names, got {names!r}")
+        if not isinstance(entry.get("date"), str):
+            raise SchemaError(f"{what}.date must be the change's date (ISO 8601 text), got {entry.get('date')!r}")
+    return tuple(dict(e) for e in value)
+
+
+def describe_lineage(lineage: Any) -> list[str]:
+    """One line per change, oldest first (what `eval`, `info BUNDLE` and the runtime show); a model
+    trained from scratch: one line saying so."""
+    entries = check_lineage(list(lineage) if lineage else None)
+    if not entries:
+        return ["trained from scratch (no class changes)"]
+    lines = []
+    for i, e in enumerate(entries, 1):
+        what = "; ".join(f"{k} {', '.join(e['change'][k])}" for k in LINEAGE_CHANGES if e["change"].get(k))
+        how = f", flows {e['flows']}, {e.get('steps', 0)} steps" if e.get("flows") not in (None, "unchanged") else ""
+        status = e.get("thresholds") or {}
+        refit = [c for c, v in status.items() if v == "refitted"]
+        kept = [c for c, v in status.items() if v == "kept"]
+        checked = ""
+        if status:
+            checked = f"; thresholds kept: {', '.join(kept) or 'none'}, refitted: {', '.join(refit) or 'none'}"
+        lines.append(f"{i}. {e['date']}: {what} (parent model {e['parent_sha256'][:12]}{how}){checked}")
+    return lines
 
 
 def _display_range(value: Any) -> tuple[float, float]:
@@ -269,7 +324,7 @@ def check_compatible(meta: dict[str, Any]) -> None:
 
 _KNOWN = {"format", "format_version", "package_version", "classes", "input_size", "input", "class_input", "outputs",
           "thresholds", "scales", "normalized_threshold", "display_range", "models", "engines", "calibration",
-          "tiling"}
+          "tiling", "lineage"}
 
 
 @dataclass(frozen=True)
@@ -290,6 +345,7 @@ class BundleMetadata:
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     package_version: str = PACKAGE_VERSION
     tiling: Tiling | None = None  # None: frames resized whole to input_size (every bundle before tiling)
+    lineage: tuple[dict[str, Any], ...] = ()  # class changes the model went through, oldest first (none: from scratch)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -321,6 +377,7 @@ class BundleMetadata:
             engines=_engines(meta.get("engines")),
             package_version=str(meta.get("package_version")),
             tiling=_tiling(meta.get("tiling"), input_size),
+            lineage=check_lineage(meta.get("lineage")),
             extra={k: v for k, v in meta.items() if k not in _KNOWN},
         )
 
@@ -347,6 +404,8 @@ class BundleMetadata:
             meta["calibration"] = dict(self.calibration)
         if self.tiling is not None:  # untiled bundles keep the metadata.json of before tiling
             meta["tiling"] = self.tiling.to_dict()
+        if self.lineage:  # models trained from scratch keep the metadata.json of before lineage
+            meta["lineage"] = [dict(e) for e in self.lineage]
         BundleMetadata.from_json(json.loads(json.dumps(meta)))
         return meta
 
@@ -359,6 +418,7 @@ class BundleMetadata:
         _numbers(list(self.scales), "'scales'", len(classes), positive=True)
         _normalized_threshold(self.normalized_threshold)
         _display_range(list(self.display_range))
+        check_lineage([dict(e) for e in self.lineage] or None)
 
     def with_models(self, models: dict[str, ModelFile]) -> BundleMetadata:
         return replace(self, models=dict(models))

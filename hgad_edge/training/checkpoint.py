@@ -2,7 +2,10 @@
 
 runs/x/
   config.yaml          full HGADConfig the model was built and trained with
-  meta.json            classes, calibration constants, training summary, package version
+  meta.json            classes, calibration constants, training summary, package version; a run made by
+                       `train --from PARENT` (training/grow.py) also its `lineage` (one entry per class
+                       change, oldest first: parent model sha256, what changed, when; the parent's own
+                       entries before it, so the chain survives) and its held-out image names
   model.safetensors    every tensor of the fused scorer (backbone included: self-contained)
   train_state.pt       optimizer/scheduler/epoch for --resume (plain tensors, weights_only load)
 """

@@ -421,6 +421,45 @@ class TilingConfig:
 
 
 @dataclass
+class GrowConfig:
+    """Class changes on a trained run (`hgad-edge train --from RUN --add-class / --retrain-class /
+    --remove-class`, hgad_edge.training.grow); a run trained from scratch never reads it. The
+    defaults were chosen on the tuning half of realad's test images (benchmarks/grow_study.py)."""
+
+    # "finetune": the shared flows train on the new class with a replay of the others; "frozen": only
+    # the new class's centres and weights train, so every other class's log-likelihoods stay exact.
+    # Chosen on the tuning half of realad (benchmarks/grow_study.py --parts tune: magnetic_tile added to
+    # the other three classes): the smallest worst loss (the new class against the four-class model from
+    # scratch, an old class against the three-class parent) among the settings within a third of the
+    # scratch training time. finetune 150 steps at 1e-3: -3.8 / -1.5 image AUROC in 0.24 of the time;
+    # frozen (300 at 1e-3): -7.1 / -0.1 in 0.17; finetune 300 at 5e-4: -3.4 / -1.8 but 0.42 of the time.
+    # Neither meets both targets on the full test sets (benchmarks/README.md, "Growing a model"): frozen
+    # when the old classes must not move, finetune when the new class matters most.
+    flows: str = "finetune"
+    steps: int = 150  # optimizer steps of the change (a step: train.batch_size images, as in training)
+    lr: float = 1e-3  # peak rate; warm-up then the cosine decay of training, over `steps`
+    warmup_fraction: float = 0.1  # share of `steps` warming up
+    # Images per unchanged class replayed with the new class's (from its training split, never its
+    # held-out images): the flows keep seeing every class; bounded so a change costs the same however
+    # many classes the model has.
+    replay_images: int = 64
+    # An unchanged class's scoring constants are refitted when its held-out scores moved (mean, or the
+    # threshold its policy picks) by more than this many standard errors of their mean (std / sqrt(n)):
+    # less is within what re-drawing the held-out images would move them.
+    recheck_tolerance: float = 1.0
+
+    FLOWS = ("finetune", "frozen")
+    LIMITS = {
+        "flows": OneOf(FLOWS),
+        "steps": Limit(1),
+        "lr": Limit(0, lo_open=True),
+        "warmup_fraction": Limit(0, 1, hi_open=True),
+        "replay_images": Limit(1),
+        "recheck_tolerance": Limit(0),
+    }
+
+
+@dataclass
 class HGADConfig:
     input_size: tuple[int, int] = (256, 256)  # (H, W) the model sees; frames (or tiles) are resized to it
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -429,6 +468,7 @@ class HGADConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)  # class changes on a trained run only
 
     LIMITS = {"input_size": Limit(64, multiple_of=32)}  # the backbone's stride-32 stage needs whole cells
 

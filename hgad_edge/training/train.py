@@ -208,12 +208,20 @@ def init_centers(model: HGADModel, cache: FeatureCache, gen: torch.Generator, pe
         model.heads[k].init_centers_from(z, cache.labels.repeat_interleave(per_image))
 
 
-def fit_run_statistics(scorer: AnomalyScorer, cfg: HGADConfig, fit: Sequence[Sample], calib: Sequence[Sample]) -> dict:
+def fit_run_statistics(
+    scorer: AnomalyScorer,
+    cfg: HGADConfig,
+    fit: Sequence[Sample],
+    calib: Sequence[Sample],
+    classes: Sequence[int] | None = None,
+) -> dict:
     """Fit a trained model's scoring constants (scoring.fit_normal_statistics): std and threshold on the
     held-out normal images `calib`, per-position statistics on up to train.position_images fit
     images per class. Also what a changed score config needs instead of retraining. Tiled: the
-    statistics pool the images' tiles, the threshold is chosen on frame scores."""
-    tcfg, classes, tiling = cfg.train, range(len(scorer.model.class_names)), cfg.tiling.setting()
+    statistics pool the images' tiles, the threshold is chosen on frame scores. `classes`: only
+    these class ids (default all; a class change refits the classes it touched)."""
+    tcfg, tiling = cfg.train, cfg.tiling.setting()
+    classes = range(len(scorer.model.class_names)) if classes is None else classes
 
     def batches(samples: list[Sample]):
         return iter_tile_batches(samples, cfg.input_size, tcfg.batch_size, tiling)
@@ -307,43 +315,63 @@ class Trainer:
 
     def _epoch(self, model: HGADModel, cache: FeatureCache, optim, sched, gen, epoch: int, stage2: bool) -> dict:
         tcfg = self.cfg.train
-        n = cache.labels.shape[0]
-        order = torch.randperm(n, generator=gen)
-        sums: dict[str, float] = {}
-        steps = 0
-        bar = tqdm(range(0, n, tcfg.batch_size), desc=f"epoch {epoch + 1}/{tcfg.epochs}", unit="step", leave=False)
-        for i in bar:
-            idx = order[i : i + tcfg.batch_size]
-            loss, terms = self._step_loss(model, cache, idx, gen, stage2)
-            if not torch.isfinite(loss):
-                msg = (
-                    f"loss became {loss.item()} at epoch {epoch + 1}: lower train.lr (now {tcfg.lr}) or check the data"
-                )
-                raise TrainingError(msg)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
-            for key, val in terms.items():
-                sums[key] = sums.get(key, 0.0) + val
-            steps += 1
-            bar.set_postfix(loss=f"{terms['total']:.3f}")
-        return {k: round(v / max(1, steps), 5) for k, v in sums.items()} | {"stage": 2 if stage2 else 1}
+        desc = f"epoch {epoch + 1}/{tcfg.epochs}"
+        stats = train_epoch(model, cache, optim, sched, gen, stage2, tcfg, desc, f"train.lr (now {tcfg.lr})")
+        return {k: v for k, v in stats.items() if k != "steps"}
 
-    def _step_loss(self, model: HGADModel, cache: FeatureCache, idx, gen, stage2: bool):
-        """Mean over levels of each level's loss on V sampled vectors per image (Alg. 1)."""
-        v = self.cfg.train.vectors_per_image
-        total = torch.zeros(())
-        logged: dict[str, float] = {}
-        for k, feats in enumerate(cache.levels):
-            x, pos = sample_vectors(feats[idx], v, gen)
-            y = cache.labels[idx].repeat_interleave(v)
-            z, log_jac = model.flow_vectors(k, x, pos)
-            terms = model.heads[k].losses(z, log_jac, y, stage2)
-            total = total + terms["total"] / len(cache.levels)
-            for key, val in terms.items():
-                logged[key] = logged.get(key, 0.0) + val.item() / len(cache.levels)
-        return total, logged
+
+def train_epoch(
+    model: HGADModel,
+    cache: FeatureCache,
+    optim,
+    sched,
+    gen: torch.Generator,
+    stage2: bool,
+    tcfg: TrainConfig,
+    desc: str,
+    lr_hint: str,
+    max_steps: int | None = None,
+) -> dict:
+    """One pass over `cache` in random batches of tcfg.batch_size entries, or its first `max_steps`
+    batches: the training step of every run (from scratch, and class changes on a trained one,
+    hgad_edge.training.grow), on whatever parameters `optim` holds. Returns the mean loss terms,
+    the stage and the steps taken. `lr_hint` names the rate to lower if the loss diverges."""
+    n = cache.labels.shape[0]
+    order = torch.randperm(n, generator=gen)
+    starts = range(0, n, tcfg.batch_size)[:max_steps]
+    sums: dict[str, float] = {}
+    steps = 0
+    bar = tqdm(starts, desc=desc, unit="step", leave=False)
+    for i in bar:
+        idx = order[i : i + tcfg.batch_size]
+        loss, terms = step_loss(model, cache, idx, gen, stage2, tcfg.vectors_per_image)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} ({desc}): lower {lr_hint} or check the data")
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        sched.step()
+        for key, val in terms.items():
+            sums[key] = sums.get(key, 0.0) + val
+        steps += 1
+        bar.set_postfix(loss=f"{terms['total']:.3f}")
+    return {k: round(v / max(1, steps), 5) for k, v in sums.items()} | {"stage": 2 if stage2 else 1, "steps": steps}
+
+
+def step_loss(model: HGADModel, cache: FeatureCache, idx, gen, stage2: bool, vectors_per_image: int):
+    """Mean over levels of each level's loss on V sampled vectors per image (Alg. 1)."""
+    v = vectors_per_image
+    total = torch.zeros(())
+    logged: dict[str, float] = {}
+    for k, feats in enumerate(cache.levels):
+        x, pos = sample_vectors(feats[idx], v, gen)
+        y = cache.labels[idx].repeat_interleave(v)
+        z, log_jac = model.flow_vectors(k, x, pos)
+        terms = model.heads[k].losses(z, log_jac, y, stage2)
+        total = total + terms["total"] / len(cache.levels)
+        for key, val in terms.items():
+            logged[key] = logged.get(key, 0.0) + val.item() / len(cache.levels)
+    return total, logged
 
 
 def _per_class(samples: Sequence[Sample], counts: Sequence[int], classes: Sequence[str]) -> dict[str, int]:
