@@ -29,6 +29,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (repository root on sys.path when run from a checkout)
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hgad_edge.core.files import atomic_write_json, atomic_write_text
 from hgad_edge.core.metrics import image_and_pixel_metrics
@@ -61,6 +62,7 @@ BASE = {
         "label_smoothing": 0.02,
         "center_init": "data",
         "stage1_fraction": 0.3,
+        "latent_components": [0],
     },
     "train": {"epochs": 8, "batch_size": 16, "vectors_per_image": 128, "lr": 1e-3, "warmup_epochs": 1.0, "seed": 0},
     "score": {"criterion": "product", "smooth_sigma": 4.0, "topk": 0.0, "spread": "level", "image_deep_weight": 1.0},
@@ -192,6 +194,27 @@ ROWS: dict[str, tuple[str, dict]] = {
     "pool3_fuse_e24": (
         "pooling + fuse + 24 epochs",
         {"backbone": {"pool": 3, "merge": "fuse"}, "train": {"epochs": 24}},
+    ),
+    "chosen": (
+        "the default since the third level (CHOSEN): stages 2, 3, 3 pooled 3, 3, 5; 64 vectors per image",
+        CHOSEN,
+    ),
+    "knn_chosen": ("kNN on the chosen default's three levels (fused for the bank)", CHOSEN),
+    "chosen_lm64": (
+        "CHOSEN + the latent mixture: each class's latents re-fitted as 64 diagonal Gaussians after training",
+        merged(CHOSEN, {"head": {"latent_components": [64]}}),
+    ),
+    "chosen_lm256": (
+        "CHOSEN + a latent mixture of 256 diagonal Gaussians per class and level",
+        merged(CHOSEN, {"head": {"latent_components": [256]}}),
+    ),
+    "chosen_lm64_L12": (
+        "CHOSEN + latent mixtures of 64 on the two stage-3 levels only (the stride-8 level keeps its centres)",
+        merged(CHOSEN, {"head": {"latent_components": [0, 64, 64]}}),
+    ),
+    "chosen_lm256_L12": (
+        "the new default: CHOSEN + latent mixtures of 256 on the two stage-3 levels only",
+        merged(CHOSEN, {"head": {"latent_components": [0, 256, 256]}}),
     ),
     "default_s123": (
         "the default + a stride-4 level (stage 1 pooled 3x3) for small defects",
@@ -446,10 +469,12 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
     scorer, cfg, _ = load_run(work / "runs" / name)
     feats = Features(cfg, dataset, work / "features")
     bank = fit_bank(feats.train.levels, feats.train.labels, seed=cfg.train.seed)
+    level_banks = [fit_bank([lv], feats.train.labels, seed=cfg.train.seed) for lv in feats.train.levels]
     report = {}
     for cid, cname in enumerate(dataset.classes):
         levels, labels = feats.test[cname], truth[cname]["labels"]
         per_level = [[] for _ in levels]
+        knn_level = [[] for _ in levels]
         knn_scores, hgad_scores = [], []
         for i in range(0, levels[0].shape[0], 16):
             chunk = [lv[i : i + 16] for lv in levels]
@@ -459,15 +484,29 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
             for k in range(len(levels)):
                 alone = [float(j == k) for j in range(len(levels))]
                 per_level[k].append(image_score(scorer.mixed(s_ls, s_es, alone), scorer.cfg.topk).numpy())
+                amap = knn_maps(level_banks[k], [chunk[k]], cfg.input_size)[0]
+                knn_level[k].append(image_score(amap, scorer.cfg.topk).numpy())
             hgad_scores.append(scorer.map_and_score(lls, nhs, cls)[1].numpy())
             knn_scores.append(knn_maps(bank, chunk, cfg.input_size)[1].numpy())
         hgad, knn = np.concatenate(hgad_scores), np.concatenate(knn_scores)
+        types = np.array([s.path.parent.name for s in truth[cname]["samples"]])
         report[cname] = {
+            # each level's map alone, image score as the row's (top fraction): HGAD, and the kNN on that level
             "levels": {
                 lv.name: float(auroc(labels, np.concatenate(per_level[k]))) for k, lv in enumerate(scorer.model.levels)
             },
+            "knn_levels": {
+                lv.name: float(auroc(labels, np.concatenate(knn_level[k]))) for k, lv in enumerate(scorer.model.levels)
+            },
             "hgad": float(auroc(labels, hgad)),
             "knn": float(auroc(labels, knn)),
+            # good images against one defect type at a time, the whole model and the fused kNN
+            "defect_types": {
+                t: {"hgad": float(auroc(labels[sel], hgad[sel])), "knn": float(auroc(labels[sel], knn[sel]))}
+                for t in sorted(set(types) - {"good"})
+                for sel in [(types == "good") | (types == t)]
+                if (types == "good").any()
+            },
         }
         for tag, vals in (("hgad", hgad), ("knn", knn)):
             score_histogram(
@@ -479,6 +518,55 @@ def diagnose(name: str, dataset, out: Path, work: Path, truth: dict) -> dict:
             )
         print(f"  {cname}: {report[cname]}", flush=True)
     atomic_write_json(out / "diagnose" / f"{name}.json", report)
+    return report
+
+
+@torch.no_grad()
+def probe_latents(name: str, cname: str, dataset, out: Path, work: Path, truth: dict, sizes=(64, 256, 1024)) -> dict:
+    """Where does the evidence get lost, per level, for one class: position-free image scores (top 3 % of the
+    upsampled map) from the trained head, from nearest neighbours on the features and on the flow's latents
+    (30,000 training latents per class, all classes in one bank), and from diagonal mixtures of `sizes`
+    components fitted to the class's latents (latent_mixture.diag_mixture, without the Jacobian)."""
+    from hgad_edge.core.metrics import auroc
+    from hgad_edge.training.knn import nearest_distance
+    from hgad_edge.training.latent_mixture import diag_mixture
+    from hgad_edge.training.losses import diag_mixture_loglik
+    from hgad_edge.training.scoring import image_score
+
+    scorer, cfg, _ = load_run(work / "runs" / name)
+    model, feats = scorer.model, Features(cfg, dataset, work / "features")
+    cid, gen, per = dataset.classes.index(cname), torch.Generator().manual_seed(0), 30000
+    labels, levels = truth[cname]["labels"], feats.test[cname]
+    report = {}
+    for k, lv in enumerate(feats.train.levels):
+        xs, zs = [], {}
+        for y in range(len(dataset.classes)):
+            rows = (feats.train.labels == y).nonzero()[:, 0]
+            img = rows[torch.randint(0, rows.numel(), (per,), generator=gen)]
+            pos = torch.randint(0, lv.shape[2] * lv.shape[3], (per,), generator=gen)
+            x = lv.flatten(2)[img, :, pos].float()
+            xs.append(x)
+            zs[y] = model.flow_vectors(k, x, pos)[0]
+        x_bank, z_bank = torch.cat(xs), torch.cat(list(zs.values()))
+        mixtures = {m: [t[None] for t in diag_mixture(zs[cid], m, gen)] for m in sizes}
+        scores: dict[str, list[np.ndarray]] = {}
+        for i in range(0, levels[k].shape[0], 16):
+            f = levels[k][i : i + 16]
+            b, d, h, w = f.shape
+            z, log_jac = model.flow_map(k, f)
+            maps = {
+                "trained head": -model.heads[k](z, log_jac)[0][:, cid],
+                "kNN on features": nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, d).float(), x_bank),
+                "kNN on latents": nearest_distance(z, z_bank),
+            }
+            for m, (offset, mu, inv_var, log_norm) in mixtures.items():
+                maps[f"diagonal mixture of {m}"] = -diag_mixture_loglik(z, offset, mu, inv_var, log_norm)[:, 0] / d
+            for key, v in maps.items():
+                up = F.interpolate(v.reshape(b, 1, h, w), size=cfg.input_size, mode="bilinear", align_corners=False)
+                scores.setdefault(key, []).append(image_score(up[:, 0], 0.03).numpy())
+        report[model.levels[k].name] = {key: float(auroc(labels, np.concatenate(v))) for key, v in scores.items()}
+        print(f"  {cname} {model.levels[k].name}: {report[model.levels[k].name]}", flush=True)
+    atomic_write_json(out / "diagnose" / f"{name}_{cname}_latents.json", report)
     return report
 
 
@@ -524,6 +612,7 @@ def main() -> None:
         "--sweep", type=json.loads, help='with --rescore: JSON list of score overrides, e.g. [{"topk": 0.03}]'
     )
     ap.add_argument("--diagnose", help="trained row to compare with the kNN per class and level")
+    ap.add_argument("--probe-latents", nargs=2, metavar=("ROW", "CLASS"), help="trained row: densities in its latents")
     args = ap.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in names if r not in ROWS]
@@ -531,6 +620,10 @@ def main() -> None:
         ap.error(f"unknown row(s) {bad}; choose from {', '.join(ROWS)}")
     torch.set_num_threads(2)
     dataset = open_roots(args.data)
+    if args.probe_latents:
+        row, cname = args.probe_latents
+        probe_latents(row, cname, dataset, args.out, args.work, class_truth(dataset, tuple(row_config(row).input_size)))
+        return
     if args.diagnose:
         diagnose(
             args.diagnose,

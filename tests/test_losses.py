@@ -340,3 +340,46 @@ def test_loss_g_gradient_does_reach_the_main_centre() -> None:
     r = [v / sum(w) for v in w]
     want = [[-r[k] * (p[j] - MU[k][j]) / D for j in range(2)] for k in range(2)]
     torch.testing.assert_close(g, _t(want), rtol=1e-12, atol=1e-15)
+
+
+def test_diag_mixture_loglik_one_component_is_the_hand_gaussian() -> None:
+    # one class, one component at offset + mu = (1, 2), variances (1, 4): z = (2, 0) is 1 and 2 std off,
+    # log N = -0.5 (1 + 1) - 0.5 log(1 * 4) - log 2pi
+    offset, mu = torch.tensor([[1.0, 1.0]]), torch.tensor([[[0.0, 1.0]]])
+    inv_var = torch.tensor([[[1.0, 0.25]]])
+    log_norm = 0.5 * inv_var.log().sum(-1) - L.LOG_2PI  # d/2 log 2pi with d = 2
+    got = L.diag_mixture_loglik(torch.tensor([[2.0, 0.0]]), offset, mu, inv_var, log_norm)
+    assert got.shape == (1, 1)
+    assert got.item() == pytest.approx(-1.0 - 0.5 * math.log(4.0) - L.LOG_2PI)
+
+
+def test_diag_mixture_loglik_is_the_mixture_density_per_class() -> None:
+    gen = torch.Generator().manual_seed(0)
+    y, m, d, n = 3, 4, 5, 7
+    z = 3.0 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    offset = torch.randn(y, d, generator=gen, dtype=torch.float64)
+    mu = torch.randn(y, m, d, generator=gen, dtype=torch.float64)
+    var = 0.2 + torch.rand(y, m, d, generator=gen, dtype=torch.float64)
+    w = torch.softmax(torch.randn(y, m, generator=gen, dtype=torch.float64), 1)
+    log_norm = w.log() - 0.5 * var.log().sum(-1) - 0.5 * d * L.LOG_2PI
+    got = L.diag_mixture_loglik(z, offset, mu, 1.0 / var, log_norm)
+    for c in range(y):  # sum of weighted densities, each from its own formula
+        dens = torch.zeros(n, dtype=torch.float64)
+        for k in range(m):
+            normal = torch.distributions.Normal(offset[c] + mu[c, k], var[c, k].sqrt())
+            dens += w[c, k] * normal.log_prob(z).sum(1).exp()
+        torch.testing.assert_close(got[:, c], dens.log())
+
+
+def test_diag_mixture_loglik_keeps_precision_at_latent_norms_of_300() -> None:
+    """Centred first: latents ~300 from the origin but near their class keep float64's answer in float32."""
+    gen = torch.Generator().manual_seed(1)
+    d = 112
+    offset = 300.0 / math.sqrt(d) * torch.ones(1, d, dtype=torch.float64)
+    z = offset + torch.randn(6, d, generator=gen, dtype=torch.float64)
+    mu = 0.5 * torch.randn(1, 8, d, generator=gen, dtype=torch.float64)
+    inv_var = 1.0 / (0.5 + torch.rand(1, 8, d, generator=gen, dtype=torch.float64))
+    log_norm = torch.zeros(1, 8, dtype=torch.float64)
+    ref = L.diag_mixture_loglik(z, offset, mu, inv_var, log_norm)
+    got = L.diag_mixture_loglik(*(t.float() for t in (z, offset, mu, inv_var, log_norm)))
+    torch.testing.assert_close(got.double(), ref, atol=1e-3, rtol=1e-5)

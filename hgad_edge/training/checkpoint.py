@@ -102,12 +102,14 @@ def load_run_config(run_dir: Path | str) -> HGADConfig:
     try:
         data = yaml.safe_load(path.read_text())
         # Runs saved before these keys existed: pooling averaged the valid neighbours only, one
-        # spread per level standardised the maps, and the image score read the whole map.
+        # spread per level standardised the maps, the image score read the whole map, and the
+        # trained centres scored every level (no latent mixture).
         if isinstance(data, dict):
             for section, key, old in (
                 ("backbone", "pool_border", "exclude"),
                 ("score", "spread", "level"),
                 ("score", "image_deep_weight", 1.0),
+                ("head", "latent_components", [0]),
             ):
                 if isinstance(data.get(section), dict):
                     data[section].setdefault(key, old)

@@ -41,6 +41,7 @@ from hgad_edge.training.checkpoint import WEIGHTS_FILE, load_run, read_meta, sav
 from hgad_edge.training.config import GrowConfig, HGADConfig
 from hgad_edge.training.data import ADDataset, Sample
 from hgad_edge.training.evaluate import predict_frames
+from hgad_edge.training.latent_mixture import fit_latent_mixtures
 from hgad_edge.training.model import HGADModel
 from hgad_edge.training.scoring import AnomalyScorer
 from hgad_edge.training.train import (
@@ -57,7 +58,16 @@ from hgad_edge.training.train import (
 
 CHANGES = ("add", "retrain", "remove")
 # Per-class tensors: the mixture head's (model.heads.<level>.<name>) and the scorer's scoring constants.
-HEAD_PER_CLASS = ("main", "psi", "deltas", "psi_intra")
+HEAD_PER_CLASS = (
+    "main",
+    "psi",
+    "deltas",
+    "psi_intra",
+    "latent_offset",
+    "latent_mu",
+    "latent_inv_var",
+    "latent_log_norm",
+)
 SCORER_PER_CLASS = ("ref_", "spread_", "tau_", "threshold", "scale")
 
 
@@ -392,6 +402,9 @@ def _fine_tune(scorer: AnomalyScorer, cfg: HGADConfig, splits, change: ClassChan
     for hook in hooks:
         hook.remove()
     model.flows.requires_grad_(True)
+    # Latent mixtures (head.latent_components > 0): the fresh classes' from their features; fine-tuned
+    # flows moved every class's latents, so then every class's, from its replayed images.
+    fit_latent_mixtures(model, cache, tcfg.seed, rows if frozen else None)
     timing["fine_tune"] = time.time() - t0 - timing["features"]
     log(f"fine-tuned {done} steps ({gcfg.flows} flows): loss {stats['total']:.3f}")
     return done

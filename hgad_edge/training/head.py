@@ -14,7 +14,7 @@ from hgad_edge.training.config import HeadConfig
 
 
 class MixtureHead(nn.Module):
-    def __init__(self, dim: int, num_classes: int, cfg: HeadConfig):
+    def __init__(self, dim: int, num_classes: int, cfg: HeadConfig, latent_components: int = 0):
         super().__init__()
         self.dim, self.num_classes, self.cfg = dim, num_classes, cfg
         # Alg. 1: mu_y <- y + r, r ~ N(0, I): classes start apart along the diagonal.
@@ -29,6 +29,16 @@ class MixtureHead(nn.Module):
         if cfg.intra:
             self.deltas = nn.Parameter(torch.randn(num_classes, cfg.intra_centers - 1, dim))
             self.psi_intra = nn.Parameter(torch.zeros(num_classes, cfg.intra_centers))
+        # The latent mixture (this level's head.latent_components M > 0): each class's density in the
+        # trained flow's latent space, re-fitted after training (hgad_edge.training.latent_mixture);
+        # scores read it.
+        self.latent_components = latent_components if cfg.per_class else 0
+        if self.latent_components:
+            m = self.latent_components
+            self.register_buffer("latent_offset", torch.zeros(num_classes, dim))
+            self.register_buffer("latent_mu", torch.zeros(num_classes, m, dim))
+            self.register_buffer("latent_inv_var", torch.ones(num_classes, m, dim))
+            self.register_buffer("latent_log_norm", torch.zeros(num_classes, m))
 
     @torch.no_grad()
     def init_centers_from(self, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -89,11 +99,18 @@ class MixtureHead(nn.Module):
         exported graph has no data-dependent control flow.
         """
         n, d = z.shape
-        centers, log_w = self.class_centers()  # (Y, M, d), (Y, M)
-        y, m = log_w.shape
-        d2 = L.sq_dist(z, centers.reshape(y * m, d)).reshape(n, y, m)
-        log_pz = L.log_sum_exp(-0.5 * d2 + log_w[None], 2)  # (N, Y)
-        loglik = (log_pz + log_jac[:, None] - 0.5 * d * L.LOG_2PI) / d
+        if self.latent_components:
+            log_pz = L.diag_mixture_loglik(
+                z, self.latent_offset, self.latent_mu, self.latent_inv_var, self.latent_log_norm
+            )  # (N, Y), normalised (d/2 log 2pi included)
+            y = log_pz.shape[1]
+            loglik = (log_pz + log_jac[:, None]) / d
+        else:
+            centers, log_w = self.class_centers()  # (Y, M, d), (Y, M)
+            y, m = log_w.shape
+            d2 = L.sq_dist(z, centers.reshape(y * m, d)).reshape(n, y, m)
+            log_pz = L.log_sum_exp(-0.5 * d2 + log_w[None], 2)  # (N, Y)
+            loglik = (log_pz + log_jac[:, None] - 0.5 * d * L.LOG_2PI) / d
         if not self.cfg.per_class:
             uniform = torch.full((n, y), -math.log(y), dtype=z.dtype, device=z.device)
             return loglik, torch.zeros(n, dtype=z.dtype, device=z.device), uniform

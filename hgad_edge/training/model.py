@@ -27,7 +27,11 @@ class HGADModel(nn.Module):
         self.levels = self.backbone.levels
         self.map_shapes = self.backbone.feature_shapes(cfg.input_size)
         self.flows = nn.ModuleList(build_flow(lv.channels, cfg.flow) for lv in self.levels)
-        self.heads = nn.ModuleList(MixtureHead(lv.channels, len(class_names), cfg.head) for lv in self.levels)
+        last = max(max(lv.stages) for lv in self.levels)
+        latent = cfg.head.latent_per_level([max(lv.stages) == last for lv in self.levels])
+        self.heads = nn.ModuleList(
+            MixtureHead(lv.channels, len(class_names), cfg.head, m) for lv, m in zip(self.levels, latent)
+        )
         for k, (h, w) in enumerate(self.map_shapes):
             pe = positional_encoding_2d(cfg.flow.pos_dim, h, w)
             self.register_buffer(f"pos_{k}", pe.permute(1, 2, 0).reshape(h * w, -1), persistent=False)

@@ -30,6 +30,7 @@ from hgad_edge.training.batching import iter_tile_batches
 from hgad_edge.training.checkpoint import load_train_state, save_run, save_train_state
 from hgad_edge.training.config import HGADConfig, TrainConfig
 from hgad_edge.training.data import ADDataset, DataError, Sample, image_shape
+from hgad_edge.training.latent_mixture import fit_latent_mixtures
 from hgad_edge.training.model import HGADModel
 from hgad_edge.training.scoring import AnomalyScorer, fit_normal_statistics
 
@@ -177,9 +178,7 @@ def resolve_tiling(cfg: HGADConfig, samples: Sequence[Sample], tile: int | str |
     if tiling is None:
         return f"tiling: off (frames resized whole to {cfg.input_size[1]}x{cfg.input_size[0]})"
     per_image = sum(tile_counts(samples, tiling)) / max(1, len(samples))
-    return (
-        f"tiling: {tiling.tile} px tiles, overlap {tiling.overlap:g}, ~{per_image:.3g} tiles per training image"
-    )
+    return f"tiling: {tiling.tile} px tiles, overlap {tiling.overlap:g}, ~{per_image:.3g} tiles per training image"
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -283,8 +282,9 @@ class Trainer:
             save_train_state(
                 self.out_dir, {"epoch": epoch + 1, "optim": optim.state_dict(), "sched": sched.state_dict()}
             )
-        train_seconds = time.time() - t0
         model.eval()
+        fit_latent_mixtures(model, cache, tcfg.seed)  # head.latent_components > 0 only
+        train_seconds = time.time() - t0
         calibration = fit_run_statistics(scorer, cfg, fit, calib)
         meta = {
             "epochs_done": tcfg.epochs,
