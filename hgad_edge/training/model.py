@@ -29,6 +29,7 @@ class HGADModel(nn.Module):
         self.flows = nn.ModuleList(build_flow(lv.channels, cfg.flow) for lv in self.levels)
         last = max(max(lv.stages) for lv in self.levels)
         latent = cfg.head.latent_per_level([max(lv.stages) == last for lv in self.levels])
+        cfg.head.latent_components = latent  # resolved: a saved run says what each level reads
         self.heads = nn.ModuleList(
             MixtureHead(lv.channels, len(class_names), cfg.head, m) for lv, m in zip(self.levels, latent)
         )
