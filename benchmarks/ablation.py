@@ -125,6 +125,8 @@ def _training_view(cfg) -> dict:
     if not cfg.head.learn_centers:
         unused |= {"lambda1"}
     d["head"] = {k: v for k, v in d["head"].items() if k not in unused}
+    # the latent mixture per level as the model reads it ([] is a rule, not a different setting)
+    d["head"]["latent_components"] = cfg.head.latent_per_level(cfg.backbone.level_stages())
     return d
 
 

@@ -10,7 +10,6 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -216,6 +215,12 @@ class BackboneConfig:
     MERGES = ("levels", "fuse")
     POOL_BORDERS = ("zero", "exclude")
 
+    def level_stages(self) -> tuple[int, ...]:
+        """The deepest stage each level reads, in the backbone's level order (scales, then stages)."""
+        if self.merge == "fuse":
+            return (max(self.stages),) * len(self.pyramid)
+        return tuple(stage for _ in self.pyramid for stage in self.stages)
+
     def pooled_maps(self) -> int:
         """Maps pooled per pyramid scale (one per level): one per stage, or the one fused map."""
         return 1 if self.merge == "fuse" else len(self.stages)
@@ -309,13 +314,13 @@ class HeadConfig:
         "latent_components": Limit(0, 4096, min_items=0),
     }
 
-    def latent_per_level(self, deepest: Sequence[bool]) -> tuple[int, ...]:
-        """`latent_components` of each level (`deepest`: per level, whether it reads the deepest stage);
-        one value serves every level, [] is the default rule (see the field)."""
+    def latent_per_level(self, level_stages: tuple[int, ...]) -> tuple[int, ...]:
+        """`latent_components` of each level (`level_stages`: the deepest stage each level reads,
+        BackboneConfig.level_stages): one value serves them all, [] is the default rule (see the field)."""
         given = self.latent_components
         if not given:
-            return tuple(LATENT_COMPONENTS if d else 0 for d in deepest)
-        return given * len(deepest) if len(given) == 1 else given
+            return tuple(LATENT_COMPONENTS if st == max(level_stages) else 0 for st in level_stages)
+        return given * len(level_stages) if len(given) == 1 else given
 
     @property
     def switches(self) -> HeadMode:

@@ -27,9 +27,7 @@ class HGADModel(nn.Module):
         self.levels = self.backbone.levels
         self.map_shapes = self.backbone.feature_shapes(cfg.input_size)
         self.flows = nn.ModuleList(build_flow(lv.channels, cfg.flow) for lv in self.levels)
-        last = max(max(lv.stages) for lv in self.levels)
-        latent = cfg.head.latent_per_level([max(lv.stages) == last for lv in self.levels])
-        cfg.head.latent_components = latent  # resolved: a saved run says what each level reads
+        latent = cfg.head.latent_per_level(cfg.backbone.level_stages())
         self.heads = nn.ModuleList(
             MixtureHead(lv.channels, len(class_names), cfg.head, m) for lv, m in zip(self.levels, latent)
         )
