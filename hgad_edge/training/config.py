@@ -256,9 +256,9 @@ class FlowConfig:
     }  # sin/cos x 2 axes
 
 
-# Components of a class's latent mixture on the levels head.latent_components: [] gives one (the
-# deepest stage's): 1,024 closed more of magnetic_tile's gap in a probe but would cost the graph ~1 GFLOP
-# a frame for four classes; 256 costs no more than the trained head (quality study).
+# Components of each class's latent mixture where head.latent_components is [] (the default): on the
+# deepest stage's levels. 1,024 closed more of magnetic_tile's gap in a probe but would cost the graph
+# ~1 GFLOP a frame for four classes; 256 costs no more than the trained head (quality study).
 LATENT_COMPONENTS = 256
 
 
