@@ -120,27 +120,11 @@ class TestSet:
     shares the frozen backbone), labels, masks and the tuning half, computed once."""
 
     def __init__(self, dataset, model, cache: Path | None = None) -> None:
+        from quality_study import class_truth  # samples, labels, masks and tuning half, as the quality study has them
 
-        from hgad_edge.training.data import load_mask
-        from hgad_edge.training.evaluate import tuning_half
-
-        self.by_class = {}
-        size = model.cfg.input_size
         feats = self._features(dataset, model, cache)
-        for name in dataset.classes:
-            samples = [s for s in dataset.samples("test") if s.class_name == name]
-            masks = None
-            if dataset.has_masks(name):
-                masks = np.stack(
-                    [load_mask(s.mask_path, shape=size) if s.mask_path else np.zeros(size, bool) for s in samples]
-                )
-            self.by_class[name] = {
-                "samples": samples,
-                "feats": feats[name],
-                "labels": np.array([s.label for s in samples]),
-                "masks": masks,
-                "tune": tuning_half(samples),
-            }
+        truth = class_truth(dataset, tuple(model.cfg.input_size))
+        self.by_class = {name: {**truth[name], "feats": feats[name]} for name in dataset.classes}
 
     @staticmethod
     def _features(dataset, model, cache: Path | None) -> dict:
